@@ -1,0 +1,40 @@
+# trainflow: `make demo` runs the pipeline on configs/digits.yaml, `make test` runs the suite.
+# Both create .venv on first use. Every pip call goes through constraints.txt, which pins
+# torch==2.13.0 (the local CPU build; any other torch pulls GBs of CUDA wheels) and fastapi<0.151.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
+
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+
+.PHONY: demo test lint bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch first, alone and pinned, so no resolver step can reach for a CUDA build.
+$(VENV)/.installed: pyproject.toml constraints.txt | $(PY)
+	$(PIP) torch==2.13.0
+	$(PIP) -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) -e '.[dev]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/trainflow run configs/digits.yaml --out out/demo
+
+test: $(VENV)/.installed-dev
+	$(PY) -m pytest -q
+
+lint: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/trainer_overhead.py
+
+clean:
+	rm -rf $(VENV) artifacts mlflow.db out .pytest_cache

@@ -1,0 +1,1 @@
+"""trainflow's core library: every algorithm of the pipeline, free of any orchestrator."""

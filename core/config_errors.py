@@ -1,0 +1,142 @@
+"""Turn pydantic validation errors into one line per problem, named by YAML path.
+
+`config.yaml: train.precision: 'fp8' is not one of fp32, bf16, fp16`
+`config.yaml: train.bach_size: unknown key; did you mean batch_size?`
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import types
+import typing
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+_OVERRIDE_KEY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+
+
+def parse_override(item: str) -> tuple[tuple[str, ...], Any]:
+    """Split `section.key=value`; the value is parsed as YAML (`32` -> int, `null` -> None, `[1, 2]` -> list)."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not _OVERRIDE_KEY.match(key):
+        raise ValueError("expected section.key=value")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    return tuple(key.split(".")), value
+
+
+def format_validation_error(
+    exc: ValidationError,
+    root: type[BaseModel],
+    source: str,
+    overridden: set[tuple[str, ...]],
+) -> list[str]:
+    """One line per error: `<file or --set>: <yaml.path>: <what was found and what is allowed>`."""
+    lines = []
+    for err in exc.errors():
+        path, model, members = _walk(root, err["loc"])
+        if err["type"] == "union_tag_invalid":
+            path.append(_discriminator_field(members))
+        where = "--set" if any(_overlaps(path, keys) for keys in overridden) else source
+        lines.append(f"{where}: {'.'.join(path) or '<top level>'}: {_describe(err, path, model)}")
+    return sorted(set(lines), key=lines.index)
+
+
+def _overlaps(path: list[str], keys: tuple[str, ...]) -> bool:
+    n = min(len(path), len(keys))
+    return n > 0 and tuple(path[:n]) == keys[:n]
+
+
+def _describe(err: Any, path: list[str], parent: type[BaseModel] | None) -> str:
+    kind, ctx, value = err["type"], err.get("ctx", {}), err.get("input")
+    if kind == "extra_forbidden":
+        allowed = sorted(parent.model_fields) if parent else []
+        close = difflib.get_close_matches(path[-1], allowed, n=1)
+        hint = f"did you mean {close[0]}?" if close else f"allowed keys: {', '.join(allowed)}"
+        return f"unknown key; {hint}"
+    if kind == "literal_error":
+        return f"{_show(value)} is not one of {_choices(ctx.get('expected', ''))}"
+    if kind == "union_tag_invalid":
+        return f"{_show(ctx.get('tag'))} is not one of {_choices(ctx.get('expected_tags', ''))}"
+    if kind == "missing":
+        return "required but missing"
+    bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+    if kind in bounds:
+        limit = next(iter(ctx.values()))
+        return f"{_show(value)} must be {bounds[kind]} {limit}"
+    if kind == "value_error":
+        return str(ctx.get("error", err["msg"]))
+    if kind in ("too_short", "too_long"):
+        return f"{_show(value)}: {err['msg'].lower()}"
+    return f"{_show(value)}: {err['msg'][0].lower()}{err['msg'][1:]}"
+
+
+def _walk(
+    root: type[BaseModel], loc: tuple[Any, ...]
+) -> tuple[list[str], type[BaseModel] | None, dict[str, type[BaseModel]]]:
+    """Follow a pydantic error location through the schema, dropping union tags.
+
+    Returns the YAML path, the model class that owns its last key, and the members of the
+    tagged union found at the end of the path (if any).
+    """
+    path: list[str] = []
+    model: type[BaseModel] | None = root
+    parent: type[BaseModel] | None = root
+    members: dict[str, type[BaseModel]] = {}
+    for part in loc:
+        if part in members:
+            model, members = members[part], {}  # a discriminated union's tag: not part of the YAML path
+            continue
+        path.append(str(part))
+        parent = model
+        if model is None or not isinstance(part, str) or part not in model.model_fields:
+            model = None
+            continue
+        annotation = model.model_fields[part].annotation
+        members = _union_members(annotation)
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return path, parent, members
+
+
+def _discriminator_field(members: dict[str, type[BaseModel]]) -> str:
+    """The key whose value picks a union member (`source` for data, `name` for model)."""
+    for tag, cls in members.items():
+        for name, field in cls.model_fields.items():
+            if typing.get_origin(field.annotation) is Literal and tag in typing.get_args(field.annotation):
+                return name
+    return "<kind>"
+
+
+def _union_members(annotation: Any) -> dict[str, type[BaseModel]]:
+    """Map tag -> model for a tagged union annotation (`Annotated[A, Tag('a')] | ...`)."""
+    while typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if typing.get_origin(annotation) not in (typing.Union, types.UnionType):
+        return {}
+    members = {}
+    for member in typing.get_args(annotation):
+        if typing.get_origin(member) is typing.Annotated:
+            cls, *meta = typing.get_args(member)
+            for item in meta:
+                tag = getattr(item, "tag", None)
+                if tag is not None:
+                    members[tag] = cls
+    return members
+
+
+def _choices(expected: str) -> str:
+    return ", ".join(re.findall(r"'([^']*)'", expected)) or expected
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        return f"'{value}'"
+    if isinstance(value, dict):
+        return "a mapping"
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()

@@ -1,0 +1,126 @@
+"""Split and preprocess in memory: stratified splits, scikit-learn transformers fitted on train only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from sklearn.compose import ColumnTransformer
+from sklearn.impute import SimpleImputer
+from sklearn.model_selection import train_test_split
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+from core.data.sources import RawTable, RawText
+from core.errors import DataError
+
+MAX_CATEGORIES = 64  # a non-numeric column with more distinct values is free text or an id, not a category
+
+
+@dataclass(frozen=True)
+class ArraySplits:
+    """Model-ready arrays: features float32 shaped like the model input, labels int64 (or byte tokens)."""
+
+    x: dict[str, np.ndarray]  # split name -> features, or tokens for text
+    y: dict[str, np.ndarray]  # split name -> labels; empty for text
+    class_names: list[str]
+    n_features: int
+
+
+SPLITS = ("train", "val", "test")
+
+
+def split_table(raw: RawTable, val_fraction: float, test_fraction: float, scale: str, seed: int) -> ArraySplits:
+    """Stratified train/val/test split, then impute/encode/scale fitted on the training rows only."""
+    classes, labels = np.unique(raw.target.to_numpy(), return_inverse=True)
+    if len(classes) < 2:
+        raise DataError(f"{raw.name}: target has a single class ('{classes[0]}'); classification needs two or more")
+    counts = np.bincount(labels)
+    rarest = int(np.argmin(counts))
+    if counts[rarest] < 3:
+        raise DataError(
+            f"{raw.name}: class '{classes[rarest]}' has {counts[rarest]} sample(s); a stratified "
+            "train/val/test split needs at least 3 per class"
+        )
+    index = np.arange(len(labels))
+    try:
+        rest, test = train_test_split(index, test_size=test_fraction, stratify=labels, random_state=seed)
+        val_share = val_fraction / (1 - test_fraction)
+        train, val = train_test_split(rest, test_size=val_share, stratify=labels[rest], random_state=seed)
+    except ValueError as exc:
+        raise DataError(f"{raw.name}: cannot split {len(labels)} rows into train/val/test ({exc})") from None
+
+    numeric, categorical = _column_kinds(raw.features, raw.name)
+    features = raw.features.copy()
+    for column in categorical:  # mixed str/number/bool values become strings; missing stays missing
+        features[column] = features[column].map(lambda v: v if pd.isna(v) else str(v)).astype(object)
+    transformer = _feature_transformer(numeric, categorical, scale)
+    transformer.fit(features.iloc[train])
+    x = {
+        name: _to_float32(transformer.transform(features.iloc[rows]))
+        for name, rows in zip(SPLITS, (train, val, test), strict=True)
+    }
+    n_features = x["train"].shape[1]
+    if raw.image_shape is not None:
+        x = {name: a.reshape(-1, *raw.image_shape) for name, a in x.items()}
+    y = {name: labels[rows].astype(np.int64) for name, rows in zip(SPLITS, (train, val, test), strict=True)}
+    return ArraySplits(x, y, [str(c) for c in classes], n_features)
+
+
+def split_text(raw: RawText, val_fraction: float, test_fraction: float, seq_len: int) -> ArraySplits:
+    """Contiguous train/val/test byte ranges (no shuffling: neighbouring text would leak across splits)."""
+    tokens = np.frombuffer(raw.data, dtype=np.uint8)
+    n_val, n_test = int(len(tokens) * val_fraction), int(len(tokens) * test_fraction)
+    n_train = len(tokens) - n_val - n_test
+    parts = {"train": tokens[:n_train], "val": tokens[n_train : n_train + n_val], "test": tokens[n_train + n_val :]}
+    for name, part in parts.items():
+        if len(part) < seq_len + 1:
+            raise DataError(
+                f"{raw.name}: data.seq_len={seq_len} is longer than the {name} split ({len(part)} bytes of "
+                f"{len(tokens)}); lower data.seq_len or use a larger text"
+            )
+    return ArraySplits({k: v.copy() for k, v in parts.items()}, {}, [], 1)
+
+
+def _column_kinds(features: pd.DataFrame, name: str) -> tuple[list[str], list[str]]:
+    numeric, categorical = [], []
+    for column in features.columns:
+        series = features[column]
+        if pd.api.types.is_bool_dtype(series) or not pd.api.types.is_numeric_dtype(series):
+            if pd.api.types.is_datetime64_any_dtype(series):
+                raise DataError(f"{name}: column '{column}' holds dates; convert it to numbers before training")
+            distinct = series.dropna().astype(str).nunique()
+            if distinct > MAX_CATEGORIES:
+                raise DataError(
+                    f"{name}: column '{column}' is non-numeric with {distinct} distinct values (more than "
+                    f"{MAX_CATEGORIES}), so it cannot be one-hot encoded; drop it or encode it first"
+                )
+            categorical.append(column)
+        elif series.isna().all():
+            raise DataError(f"{name}: column '{column}' has no values")
+        else:
+            numeric.append(column)
+    return numeric, categorical
+
+
+def _feature_transformer(numeric: list[str], categorical: list[str], scale: str) -> ColumnTransformer:
+    scaler = [StandardScaler()] if scale == "standard" else []
+    return ColumnTransformer(
+        [
+            ("numeric", make_pipeline(SimpleImputer(strategy="median"), *scaler), numeric),
+            (
+                "categorical",
+                make_pipeline(
+                    SimpleImputer(strategy="most_frequent"),
+                    OneHotEncoder(handle_unknown="ignore", sparse_output=False),
+                ),
+                categorical,
+            ),
+        ],
+        sparse_threshold=0.0,
+    )
+
+
+def _to_float32(values: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(values, dtype=np.float32)

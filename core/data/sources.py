@@ -1,0 +1,141 @@
+"""Read a data source into memory: scikit-learn's bundled sets, CSV/Parquet tables, text, synthetic."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from core.config import SklearnDataConfig, SyntheticDataConfig, TableDataConfig, TextDataConfig
+from core.errors import DataError
+
+_IMAGE_SHAPES = {"digits": (1, 8, 8)}
+
+
+@dataclass(frozen=True)
+class RawTable:
+    """Features and labels of a classification problem, before any preprocessing."""
+
+    name: str  # what to call the source in messages: a file path or sklearn:<name>
+    features: pd.DataFrame
+    target: pd.Series
+    content_sha256: str
+    image_shape: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class RawText:
+    name: str
+    data: bytes
+    content_sha256: str
+
+
+def load_source(cfg: object, seed: int) -> RawTable | RawText:
+    """Load the configured source; raises DataError naming the file or column on bad data."""
+    if isinstance(cfg, SklearnDataConfig):
+        return _load_sklearn(cfg.name)
+    if isinstance(cfg, TableDataConfig):
+        return _load_table(Path(cfg.path), cfg.source, cfg.target)
+    if isinstance(cfg, TextDataConfig):
+        return load_text(cfg.path)
+    if isinstance(cfg, SyntheticDataConfig):
+        return _make_synthetic(cfg, seed)
+    raise TypeError(f"unknown data config {type(cfg).__name__}")
+
+
+def _load_sklearn(name: str) -> RawTable:
+    from sklearn import datasets
+
+    loader = {
+        "digits": datasets.load_digits,
+        "wine": datasets.load_wine,
+        "breast_cancer": datasets.load_breast_cancer,
+        "iris": datasets.load_iris,
+    }[name]
+    bunch = loader(as_frame=True)
+    names = [str(n) for n in bunch.target_names]
+    target = bunch.target.map(lambda i: names[i])
+    return RawTable(f"sklearn:{name}", bunch.data, target, _frame_sha256(bunch.data, target), _IMAGE_SHAPES.get(name))
+
+
+def _load_table(path: Path, fmt: str, target: str) -> RawTable:
+    check_readable(path, "data.path")
+    try:
+        frame = pd.read_csv(path) if fmt == "csv" else pd.read_parquet(path)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: file is empty") from None
+    except Exception as exc:  # pandas/pyarrow raise many types for malformed files
+        raise DataError(f"{path}: cannot be read as {fmt} ({type(exc).__name__}: {exc})") from None
+    if target not in frame.columns:
+        columns = ", ".join(map(str, frame.columns[:20]))
+        raise DataError(f"{path}: target column '{target}' (data.target) not found; columns are: {columns}")
+    if len(frame) == 0:
+        raise DataError(f"{path}: no rows")
+    if frame.shape[1] < 2:
+        raise DataError(f"{path}: no feature columns besides the target '{target}'")
+    labels = frame[target]
+    if labels.isna().any():
+        raise DataError(f"{path}: target column '{target}' has {int(labels.isna().sum())} missing labels")
+    features = frame.drop(columns=[target])
+    return RawTable(str(path), features, labels.astype(str), hashlib.sha256(path.read_bytes()).hexdigest())
+
+
+def load_text(path: str | None) -> RawText:
+    """A UTF-8 text as bytes; default is the standard library's pydoc_data.topics corpus."""
+    if path is None:
+        from pydoc_data.topics import topics
+
+        data = "\n\n".join(topics[key] for key in sorted(topics)).encode("utf-8")
+        return RawText("pydoc_data.topics", data, hashlib.sha256(data).hexdigest())
+    file = Path(path)
+    check_readable(file, "data.path")
+    data = file.read_bytes()
+    if not data:
+        raise DataError(f"{file}: file is empty")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{file}: not UTF-8 text (byte {exc.start})") from None
+    return RawText(str(file), data, hashlib.sha256(data).hexdigest())
+
+
+def _make_synthetic(cfg: SyntheticDataConfig, seed: int) -> RawTable:
+    from sklearn.datasets import make_classification
+
+    informative = max(2, cfg.n_features // 4)
+    if cfg.n_classes > 2**informative:
+        raise DataError(
+            f"data.n_classes={cfg.n_classes} needs at least {int(np.ceil(np.log2(cfg.n_classes))) * 4} "
+            f"features (data.n_features={cfg.n_features})"
+        )
+    x, y = make_classification(
+        n_samples=cfg.n_samples, n_features=cfg.n_features, n_informative=informative, n_redundant=0,
+        n_classes=cfg.n_classes, n_clusters_per_class=1, class_sep=cfg.class_sep, random_state=seed,
+    )  # fmt: skip
+    features = pd.DataFrame(x.astype(np.float32), columns=[f"x{i}" for i in range(cfg.n_features)])
+    target = pd.Series(y).astype(str)
+    return RawTable("synthetic", features, target, _frame_sha256(features, target))
+
+
+def check_readable(path: Path, field: str) -> None:
+    """Fail fast, naming the config field, when a data file is missing or unreadable."""
+    if not path.exists():
+        raise DataError(f"{field}: file '{path}' not found")
+    if not path.is_file():
+        raise DataError(f"{field}: '{path}' is not a file")
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as exc:
+        raise DataError(f"{field}: cannot read '{path}' ({exc.strerror})") from None
+
+
+def _frame_sha256(features: pd.DataFrame, target: pd.Series) -> str:
+    digest = hashlib.sha256()
+    digest.update(pd.util.hash_pandas_object(features, index=False).to_numpy().tobytes())
+    digest.update(pd.util.hash_pandas_object(target, index=False).to_numpy().tobytes())
+    digest.update(",".join(map(str, features.columns)).encode())
+    return digest.hexdigest()

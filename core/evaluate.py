@@ -1,0 +1,158 @@
+"""The evaluate stage: test-set metrics (scikit-learn for classification, perplexity for language
+models), batch-1 latency percentiles, throughput at the training batch size, parameter count and
+serialized size.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from core.config import EvaluateConfig, LoaderConfig, ModelConfig, TrainConfig
+from core.data.loaders import build_loaders
+from core.models import build_model
+from core.prepare_data import PrepareDataResult, load_splits
+from core.records import StageResult
+from core.store import ArtifactStore
+from core.train import TrainResult
+from core.training.checkpoint import load_checkpoint
+from core.training.metrics import eval_pass
+from core.training.precision import autocast_context, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+class EvaluateResult(StageResult):
+    metrics: dict[str, float]  # accuracy, precision/recall/f1_macro, loss | loss, perplexity, bits_per_byte
+    n_test: int
+    latency_ms_p50: float  # batch 1
+    latency_ms_p95: float
+    throughput_per_s: float  # samples (or sequences) per second at the training batch size
+    n_parameters: int
+    size_bytes: int  # serialized weights
+    plot_uris: list[str]  # confusion matrix (classification)
+
+    def artifact_uris(self) -> list[str]:
+        return list(self.plot_uris)
+
+
+def evaluate(
+    cfg: EvaluateConfig,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    loader_cfg: LoaderConfig,
+    seed: int,
+    data: PrepareDataResult,
+    trained: TrainResult,
+    store: ArtifactStore,
+    store_key: str,
+) -> EvaluateResult:
+    """Evaluate the trained weights on the test split (never seen by training or model selection)."""
+    device = resolve_device(train_cfg.device)
+    autocast = autocast_context(device, train_cfg.precision)
+    weights = store.local_path(trained.checkpoint_uri)
+    model = build_model(model_cfg, data.spec).to(device)
+    model.load_state_dict(load_checkpoint(weights)["model"])
+    model.eval()
+    task = data.spec.task
+    seq_len = data.spec.input_shape[0] if task == "language_modeling" else None
+    loaders = build_loaders(load_splits(data, store), seq_len, train_cfg.batch_size, loader_cfg, seed, False)
+
+    result = eval_pass(model, loaders.test, device, autocast, collect=task == "classification")
+    plots: list[str] = []
+    if task == "classification":
+        metrics = _classification_metrics(result.targets, result.predictions, result.loss)
+        png = _confusion_matrix_png(result.targets, result.predictions, data.spec.class_names)
+        plots.append(store.put_bytes(png, f"{store_key}/confusion_matrix.png"))
+    else:
+        metrics = {"loss": result.loss, "perplexity": math.exp(result.loss), "bits_per_byte": result.loss / math.log(2)}
+
+    sample, _ = next(iter(loaders.test))
+    latencies = _latencies_ms(model, sample[:1].to(device), autocast, device, cfg.latency_warmup, cfg.latency_iters)
+    throughput = _throughput(model, sample.to(device), autocast, device, cfg.throughput_batches)
+    log.info("evaluate: %s; latency p50 %.2f ms", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()), latencies[0])
+    return EvaluateResult(
+        metrics=metrics,
+        n_test=data.n_test,
+        latency_ms_p50=latencies[0],
+        latency_ms_p95=latencies[1],
+        throughput_per_s=throughput,
+        n_parameters=sum(p.numel() for p in model.parameters()),
+        size_bytes=_serialized_size(model),
+        plot_uris=plots,
+    )
+
+
+def _classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, loss: float) -> dict[str, float]:
+    from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+
+    precision, recall, f1, _ = precision_recall_fscore_support(y_true, y_pred, average="macro", zero_division=0)
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "precision_macro": float(precision),
+        "recall_macro": float(recall),
+        "f1_macro": float(f1),
+        "loss": loss,
+    }
+
+
+def _confusion_matrix_png(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    labels = list(range(len(class_names)))
+    figure, axes = plt.subplots(figsize=(1.6 + 0.5 * len(labels), 1.2 + 0.5 * len(labels)))
+    ConfusionMatrixDisplay.from_predictions(
+        y_true, y_pred, labels=labels, display_labels=class_names, ax=axes, colorbar=False
+    )
+    axes.set_title("test confusion matrix")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+@torch.inference_mode()
+def _latencies_ms(
+    model: nn.Module, x: torch.Tensor, autocast, device: torch.device, warmup: int, iters: int
+) -> tuple[float, float]:
+    """p50 and p95 of single-sample forward passes, each timed to completion."""
+    times = []
+    for i in range(warmup + iters):
+        started = time.perf_counter()
+        with autocast:
+            model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= warmup:
+            times.append((time.perf_counter() - started) * 1000)
+    p50, p95 = np.percentile(times, [50, 95])
+    return float(p50), float(p95)
+
+
+@torch.inference_mode()
+def _throughput(model: nn.Module, batch: torch.Tensor, autocast, device: torch.device, calls: int) -> float:
+    with autocast:
+        model(batch)  # warm-up
+    started = time.perf_counter()
+    for _ in range(calls):
+        with autocast:
+            model(batch)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return calls * len(batch) / (time.perf_counter() - started)
+
+
+def _serialized_size(model: nn.Module) -> int:
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.tell()

@@ -1,0 +1,108 @@
+"""The artifact store: where prepared data, checkpoints, published models and the stage cache live.
+
+Stages address artifacts by URI (`file:///...` here; `s3://...` joins through the same
+protocol). A stage writes into `workdir(key)` and calls `put_file`; for the local store the
+working folder is the final place, so nothing is copied twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import unquote, urlparse
+
+from core.errors import StoreError
+
+
+class ArtifactStore(Protocol):
+    uri: str
+
+    def workdir(self, key: str) -> Path: ...
+    def put_file(self, src: Path, key: str) -> str: ...
+    def put_bytes(self, data: bytes, key: str) -> str: ...
+    def exists(self, uri: str) -> bool: ...
+    def local_path(self, uri: str) -> Path: ...
+    def check_writable(self) -> None: ...
+
+
+class LocalStore:
+    """A folder on this machine; keys are relative POSIX paths under it."""
+
+    def __init__(self, root: str | Path):
+        root = str(root)
+        self.root = Path(unquote(urlparse(root).path) if root.startswith("file://") else root).resolve()
+        self.uri = self.root.as_uri()
+
+    def workdir(self, key: str) -> Path:
+        """A local folder for a stage to write into; here it is the artifact's final place."""
+        path = self._path(key)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def put_file(self, src: Path, key: str) -> str:
+        dst = self._path(key)
+        if Path(src).resolve() != dst:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
+        return dst.as_uri()
+
+    def put_bytes(self, data: bytes, key: str) -> str:
+        dst = self._path(key)
+        write_atomic(dst, data)
+        return dst.as_uri()
+
+    def exists(self, uri: str) -> bool:
+        return self.local_path(uri).is_file()
+
+    def local_path(self, uri: str) -> Path:
+        parsed = urlparse(uri)
+        if parsed.scheme not in ("", "file"):
+            raise StoreError(f"{uri}: not a local artifact URI")
+        return Path(unquote(parsed.path) if parsed.scheme else uri)
+
+    def check_writable(self) -> None:
+        """Fail fast, before any compute, when the store folder cannot be written."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.root, prefix=".write-check-"):
+                pass
+        except OSError as exc:
+            raise StoreError(f"store.uri: cannot write to {self.root} ({exc.strerror or exc})") from None
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if self.root not in path.parents:
+            raise StoreError(f"{key}: artifact key escapes the store folder {self.root}")
+        return path
+
+
+def open_store(uri: str) -> ArtifactStore:
+    """The store for `store.uri`."""
+    return LocalStore(uri)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write through a temp file and rename, so readers never see a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,149 @@
+"""MLflow tracking by explicit run ids: one parent run per pipeline run, one child run per stage.
+
+Nothing here uses MLflow's thread-local active-run stack, so stages running in worker threads
+(Prefect task runners, parallel trials) never log into the wrong run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from core.errors import TrackingError
+
+log = logging.getLogger(__name__)
+
+PIPELINE_TAG, STAGE_TAG, CONFIG_TAG = "trainflow.pipeline", "trainflow.stage", "trainflow.config_sha256"
+
+
+def tracking_uri(configured: str) -> str:
+    """`MLFLOW_TRACKING_URI` from the environment wins over the config, as MLflow users expect."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or configured
+
+
+def check_reachable(uri: str) -> None:
+    """Preflight: the tracking backend can be written (SQLite folder) or answers (HTTP server)."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "sqlite":
+        db = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+        folder = (db.parent if db else Path.cwd()).resolve()
+        if not os.access(folder if folder.exists() else folder.parent, os.W_OK):
+            raise TrackingError(f"tracking.uri: cannot write the MLflow database folder {folder}")
+    elif parsed.scheme in ("http", "https"):
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5):
+                pass
+        except OSError as exc:
+            raise TrackingError(f"tracking.uri: MLflow server {uri} is not reachable ({exc})") from None
+
+
+class Tracker:
+    """The pipeline's MLflow runs, addressed by id."""
+
+    def __init__(self, uri: str, experiment_id: str):
+        from mlflow import MlflowClient
+
+        self.uri, self.experiment_id = uri, experiment_id
+        self.client = MlflowClient(tracking_uri=uri)
+
+    @classmethod
+    def for_experiment(cls, uri: str, name: str) -> Tracker:
+        """Connect, creating the experiment on first use."""
+        tracker = cls(uri, "")
+        found = tracker.client.get_experiment_by_name(name)
+        tracker.experiment_id = found.experiment_id if found else tracker.client.create_experiment(name)
+        return tracker
+
+    def open_pipeline_run(self, config_sha256: str, run_name: str) -> str:
+        """The parent run: an unfinished run of the same config is continued, else a new one starts."""
+        unfinished = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{CONFIG_TAG}` = '{config_sha256}' and tags.`{PIPELINE_TAG}` = 'true' "
+            "and attributes.status != 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if unfinished:
+            run_id = unfinished[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+            log.info("continuing unfinished MLflow run %s of this config", run_id)
+            return run_id
+        run = self.client.create_run(
+            self.experiment_id, run_name=run_name, tags={PIPELINE_TAG: "true", CONFIG_TAG: config_sha256}
+        )
+        return run.info.run_id
+
+    def start_stage_run(self, parent_run_id: str, stage: str, run_id: str | None = None) -> str:
+        """A child run for one stage; `run_id` re-opens an existing one (a resumed training)."""
+        if run_id is not None:
+            self.client.update_run(run_id, status="RUNNING")
+            self.client.set_tag(run_id, "mlflow.parentRunId", parent_run_id)
+            return run_id
+        tags = {"mlflow.parentRunId": parent_run_id, STAGE_TAG: stage}
+        return self.client.create_run(self.experiment_id, run_name=stage, tags=tags).info.run_id
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def logger(self, run_id: str) -> MlflowMetricLogger:
+        return MlflowMetricLogger(self.client, run_id)
+
+
+class MlflowMetricLogger:
+    """A MetricLogger for one run: metric batches are sent asynchronously, so logging never waits on I/O."""
+
+    def __init__(self, client: Any, run_id: str):
+        self.client, self.run_id = client, run_id
+        self._pending: list[Any] = []
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for start in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
+            self.client.log_batch(self.run_id, params=items[start : start + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self._pending.append(self.client.log_batch(self.run_id, metrics=batch, synchronous=False))
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, str(value))
+
+    def log_artifact(self, path: Path, folder: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), folder)
+
+    def log_dict(self, data: dict[str, Any], name: str) -> None:
+        self.client.log_dict(self.run_id, data, name)
+
+    def log_figure(self, figure: Any, name: str) -> None:
+        self.client.log_figure(self.run_id, figure, name)
+
+    def flush(self) -> None:
+        """Wait until every metric batch sent so far is stored."""
+        for operation in self._pending:
+            if operation is not None:
+                operation.wait()
+        self._pending.clear()
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{"train": {"lr": 1}}` -> `{"train.lr": 1}`, for MLflow params."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat |= flatten(value, f"{name}.")
+        else:
+            flat[name] = value
+    return flat

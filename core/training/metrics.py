@@ -1,0 +1,81 @@
+"""Loss and evaluation passes shared by the Trainer, the evaluate stage and the tuners."""
+
+from __future__ import annotations
+
+import math
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over every target: (B, C) vs (B,) for classification, (B, T, V) vs (B, T) for LM."""
+    return F.cross_entropy(logits.flatten(0, -2).float(), target.flatten())
+
+
+@dataclass(frozen=True)
+class EvalPass:
+    loss: float  # mean over every target
+    n_targets: int
+    correct: int
+    predictions: np.ndarray | None = None  # argmax class per target, when collected
+    targets: np.ndarray | None = None
+
+
+@torch.no_grad()
+def eval_pass(
+    model: nn.Module,
+    loader: DataLoader[Batch],
+    device: torch.device,
+    autocast: AbstractContextManager[object],
+    collect: bool = False,
+) -> EvalPass:
+    """One pass in eval mode; the model is put back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    n, predictions, targets = 0, [], []
+    try:
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast:
+                logits = model(x)
+            loss_sum += F.cross_entropy(logits.flatten(0, -2).float(), y.flatten(), reduction="sum")
+            predicted = logits.argmax(dim=-1)
+            correct += (predicted == y).sum()
+            n += y.numel()
+            if collect:
+                predictions.append(predicted.flatten().cpu())
+                targets.append(y.flatten().cpu())
+    finally:
+        model.train(was_training)
+    return EvalPass(
+        loss=loss_sum.item() / max(n, 1),
+        n_targets=n,
+        correct=int(correct.item()),
+        predictions=torch.cat(predictions).numpy() if collect and predictions else None,
+        targets=torch.cat(targets).numpy() if collect and targets else None,
+    )
+
+
+def pass_metrics(result: EvalPass, task: str, prefix: str) -> dict[str, float]:
+    """`<prefix>/loss` plus `accuracy` (classification) or `perplexity` (language modelling)."""
+    metrics = {f"{prefix}/loss": result.loss}
+    if task == "classification":
+        metrics[f"{prefix}/accuracy"] = result.correct / max(result.n_targets, 1)
+    else:
+        metrics[f"{prefix}/perplexity"] = math.exp(min(result.loss, 50.0))
+    return metrics
+
+
+def metric_names(task: str, prefix: str = "val") -> list[str]:
+    """The metrics `pass_metrics` produces for a task, known before any compute."""
+    return [f"{prefix}/loss", f"{prefix}/accuracy" if task == "classification" else f"{prefix}/perplexity"]

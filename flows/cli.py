@@ -1,0 +1,151 @@
+"""The `trainflow` command.
+
+    trainflow validate CONFIG [--set section.key=value ...]
+    trainflow run CONFIG [--set section.key=value ...] [--out DIR]
+    trainflow verify MANIFEST
+
+User errors (bad config, data, store) print one line and exit 2; nothing is written before the
+config has passed validation. Prefect and MLflow are imported only once it has.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from core.errors import TrainflowError
+
+EXIT_USER_ERROR = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.command(args)
+    except TrainflowError as exc:
+        for line in str(exc).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from core.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    print(f"{args.config}: valid (config sha256 {config.sha256()[:12]})")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from core.config import load_config
+    from core.preflight import preflight
+
+    config = load_config(args.config, args.overrides)  # before anything is imported or written
+    preflight(config)
+    _quiet_user_errors()
+    from flows.pipeline import training_pipeline
+
+    summary = training_pipeline(str(args.config), list(args.overrides), str(args.out))
+    _print_summary(summary, Path(args.out))
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from core.publish import verify_manifest
+    from core.store import open_store
+
+    path = Path(args.manifest).resolve()
+    if not path.is_file():
+        print(f"error: {args.manifest}: manifest not found", file=sys.stderr)
+        return EXIT_USER_ERROR
+    problems = verify_manifest(path.as_uri(), open_store(path.parent))
+    for problem in problems:
+        print(f"{args.manifest}: {problem}", file=sys.stderr)
+    if not problems:
+        print(f"{args.manifest}: every file matches its sha256 and size")
+    return 1 if problems else 0
+
+
+def _quiet_user_errors() -> None:
+    """Prefect logs a failing task's traceback; for our user errors one line is enough (and clearer)."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "core,tasks,flows")
+
+    class OneLineUserErrors(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            if record.exc_info and isinstance(record.exc_info[1], TrainflowError):
+                record.msg, record.args, record.exc_info, record.exc_text = f"{record.exc_info[1]}", (), None, None
+            return True
+
+    import prefect.logging  # noqa: F401  (configures Prefect's handlers, extra loggers included)
+
+    for name in ("core", "tasks", "flows"):
+        logging.getLogger(name).setLevel(logging.INFO)
+
+    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
+        for handler in logging.getLogger(name).handlers:
+            handler.addFilter(OneLineUserErrors())
+
+
+def _print_summary(summary: dict[str, Any], out: Path) -> None:
+    stages = summary["stages"]
+    print("\nstage          seconds  cached")
+    for name, info in stages.items():
+        print(f"{name:<14} {info['seconds']:>7.1f}  {'yes' if info['cached'] else 'no'}")
+    evaluated, trained = stages.get("evaluate", {}), stages.get("train", {})
+    if evaluated:
+        metrics = "  ".join(f"{k}={v:.4f}" for k, v in evaluated["metrics"].items())
+        print(f"\ntest: {metrics}")
+        print(
+            f"latency p50 {evaluated['latency_ms_p50']:.2f} ms (batch 1), size {evaluated['size_bytes'] / 1e6:.2f} MB"
+        )
+    if trained:
+        stop, speed = trained["stop_reason"], trained["samples_per_s"]
+        print(f"train: {trained['epochs_run']} epochs, stopped by {stop}, {speed:.0f} samples/s")
+    print(f"\nsummary:  {out / 'summary.json'}")
+    print(f"mlflow:   run {summary['mlflow_run_id']} in {summary['mlflow_tracking_uri']}")
+    print(f"          open the UI: mlflow ui --backend-store-uri {summary['mlflow_tracking_uri']}")
+    print(f"prefect:  flow run {summary['prefect_flow_run_id']}; open the UI: prefect server start")
+    published = stages.get("publish", {})
+    if published:
+        print(f"model:    {published['manifest_uri']}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trainflow", description="Tune, train, evaluate and publish a PyTorch model from one YAML config."
+    )
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+    overrides = {"dest": "overrides", "action": "append", "default": [], "metavar": "SECTION.KEY=VALUE",
+                 "help": "override one config value (repeatable), e.g. --set train.batch_size=32"}  # fmt: skip
+
+    validate = commands.add_parser("validate", help="check a config file and exit")
+    validate.add_argument("config", type=Path)
+    validate.add_argument("--set", **overrides)
+    validate.set_defaults(command=_validate)
+
+    run = commands.add_parser("run", help="run the pipeline; re-running re-uses every unchanged stage")
+    run.add_argument("config", type=Path)
+    run.add_argument("--set", **overrides)
+    run.add_argument("--out", type=Path, default=Path("out"), help="folder for summary.json (default: out)")
+    run.set_defaults(command=_run)
+
+    verify = commands.add_parser("verify", help="re-hash a published model folder against its manifest.json")
+    verify.add_argument("manifest", type=Path)
+    verify.set_defaults(command=_verify)
+    return parser
+
+
+def _entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    _entry()

@@ -1,0 +1,95 @@
+"""One pipeline run around the stages: preflight, the MLflow parent run, per-stage timing and
+cache status, and summary.json. Keeps the flow itself down to wiring."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+from prefect import Task
+from prefect.runtime import flow_run
+
+from core.config import Config
+from core.preflight import preflight
+from core.records import StageResult
+from core.store import open_store, write_atomic
+from core.tracking import Tracker, flatten, tracking_uri
+from core.version import code_version, git_commit
+from tasks.cache import result_storage
+from tasks.context import StageContext, stage_run
+
+R = TypeVar("R", bound=StageResult)
+
+
+class PipelineRun:
+    def __init__(self, config: Config, run_name: str):
+        self.config, self.run_name = config, run_name
+        self.stages: dict[str, dict[str, Any]] = {}
+
+    def __enter__(self) -> PipelineRun:
+        config = self.config
+        preflight(config)
+        self.tracker = Tracker.for_experiment(tracking_uri(config.tracking.uri), config.tracking.experiment)
+        self.run_id = self.tracker.open_pipeline_run(config.sha256(), self.run_name)
+        logger = self.tracker.logger(self.run_id)
+        logger.log_params(flatten(config.model_dump(mode="json")))
+        logger.set_tags(
+            {
+                "mlflow.source.git.commit": git_commit() or "unknown",
+                "trainflow.code_version": code_version(),
+                "trainflow.prefect_flow_run_id": flow_run.id or "",
+            }
+        )
+        logger.log_dict(config.model_dump(mode="json"), "config.yaml")
+        self.ctx = StageContext(
+            store_uri=open_store(config.store.uri).uri,
+            tracking_uri=self.tracker.uri,
+            experiment_id=self.tracker.experiment_id,
+            parent_run_id=self.run_id,
+        )
+        self._storage = result_storage(self.ctx.store_uri)
+        return self
+
+    def stage(self, task: Task[..., R], **inputs: Any) -> R:
+        """Run one stage task (or take its cached record) and note its time and cache status."""
+        started = time.perf_counter()
+        state = task.with_options(result_storage=self._storage)(**inputs, ctx=self.ctx, return_state=True)
+        record: R = state.result()  # re-raises the stage's exception
+        cached = state.name == "Cached"
+        if cached:  # still visible in MLflow: a child run pointing at the cached record
+            with stage_run(self.ctx, task.name, {}) as run:
+                run.set_tags({"trainflow.cached": "true"})
+                run.log_dict(record.model_dump(mode="json"), "result.json")
+        self.stages[task.name] = {"seconds": round(time.perf_counter() - started, 3), "cached": cached,
+                                  **record.model_dump(mode="json")}  # fmt: skip
+        return record
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "mlflow_run_id": self.run_id,
+            "mlflow_tracking_uri": self.ctx.tracking_uri,
+            "mlflow_experiment_id": self.ctx.experiment_id,
+            "prefect_flow_run_id": flow_run.id,
+            "config_sha256": self.config.sha256(),
+            "store_uri": self.ctx.store_uri,
+            "stages": self.stages,
+        }
+
+    def write_summary(self, out_dir: str | None) -> dict[str, Any]:
+        summary = self.summary()
+        if out_dir is not None:
+            write_atomic(Path(out_dir) / "summary.json", json.dumps(summary, indent=2).encode())
+        return summary
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if kind is None:
+            logger = self.tracker.logger(self.run_id)
+            logger.log_dict(self.summary(), "summary.json")
+            logger.set_tags({"trainflow.cached_stages": ",".join(k for k, v in self.stages.items() if v["cached"])})
+            self.tracker.end_run(self.run_id)
+        elif hasattr(self, "run_id"):
+            self.tracker.client.set_tag(self.run_id, "trainflow.error", f"{kind.__name__}: {exc}"[:5000])
+            self.tracker.end_run(self.run_id, "FAILED" if issubclass(kind, Exception) else "KILLED")

@@ -1,0 +1,50 @@
+"""What every stage task gets besides its inputs: where to log and where to store (never part of its cache key)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from core.records import StageResult
+from core.tracking import MlflowMetricLogger, Tracker, flatten
+
+
+class StageContext(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    store_uri: str
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+
+
+@contextmanager
+def stage_run(
+    ctx: StageContext, stage: str, params: Mapping[str, Any], run_id: str | None = None
+) -> Iterator[MlflowMetricLogger]:
+    """The stage's MLflow child run: params logged first, ended FINISHED, or FAILED/KILLED with the error."""
+    tracker = Tracker(ctx.tracking_uri, ctx.experiment_id)
+    run_id = tracker.start_stage_run(ctx.parent_run_id, stage, run_id)
+    logger = tracker.logger(run_id)
+    logger.log_params(flatten(params))
+    try:
+        yield logger
+    except BaseException as exc:
+        logger.flush()
+        logger.set_tags({"trainflow.error": f"{type(exc).__name__}: {exc}"[:5000]})
+        tracker.end_run(run_id, "FAILED" if isinstance(exc, Exception) else "KILLED")
+        raise
+    logger.flush()
+    tracker.end_run(run_id)
+
+
+def log_result(logger: MlflowMetricLogger, result: StageResult) -> None:
+    """The record as `result.json`, and its top-level numbers as metrics."""
+    data = json.loads(result.model_dump_json())
+    logger.log_dict(data, "result.json")
+    numbers = {k: float(v) for k, v in data.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    if numbers:
+        logger.log_metrics(numbers, step=0)

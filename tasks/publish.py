@@ -1,0 +1,28 @@
+"""Prefect task: publish (see core.publish). Idempotent, so transient store errors are retried."""
+
+from __future__ import annotations
+
+from prefect import task
+
+from core.config import Config
+from core.evaluate import EvaluateResult
+from core.prepare_data import PrepareDataResult
+from core.publish import PublishResult, publish
+from core.store import open_store
+from core.train import TrainResult
+from tasks.cache import current_stage_key, stage_cache
+from tasks.context import StageContext, stage_run
+
+
+@task(retries=2, retry_delay_seconds=[2, 10], **stage_cache("publish"))
+def publish_task(
+    config: Config, data: PrepareDataResult, trained: TrainResult, evaluated: EvaluateResult, ctx: StageContext
+) -> PublishResult:
+    """Write the published folder and manifest to the store; log (and register) the MLflow model."""
+    store = open_store(ctx.store_uri)
+    key = f"published/{config.publish.name}/{current_stage_key('publish')}"
+    with stage_run(ctx, "publish", {"publish": config.publish.model_dump(mode="json")}) as run:
+        result = publish(config, data, trained, evaluated, store, key, ctx.tracking_uri, run.run_id)
+        run.log_dict(result.model_dump(mode="json"), "result.json")
+        run.log_artifact(store.local_path(result.manifest_uri))
+    return result

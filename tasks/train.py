@@ -1,0 +1,40 @@
+"""Prefect task: train (see core.train). Re-running after a crash resumes the same MLflow run."""
+
+from __future__ import annotations
+
+import json
+
+from prefect import task
+
+from core.config import LoaderConfig, ModelConfig, OptimConfig, TrainConfig
+from core.prepare_data import PrepareDataResult
+from core.store import open_store
+from core.train import TrainResult, train
+from tasks.cache import current_stage_key, stage_cache
+from tasks.context import StageContext, log_result, stage_run
+
+RUN_FILE = "mlflow_run.json"  # the child run id, so a resumed training logs into the same run
+
+
+@task(**stage_cache("train"))
+def train_task(
+    model: ModelConfig,
+    optim: OptimConfig,
+    train_cfg: TrainConfig,
+    loader: LoaderConfig,
+    seed: int,
+    data: PrepareDataResult,
+    ctx: StageContext,
+) -> TrainResult:
+    """Fit the model; checkpoints live in the store folder named by this stage's cache key."""
+    store = open_store(ctx.store_uri)
+    key = f"stages/train/{current_stage_key('train')}"
+    run_file = store.workdir(key) / RUN_FILE
+    previous = json.loads(run_file.read_text())["run_id"] if train_cfg.resume and run_file.exists() else None
+    params = {"model": model.model_dump(mode="json"), "optim": optim.model_dump(mode="json"),
+              "train": train_cfg.model_dump(mode="json"), "seed": seed}  # fmt: skip
+    with stage_run(ctx, "train", params, run_id=previous) as run:
+        run_file.write_text(json.dumps({"run_id": run.run_id}))
+        result = train(model, optim, train_cfg, loader, seed, data, store, key, logger=run, run_id=run.run_id)
+        log_result(run, result)
+    return result
