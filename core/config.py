@@ -120,7 +120,7 @@ class SyntheticDataConfig(_DataCommon):
 
 def _data_source(value: Any) -> str:
     if isinstance(value, dict):
-        return value.get("source", "sklearn")
+        return str(value.get("source", "sklearn"))
     return getattr(value, "source", "sklearn")
 
 
@@ -197,7 +197,7 @@ class FactoryModelConfig(Section):
 
 def _model_name(value: Any) -> str:
     if isinstance(value, dict):
-        return value.get("name", "factory" if "factory" in value else "cnn")
+        return str(value.get("name", "factory" if "factory" in value else "cnn"))
     return getattr(value, "name", "cnn")
 
 
@@ -248,7 +248,14 @@ class EarlyStoppingConfig(Section):
 
 class CheckpointConfig(Section):
     every_steps: int | None = Field(
-        None, ge=1, description="Save every this many optimizer steps; null = at every evaluation."
+        None,
+        ge=1,
+        description="Save every this many optimizer steps; null = at evaluations, at most once per min_interval_s.",
+    )
+    min_interval_s: float = Field(
+        60.0,
+        ge=0,
+        description="With every_steps null: seconds between checkpoints at evaluations (0 = every evaluation). A crash loses at most about this much training; short epochs do not each pay a save. The last state is always saved at the end.",
     )
     keep_last: int = Field(2, ge=1, description="Periodic checkpoints kept on disk; the best one is always kept.")
 
@@ -393,15 +400,28 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read config file ({exc})") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
+        where = f" line {mark.line + 1}:" if mark is not None else ""
         raise ConfigError(f"{path}:{where} invalid YAML: {getattr(exc, 'problem', exc)}") from None
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level, found {type(raw).__name__}")
     return config_from_dict(raw, overrides, source=str(path))
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key given twice in one mapping is an error instead of last-wins."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key '{key}'", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def config_from_dict(

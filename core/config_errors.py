@@ -43,14 +43,17 @@ def format_validation_error(
         path, model, members = _walk(root, err["loc"])
         if err["type"] == "union_tag_invalid":
             path.append(_discriminator_field(members))
-        where = "--set" if any(_overlaps(path, keys) for keys in overridden) else source
+        where = "--set" if any(_overlaps(path, keys, err["type"]) for keys in overridden) else source
         lines.append(f"{where}: {'.'.join(path) or '<top level>'}: {_describe(err, path, model)}")
     return sorted(set(lines), key=lines.index)
 
 
-def _overlaps(path: list[str], keys: tuple[str, ...]) -> bool:
-    n = min(len(path), len(keys))
-    return n > 0 and tuple(path[:n]) == keys[:n]
+def _overlaps(path: list[str], keys: tuple[str, ...], kind: str) -> bool:
+    """Whether an override caused this error: it set the key in error or one below it, or made a
+    value into a section (`--set seed.a=1`); a section's cross-field check stays the file's."""
+    if len(path) >= len(keys):
+        return tuple(path[: len(keys)]) == keys
+    return tuple(path) == keys[: len(path)] and kind not in ("value_error", "missing")
 
 
 def _describe(err: Any, path: list[str], parent: type[BaseModel] | None) -> str:

@@ -19,8 +19,8 @@ def preflight(config: Config) -> None:
     """
     _check_data(config)
     _check_model_fits_data(config)
-    open_store(config.store.uri).check_writable()
     check_reachable(tracking_uri(config.tracking.uri))
+    open_store(config.store.uri).check_writable()
 
 
 def _check_data(config: Config) -> None:

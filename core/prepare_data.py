@@ -56,7 +56,8 @@ def prepare_data(cfg: DataConfig, seed: int, store: ArtifactStore) -> PrepareDat
     """
     raw = load_source(cfg, seed)
     settings = cfg.model_dump(mode="json", exclude={"loader"})
-    identity = {"content": raw.content_sha256, "settings": settings, "seed": seed, "version": PREPARE_VERSION}
+    split_seed = None if isinstance(raw, RawText) else seed  # text splits are contiguous: no seed involved
+    identity = {"content": raw.content_sha256, "settings": settings, "seed": split_seed, "version": PREPARE_VERSION}
     fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     folder = f"data/{fingerprint[:16]}"
     record_uri = store.workdir(folder).joinpath("record.json").as_uri()

@@ -67,13 +67,10 @@ class LocalStore:
         return Path(unquote(parsed.path) if parsed.scheme else uri)
 
     def check_writable(self) -> None:
-        """Fail fast, before any compute, when the store folder cannot be written."""
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=self.root, prefix=".write-check-"):
-                pass
-        except OSError as exc:
-            raise StoreError(f"store.uri: cannot write to {self.root} ({exc.strerror or exc})") from None
+        """Fail fast, before any compute, when the store folder cannot be created or written (creates nothing)."""
+        problem = folder_problem(self.root)
+        if problem:
+            raise StoreError(f"store.uri: {problem}")
 
     def _path(self, key: str) -> Path:
         path = (self.root / key).resolve()
@@ -85,6 +82,23 @@ class LocalStore:
 def open_store(uri: str) -> ArtifactStore:
     """The store for `store.uri`."""
     return LocalStore(uri)
+
+
+def folder_problem(folder: Path) -> str | None:
+    """Why `folder` could not be created and written, or None. Creates nothing."""
+    folder = folder.resolve()
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return (
+            f"{folder} is a file, not a folder"
+            if existing == folder
+            else f"cannot create {folder}: {existing} is a file"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"cannot write to {existing}" + ("" if existing == folder else f" (to create {folder})")
+    return None
 
 
 def write_atomic(path: Path, data: bytes) -> None:

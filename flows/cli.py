@@ -49,8 +49,11 @@ def _run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)  # before anything is imported or written
     preflight(config)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "core,tasks,flows")
+    from flows.pipeline import training_pipeline  # imports prefect, which configures logging
+
     _quiet_user_errors()
-    from flows.pipeline import training_pipeline
 
     summary = training_pipeline(str(args.config), list(args.overrides), str(args.out))
     _print_summary(summary, Path(args.out))
@@ -74,24 +77,20 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _quiet_user_errors() -> None:
-    """Prefect logs a failing task's traceback; for our user errors one line is enough (and clearer)."""
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "core,tasks,flows")
+    """Prefect logs a failing run's traceback; for our user errors the one-line message says it all."""
 
     class OneLineUserErrors(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
             if record.exc_info and isinstance(record.exc_info[1], TrainflowError):
-                record.msg, record.args, record.exc_info, record.exc_text = f"{record.exc_info[1]}", (), None, None
+                record.msg, record.args, record.exc_info, record.exc_text = str(record.exc_info[1]), (), None, None
             return True
 
-    import prefect.logging  # noqa: F401  (configures Prefect's handlers, extra loggers included)
-
+    loggers = [logging.getLogger(), *(logging.getLogger(name) for name in list(logging.root.manager.loggerDict))]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", []):
+            handler.addFilter(OneLineUserErrors())
     for name in ("core", "tasks", "flows"):
         logging.getLogger(name).setLevel(logging.INFO)
-
-    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
-        for handler in logging.getLogger(name).handlers:
-            handler.addFilter(OneLineUserErrors())
 
 
 def _print_summary(summary: dict[str, Any], out: Path) -> None:

@@ -33,7 +33,8 @@ SPLITS = ("train", "val", "test")
 
 def split_table(raw: RawTable, val_fraction: float, test_fraction: float, scale: str, seed: int) -> ArraySplits:
     """Stratified train/val/test split, then impute/encode/scale fitted on the training rows only."""
-    classes, labels = np.unique(raw.target.to_numpy(), return_inverse=True)
+    classes = _ordered_classes(raw.target)
+    labels = pd.Categorical(raw.target, categories=classes).codes.astype(np.int64)
     if len(classes) < 2:
         raise DataError(f"{raw.name}: target has a single class ('{classes[0]}'); classification needs two or more")
     counts = np.bincount(labels)
@@ -65,7 +66,7 @@ def split_table(raw: RawTable, val_fraction: float, test_fraction: float, scale:
     if raw.image_shape is not None:
         x = {name: a.reshape(-1, *raw.image_shape) for name, a in x.items()}
     y = {name: labels[rows].astype(np.int64) for name, rows in zip(SPLITS, (train, val, test), strict=True)}
-    return ArraySplits(x, y, [str(c) for c in classes], n_features)
+    return ArraySplits(x, y, list(classes), n_features)
 
 
 def split_text(raw: RawText, val_fraction: float, test_fraction: float, seq_len: int) -> ArraySplits:
@@ -87,8 +88,10 @@ def _column_kinds(features: pd.DataFrame, name: str) -> tuple[list[str], list[st
     numeric, categorical = [], []
     for column in features.columns:
         series = features[column]
+        if series.isna().all():
+            raise DataError(f"{name}: column '{column}' has no values")
         if pd.api.types.is_bool_dtype(series) or not pd.api.types.is_numeric_dtype(series):
-            if pd.api.types.is_datetime64_any_dtype(series):
+            if pd.api.types.is_datetime64_any_dtype(series) or _looks_like_dates(series):
                 raise DataError(f"{name}: column '{column}' holds dates; convert it to numbers before training")
             distinct = series.dropna().astype(str).nunique()
             if distinct > MAX_CATEGORIES:
@@ -97,8 +100,6 @@ def _column_kinds(features: pd.DataFrame, name: str) -> tuple[list[str], list[st
                     f"{MAX_CATEGORIES}), so it cannot be one-hot encoded; drop it or encode it first"
                 )
             categorical.append(column)
-        elif series.isna().all():
-            raise DataError(f"{name}: column '{column}' has no values")
         else:
             numeric.append(column)
     return numeric, categorical
@@ -120,6 +121,23 @@ def _feature_transformer(numeric: list[str], categorical: list[str], scale: str)
         ],
         sparse_threshold=0.0,
     )
+
+
+def _ordered_classes(target: pd.Series) -> list[str]:
+    """Class names in natural order: numerically when every label is a number (2 before 10)."""
+    names = sorted(set(target))
+    numbers = pd.to_numeric(pd.Series(names), errors="coerce")
+    if numbers.notna().all():
+        return [name for _, name in sorted(zip(numbers, names, strict=True))]
+    return names
+
+
+def _looks_like_dates(series: pd.Series) -> bool:
+    """Strings such as '2024-01-31' or '2024-01-31 12:00': CSV readers leave them as text."""
+    sample = series.dropna().astype(str).head(200)
+    if sample.empty or not sample.str.contains(r"^\d{4}-\d{2}-\d{2}", regex=True).all():
+        return False
+    return pd.to_datetime(sample, errors="coerce", format="ISO8601").notna().all()
 
 
 def _to_float32(values: np.ndarray) -> np.ndarray:

@@ -2,8 +2,8 @@
 
 A periodic checkpoint holds everything `Trainer.fit` needs to continue as if never stopped:
 model, optimizer, scheduler, scaler, RNG states, progress (epoch, step, data position) and the
-callbacks' states, plus the resolved config and tracking run id. `best.pt` holds the weights of
-the best evaluation.
+callbacks' states (the best weights so far among them), plus the resolved config and tracking
+run id. `best.pt` holds the weights of the best evaluation, `model.pt` those the stage hands on.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -69,10 +70,13 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 
 class ModelCheckpoint(Callback):
-    """Saves periodic checkpoints (every N steps, or at each evaluation) and the best weights.
+    """Periodic checkpoints for resume, and the weights of the best evaluation.
 
-    At fit end it saves a last checkpoint, then (with `restore_best`) loads the best weights and
-    writes the weights the stage hands on to `model.pt`.
+    Periodic checkpoints are written every `every_steps` optimizer steps when set; otherwise at an
+    evaluation once `min_interval_s` seconds have passed since the last one, so short epochs do not
+    pay a save each. The best weights are kept in host memory and travel inside every periodic
+    checkpoint. At fit end: a last checkpoint, `best.pt`, then (with `restore_best`) the best
+    weights are loaded and the weights the stage hands on are written to `model.pt`.
     """
 
     def __init__(self, folder: Path, cfg: CheckpointConfig, monitor: EarlyStoppingConfig, extra: dict[str, Any]):
@@ -80,7 +84,9 @@ class ModelCheckpoint(Callback):
         self.best: float | None = None
         self.best_metrics: dict[str, float] = {}
         self.best_step: int | None = None
+        self.best_weights: dict[str, torch.Tensor] | None = None
         self._saved_step: int | None = None
+        self._saved_at = time.monotonic()
 
     def on_step_end(self, trainer: Trainer) -> None:
         if self.cfg.every_steps and trainer.state.step % self.cfg.every_steps == 0:
@@ -90,31 +96,33 @@ class ModelCheckpoint(Callback):
         current = monitored_value(metrics, self.monitor.monitor, "train.early_stopping.monitor")
         if is_improvement(current, self.best, self.monitor.mode, 0.0):
             self.best, self.best_metrics, self.best_step = current, dict(metrics), trainer.state.step
-            save_checkpoint(
-                {"model": trainer.model.state_dict(), "step": trainer.state.step, "metrics": metrics},
-                self.folder / BEST,
-            )
-        if self.cfg.every_steps is None:
+            self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in trainer.model.state_dict().items()}
+        if self.cfg.every_steps is None and time.monotonic() - self._saved_at >= self.cfg.min_interval_s:
             self.save(trainer)
 
     def on_fit_end(self, trainer: Trainer, result: FitResult) -> None:
         if self._saved_step != trainer.state.step:
             self.save(trainer)
-        if self.monitor.restore_best and (self.folder / BEST).exists():
-            trainer.model.load_state_dict(load_checkpoint(self.folder / BEST)["model"])
-            log.info("restored the weights of step %s (%s=%.5g)", self.best_step, self.monitor.monitor, self.best)
+        if self.best_weights is not None:
+            best = {"model": self.best_weights, "step": self.best_step, "metrics": self.best_metrics}
+            save_checkpoint(best, self.folder / BEST)
+            if self.monitor.restore_best:
+                trainer.model.load_state_dict(self.best_weights)
+                log.info("restored the weights of step %s (%s=%.5g)", self.best_step, self.monitor.monitor, self.best)
         save_checkpoint({"model": trainer.model.state_dict(), "step": trainer.state.step}, self.folder / FINAL)
 
     def save(self, trainer: Trainer) -> Path:
         path = self.folder / f"step-{trainer.state.step:09d}.pt"
         save_checkpoint(trainer.checkpoint_state() | self.extra, path)
-        self._saved_step = trainer.state.step
+        self._saved_step, self._saved_at = trainer.state.step, time.monotonic()
         for old in periodic_checkpoints(self.folder)[: -self.cfg.keep_last]:
             old.unlink(missing_ok=True)
         return path
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "best_metrics": self.best_metrics, "best_step": self.best_step}
+        return {"best": self.best, "best_metrics": self.best_metrics, "best_step": self.best_step,
+                "best_weights": self.best_weights}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best, self.best_metrics, self.best_step = state["best"], state["best_metrics"], state["best_step"]
+        self.best_weights = state["best_weights"]

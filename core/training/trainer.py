@@ -91,6 +91,7 @@ class Trainer:
         self.steps_per_epoch = math.ceil(len(loaders.train) / cfg.grad_accum_steps)
         self.total_steps = min(cfg.max_steps or math.inf, cfg.max_epochs * self.steps_per_epoch)
         self.last_metrics: dict[str, float] = {}
+        self.eval_seconds = 0.0  # spent in validation during fit()
         self._reset_window()
 
     # ------------------------------------------------------------------------------- the step
@@ -129,7 +130,7 @@ class Trainer:
                  cfg.batch_size * cfg.grad_accum_steps * self.world_size, cfg.batch_size, cfg.grad_accum_steps,
                  self.world_size, self.total_steps)  # fmt: skip
         self._call("on_fit_start")
-        self._fit_started, self._fit_samples, self._eval_seconds = time.perf_counter(), s.samples_seen, 0.0
+        self._fit_started, self._fit_samples, self.eval_seconds = time.perf_counter(), s.samples_seen, 0.0
         self.model.train()
         try:
             while s.stop_reason is None:
@@ -150,7 +151,7 @@ class Trainer:
         except BaseException as exc:
             self._call("on_exception", exc)
             raise
-        train_seconds = time.perf_counter() - self._fit_started - self._eval_seconds
+        train_seconds = time.perf_counter() - self._fit_started - self.eval_seconds
         result = FitResult(
             stop_reason=StopReason(s.stop_reason),
             stop_message=s.stop_message,
@@ -188,7 +189,7 @@ class Trainer:
         """Evaluate on the validation split and notify callbacks (early stopping, checkpoint, ...)."""
         started = time.perf_counter()
         metrics = pass_metrics(eval_pass(self.model, self.loaders.val, self.device, self.autocast), self.task, "val")
-        self._eval_seconds += time.perf_counter() - started
+        self.eval_seconds += time.perf_counter() - started
         self.state.last_eval_step, self.last_metrics = self.state.step, metrics
         self._call("on_eval_end", metrics)
         return metrics

@@ -1,0 +1,170 @@
+"""The pipeline flow on Prefect's test server with MLflow on a temporary SQLite file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from core.publish import verify_manifest
+from core.store import LocalStore
+from flows.pipeline import training_pipeline
+from tests.conftest import tiny_raw
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+STAGES = ["prepare_data", "train", "evaluate", "publish"]
+
+
+class Project:
+    """A config file, its store and its MLflow database in one temporary folder."""
+
+    def __init__(self, root: Path, **sections: Any):
+        self.root = root
+        self.tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
+        raw = tiny_raw(**sections) | {"tracking": {"uri": self.tracking_uri, "experiment": "tests"},
+                                       "store": {"uri": str(root / "artifacts")}}  # fmt: skip
+        self.config = root / "config.yaml"
+        self.config.write_text(yaml.safe_dump(raw))
+
+    def run(self, *overrides: str, out: str = "out") -> dict[str, Any]:
+        summary = training_pipeline(str(self.config), list(overrides), str(self.root / out))
+        on_disk = json.loads((self.root / out / "summary.json").read_text())
+        assert on_disk == json.loads(json.dumps(summary))
+        return summary
+
+    def children(self, parent_run_id: str) -> dict[str, Any]:
+        client = MlflowClient(self.tracking_uri)
+        runs = client.search_runs([_experiment(client)], f"tags.mlflow.parentRunId = '{parent_run_id}'")
+        return {run.info.run_name: run for run in runs}
+
+
+def _experiment(client: MlflowClient) -> str:
+    return client.get_experiment_by_name("tests").experiment_id
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Project:
+    return Project(tmp_path_factory.mktemp("pipeline"))
+
+
+@pytest.fixture(scope="module")
+def first(project: Project) -> dict[str, Any]:
+    return project.run()
+
+
+def test_summary_holds_every_stage_result(first: dict[str, Any]) -> None:
+    stages = first["stages"]
+    assert list(stages) == STAGES
+    assert not any(stage["cached"] for stage in stages.values())
+    assert len(first["config_sha256"]) == 64 and first["prefect_flow_run_id"]
+    data, trained, evaluated = stages["prepare_data"], stages["train"], stages["evaluate"]
+    assert (data["n_train"], data["n_val"], data["n_test"]) == (124, 27, 27)
+    assert len(data["fingerprint"]) == 64
+    assert trained["epochs_run"] == 6 and trained["stopped_early"] is False
+    assert trained["best_val_loss"] < 0.5 and trained["samples_per_s"] > 0
+    assert trained["checkpoint_uri"].startswith("file://")
+    assert evaluated["metrics"]["accuracy"] > 0.85
+    assert {"accuracy", "f1_macro", "precision_macro", "recall_macro", "loss"} <= set(evaluated["metrics"])
+    assert 0 < evaluated["latency_ms_p50"] <= evaluated["latency_ms_p95"]
+    assert evaluated["size_bytes"] > 0
+    names = [o["uri"].rsplit("/", 1)[1] for o in stages["publish"]["objects"]]
+    assert names == ["model.pt", "config.yaml", "evaluation.json", "manifest.json"]
+    assert all(len(o["sha256"]) == 64 and o["bytes"] > 0 for o in stages["publish"]["objects"])
+
+
+def test_mlflow_has_a_parent_run_with_one_child_per_stage(project: Project, first: dict[str, Any]) -> None:
+    client = MlflowClient(project.tracking_uri)
+    parent = client.get_run(first["mlflow_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["train.batch_size"] == "16" and parent.data.params["data.name"] == "wine"
+    assert parent.data.tags["trainflow.config_sha256"] == first["config_sha256"]
+    assert "mlflow.source.git.commit" in parent.data.tags
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"config.yaml", "summary.json"} <= artifacts
+
+    children = project.children(first["mlflow_run_id"])
+    assert sorted(children) == sorted(STAGES)
+    assert all(run.info.status == "FINISHED" for run in children.values())
+    assert (
+        children["prepare_data"].data.tags["trainflow.data_fingerprint"]
+        == first["stages"]["prepare_data"]["fingerprint"]
+    )
+    train_run = children["train"]
+    assert train_run.info.run_id == first["stages"]["train"]["mlflow_run_id"]
+    history = client.get_metric_history(train_run.info.run_id, "train/loss")
+    assert [m.step for m in history] == list(range(5, first["stages"]["train"]["steps"] + 1, 5))
+    assert len(client.get_metric_history(train_run.info.run_id, "val/loss")) == 6
+    assert train_run.data.params["effective_batch_size"] == "16"
+    evaluate_run = children["evaluate"]
+    assert evaluate_run.data.metrics["test/accuracy"] == pytest.approx(
+        first["stages"]["evaluate"]["metrics"]["accuracy"]
+    )
+    assert "plots/confusion_matrix.png" in {a.path for a in client.list_artifacts(evaluate_run.info.run_id, "plots")}
+
+
+def test_the_published_model_and_manifest(project: Project, first: dict[str, Any]) -> None:
+    publish = first["stages"]["publish"]
+    store = LocalStore(project.root / "artifacts")
+    assert verify_manifest(publish["manifest_uri"], store) == []
+    manifest = json.loads(store.local_path(publish["manifest_uri"]).read_text())
+    assert manifest["data_fingerprint"] == first["stages"]["prepare_data"]["fingerprint"]
+    assert manifest["config_sha256"] == first["config_sha256"]
+    assert manifest["mlflow_train_run_id"] == first["stages"]["train"]["mlflow_run_id"]
+    import mlflow.pytorch
+
+    mlflow.set_tracking_uri(project.tracking_uri)
+    model = mlflow.pytorch.load_model(publish["mlflow_model_uri"])
+    assert type(model).__name__ == "MLP"
+    model_file = store.local_path(publish["objects"][0]["uri"])
+    original = model_file.read_bytes()
+    model_file.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))  # same size, one bit flipped
+    assert verify_manifest(publish["manifest_uri"], store) == ["model.pt: sha256 differs from the manifest"]
+    model_file.write_bytes(original + b"x")
+    assert verify_manifest(publish["manifest_uri"], store) == [
+        f"model.pt: {len(original) + 1} bytes, manifest says {len(original)}"
+    ]
+    model_file.write_bytes(original)
+
+
+def test_a_second_identical_run_reuses_every_stage(project: Project, first: dict[str, Any]) -> None:
+    again = project.run(out="again")
+    assert all(again["stages"][name]["cached"] for name in STAGES)
+    assert again["mlflow_run_id"] != first["mlflow_run_id"], "every run of the pipeline is its own MLflow run"
+    for name in ("prepare_data", "train", "evaluate"):
+        same = {k: v for k, v in again["stages"][name].items() if k not in ("seconds", "cached")}
+        assert same == {k: v for k, v in first["stages"][name].items() if k not in ("seconds", "cached")}
+    children = project.children(again["mlflow_run_id"])
+    assert sorted(children) == sorted(STAGES)
+    assert all(run.data.tags.get("trainflow.cached") == "true" for run in children.values())
+
+
+def test_changing_one_section_reruns_that_stage_and_those_after_it(project: Project, first: dict[str, Any]) -> None:
+    changed = project.run("train.max_epochs=3", out="changed")
+    cached = {name: changed["stages"][name]["cached"] for name in STAGES}
+    assert cached == {"prepare_data": True, "train": False, "evaluate": False, "publish": False}
+    assert changed["stages"]["train"]["epochs_run"] == 3
+
+
+def test_a_cached_record_whose_artifacts_are_gone_is_recomputed(project: Project, first: dict[str, Any]) -> None:
+    plot = LocalStore(project.root / "artifacts").local_path(first["stages"]["evaluate"]["plot_uris"][0])
+    plot.unlink()
+    rerun = project.run(out="rerun")
+    cached = {name: rerun["stages"][name]["cached"] for name in STAGES}
+    assert cached["prepare_data"] and cached["train"]
+    assert not cached["evaluate"]
+    assert plot.exists()
+
+
+def test_mlflow_tracking_uri_from_the_environment_wins(
+    project: Project, first: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    other = f"sqlite:///{tmp_path / 'env.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", other)
+    summary = project.run(out="env")
+    assert summary["mlflow_tracking_uri"] == other
+    client = MlflowClient(other)
+    assert client.get_run(summary["mlflow_run_id"]).info.status == "FINISHED"

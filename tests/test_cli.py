@@ -1,0 +1,284 @@
+"""The `trainflow` command as a user runs it: a real subprocess in an empty folder.
+
+A user error (bad config, bad data, unusable store) exits 2 with one `error: ` line per problem naming
+the field or file, no traceback, and, when caught before the pipeline starts, nothing written.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from core.config import load_config
+
+REPO = Path(__file__).resolve().parent.parent
+DIGITS = REPO / "configs" / "digits.yaml"
+MLP_ON = "model: {{name: mlp}}\ndata: {{source: csv, path: {path}, target: label}}\n"
+
+
+def trainflow(cwd: Path, *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def listing(folder: Path) -> set[str]:
+    """Every file and folder below `folder`, as relative paths."""
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+def write_table(path: Path, rows: int = 30, **extra_columns: list[object]) -> Path:
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"a": rng.normal(size=rows), "b": rng.normal(size=rows), **extra_columns})
+    frame["label"] = (["x", "y", "z"] * rows)[:rows]
+    frame.to_csv(path, index=False)
+    return path
+
+
+def _table(cwd: Path) -> None:
+    write_table(cwd / "table.csv")
+
+
+def _no_target(cwd: Path) -> None:
+    path = write_table(cwd / "table.csv")
+    pd.read_csv(path).drop(columns="label").to_csv(path, index=False)
+
+
+def _unreadable(cwd: Path) -> None:
+    if os.geteuid() == 0:
+        pytest.skip("root can read any file")
+    write_table(cwd / "secret.csv").chmod(0)
+
+
+# (id, files the test creates in the cwd, config.yaml text, command line after the config, error lines as regexes)
+# `{cwd}` in a regex stands for the escaped absolute path of the cwd.
+PREFLIGHT_CASES = [
+    (
+        "validate: unknown key",
+        {},
+        "train: {bach_size: 32}\n",
+        ["validate"],
+        [r"config\.yaml: train\.bach_size: unknown key; did you mean batch_size\?"],
+    ),
+    (
+        "validate: bad literal",
+        {},
+        "train: {precision: fp8}\n",
+        ["validate"],
+        [r"config\.yaml: train\.precision: 'fp8' is not one of fp32, bf16, fp16"],
+    ),
+    (
+        "validate: several problems, one line each",
+        {},
+        "seed: -1\ntrain: {precision: fp8, device: gpu}\nstore: {uri: 's3://bucket'}\n",
+        ["validate"],
+        [
+            r"config\.yaml: seed: -1 must be >= 0",
+            r"config\.yaml: train\.precision: 'fp8' is not one of fp32, bf16, fp16",
+            r"config\.yaml: train\.device: 'gpu' is not one of auto, cpu, cuda, cuda:N, mps",
+            r"config\.yaml: store\.uri: 's3://bucket': only local folders are supported as artifact store",
+        ],
+    ),
+    (
+        "validate: invalid YAML",
+        {},
+        "seed: 0\ntrain: batch_size: 32\n",
+        ["validate"],
+        [r"config\.yaml: line 2: invalid YAML: mapping values are not allowed here"],
+    ),
+    (
+        "validate: top level not a mapping",
+        {},
+        "- seed\n",
+        ["validate"],
+        [r"config\.yaml: expected a mapping of sections at the top level, found list"],
+    ),
+    (
+        "validate: bad --set syntax",
+        {},
+        "seed: 0\n",
+        ["validate", "--set", "train.batch_size"],
+        [r"--set train\.batch_size: expected section\.key=value"],
+    ),
+    (
+        "run: bad --set value",
+        {"table.csv": _table},
+        MLP_ON.format(path="table.csv"),
+        ["run", "--set", "train.batch_size=0"],
+        [r"--set: train\.batch_size: 0 must be >= 1"],
+    ),
+    (
+        "run: csv file missing",
+        {},
+        MLP_ON.format(path="missing.csv"),
+        ["run"],
+        [r"data\.path: file 'missing\.csv' not found"],
+    ),
+    (
+        "run: data.path is a folder",
+        {"folder": lambda cwd: (cwd / "folder").mkdir()},
+        MLP_ON.format(path="folder"),
+        ["run"],
+        [r"data\.path: 'folder' is not a file"],
+    ),
+    (
+        "run: csv without the target column",
+        {"table.csv": _no_target},
+        MLP_ON.format(path="table.csv"),
+        ["run"],
+        [r"table\.csv: target column 'label' \(data\.target\) not found; columns are: a, b"],
+    ),
+    (
+        "run: empty csv",
+        {"empty.csv": lambda cwd: (cwd / "empty.csv").write_bytes(b"")},
+        MLP_ON.format(path="empty.csv"),
+        ["run"],
+        [r"empty\.csv: file is empty"],
+    ),
+    (
+        "run: parquet source on a csv file",
+        {"table.csv": _table},
+        "model: {name: mlp}\ndata: {source: parquet, path: table.csv, target: label}\n",
+        ["run"],
+        [r"table\.csv: cannot be read as parquet \(ArrowInvalid: .*\)"],
+    ),
+    (
+        "run: text shorter than seq_len",
+        {"short.txt": lambda cwd: (cwd / "short.txt").write_text("hello world")},
+        "model: {name: gpt, n_embd: 32, n_head: 2}\ndata: {source: text, path: short.txt, seq_len: 16}\n",
+        ["run"],
+        [
+            r"short\.txt: data\.seq_len=16 is longer than the smallest split \(1 of 11 bytes\); "
+            r"lower data\.seq_len or use a larger text"
+        ],
+    ),
+    (
+        "run: gpt on sklearn data",
+        {},
+        "model: {name: gpt}\ndata: {source: sklearn, name: wine}\n",
+        ["run"],
+        [r"model\.name: 'gpt' is for language modelling \(data\.source: text\) but data\.source is 'sklearn'"],
+    ),
+    (
+        "run: cnn on a table",
+        {"table.csv": _table},
+        "model: {name: cnn}\ndata: {source: csv, path: table.csv, target: label}\n",
+        ["run"],
+        [r"model\.name: 'cnn' needs image data \(data\.name: digits\); use mlp for data\.source 'csv'"],
+    ),
+    (
+        "run: mlp on text",
+        {},
+        "model: {name: mlp}\ndata: {source: text}\n",
+        ["run"],
+        [r"model\.name: 'mlp' is for classification but data\.source is 'text'"],
+    ),
+    (
+        "run: store path is a file",
+        {"table.csv": _table},
+        MLP_ON.format(path="table.csv") + "store: {uri: table.csv}\n",
+        ["run"],
+        [r"store\.uri: {cwd}/table\.csv is a file, not a folder"],
+    ),
+    (
+        "run: tracking server unreachable",
+        {"table.csv": _table},
+        MLP_ON.format(path="table.csv") + "tracking: {uri: 'http://127.0.0.1:9'}\n",
+        ["run"],
+        [r"tracking\.uri: MLflow server http://127\.0\.0\.1:9 is not reachable \(.*\)"],
+    ),
+    (
+        "run: csv not readable",
+        {"secret.csv": _unreadable},
+        MLP_ON.format(path="secret.csv"),
+        ["run"],
+        [r"data\.path: cannot read 'secret\.csv' \(Permission denied\)"],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("files", "config", "args", "errors"), [c[1:] for c in PREFLIGHT_CASES], ids=[c[0] for c in PREFLIGHT_CASES]
+)
+def test_user_error_is_one_line_and_writes_nothing(
+    tmp_path: Path, files: dict[str, Callable[[Path], object]], config: str, args: list[str], errors: list[str]
+) -> None:
+    for make in files.values():
+        make(tmp_path)
+    (tmp_path / "config.yaml").write_text(config)
+    before = listing(tmp_path)
+    assert before == {*files, "config.yaml"}
+
+    result = trainflow(tmp_path, args[0], "config.yaml", *args[1:])
+
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert len(lines) == len(errors), result.stderr
+    cwd = re.escape(str(tmp_path.resolve()))
+    for line, error in zip(lines, errors, strict=True):
+        assert re.fullmatch("error: " + error.replace("{cwd}", cwd), line), line
+    assert listing(tmp_path) == before  # no mlflow.db, artifacts/, mlruns/ or out/
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    for command in ("validate", "run"):
+        result = trainflow(tmp_path, command, "nope.yaml")
+        assert result.returncode == 2
+        assert result.stderr.splitlines() == ["error: nope.yaml: config file not found"]
+        assert "Traceback" not in result.stdout
+    assert listing(tmp_path) == set()
+
+
+def test_validate_shipped_config(tmp_path: Path) -> None:
+    result = trainflow(tmp_path, "validate", str(DIGITS))
+    assert result.returncode == 0, result.stderr
+    sha = load_config(DIGITS).sha256()
+    assert result.stdout.splitlines() == [f"{DIGITS}: valid (config sha256 {sha[:12]})"]
+    assert result.stderr == ""
+    assert listing(tmp_path) == set()
+
+
+def test_validate_applies_set(tmp_path: Path) -> None:
+    result = trainflow(tmp_path, "validate", str(DIGITS), "--set", "train.batch_size=32")
+    assert result.returncode == 0, result.stderr
+    sha = load_config(DIGITS, ["train.batch_size=32"]).sha256()
+    assert sha != load_config(DIGITS).sha256()
+    assert f"(config sha256 {sha[:12]})" in result.stdout
+
+
+def test_data_error_inside_the_pipeline_is_one_line(tmp_path: Path) -> None:
+    """A non-numeric column with more than 64 distinct values passes preflight and fails in prepare_data."""
+    write_table(tmp_path / "ids.csv", rows=90, name=[f"id{i}" for i in range(90)])
+    (tmp_path / "config.yaml").write_text(MLP_ON.format(path="ids.csv"))
+
+    result = trainflow(tmp_path, "run", "config.yaml")
+
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert re.fullmatch(
+        r"error: ids\.csv: column 'name' is non-numeric with 90 distinct values \(more than 64\), "
+        r"so it cannot be one-hot encoded; drop it or encode it first",
+        errors[0],
+    )
+    assert "Traceback" not in result.stdout
+    assert not (tmp_path / "out").exists()  # no summary for a failed run
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
