@@ -110,11 +110,23 @@ def _print_summary(summary: dict[str, Any], out: Path) -> None:
         print(f"train: {trained['epochs_run']} epochs, stopped by {stop}, {speed:.0f} samples/s")
     print(f"\nsummary:  {out / 'summary.json'}")
     print(f"mlflow:   run {summary['mlflow_run_id']} in {summary['mlflow_tracking_uri']}")
-    print(f"          open the UI: mlflow ui --backend-store-uri {summary['mlflow_tracking_uri']}")
-    print(f"prefect:  flow run {summary['prefect_flow_run_id']}; open the UI: prefect server start")
+    print(f"          open the UI: {_tool('mlflow')} ui --backend-store-uri {summary['mlflow_tracking_uri']}")
+    print(f"prefect:  flow run {summary['prefect_flow_run_id']}")
+    print(f"          open the UI: {_tool('prefect')} server start")
     published = stages.get("publish", {})
     if published:
         print(f"model:    {published['manifest_uri']}")
+
+
+def _tool(name: str) -> str:
+    """The command beside this Python (e.g. .venv/bin/mlflow), as a user can type it from here."""
+    path = Path(sys.executable).parent / name
+    if not path.exists():
+        return name
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def _parser() -> argparse.ArgumentParser:

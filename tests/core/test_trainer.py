@@ -303,3 +303,12 @@ def test_by_default_short_epochs_do_not_each_pay_a_checkpoint(store) -> None:
     saved_best = last["callbacks"]["ModelCheckpoint"]["best_weights"]
     for name, tensor in best["model"].items():
         assert torch.equal(saved_best[name], tensor), "the periodic checkpoint carries the best weights for resume"
+
+
+def test_loader_workers_see_the_same_batches_as_the_main_process(store) -> None:
+    results = []
+    for loader in ({"num_workers": 0}, {"num_workers": 2, "persistent_workers": True, "prefetch_factor": 4}):
+        cfg = config_from_dict(tiny_raw(data={"loader": loader}, train={"max_epochs": 2}))
+        data = prepare_data(cfg.data, cfg.seed, store)
+        results.append(train(cfg.model, cfg.optim, cfg.train, cfg.data.loader, cfg.seed, data, store, str(loader)))
+    assert results[0].best_val_loss == results[1].best_val_loss

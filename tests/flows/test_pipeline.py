@@ -82,6 +82,7 @@ def test_mlflow_has_a_parent_run_with_one_child_per_stage(project: Project, firs
     assert parent.info.status == "FINISHED"
     assert parent.data.params["train.batch_size"] == "16" and parent.data.params["data.name"] == "wine"
     assert parent.data.tags["trainflow.config_sha256"] == first["config_sha256"]
+    assert parent.data.tags["trainflow.data_fingerprint"] == first["stages"]["prepare_data"]["fingerprint"]
     assert "mlflow.source.git.commit" in parent.data.tags
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"config.yaml", "summary.json"} <= artifacts
