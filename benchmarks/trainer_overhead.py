@@ -118,7 +118,7 @@ def main() -> None:
             workload = WORKLOADS[flag]
             epochs = args.epochs or workload.epochs
             train_overrides = {"max_epochs": epochs, "early_stopping": {"patience": epochs + 1}}
-            cfg = config_from_dict({**workload.overrides, "train": train_overrides})
+            cfg = config_from_dict({**workload.overrides, "optim": {"lr": 3e-3}, "train": train_overrides})
             data = prepare_data(cfg.data, cfg.seed, store)
             summaries.append(_compare(workload.label, cfg, data, store, tracker, parent_run_id, args.repeats))
         tracker.end_run(parent_run_id)

@@ -15,8 +15,6 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Discriminator,
     Field,
     Tag,
@@ -25,14 +23,10 @@ from pydantic import (
     model_validator,
 )
 
+from core.config_base import Section
 from core.config_errors import format_validation_error, parse_override
 from core.errors import ConfigError
-
-
-class Section(BaseModel):
-    """A config section: unknown keys are errors, values are immutable once validated."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from core.tune_config import TuneConfig, search_space_problems
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -215,7 +209,10 @@ class OptimConfig(Section):
     name: Literal["adamw", "sgd"] = Field(
         "adamw", description="Optimizer; weight decay is decoupled and never applied to norms or biases."
     )
-    lr: float = Field(3e-3, gt=0, le=10, description="Peak learning rate, reached after warmup.")
+    lr: Annotated[float, Field(gt=0, le=10)] | Literal["auto"] = Field(
+        "auto",
+        description="Peak learning rate, reached after warmup; auto = the LR range test's suggestion (tune.lr_range_test).",
+    )
     weight_decay: float = Field(0.01, ge=0, description="Decoupled weight decay on weight matrices only.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW moment decay rates.")
     eps: float = Field(1e-8, gt=0, description="AdamW denominator epsilon.")
@@ -374,6 +371,9 @@ class Config(Section):
     evaluate: EvaluateConfig = Field(
         default_factory=EvaluateConfig, description="Test-set evaluation and speed measurements."
     )
+    tune: TuneConfig = Field(
+        default_factory=TuneConfig, description="Tuning stages before training: LR range test, hyperparameter search."
+    )
     publish: PublishConfig = Field(default_factory=PublishConfig, description="What is published and where.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
     store: StoreConfig = Field(default_factory=StoreConfig, description="Artifact store.")
@@ -441,9 +441,34 @@ def config_from_dict(
     if problems:
         raise ConfigError(problems)
     try:
-        return Config.model_validate(raw)
+        config = Config.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, Config, source, overridden)) from None
+    problems = _tuning_problems(config)
+    if problems:
+        raise ConfigError([f"{source}: {problem}" for problem in problems])
+    return config
+
+
+def _tuning_problems(config: Config) -> list[str]:
+    """Checks across sections: who provides an `auto` LR, and every value the search space may draw."""
+    problems = []
+    lr_test = config.tune.lr_range_test.enabled
+    searched_lr = config.tune.hpo.enabled and "optim.lr" in config.tune.hpo.space
+    if config.optim.lr == "auto" and not lr_test and not searched_lr:
+        problems.append("optim.lr: 'auto' needs tune.lr_range_test.enabled: true (or a number)")
+    if config.tune.hpo.enabled:
+        raw = config.model_dump(mode="json", exclude={"tune"})
+        problems += search_space_problems(raw, config.tune.hpo.space, lr_test, _problems_with)
+    return problems
+
+
+def _problems_with(raw: dict[str, Any], overrides: list[str]) -> list[str]:
+    try:
+        config_from_dict(raw, overrides)
+    except ConfigError as exc:
+        return exc.problems
+    return []
 
 
 def _set_path(raw: dict[str, Any], keys: tuple[str, ...], value: Any) -> None:

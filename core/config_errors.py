@@ -38,14 +38,21 @@ def format_validation_error(
     overridden: set[tuple[str, ...]],
 ) -> list[str]:
     """One line per error: `<file or --set>: <yaml.path>: <what was found and what is allowed>`."""
-    lines = []
+    found: dict[tuple[str, str], list[str]] = {}  # (where, path) -> descriptions, one per union member
     for err in exc.errors():
         path, model, members = _walk(root, err["loc"])
         if err["type"] == "union_tag_invalid":
             path.append(_discriminator_field(members))
         where = "--set" if any(_overlaps(path, keys, err["type"]) for keys in overridden) else source
-        lines.append(f"{where}: {'.'.join(path) or '<top level>'}: {_describe(err, path, model)}")
-    return sorted(set(lines), key=lines.index)
+        found.setdefault((where, ".".join(path) or "<top level>"), []).append(_describe(err, path, model))
+    return [f"{where}: {path}: {_join_alternatives(descriptions)}" for (where, path), descriptions in found.items()]
+
+
+def _join_alternatives(descriptions: list[str]) -> str:
+    """`x | 'auto'` fields fail once per alternative: `-1 must be > 0 (or one of auto)`."""
+    first, *others = list(dict.fromkeys(descriptions))
+    choices = [d.split(" is not one of ", 1)[1] for d in others if " is not one of " in d]
+    return f"{first} (or one of {', '.join(choices)})" if choices else first
 
 
 def _overlaps(path: list[str], keys: tuple[str, ...], kind: str) -> bool:
@@ -69,6 +76,8 @@ def _describe(err: Any, path: list[str], parent: type[BaseModel] | None) -> str:
         return f"{_show(ctx.get('tag'))} is not one of {_choices(ctx.get('expected_tags', ''))}"
     if kind == "missing":
         return "required but missing"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"{_show(value)}: expected a section (a mapping of keys to values)"
     bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
     if kind in bounds:
         limit = next(iter(ctx.values()))
@@ -92,9 +101,13 @@ def _walk(
     model: type[BaseModel] | None = root
     parent: type[BaseModel] | None = root
     members: dict[str, type[BaseModel]] = {}
+    plain_union = False
     for part in loc:
         if part in members:
             model, members = members[part], {}  # a discriminated union's tag: not part of the YAML path
+            continue
+        if plain_union:  # pydantic names the union member that failed ('constrained-float'): not a key
+            plain_union = False
             continue
         path.append(str(part))
         parent = model
@@ -103,6 +116,9 @@ def _walk(
             continue
         annotation = model.model_fields[part].annotation
         members = _union_members(annotation)
+        alternatives = [a for a in typing.get_args(annotation) if a is not type(None)]
+        plain_union = not members and typing.get_origin(annotation) in (typing.Union, types.UnionType)
+        plain_union = plain_union and len(alternatives) > 1  # `int | None` fails without a member name
         model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
     return path, parent, members
 

@@ -56,6 +56,47 @@ class TrainResult(StageResult):
         return [self.checkpoint_uri]
 
 
+def build_trainer(
+    model_cfg: ModelConfig,
+    optim_cfg: OptimConfig,
+    train_cfg: TrainConfig,
+    loader_cfg: LoaderConfig,
+    seed: int,
+    data: PrepareDataResult,
+    store: ArtifactStore,
+    callbacks: Sequence[Callback] = (),
+    lr: float | None = None,
+) -> Trainer:
+    """Seeded model, optimizer (at `lr` if given, else `optim.lr`), LR schedule and loaders in a Trainer.
+
+    Shared by training, the LR range test and HPO trials, so all three train the same way.
+
+    Raises:
+        ConfigError: a setting does not fit this data or machine (before any compute).
+    """
+    device = resolve_device(train_cfg.device)
+    check_metric(train_cfg.early_stopping.monitor, data.spec.task, "train.early_stopping.monitor")
+    seed_everything(seed)
+    seq_len = data.spec.input_shape[0] if data.spec.task == "language_modeling" else None
+    pin = loader_cfg.pin_memory and device.type == "cuda"
+    loaders = build_loaders(load_splits(data, store), seq_len, train_cfg.batch_size, loader_cfg, seed, pin)
+    model = build_model(model_cfg, data.spec).to(device)
+    optimizer = build_optimizer(model, optim_cfg, lr)
+    steps_per_epoch = -(-len(loaders.train) // train_cfg.grad_accum_steps)
+    total_steps = min(train_cfg.max_steps or 2**62, train_cfg.max_epochs * steps_per_epoch)
+    scheduler = build_scheduler(optimizer, optim_cfg, total_steps)
+    return Trainer(model, optimizer, scheduler, loaders, train_cfg, device, data.spec.task, callbacks)
+
+
+def check_metric(metric: str, task: str, field: str) -> None:
+    """A ConfigError naming `field` unless `metric` is one the validation pass produces for `task`."""
+    available = metric_names(task)
+    if metric not in available:
+        raise ConfigError(
+            f"{field}: '{metric}' is not an evaluation metric of {task}; available: {', '.join(available)}"
+        )
+
+
 def train(
     model_cfg: ModelConfig,
     optim_cfg: OptimConfig,
@@ -75,20 +116,6 @@ def train(
         ConfigError: a setting does not fit this data or machine (checked before any training step).
         TrainingError: training diverged, or the checkpoint to resume from cannot be loaded.
     """
-    device = resolve_device(train_cfg.device)
-    metrics = metric_names(data.spec.task)
-    if train_cfg.early_stopping.monitor not in metrics:
-        raise ConfigError(
-            f"train.early_stopping.monitor: '{train_cfg.early_stopping.monitor}' is not an evaluation metric "
-            f"of {data.spec.task}; available: {', '.join(metrics)}"
-        )
-    seed_everything(seed)
-    seq_len = data.spec.input_shape[0] if data.spec.task == "language_modeling" else None
-    pin = loader_cfg.pin_memory and device.type == "cuda"
-    loaders = build_loaders(load_splits(data, store), seq_len, train_cfg.batch_size, loader_cfg, seed, pin)
-    model = build_model(model_cfg, data.spec).to(device)
-    optimizer = build_optimizer(model, optim_cfg)
-
     folder = store.workdir(store_key)
     sections = {"model": model_cfg, "optim": optim_cfg, "train": train_cfg, "loader": loader_cfg}
     config = {name: section.model_dump(mode="json") for name, section in sections.items()} | {"seed": seed}
@@ -98,14 +125,10 @@ def train(
     stack: list[Callback] = [TrackingCallback(logger)] if logger else []
     stack += [EarlyStopping(train_cfg.early_stopping)] if train_cfg.early_stopping.enabled else []
     stack += [checkpoint, ProgressBar(train_cfg.progress_bar), *callbacks]
-    steps_per_epoch = -(-len(loaders.train) // train_cfg.grad_accum_steps)
-    total_steps = min(train_cfg.max_steps or 2**62, train_cfg.max_epochs * steps_per_epoch)
-    scheduler = build_scheduler(optimizer, optim_cfg, total_steps)
-    trainer = Trainer(model, optimizer, scheduler, loaders, train_cfg, device, data.spec.task, stack)
+    trainer = build_trainer(model_cfg, optim_cfg, train_cfg, loader_cfg, seed, data, store, stack)
 
     resumed_from = _resume(trainer, folder, train_cfg.resume, config)
     fit = trainer.fit()
-    n_params = sum(p.numel() for p in model.parameters())
     return TrainResult(
         epochs_run=fit.epochs_run,
         steps=fit.steps,
@@ -118,7 +141,7 @@ def train(
         samples_per_s=fit.samples_per_s,
         effective_batch_size=trainer.describe()["effective_batch_size"],
         nonfinite_steps=fit.nonfinite_steps,
-        n_parameters=n_params,
+        n_parameters=sum(p.numel() for p in trainer.model.parameters()),
         resumed_from_step=resumed_from,
         checkpoint_uri=store.put_file(folder / FINAL, f"{store_key}/{FINAL}"),
         mlflow_run_id=run_id,

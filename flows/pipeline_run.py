@@ -70,6 +70,14 @@ class PipelineRun:
                                   **record.model_dump(mode="json")}  # fmt: skip
         return record
 
+    def tuned(self, tuning: tuple[Config, dict[str, Any]]) -> Config:
+        """Note the values the tuning stages set (summary.json `tuned`, MLflow params `tuned.*`)."""
+        config, changes = tuning
+        self.changes = changes
+        if changes:
+            self.tracker.logger(self.run_id).log_params({f"tuned.{path}": value for path, value in changes.items()})
+        return config
+
     def summary(self) -> dict[str, Any]:
         return {
             "mlflow_run_id": self.run_id,
@@ -78,6 +86,7 @@ class PipelineRun:
             "prefect_flow_run_id": flow_run.id,
             "config_sha256": self.config.sha256(),
             "store_uri": self.ctx.store_uri,
+            "tuned": getattr(self, "changes", {}),
             "stages": self.stages,
         }
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from core.config import OptimConfig
+from core.errors import ConfigError
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float | None = None) -> torch.optim.Optimizer:
@@ -22,6 +23,10 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float | None = None)
     ]
     groups = [g for g in groups if g["params"]]
     lr = cfg.lr if lr is None else lr
+    if lr == "auto":
+        raise ConfigError(
+            "optim.lr: 'auto' must be resolved by the LR range test before training (core.tuning.apply_tuning)"
+        )
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.eps)

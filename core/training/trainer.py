@@ -138,7 +138,7 @@ class Trainer:
                     self.request_stop(StopReason.MAX_EPOCHS, f"reached train.max_epochs={cfg.max_epochs}")
                     break
                 self.loaders.sampler.set_epoch(s.epoch, start=s.batch_in_epoch * cfg.batch_size)
-                for window in _windows(self.loaders.train, cfg.grad_accum_steps):
+                for window in step_windows(self.loaders.train, cfg.grad_accum_steps):
                     self._run_step(window)
                     if s.stop_reason is not None:
                         break
@@ -286,7 +286,7 @@ class Trainer:
         self._window_started = time.perf_counter() if now is None else now
 
 
-def _windows(batches: Iterable[Batch], size: int) -> Iterator[list[Batch]]:
+def step_windows(batches: Iterable[Batch], size: int) -> Iterator[list[Batch]]:
     """Group micro-batches into optimizer-step windows; the epoch's last window may be shorter."""
     window: list[Batch] = []
     for batch in batches:

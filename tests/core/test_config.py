@@ -46,10 +46,10 @@ BAD_CONFIGS = [
         "section given as a scalar",
         "data: digits",
         [],
-        r"config\.yaml: data: 'digits': input should be a valid dictionary or instance of SklearnDataConfig",
+        r"config\.yaml: data: 'digits': expected a section \(a mapping of keys to values\)",
     ),
     ("out of range, >=", "train: {batch_size: 0}", [], r"config\.yaml: train\.batch_size: 0 must be >= 1"),
-    ("out of range, >", "optim: {lr: -0.5}", [], r"config\.yaml: optim\.lr: -0\.5 must be > 0\.0"),
+    ("out of range, >", "optim: {lr: -0.5}", [], r"config\.yaml: optim\.lr: -0\.5 must be > 0\.0 \(or one of auto\)"),
     (
         "out of range in a list",
         "model: {name: mlp, hidden_sizes: [8, 0]}",
@@ -255,7 +255,7 @@ def test_file_and_set_problems_are_told_apart(in_tmp: Path) -> None:
     assert set(caught.value.problems) == {
         "config.yaml: train.precision: 'fp8' is not one of fp32, bf16, fp16",
         "--set: train.batch_size: 0 must be >= 1",
-        "--set: optim.lr: 'big': input should be a valid number, unable to parse string as a number",
+        "--set: optim.lr: 'big': input should be a valid number, unable to parse string as a number (or one of auto)",
     }
 
 

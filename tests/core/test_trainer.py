@@ -152,7 +152,7 @@ def test_unknown_monitor_is_a_config_error_before_training(store) -> None:
 # ------------------------------------------------------------------------ optimizer, schedule
 def test_weight_decay_only_on_weight_matrices() -> None:
     model = _mlp()
-    groups = build_optimizer(model, OptimConfig(weight_decay=0.1)).param_groups
+    groups = build_optimizer(model, OptimConfig(lr=0.01, weight_decay=0.1)).param_groups
     decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
     for name, p in model.named_parameters():
         assert (id(p) in decayed) == (p.ndim >= 2), name

@@ -16,7 +16,7 @@ from flows.pipeline import training_pipeline
 from tests.conftest import tiny_raw
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
-STAGES = ["prepare_data", "train", "evaluate", "publish"]
+STAGES = ["prepare_data", "lr_range_test", "train", "evaluate", "publish"]
 
 
 class Project:
@@ -146,7 +146,7 @@ def test_a_second_identical_run_reuses_every_stage(project: Project, first: dict
 def test_changing_one_section_reruns_that_stage_and_those_after_it(project: Project, first: dict[str, Any]) -> None:
     changed = project.run("train.max_epochs=3", out="changed")
     cached = {name: changed["stages"][name]["cached"] for name in STAGES}
-    assert cached == {"prepare_data": True, "train": False, "evaluate": False, "publish": False}
+    assert cached == {"prepare_data": True, "lr_range_test": True, "train": False, "evaluate": False, "publish": False}
     assert changed["stages"]["train"]["epochs_run"] == 3
 
 

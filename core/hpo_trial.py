@@ -1,0 +1,185 @@
+"""One HPO worker: ask the study for trials, train each for a short budget, tell the outcome.
+
+Every worker (the stage's own process, or a spawned one per unit of `tune.hpo.parallelism`)
+talks to the study through its RDB storage, which is Optuna's distributed mode: workers on other
+machines join by running the same study name against the same storage URL. Each trial is an
+MLflow child run of the hpo_search run, logged by explicit run id and ended with its true state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+
+from core.config import Config, config_from_dict
+from core.prepare_data import PrepareDataResult
+from core.store import open_store
+from core.tracking import Tracker
+from core.train import build_trainer
+from core.training.callbacks import Callback, StopReason, TrackingCallback, is_improvement, monitored_value
+from core.tune_config import CategoricalParam, FloatParam, HPOConfig, ParamSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker process needs, picklable."""
+
+    hpo: HPOConfig
+    space: dict[str, ParamSpec]  # bounds resolved (optim.lr from the LR range test)
+    base: dict[str, Any]  # model, optim, train, data and seed sections as plain data, optim.lr resolved
+    data: PrepareDataResult
+    store_uri: str
+    storage: str
+    study_name: str
+    seed: int
+    worker: int  # 0 in the stage's process
+    torch_threads: int | None
+    tracking: tuple[str, str, str] | None  # (tracking URI, experiment id, hpo_search run id)
+
+
+class OptunaPruning(Callback):
+    """Reports the monitored metric after each evaluation; asks the loop to stop when Optuna prunes."""
+
+    def __init__(self, trial: optuna.Trial, metric: str, direction: str):
+        self.trial, self.metric = trial, metric
+        self.mode = "min" if direction == "minimize" else "max"
+        self.best: float | None = None
+        self.reports = 0
+
+    def on_eval_end(self, trainer: Any, metrics: dict[str, float]) -> None:
+        value = monitored_value(metrics, self.metric, "tune.hpo.metric")
+        if is_improvement(value, self.best, self.mode, 0.0):
+            self.best = value
+        self.reports += 1
+        self.trial.report(value, step=self.reports)
+        if self.trial.should_prune():
+            trainer.request_stop(
+                StopReason.PRUNED, f"pruned after {self.reports} evaluations ({self.metric}={value:.4g})"
+            )
+
+
+def run_worker(spec: WorkerSpec) -> None:
+    """Run trials until the study holds `hpo.n_trials` (or the timeout passes)."""
+    if spec.torch_threads:
+        import torch
+
+        torch.set_num_threads(spec.torch_threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(
+        study_name=spec.study_name,
+        storage=rdb_storage(spec.storage),
+        sampler=make_sampler(spec),
+        pruner=make_pruner(spec.hpo),
+    )
+    tracker = Tracker(spec.tracking[0], spec.tracking[1]) if spec.tracking else None
+    started = time.monotonic()
+    while len(study.get_trials(deepcopy=False)) < spec.hpo.n_trials:
+        if spec.hpo.timeout_s is not None and time.monotonic() - started > spec.hpo.timeout_s:
+            break
+        _run_trial(study, study.ask(), spec, tracker)
+
+
+def _run_trial(study: optuna.Study, trial: optuna.Trial, spec: WorkerSpec, tracker: Tracker | None) -> None:
+    params = {path: _suggest(trial, path, p) for path, p in spec.space.items()}
+    run_id = tracker.start_stage_run(spec.tracking[2], f"trial-{trial.number}") if tracker and spec.tracking else None
+    logger = tracker.logger(run_id) if tracker and run_id else None
+    if logger:
+        logger.log_params(params | {"trial": trial.number})
+    pruning = OptunaPruning(trial, spec.hpo.metric, spec.hpo.direction)
+    try:
+        config = trial_config(spec, params)
+        callbacks = [TrackingCallback(logger)] if logger else []
+        trainer = build_trainer(config.model, config.optim, config.train, config.data.loader, spec.seed, spec.data,
+                                open_store(spec.store_uri), [*callbacks, pruning])  # fmt: skip
+        fit = trainer.fit()
+        if pruning.best is None or not math.isfinite(pruning.best):
+            raise ValueError(f"{spec.hpo.metric} was {pruning.best} (diverged)")
+    except Exception as exc:  # a failing trial (NaN, OOM, bad combination) is recorded; the study goes on
+        trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:2000])
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        _end(tracker, logger, run_id, "FAILED", "FAIL", str(exc))
+        log.warning("trial %d failed: %s", trial.number, exc)
+        return
+    if fit.stop_reason is StopReason.PRUNED:
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        _end(tracker, logger, run_id, "KILLED", "PRUNED", fit.stop_message)
+        return
+    study.tell(trial, pruning.best)
+    _end(tracker, logger, run_id, "FINISHED", "COMPLETE", None)
+
+
+def trial_config(spec: WorkerSpec, params: dict[str, Any]) -> Config:
+    """The base sections with the trial's values, validated, trimmed to the trial's budget."""
+    hpo = spec.hpo
+    budget = {"max_epochs": hpo.max_epochs_per_trial, "max_steps": hpo.max_steps_per_trial, "progress_bar": False,
+              "early_stopping": {"enabled": False}}  # fmt: skip
+    overrides = [f"{path}={json.dumps(value)}" for path, value in params.items()]
+    overrides += [f"train.{key}={json.dumps(value)}" for key, value in budget.items()]
+    return config_from_dict(spec.base, overrides, source="trial")
+
+
+def _suggest(trial: optuna.Trial, path: str, spec: ParamSpec) -> Any:
+    if isinstance(spec, FloatParam):
+        assert spec.low is not None and spec.high is not None, "bounds are resolved before trials start"
+        return trial.suggest_float(path, spec.low, spec.high, log=spec.log, step=spec.step)
+    if isinstance(spec, CategoricalParam):
+        return from_optuna(trial.suggest_categorical(path, optuna_choices(spec)))
+    return trial.suggest_int(path, spec.low, spec.high, step=spec.step, log=spec.log)
+
+
+_ENCODED = "json:"
+
+
+def optuna_choices(spec: CategoricalParam) -> list[Any]:
+    """Optuna takes scalar choices only; lists and mappings travel as tagged JSON strings."""
+    return [
+        c if isinstance(c, bool | int | float | str) or c is None else _ENCODED + json.dumps(c) for c in spec.choices
+    ]
+
+
+def from_optuna(value: Any) -> Any:
+    return json.loads(value.removeprefix(_ENCODED)) if isinstance(value, str) and value.startswith(_ENCODED) else value
+
+
+def _end(tracker: Tracker | None, logger: Any, run_id: str | None, status: str, state: str, note: str | None) -> None:
+    if tracker is None or run_id is None:
+        return
+    logger.flush()
+    tags = {"trainflow.trial_state": state} | ({"trainflow.trial_note": note[:5000]} if note else {})
+    logger.set_tags(tags)
+    tracker.end_run(run_id, status)
+
+
+def make_sampler(spec: WorkerSpec) -> optuna.samplers.BaseSampler:
+    """Each worker gets its own seed stream, so parallel workers do not propose the same points."""
+    seed = spec.seed + 1000 * spec.worker
+    if spec.hpo.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if spec.hpo.sampler == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
+    if spec.hpo.sampler == "grid":
+        grid = {path: optuna_choices(p) for path, p in spec.space.items() if isinstance(p, CategoricalParam)}
+        return optuna.samplers.GridSampler(grid, seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def make_pruner(hpo: HPOConfig) -> optuna.pruners.BasePruner:
+    if hpo.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+    if hpo.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=hpo.max_epochs_per_trial, reduction_factor=3)
+    return optuna.pruners.NopPruner()
+
+
+def rdb_storage(url: str) -> optuna.storages.RDBStorage:
+    """SQLite waits for a lock instead of failing when several workers write at once."""
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)

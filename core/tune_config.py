@@ -1,0 +1,213 @@
+"""Config of the tuning stages: `tune.lr_range_test` and `tune.hpo` (with its search space)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, model_validator
+
+from core.config_base import Section
+
+
+class LRRangeTestConfig(Section):
+    enabled: bool = Field(
+        True,
+        description="Run the LR range test (Smith 2017) before training; its suggestion is the LR when optim.lr is auto, and the centre of the HPO range when optim.lr is searched without bounds.",
+    )
+    min_lr: float = Field(1e-6, gt=0, description="First learning rate of the sweep.")
+    max_lr: float = Field(
+        1.0, gt=0, description="Last learning rate of the sweep (it stops earlier when the loss diverges)."
+    )
+    num_steps: int = Field(
+        100,
+        ge=20,
+        description="Optimizer steps of the sweep; the LR grows exponentially from min_lr to max_lr over them.",
+    )
+    smoothing: float = Field(
+        0.98,
+        ge=0,
+        lt=1,
+        description="Weight of the past in the exponential moving average of the loss (bias-corrected).",
+    )
+    diverge_factor: float = Field(
+        4.0, gt=1, description="Stop once the smoothed loss exceeds this multiple of the best seen."
+    )
+    rule: Literal["valley", "steepest", "min_div_10"] = Field(
+        "valley",
+        description="How the LR is picked from the curve: valley (fastai: inside the longest descent), steepest (largest negative slope against log LR, Lightning's lr_find), min_div_10 (a tenth of the LR at the lowest loss).",
+    )
+    skip_start: int = Field(
+        10,
+        ge=0,
+        description="Points ignored at the start of the curve, where the average is still warming up and early spikes live.",
+    )
+    skip_end: int = Field(
+        5, ge=0, description="Points ignored at the end of the curve, where the loss has started to diverge."
+    )
+
+    @model_validator(mode="after")
+    def _range(self) -> LRRangeTestConfig:
+        if self.min_lr >= self.max_lr:
+            raise ValueError(f"min_lr={self.min_lr:g} must be below max_lr={self.max_lr:g}")
+        if self.skip_start + self.skip_end + 10 > self.num_steps:
+            raise ValueError(f"skip_start + skip_end + 10 must not exceed num_steps={self.num_steps}")
+        return self
+
+
+class FloatParam(Section):
+    type: Literal["float"] = Field(description="A real number in [low, high].")
+    low: float | None = Field(
+        None, description="Lower bound; for optim.lr it may be left out to take suggestion/10 from the LR range test."
+    )
+    high: float | None = Field(
+        None, description="Upper bound; for optim.lr it may be left out to take suggestion*3 from the LR range test."
+    )
+    log: bool = Field(False, description="Sample uniformly in log space (learning rates, weight decay).")
+    step: float | None = Field(None, gt=0, description="Discretisation step (not with log).")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> FloatParam:
+        if self.low is not None and self.high is not None and self.low >= self.high:
+            raise ValueError(f"low={self.low:g} must be below high={self.high:g}")
+        if self.log and self.low is not None and self.low <= 0:
+            raise ValueError(f"log=true needs low > 0, got {self.low:g}")
+        if self.log and self.step is not None:
+            raise ValueError("step and log=true cannot be combined")
+        return self
+
+
+class IntParam(Section):
+    type: Literal["int"] = Field(description="An integer in [low, high].")
+    low: int = Field(description="Lower bound (inclusive).")
+    high: int = Field(description="Upper bound (inclusive).")
+    log: bool = Field(False, description="Sample uniformly in log space.")
+    step: int = Field(1, ge=1, description="Step between values.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> IntParam:
+        if self.low >= self.high:
+            raise ValueError(f"low={self.low} must be below high={self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log=true needs low > 0, got {self.low}")
+        return self
+
+
+class CategoricalParam(Section):
+    type: Literal["categorical"] = Field(description="One of a list of values.")
+    choices: list[Any] = Field(min_length=1, description="The values to choose from (numbers, strings, lists).")
+
+
+ParamSpec = Annotated[FloatParam | IntParam | CategoricalParam, Field(discriminator="type")]
+
+
+class HPOConfig(Section):
+    enabled: bool = Field(
+        False,
+        description="Run a hyperparameter search (Optuna) before training; its best parameters are merged into the training config.",
+    )
+    space: dict[str, ParamSpec] = Field(
+        default_factory=dict,
+        description="Search space: dotted config paths (optim.lr, train.batch_size, model.dropout, ...) to a float, int or categorical range.",
+    )
+    n_trials: int = Field(
+        20,
+        ge=1,
+        description="Trials in the study, pruned and failed ones included; a re-run continues until the study holds this many.",
+    )
+    parallelism: int = Field(
+        1,
+        ge=1,
+        description="Trials run at once on this machine, each in its own worker process with cores/parallelism torch threads.",
+    )
+    sampler: Literal["tpe", "gp", "random", "grid"] = Field(
+        "tpe", description="Optuna sampler: tpe, gp (Gaussian process), random, or grid (categorical parameters only)."
+    )
+    pruner: Literal["median", "hyperband", "none"] = Field(
+        "median", description="Optuna pruner stopping unpromising trials at an epoch's evaluation."
+    )
+    max_epochs_per_trial: int = Field(5, ge=1, description="Epochs of each trial's training run.")
+    max_steps_per_trial: int | None = Field(
+        None, ge=1, description="Optimizer steps of each trial, if fewer than max_epochs_per_trial gives."
+    )
+    metric: str = Field(
+        "val/loss", description="Validation metric optimised: val/loss, val/accuracy or val/perplexity."
+    )
+    direction: Literal["minimize", "maximize"] = Field(
+        "minimize", description="Whether the metric is minimised or maximised."
+    )
+    seed: int | None = Field(None, ge=0, description="Sampler seed; null = the config's seed.")
+    storage: str | None = Field(
+        None,
+        description="Optuna RDB URL (sqlite:///..., postgresql://...); null = sqlite file in the store. Workers elsewhere join a study through the same URL and study_name.",
+    )
+    study_name: str | None = Field(
+        None,
+        min_length=1,
+        description="Study name; null = derived from the config, so re-running the same config continues its study.",
+    )
+    timeout_s: float | None = Field(None, gt=0, description="Stop starting new trials after this many seconds.")
+
+    @model_validator(mode="after")
+    def _space_fits_sampler(self) -> HPOConfig:
+        if self.enabled and not self.space:
+            raise ValueError("enabled=true needs a search space (tune.hpo.space)")
+        if self.sampler == "grid" and any(not isinstance(p, CategoricalParam) for p in self.space.values()):
+            raise ValueError("sampler 'grid' needs every parameter of the space to be categorical")
+        return self
+
+
+class TuneConfig(Section):
+    lr_range_test: LRRangeTestConfig = Field(default_factory=LRRangeTestConfig, description="LR range test stage.")
+    hpo: HPOConfig = Field(default_factory=HPOConfig, description="Hyperparameter search stage.")
+
+
+def search_space_problems(
+    raw: dict[str, Any],
+    space: dict[str, ParamSpec],
+    lr_test_enabled: bool,
+    validate: Callable[[dict[str, Any], list[str]], list[str]],
+) -> list[str]:
+    """Problems of the search space found by validating the config with each range end and choice.
+
+    `validate(raw, overrides)` returns the problems of `raw` with `path=value` overrides applied, so
+    every value a trial may draw is checked by the same schema as a hand-written config.
+    """
+    problems = []
+    for path, spec in space.items():
+        where = f"tune.hpo.space.{path}"
+        if path.split(".")[0] in ("tune", "tracking", "store", "publish", "evaluate"):
+            problems.append(f"{where}: only data, model, optim, train and seed can be searched")
+            continue
+        if isinstance(spec, FloatParam) and (spec.low is None or spec.high is None):
+            if path != "optim.lr":
+                problems.append(f"{where}: low and high are required (only optim.lr takes them from the LR range test)")
+            elif not lr_test_enabled:
+                problems.append(f"{where}: without low/high it needs tune.lr_range_test.enabled: true")
+        for label, value in _probes(spec):
+            found = validate(raw, [f"{path}={_yaml(value)}"])
+            if found:
+                problem = found[0].split(": ", 2)[-1]
+                if "unknown key" in problem:
+                    problems.append(f"{where}: not a config key ({problem})")
+                    break
+                problems.append(f"{where}: {label} {value!r} is not a valid {path} ({problem})")
+    return problems
+
+
+def _probes(spec: ParamSpec) -> list[tuple[str, Any]]:
+    """Values a trial may draw that the schema must accept."""
+    if isinstance(spec, CategoricalParam):
+        return [("choice", choice) for choice in spec.choices]
+    probes: list[tuple[str, Any]] = [(name, v) for name, v in (("low", spec.low), ("high", spec.high)) if v is not None]
+    if isinstance(spec, FloatParam) and spec.low is not None and spec.high is not None and spec.step is None:
+        middle = math.exp((math.log(spec.low) + math.log(spec.high)) / 2) if spec.log else (spec.low + spec.high) / 2
+        probes.append(("an inner value such as", middle + (spec.high - spec.low) * 1e-3))  # not an integer
+    return probes
+
+
+def _yaml(value: Any) -> str:
+    import json
+
+    return json.dumps(value)
