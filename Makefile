@@ -33,8 +33,10 @@ lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-bench: $(VENV)/.installed
+bench: $(VENV)/.installed   # about 8 minutes on 2 idle cores; figures in README.md
 	$(PY) benchmarks/trainer_overhead.py
+	$(PY) benchmarks/lr_range_test.py
+	$(PY) benchmarks/hpo.py
 
 clean:
 	rm -rf $(VENV) artifacts mlflow.db out .pytest_cache

@@ -425,9 +425,13 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def config_from_dict(
-    raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (), source: str = "config"
+    raw: dict[str, Any],
+    overrides: list[str] | tuple[str, ...] = (),
+    source: str = "config",
+    override_source: str = "--set",
 ) -> Config:
-    """Validate an already-parsed config mapping (see `load_config`)."""
+    """Validate an already-parsed config mapping (see `load_config`); `override_source` names who set
+    the overrides in messages (`--set` from the CLI, `tuning` from the tuning stages)."""
     raw = json.loads(json.dumps(raw, default=str))  # deep copy; YAML dates and the like become strings
     overridden: set[tuple[str, ...]] = set()
     problems = []
@@ -437,13 +441,13 @@ def config_from_dict(
             _set_path(raw, keys, value)
             overridden.add(keys)
         except ValueError as exc:
-            problems.append(f"--set {item}: {exc}")
+            problems.append(f"{override_source} {item}: {exc}")
     if problems:
         raise ConfigError(problems)
     try:
         config = Config.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, Config, source, overridden)) from None
+        raise ConfigError(format_validation_error(exc, Config, source, overridden, override_source)) from None
     problems = _tuning_problems(config)
     if problems:
         raise ConfigError([f"{source}: {problem}" for problem in problems])

@@ -36,14 +36,15 @@ def format_validation_error(
     root: type[BaseModel],
     source: str,
     overridden: set[tuple[str, ...]],
+    override_source: str = "--set",
 ) -> list[str]:
     """One line per error: `<file or --set>: <yaml.path>: <what was found and what is allowed>`."""
     found: dict[tuple[str, str], list[str]] = {}  # (where, path) -> descriptions, one per union member
     for err in exc.errors():
         path, model, members = _walk(root, err["loc"])
-        if err["type"] == "union_tag_invalid":
+        if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
             path.append(_discriminator_field(members))
-        where = "--set" if any(_overlaps(path, keys, err["type"]) for keys in overridden) else source
+        where = override_source if any(_overlaps(path, keys, err["type"]) for keys in overridden) else source
         found.setdefault((where, ".".join(path) or "<top level>"), []).append(_describe(err, path, model))
     return [f"{where}: {path}: {_join_alternatives(descriptions)}" for (where, path), descriptions in found.items()]
 
@@ -74,7 +75,7 @@ def _describe(err: Any, path: list[str], parent: type[BaseModel] | None) -> str:
         return f"{_show(value)} is not one of {_choices(ctx.get('expected', ''))}"
     if kind == "union_tag_invalid":
         return f"{_show(ctx.get('tag'))} is not one of {_choices(ctx.get('expected_tags', ''))}"
-    if kind == "missing":
+    if kind in ("missing", "union_tag_not_found"):
         return "required but missing"
     if kind in ("model_type", "model_attributes_type", "dict_type"):
         return f"{_show(value)}: expected a section (a mapping of keys to values)"
@@ -92,7 +93,7 @@ def _describe(err: Any, path: list[str], parent: type[BaseModel] | None) -> str:
 def _walk(
     root: type[BaseModel], loc: tuple[Any, ...]
 ) -> tuple[list[str], type[BaseModel] | None, dict[str, type[BaseModel]]]:
-    """Follow a pydantic error location through the schema, dropping union tags.
+    """Follow a pydantic error location through the schema, dropping union tags and member names.
 
     Returns the YAML path, the model class that owns its last key, and the members of the
     tagged union found at the end of the path (if any).
@@ -102,6 +103,7 @@ def _walk(
     parent: type[BaseModel] | None = root
     members: dict[str, type[BaseModel]] = {}
     plain_union = False
+    mapping_values: Any = None  # the value type of a `dict[str, X]` field, once its key is passed
     for part in loc:
         if part in members:
             model, members = members[part], {}  # a discriminated union's tag: not part of the YAML path
@@ -111,10 +113,15 @@ def _walk(
             continue
         path.append(str(part))
         parent = model
-        if model is None or not isinstance(part, str) or part not in model.model_fields:
+        if mapping_values is not None:  # `part` was a key of a mapping such as tune.hpo.space
+            annotation, mapping_values = mapping_values, None
+        elif model is None or not isinstance(part, str) or part not in model.model_fields:
             model = None
             continue
-        annotation = model.model_fields[part].annotation
+        else:
+            annotation = model.model_fields[part].annotation
+        if typing.get_origin(annotation) is dict:
+            mapping_values = typing.get_args(annotation)[1]
         members = _union_members(annotation)
         alternatives = [a for a in typing.get_args(annotation) if a is not type(None)]
         plain_union = not members and typing.get_origin(annotation) in (typing.Union, types.UnionType)
@@ -133,9 +140,14 @@ def _discriminator_field(members: dict[str, type[BaseModel]]) -> str:
 
 
 def _union_members(annotation: Any) -> dict[str, type[BaseModel]]:
-    """Map tag -> model for a tagged union annotation (`Annotated[A, Tag('a')] | ...`)."""
+    """Map tag -> model for a tagged union: `Annotated[A, Tag('a')] | ...`, or a union with
+    `Field(discriminator='type')` whose members' `type` literals are the tags."""
+    discriminator = None
     while typing.get_origin(annotation) is typing.Annotated:
-        annotation = typing.get_args(annotation)[0]
+        annotation, *meta = typing.get_args(annotation)
+        discriminator = next(
+            (m.discriminator for m in meta if isinstance(getattr(m, "discriminator", None), str)), None
+        )
     if typing.get_origin(annotation) not in (typing.Union, types.UnionType):
         return {}
     members = {}
@@ -146,6 +158,10 @@ def _union_members(annotation: Any) -> dict[str, type[BaseModel]]:
                 tag = getattr(item, "tag", None)
                 if tag is not None:
                     members[tag] = cls
+        elif discriminator and isinstance(member, type) and issubclass(member, BaseModel):
+            field = member.model_fields.get(discriminator)
+            if field is not None and typing.get_origin(field.annotation) is Literal:
+                members |= dict.fromkeys(typing.get_args(field.annotation), member)
     return members
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import optuna
 
 from core.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
-from core.errors import TrainingError
+from core.errors import ConfigError, TrainingError
 from core.hpo_trial import WorkerSpec, from_optuna, rdb_storage, run_worker
 from core.lr_range_test import LRRangeTestResult
 from core.prepare_data import PrepareDataResult
@@ -43,7 +43,7 @@ class HPOSearchResult(StageResult):
     metric: str
     direction: str
     lr_bounds: tuple[float, float] | None  # optim.lr's range when taken from the LR range test
-    importances: dict[str, float]  # fANOVA importance of each parameter (empty below 2 complete trials)
+    importances: dict[str, float]  # importance of each parameter (empty below 2 complete trials)
     plot_uri: str  # optimisation history PNG
 
     def artifact_uris(self) -> list[str]:
@@ -68,20 +68,30 @@ def hpo_search(
     `tracking` is (tracking URI, experiment id, parent run id) for the trials' MLflow child runs.
 
     Raises:
-        ConfigError: the metric or an LR bound cannot be had (before any trial).
-        TrainingError: no trial completed; the message carries the first failure.
+        ConfigError: the metric is not one the data's task has, or given LR bounds clash with the
+            derived ones (before any trial).
+        TrainingError: optim.lr needs the range test's suggestion and there is none; or no trial
+            completed (the message carries the first failure).
     """
     check_metric(hpo.metric, data.spec.task, "tune.hpo.metric")
     space, lr_bounds = resolve_space(hpo.space, lr_test)
     sections = {"data": data_cfg, "model": model_cfg, "optim": optim_cfg, "train": train_cfg}
     base: dict[str, Any] = {name: s.model_dump(mode="json") for name, s in sections.items()} | {"seed": seed}
-    if base["optim"]["lr"] == "auto":
-        base["optim"]["lr"] = _required_lr(lr_test, "optim.lr")
+    if base["optim"]["lr"] == "auto":  # trials need a number: the suggestion, or the searched range's low
+        searched = space.get("optim.lr")
+        no_suggestion = lr_test is None or lr_test.suggested_lr is None
+        if isinstance(searched, FloatParam) and searched.low is not None and no_suggestion:
+            base["optim"]["lr"] = searched.low
+        else:
+            base["optim"]["lr"] = _required_lr(lr_test, "optim.lr")
     storage = hpo.storage or f"sqlite:///{store.workdir('hpo') / 'optuna.db'}"
     name = hpo.study_name or _study_name(hpo, base, data)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our log lines say what happens; Optuna's repeat them
     study = optuna.create_study(
         study_name=name, storage=rdb_storage(storage), direction=hpo.direction, load_if_exists=True
     )
+    if hpo.storage is None:  # the study is this machine's alone: a RUNNING trial is one whose worker died
+        _fail_interrupted(study)
     before = len(study.get_trials(deepcopy=False))
     workers = min(hpo.parallelism, max(1, hpo.n_trials - before))
     threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None
@@ -128,6 +138,11 @@ def resolve_space(
         return dict(space), None
     suggestion = _required_lr(lr_test, "tune.hpo.space.optim.lr")
     low, high = spec.low or suggestion / 10, spec.high or suggestion * 3
+    if low >= high:
+        raise ConfigError(
+            f"tune.hpo.space.optim.lr: low={low:g} is not below high={high:g}, the bound derived from the LR range "
+            f"test's suggestion {suggestion:.3g}; give both bounds or neither"
+        )
     return space | {"optim.lr": FloatParam(type="float", low=low, high=high, log=True)}, (low, high)
 
 
@@ -136,6 +151,12 @@ def _required_lr(lr_test: LRRangeTestResult | None, field: str) -> float:
         reason = lr_test.reason if lr_test else "the LR range test did not run"
         raise TrainingError(f"{field}: needs the LR range test's suggestion, but there is none ({reason}); set a value")
     return lr_test.suggested_lr
+
+
+def _fail_interrupted(study: optuna.Study) -> None:
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        log.warning("hpo_search: trial %d was left running by an interrupted run; marked failed", trial.number)
 
 
 def _run_workers(specs: list[WorkerSpec]) -> None:
@@ -163,6 +184,9 @@ def _study_name(hpo: HPOConfig, base: dict[str, Any], data: PrepareDataResult) -
 
 
 def _importances(study: optuna.Study) -> dict[str, float]:
+    """Optuna's default evaluator (PED-ANOVA in Optuna 5); needs at least two complete trials."""
+    if len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))) < 2:
+        return {}
     try:
         return {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}
     except (RuntimeError, ValueError):  # fewer than two complete trials, or a constant objective

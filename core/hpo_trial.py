@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,27 +66,37 @@ class OptunaPruning(Callback):
 
 
 def run_worker(spec: WorkerSpec) -> None:
-    """Run trials until the study holds `hpo.n_trials` (or the timeout passes)."""
+    """Run trials until the study holds `hpo.n_trials` (or the timeout passes).
+
+    With parallelism, workers that start a trial at the same moment can take the study up to
+    parallelism - 1 trials past n_trials.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
     if spec.torch_threads:
-        import torch
-
         torch.set_num_threads(spec.torch_threads)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(
-        study_name=spec.study_name,
-        storage=rdb_storage(spec.storage),
-        sampler=make_sampler(spec),
-        pruner=make_pruner(spec.hpo),
-    )
-    tracker = Tracker(spec.tracking[0], spec.tracking[1]) if spec.tracking else None
-    started = time.monotonic()
-    while len(study.get_trials(deepcopy=False)) < spec.hpo.n_trials:
-        if spec.hpo.timeout_s is not None and time.monotonic() - started > spec.hpo.timeout_s:
-            break
-        _run_trial(study, study.ask(), spec, tracker)
+    try:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        storage = rdb_storage(spec.storage)
+        existing = len(optuna.load_study(study_name=spec.study_name, storage=storage).get_trials(deepcopy=False))
+        if existing >= spec.hpo.n_trials:
+            return
+        sampler, pruner = make_sampler(spec, existing), make_pruner(spec.hpo)
+        study = optuna.load_study(study_name=spec.study_name, storage=storage, sampler=sampler, pruner=pruner)
+        tracker = Tracker(spec.tracking[0], spec.tracking[1]) if spec.tracking else None
+        study.optimize(
+            lambda trial: _objective(trial, spec, tracker),
+            timeout=spec.hpo.timeout_s,
+            catch=(Exception,),  # a failing trial (NaN, OOM, a bad combination) is recorded; the study goes on
+            callbacks=[optuna.study.MaxTrialsCallback(spec.hpo.n_trials, states=None)],
+        )
+    finally:
+        torch.set_num_threads(threads)  # worker 0 runs in the stage's process: leave it as it was
 
 
-def _run_trial(study: optuna.Study, trial: optuna.Trial, spec: WorkerSpec, tracker: Tracker | None) -> None:
+def _objective(trial: optuna.Trial, spec: WorkerSpec, tracker: Tracker | None) -> float:
+    """Train one trial; its MLflow run ends with the trial's true state (FINISHED, KILLED, FAILED)."""
     params = {path: _suggest(trial, path, p) for path, p in spec.space.items()}
     run_id = tracker.start_stage_run(spec.tracking[2], f"trial-{trial.number}") if tracker and spec.tracking else None
     logger = tracker.logger(run_id) if tracker and run_id else None
@@ -102,18 +111,15 @@ def _run_trial(study: optuna.Study, trial: optuna.Trial, spec: WorkerSpec, track
         fit = trainer.fit()
         if pruning.best is None or not math.isfinite(pruning.best):
             raise ValueError(f"{spec.hpo.metric} was {pruning.best} (diverged)")
-    except Exception as exc:  # a failing trial (NaN, OOM, bad combination) is recorded; the study goes on
+    except Exception as exc:
         trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:2000])
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
         _end(tracker, logger, run_id, "FAILED", "FAIL", str(exc))
-        log.warning("trial %d failed: %s", trial.number, exc)
-        return
+        raise
     if fit.stop_reason is StopReason.PRUNED:
-        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         _end(tracker, logger, run_id, "KILLED", "PRUNED", fit.stop_message)
-        return
-    study.tell(trial, pruning.best)
+        raise optuna.TrialPruned(fit.stop_message)
     _end(tracker, logger, run_id, "FINISHED", "COMPLETE", None)
+    return pruning.best
 
 
 def trial_config(spec: WorkerSpec, params: dict[str, Any]) -> Config:
@@ -158,9 +164,10 @@ def _end(tracker: Tracker | None, logger: Any, run_id: str | None, status: str, 
     tracker.end_run(run_id, status)
 
 
-def make_sampler(spec: WorkerSpec) -> optuna.samplers.BaseSampler:
-    """Each worker gets its own seed stream, so parallel workers do not propose the same points."""
-    seed = spec.seed + 1000 * spec.worker
+def make_sampler(spec: WorkerSpec, existing_trials: int = 0) -> optuna.samplers.BaseSampler:
+    """A seed stream per worker and per continuation, so neither parallel workers nor a continued
+    study draw the points already drawn."""
+    seed = spec.seed + 1000 * spec.worker + 100_003 * existing_trials
     if spec.hpo.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if spec.hpo.sampler == "gp":
@@ -168,12 +175,21 @@ def make_sampler(spec: WorkerSpec) -> optuna.samplers.BaseSampler:
     if spec.hpo.sampler == "grid":
         grid = {path: optuna_choices(p) for path, p in spec.space.items() if isinstance(p, CategoricalParam)}
         return optuna.samplers.GridSampler(grid, seed=seed)
-    return optuna.samplers.TPESampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=tpe_startup_trials(spec.hpo.n_trials))
+
+
+def tpe_startup_trials(n_trials: int) -> int:
+    """Random trials before TPE models the space: Optuna's default 10 would leave a 12-trial budget nearly
+    unguided, so a third of the budget, between 3 and 10."""
+    return max(3, min(10, n_trials // 3))
 
 
 def make_pruner(hpo: HPOConfig) -> optuna.pruners.BasePruner:
     if hpo.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+        # Steps are evaluation counts (1, 2, ...): warm-up n means pruning starts at evaluation n + 1.
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=hpo.pruner_startup_trials, n_warmup_steps=hpo.pruner_warmup_evals
+        )
     if hpo.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=hpo.max_epochs_per_trial, reduction_factor=3)
     return optuna.pruners.NopPruner()

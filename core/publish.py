@@ -20,6 +20,7 @@ from core.models import build_model
 from core.prepare_data import PrepareDataResult, load_splits
 from core.records import StageResult
 from core.store import ArtifactStore, sha256_file
+from core.tracking import fluent_tracking_uri
 from core.train import TrainResult
 from core.training.checkpoint import load_checkpoint
 from core.version import code_version, git_commit
@@ -130,8 +131,7 @@ def log_mlflow_model(
         example = example[:2]
     with torch.no_grad():
         output = model(torch.from_numpy(example)).numpy()
-    mlflow.set_tracking_uri(tracking_uri)
-    with mlflow.start_run(run_id=run_id):
+    with fluent_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id):
         info = mlflow.pytorch.log_model(
             model,
             name=config.publish.name,

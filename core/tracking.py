@@ -12,7 +12,8 @@ import queue
 import threading
 import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -28,6 +29,28 @@ PIPELINE_TAG, STAGE_TAG, CONFIG_TAG = "trainflow.pipeline", "trainflow.stage", "
 def tracking_uri(configured: str) -> str:
     """`MLFLOW_TRACKING_URI` from the environment wins over the config, as MLflow users expect."""
     return os.environ.get("MLFLOW_TRACKING_URI") or configured
+
+
+@contextmanager
+def fluent_tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API (`log_model`, `load_model`) at `uri` for a block, then put things back.
+
+    `mlflow.set_tracking_uri` also writes MLFLOW_TRACKING_URI into os.environ, which would make one
+    run's config look like the user's environment setting to every later run in this process.
+    """
+    import mlflow
+
+    saved_env = os.environ.get("MLFLOW_TRACKING_URI")
+    saved = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved)
+        if saved_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
 
 
 def check_reachable(uri: str) -> None:

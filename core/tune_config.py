@@ -18,7 +18,7 @@ class LRRangeTestConfig(Section):
     )
     min_lr: float = Field(1e-6, gt=0, description="First learning rate of the sweep.")
     max_lr: float = Field(
-        1.0, gt=0, description="Last learning rate of the sweep (it stops earlier when the loss diverges)."
+        1.0, gt=0, le=10, description="Last learning rate of the sweep (it stops earlier when the loss diverges)."
     )
     num_steps: int = Field(
         100,
@@ -35,8 +35,8 @@ class LRRangeTestConfig(Section):
         4.0, gt=1, description="Stop once the smoothed loss exceeds this multiple of the best seen."
     )
     rule: Literal["valley", "steepest", "min_div_10"] = Field(
-        "valley",
-        description="How the LR is picked from the curve: valley (fastai: inside the longest descent), steepest (largest negative slope against log LR, Lightning's lr_find), min_div_10 (a tenth of the LR at the lowest loss).",
+        "steepest",
+        description="How the LR is picked from the curve: steepest (largest negative slope against log LR, as Lightning's lr_find; the default: nearest the grid optimum in benchmarks/lr_range_test.py), min_div_10 (a tenth of the LR at the lowest loss), valley (as fastai: the middle of the longest descent; depends on min_lr).",
     )
     skip_start: int = Field(
         10,
@@ -114,7 +114,7 @@ class HPOConfig(Section):
     n_trials: int = Field(
         20,
         ge=1,
-        description="Trials in the study, pruned and failed ones included; a re-run continues until the study holds this many.",
+        description="Trials in the study, pruned and failed ones included; a re-run continues until the study holds this many (parallel workers starting at the same moment can add up to parallelism - 1 more).",
     )
     parallelism: int = Field(
         1,
@@ -124,8 +124,19 @@ class HPOConfig(Section):
     sampler: Literal["tpe", "gp", "random", "grid"] = Field(
         "tpe", description="Optuna sampler: tpe, gp (Gaussian process), random, or grid (categorical parameters only)."
     )
-    pruner: Literal["median", "hyperband", "none"] = Field(
-        "median", description="Optuna pruner stopping unpromising trials at an epoch's evaluation."
+    pruner: Literal["hyperband", "median", "none"] = Field(
+        "hyperband",
+        description="Optuna pruner stopping unpromising trials at an epoch's evaluation: hyperband (successive halving over brackets of budgets; the default, as good as no pruning in half the time in benchmarks/hpo.py), median (prunes below the median of earlier trials at the same evaluation), none.",
+    )
+    pruner_startup_trials: int = Field(
+        5,
+        ge=0,
+        description="median: trials that run their full budget before any is pruned (the reference the median is taken over).",
+    )
+    pruner_warmup_evals: int = Field(
+        2,
+        ge=0,
+        description="median: evaluations a trial always gets before it can be pruned; early in a trial's schedule a high LR looks worst and often ends best.",
     )
     max_epochs_per_trial: int = Field(5, ge=1, description="Epochs of each trial's training run.")
     max_steps_per_trial: int | None = Field(

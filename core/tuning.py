@@ -22,7 +22,8 @@ def apply_tuning(
         TrainingError: optim.lr is auto but the range test gave no suggestion (its reason is quoted).
     """
     changes: dict[str, Any] = {}
-    if config.optim.lr == "auto":
+    searched_lr = search is not None and "optim.lr" in search.best_params
+    if config.optim.lr == "auto" and not searched_lr:
         if lr_test is None or lr_test.suggested_lr is None:
             reason = lr_test.reason if lr_test else "the LR range test did not run"
             raise TrainingError(f"optim.lr: 'auto' but the LR range test has no suggestion ({reason}); set optim.lr")
@@ -32,7 +33,8 @@ def apply_tuning(
     if not changes:
         return config, changes
     raw = config.model_dump(mode="json")
-    tuned = config_from_dict(raw, [f"{path}={json.dumps(value)}" for path, value in changes.items()], source="tuning")
+    overrides = [f"{path}={json.dumps(value)}" for path, value in changes.items()]
+    tuned = config_from_dict(raw, overrides, source="tuning", override_source="tuning")
     return tuned, changes
 
 

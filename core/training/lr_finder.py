@@ -40,6 +40,7 @@ def lr_sweep(
         "optimizer": copy.deepcopy(trainer.optimizer.state_dict()),
         "scheduler": trainer.scheduler,
         "scaler": copy.deepcopy(trainer.scaler.state_dict()),
+        "data_position": (trainer.loaders.sampler.epoch, trainer.loaders.sampler.start),
     }
     growth = (max_lr / min_lr) ** (1 / (num_steps - 1))
     lrs: list[float] = []
@@ -69,6 +70,7 @@ def lr_sweep(
         trainer.optimizer.load_state_dict(saved["optimizer"])
         trainer.scheduler = saved["scheduler"]
         trainer.scaler.load_state_dict(saved["scaler"])
+        trainer.loaders.sampler.set_epoch(*saved["data_position"])
         trainer.optimizer.zero_grad(set_to_none=True)
     return LRCurve(lrs, losses, diverged)
 
@@ -80,7 +82,7 @@ def suggest_lr(curve: LRCurve, rule: str, skip_start: int, skip_end: int) -> tup
     ignored, so the warm-up of the moving average or an early spike does not decide.
     """
     lrs, losses = np.asarray(curve.lrs), np.asarray(curve.losses)
-    end = len(losses) - (skip_end if curve.diverged else 0)
+    end = max(0, len(losses) - (skip_end if curve.diverged else 0))
     lrs, losses = lrs[skip_start:end], losses[skip_start:end]
     if len(losses) < 5:
         return None, (
@@ -97,7 +99,8 @@ def suggest_lr(curve: LRCurve, rule: str, skip_start: int, skip_end: int) -> tup
         i = int(np.argmin(losses))
         return float(lrs[i] / 10), f"a tenth of the LR of the lowest loss ({lrs[i]:.3g})"
     start, end = _longest_descent(losses)
-    i = start + (end - start) * 2 // 3  # fastai's valley: two thirds down the longest descent
+    sections = (end - start) / 3
+    i = start + int(sections) + int(sections / 2)  # fastai's `valley`: the middle of the longest descent
     return float(lrs[i]), f"inside the longest descent of the loss (LR {lrs[start]:.2g} to {lrs[end]:.2g})"
 
 

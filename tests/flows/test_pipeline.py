@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from mlflow import MlflowClient
 
 from core.publish import verify_manifest
 from core.store import LocalStore
+from core.tracking import fluent_tracking_uri
 from flows.pipeline import training_pipeline
 from tests.conftest import tiny_raw
 
@@ -117,8 +119,9 @@ def test_the_published_model_and_manifest(project: Project, first: dict[str, Any
     assert manifest["mlflow_train_run_id"] == first["stages"]["train"]["mlflow_run_id"]
     import mlflow.pytorch
 
-    mlflow.set_tracking_uri(project.tracking_uri)
-    model = mlflow.pytorch.load_model(publish["mlflow_model_uri"])
+    with fluent_tracking_uri(project.tracking_uri):
+        model = mlflow.pytorch.load_model(publish["mlflow_model_uri"])
+    assert "MLFLOW_TRACKING_URI" not in os.environ, "a run's config must not become the environment's setting"
     assert type(model).__name__ == "MLP"
     model_file = store.local_path(publish["objects"][0]["uri"])
     original = model_file.read_bytes()
@@ -169,3 +172,35 @@ def test_mlflow_tracking_uri_from_the_environment_wins(
     assert summary["mlflow_tracking_uri"] == other
     client = MlflowClient(other)
     assert client.get_run(summary["mlflow_run_id"]).info.status == "FINISHED"
+
+
+def test_tuning_stages_feed_training_and_nest_trials_in_mlflow(tmp_path: Path) -> None:
+    space = {"optim.lr": {"type": "float", "log": True}, "model.dropout": {"type": "float", "low": 0.0, "high": 0.3}}
+    tuned_project = Project(
+        tmp_path,
+        optim={"lr": "auto"},
+        tune={"lr_range_test": {"num_steps": 40},
+              "hpo": {"enabled": True, "n_trials": 3, "max_epochs_per_trial": 2, "space": space}},
+    )  # fmt: skip
+    summary = tuned_project.run()
+    stages = summary["stages"]
+    assert list(stages) == ["prepare_data", "lr_range_test", "hpo_search", "train", "evaluate", "publish"]
+    suggested = stages["lr_range_test"]["suggested_lr"]
+    assert stages["hpo_search"]["lr_bounds"] == pytest.approx([suggested / 10, suggested * 3])
+    assert stages["hpo_search"]["n_trials"] == 3
+    assert summary["tuned"] == stages["hpo_search"]["best_params"], "the search's optim.lr replaces the suggestion"
+    config_uri = stages["publish"]["objects"][1]["uri"]
+    published = yaml.safe_load(LocalStore(tmp_path / "artifacts").local_path(config_uri).read_text())
+    assert published["optim"]["lr"] == pytest.approx(summary["tuned"]["optim.lr"])
+    assert published["model"]["dropout"] == pytest.approx(summary["tuned"]["model.dropout"])
+
+    client = MlflowClient(tuned_project.tracking_uri)
+    children = tuned_project.children(summary["mlflow_run_id"])
+    assert set(children) == set(stages)
+    trials = tuned_project.children(children["hpo_search"].info.run_id)
+    assert sorted(trials) == ["trial-0", "trial-1", "trial-2"]
+    assert all(run.data.tags["trainflow.trial_state"] in ("COMPLETE", "PRUNED") for run in trials.values())
+    plots = {a.path for a in client.list_artifacts(children["lr_range_test"].info.run_id, "plots")}
+    assert plots == {"plots/lr_range_test.png"}
+    parent = client.get_run(summary["mlflow_run_id"])
+    assert float(parent.data.params["tuned.optim.lr"]) == pytest.approx(summary["tuned"]["optim.lr"])
