@@ -430,3 +430,12 @@ def test_the_grid_sampler_searches_every_categorical_choice(store: LocalStore, t
 )
 def test_the_storage_is_shown_without_its_password(url: str, shown: str) -> None:
     assert hpo_search_module._without_password(url) == shown
+
+
+@pytest.mark.parametrize(("sampler", "pruner"), [("tpe", "hyperband"), ("gp", "median"), ("random", "none")])
+def test_every_sampler_and_pruner_runs_a_study(sampler: str, pruner: str, store: LocalStore) -> None:
+    space = {"model.dropout": _FLOAT, "train.batch_size": {"type": "categorical", "choices": [16, 32]}}
+    result = _search(_config({"space": space, "sampler": sampler, "pruner": pruner, "n_trials": 4}), store, None)
+    assert result.n_trials == 4 and result.n_complete >= 1 and result.n_failed == 0
+    assert set(result.best_params) == {"model.dropout", "train.batch_size"}
+    assert 0.0 <= result.best_params["model.dropout"] <= 0.5 and result.best_params["train.batch_size"] in (16, 32)
