@@ -38,6 +38,7 @@ from typing import Any
 import optuna
 import torch
 import yaml
+from machine import cpu_model, load_average  # benchmarks/machine.py (scripts run from here)
 
 from core.config import Config, config_from_dict
 from core.errors import TrainflowError
@@ -102,7 +103,7 @@ def main() -> None:
     import matplotlib.pyplot  # noqa: F401  up front (hpo_search plots), so its import time falls in no run
 
     print(
-        f"machine: {_cpu_model()}, {os.cpu_count()} cores, load average {start_load:.2f} at the start; python "
+        f"machine: {cpu_model()}, {os.cpu_count()} cores, load average {start_load:.2f} at the start; python "
         f"{platform.python_version()}, torch {torch.__version__} ({default_threads} threads by default), "
         f"optuna {optuna.__version__}"
     )
@@ -126,7 +127,7 @@ def main() -> None:
                 run = _run(strategy, configs[strategy.name, seed], data, store)
                 runs.append(run)
                 _print_run(run)
-    print(f"\nload average at the end: {_load()}")
+    print(f"\nload average at the end: {load_average()}")
     if start_load > BUSY_LOAD:
         print(
             f"disturbed: load average {start_load:.2f} at the start (> {BUSY_LOAD}): other processes share the cores, "
@@ -284,21 +285,6 @@ def _summary(runs: list[Run], quick: bool) -> str:
         f"tpe {t_loss:.4f} in {t_wall:.0f} s, random {r_loss:.4f} in {r_wall:.0f} s; time ratio {time_ratio:.2f} "
         f"(goal <= {TIME_GOAL:.2f}), loss {loss_change:+.1%} (goal <= +{LOSS_TOLERANCE:.0%}): {verdict}"
     )
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def _load() -> str:
-    """The 1-minute load average: on a shared machine, how much else was running."""
-    return f"{os.getloadavg()[0]:.2f}"
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from typing import Any
 from unittest import mock
 
 import torch
+from machine import cpu_model, load_average  # benchmarks/machine.py (scripts run from here)
 
 import core.lr_range_test
 from core.config import Config, config_from_dict
@@ -118,7 +119,7 @@ def main() -> None:
     import matplotlib.pyplot  # what the stage's plot imports
 
     print(
-        f"machine: {_cpu_model()}, {os.cpu_count()} cores, load average {_load()}; python "
+        f"machine: {cpu_model()}, {os.cpu_count()} cores, load average {load_average()}; python "
         f"{platform.python_version()}, torch {torch.__version__}, {torch.get_num_threads()} torch threads"
     )
     if args.quick:
@@ -142,7 +143,7 @@ def main() -> None:
             summaries.append(outcome.summary)
             ratios[workload.label] = outcome.ratios
             full_estimate_s += outcome.full_estimate_s
-    print(f"\nload average at the end: {_load()}; {time.perf_counter() - started:.0f} s in all")
+    print(f"\nload average at the end: {load_average()}; {time.perf_counter() - started:.0f} s in all")
     if args.quick:
         print(f"full mode (default epochs) estimated from this run's timings: {full_estimate_s / 60:.1f} min "
               "at this machine's load")  # fmt: skip
@@ -311,21 +312,6 @@ def _lr(lr: float | None) -> str:
 
 def _ok(met: bool) -> str:
     return "met" if met else "NOT met"
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def _load() -> str:
-    """The 1-minute load average: on a shared machine, how much else was running."""
-    return f"{os.getloadavg()[0]:.2f}"
 
 
 if __name__ == "__main__":

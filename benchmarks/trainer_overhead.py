@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from machine import cpu_model, load_average  # benchmarks/machine.py (scripts run from here)
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -94,7 +95,7 @@ def main() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
     print(
-        f"machine: {_cpu_model()}, {os.cpu_count()} cores, load average {_load()}; python "
+        f"machine: {cpu_model()}, {os.cpu_count()} cores, load average {load_average()}; python "
         f"{platform.python_version()}, torch {torch.__version__}, torch.set_num_threads({torch.get_num_threads()}) "
         f"(torch's default here: {default_threads}), mlflow {mlflow.__version__}"
     )
@@ -122,7 +123,7 @@ def main() -> None:
             data = prepare_data(cfg.data, cfg.seed, store)
             summaries.append(_compare(workload.label, cfg, data, store, tracker, parent_run_id, args.repeats))
         tracker.end_run(parent_run_id)
-    print(f"\nload average at the end: {_load()}")
+    print(f"\nload average at the end: {load_average()}")
     for line in summaries:
         print(line)
 
@@ -243,21 +244,6 @@ def _val_loss(model: nn.Module, loader: DataLoader[Batch], device: torch.device)
         n += y.numel()
     model.train()
     return loss_sum / n
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def _load() -> str:
-    """The 1-minute load average: on a shared machine, how much else was running."""
-    return f"{os.getloadavg()[0]:.2f}"
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """The pipeline's config: one YAML file validated into typed, documented sections.
 
 Every field carries its meaning in `description`; `trainflow validate CONFIG` checks a file
-without touching anything else. Sections: data, model, optim, train, evaluate, tracking,
-store, publish (later stages add theirs).
+without touching anything else. Sections: data (core/data_config.py), model (core/model_config.py),
+optim, train, evaluate, publish, tracking, store (here) and tune (core/tune_config.py).
 """
 
 from __future__ import annotations
@@ -15,9 +15,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
-    Discriminator,
     Field,
-    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -25,183 +23,17 @@ from pydantic import (
 
 from core.config_base import Section
 from core.config_errors import format_validation_error, parse_override
+from core.data_config import (
+    DataConfig,
+    LoaderConfig,
+    SklearnDataConfig,
+    SyntheticDataConfig,
+    TableDataConfig,
+    TextDataConfig,
+)
 from core.errors import ConfigError
+from core.model_config import CNNConfig, FactoryModelConfig, GPTConfig, MLPConfig, ModelConfig
 from core.tune_config import TuneConfig, search_space_problems
-
-
-# ---------------------------------------------------------------------------------------- data
-class LoaderConfig(Section):
-    num_workers: int = Field(
-        0,
-        ge=0,
-        description="DataLoader worker processes; 0 loads batches in the main process, fastest for in-memory data.",
-    )
-    pin_memory: bool = Field(
-        False, description="Page-lock host batches so host-to-GPU copies can overlap compute; no effect on CPU."
-    )
-    persistent_workers: bool = Field(False, description="Keep workers alive between epochs (needs num_workers > 0).")
-    prefetch_factor: int | None = Field(
-        None, ge=1, description="Batches each worker loads ahead (needs num_workers > 0); null = torch's default of 2."
-    )
-
-    @model_validator(mode="after")
-    def _workers_needed(self) -> LoaderConfig:
-        if self.num_workers == 0 and self.persistent_workers:
-            raise ValueError("persistent_workers=true needs num_workers > 0")
-        if self.num_workers == 0 and self.prefetch_factor is not None:
-            raise ValueError("prefetch_factor needs num_workers > 0")
-        return self
-
-
-class _DataCommon(Section):
-    val_fraction: float = Field(
-        0.15, gt=0, lt=1, description="Share of the data held out for validation (early stopping, model selection)."
-    )
-    test_fraction: float = Field(
-        0.15, gt=0, lt=1, description="Share of the data held out for the final evaluation only."
-    )
-    loader: LoaderConfig = Field(default_factory=LoaderConfig, description="torch DataLoader settings.")
-
-    @model_validator(mode="after")
-    def _fractions_leave_training_data(self) -> _DataCommon:
-        if self.val_fraction + self.test_fraction >= 0.9:
-            raise ValueError(f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction:g} must be < 0.9")
-        return self
-
-
-class SklearnDataConfig(_DataCommon):
-    source: Literal["sklearn"] = Field("sklearn", description="A dataset bundled with scikit-learn (no download).")
-    name: Literal["digits", "wine", "breast_cancer", "iris"] = Field(
-        "digits", description="Which bundled dataset; digits is 8x8 images, the others tabular."
-    )
-    scale: Literal["standard", "none"] = Field(
-        "standard", description="Standardise features with statistics fitted on the training split only."
-    )
-
-
-class TableDataConfig(_DataCommon):
-    source: Literal["csv", "parquet"] = Field(description="A local table file with one row per sample.")
-    path: str = Field(description="Path of the .csv or .parquet file.")
-    target: str = Field(description="Column holding the class label; every other column is a feature.")
-    scale: Literal["standard", "none"] = Field(
-        "standard",
-        description="Standardise numeric columns with statistics fitted on the training split only; categorical columns are one-hot encoded, NaNs imputed.",
-    )
-
-
-class TextDataConfig(_DataCommon):
-    source: Literal["text"] = Field(
-        description="A UTF-8 text file, modelled as a sequence of bytes (vocabulary of 256)."
-    )
-    path: str | None = Field(
-        None, description="Path of the text file; null = the Python standard library's pydoc_data.topics text (466 KB)."
-    )
-    seq_len: int = Field(64, ge=2, description="Context length in bytes of each training window.")
-
-
-class SyntheticDataConfig(_DataCommon):
-    source: Literal["synthetic"] = Field(
-        description="A generated classification problem (scikit-learn make_classification), sized for scale tests."
-    )
-    n_samples: int = Field(2000, ge=20, description="Number of samples to generate.")
-    n_features: int = Field(20, ge=2, description="Number of features; a quarter of them (at least 2) carry signal.")
-    n_classes: int = Field(2, ge=2, description="Number of classes.")
-    class_sep: float = Field(1.0, gt=0, description="Distance between class clusters; smaller is harder.")
-    scale: Literal["standard", "none"] = Field(
-        "standard", description="Standardise features with statistics fitted on the training split only."
-    )
-
-
-def _data_source(value: Any) -> str:
-    if isinstance(value, dict):
-        return str(value.get("source", "sklearn"))
-    return getattr(value, "source", "sklearn")
-
-
-DataConfig = Annotated[
-    Annotated[SklearnDataConfig, Tag("sklearn")]
-    | Annotated[TableDataConfig, Tag("csv")]
-    | Annotated[TableDataConfig, Tag("parquet")]
-    | Annotated[TextDataConfig, Tag("text")]
-    | Annotated[SyntheticDataConfig, Tag("synthetic")],
-    Discriminator(_data_source),
-]
-
-
-# --------------------------------------------------------------------------------------- model
-class MLPConfig(Section):
-    name: Literal["mlp"] = Field("mlp", description="Multi-layer perceptron for tabular features.")
-    hidden_sizes: list[Annotated[int, Field(ge=1)]] = Field(
-        [128, 128], min_length=1, description="Width of each hidden layer."
-    )
-    activation: Literal["relu", "gelu", "silu"] = Field("gelu", description="Non-linearity between layers.")
-    norm: Literal["none", "layernorm", "batchnorm"] = Field(
-        "layernorm", description="Normalisation after each hidden linear layer."
-    )
-    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout probability after each hidden layer.")
-
-
-class CNNConfig(Section):
-    name: Literal["cnn"] = Field("cnn", description="Small ResNet-style convolutional network for images.")
-    channels: list[Annotated[int, Field(ge=1)]] = Field(
-        [32, 64],
-        min_length=1,
-        description="Channels of each residual stage; every stage after the first halves the spatial size.",
-    )
-    blocks_per_stage: int = Field(1, ge=1, description="Residual blocks (two 3x3 convolutions each) per stage.")
-    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout before the classifier head.")
-
-
-class GPTConfig(Section):
-    name: Literal["gpt"] = Field("gpt", description="Decoder-only transformer for language modelling.")
-    n_layer: int = Field(4, ge=1, description="Transformer blocks.")
-    n_head: int = Field(4, ge=1, description="Attention heads per block; must divide n_embd.")
-    n_embd: int = Field(128, ge=8, description="Embedding (residual stream) width.")
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on embeddings, attention and MLP outputs.")
-    norm: Literal["layernorm", "rmsnorm"] = Field("layernorm", description="Pre-norm type in each block.")
-    mlp: Literal["gelu", "swiglu"] = Field(
-        "gelu", description="Feed-forward type: GELU (4x width) or SwiGLU (8/3x width, as LLaMA)."
-    )
-    bias: bool = Field(False, description="Bias terms in linear layers and norms.")
-    activation_checkpointing: bool = Field(
-        False, description="Recompute each block's activations in backward: less memory, about a third more compute."
-    )
-
-    @model_validator(mode="after")
-    def _heads_divide_width(self) -> GPTConfig:
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        return self
-
-
-class FactoryModelConfig(Section):
-    name: Literal["factory"] = Field("factory", description="A model built by your own function.")
-    factory: str = Field(
-        description="'package.module:function' called as function(spec, **params) where spec describes the data (input_shape, n_classes, vocab_size, seq_len)."
-    )
-    params: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments passed to the factory.")
-
-    @field_validator("factory")
-    @classmethod
-    def _dotted_path(cls, value: str) -> str:
-        if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", value):
-            raise ValueError(f"'{value}' is not of the form 'package.module:function'")
-        return value
-
-
-def _model_name(value: Any) -> str:
-    if isinstance(value, dict):
-        return str(value.get("name", "factory" if "factory" in value else "cnn"))
-    return getattr(value, "name", "cnn")
-
-
-ModelConfig = Annotated[
-    Annotated[MLPConfig, Tag("mlp")]
-    | Annotated[CNNConfig, Tag("cnn")]
-    | Annotated[GPTConfig, Tag("gpt")]
-    | Annotated[FactoryModelConfig, Tag("factory")],
-    Discriminator(_model_name),
-]
 
 
 # --------------------------------------------------------------------------------------- optim
@@ -483,3 +315,11 @@ def _set_path(raw: dict[str, Any], keys: tuple[str, ...], value: Any) -> None:
             raise ValueError(f"{'.'.join(keys[: depth + 1])} is a value, not a section")
         node = child
     node[keys[-1]] = value
+
+
+__all__ = [
+    "CNNConfig", "CheckpointConfig", "Config", "DataConfig", "EarlyStoppingConfig", "EvaluateConfig",
+    "FactoryModelConfig", "GPTConfig", "LoaderConfig", "MLPConfig", "ModelConfig", "OptimConfig", "PublishConfig",
+    "SklearnDataConfig", "StoreConfig", "SyntheticDataConfig", "TableDataConfig", "TextDataConfig", "TrackingConfig",
+    "TrainConfig", "config_from_dict", "load_config",
+]  # fmt: skip

@@ -1,0 +1,107 @@
+"""Config of the data section: where the data comes from, how it is split and loaded."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Discriminator, Field, Tag, model_validator
+
+from core.config_base import Section
+
+
+class LoaderConfig(Section):
+    num_workers: int = Field(
+        0,
+        ge=0,
+        description="DataLoader worker processes; 0 loads batches in the main process, fastest for in-memory data.",
+    )
+    pin_memory: bool = Field(
+        False, description="Page-lock host batches so host-to-GPU copies can overlap compute; no effect on CPU."
+    )
+    persistent_workers: bool = Field(False, description="Keep workers alive between epochs (needs num_workers > 0).")
+    prefetch_factor: int | None = Field(
+        None, ge=1, description="Batches each worker loads ahead (needs num_workers > 0); null = torch's default of 2."
+    )
+
+    @model_validator(mode="after")
+    def _workers_needed(self) -> LoaderConfig:
+        if self.num_workers == 0 and self.persistent_workers:
+            raise ValueError("persistent_workers=true needs num_workers > 0")
+        if self.num_workers == 0 and self.prefetch_factor is not None:
+            raise ValueError("prefetch_factor needs num_workers > 0")
+        return self
+
+
+class _DataCommon(Section):
+    val_fraction: float = Field(
+        0.15, gt=0, lt=1, description="Share of the data held out for validation (early stopping, model selection)."
+    )
+    test_fraction: float = Field(
+        0.15, gt=0, lt=1, description="Share of the data held out for the final evaluation only."
+    )
+    loader: LoaderConfig = Field(default_factory=LoaderConfig, description="torch DataLoader settings.")
+
+    @model_validator(mode="after")
+    def _fractions_leave_training_data(self) -> _DataCommon:
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError(f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction:g} must be < 0.9")
+        return self
+
+
+class SklearnDataConfig(_DataCommon):
+    source: Literal["sklearn"] = Field("sklearn", description="A dataset bundled with scikit-learn (no download).")
+    name: Literal["digits", "wine", "breast_cancer", "iris"] = Field(
+        "digits", description="Which bundled dataset; digits is 8x8 images, the others tabular."
+    )
+    scale: Literal["standard", "none"] = Field(
+        "standard", description="Standardise features with statistics fitted on the training split only."
+    )
+
+
+class TableDataConfig(_DataCommon):
+    source: Literal["csv", "parquet"] = Field(description="A local table file with one row per sample.")
+    path: str = Field(description="Path of the .csv or .parquet file.")
+    target: str = Field(description="Column holding the class label; every other column is a feature.")
+    scale: Literal["standard", "none"] = Field(
+        "standard",
+        description="Standardise numeric columns with statistics fitted on the training split only; categorical columns are one-hot encoded, NaNs imputed.",
+    )
+
+
+class TextDataConfig(_DataCommon):
+    source: Literal["text"] = Field(
+        description="A UTF-8 text file, modelled as a sequence of bytes (vocabulary of 256)."
+    )
+    path: str | None = Field(
+        None, description="Path of the text file; null = the Python standard library's pydoc_data.topics text (466 KB)."
+    )
+    seq_len: int = Field(64, ge=2, description="Context length in bytes of each training window.")
+
+
+class SyntheticDataConfig(_DataCommon):
+    source: Literal["synthetic"] = Field(
+        description="A generated classification problem (scikit-learn make_classification), sized for scale tests."
+    )
+    n_samples: int = Field(2000, ge=20, description="Number of samples to generate.")
+    n_features: int = Field(20, ge=2, description="Number of features; a quarter of them (at least 2) carry signal.")
+    n_classes: int = Field(2, ge=2, description="Number of classes.")
+    class_sep: float = Field(1.0, gt=0, description="Distance between class clusters; smaller is harder.")
+    scale: Literal["standard", "none"] = Field(
+        "standard", description="Standardise features with statistics fitted on the training split only."
+    )
+
+
+def _data_source(value: Any) -> str:
+    if isinstance(value, dict):
+        return str(value.get("source", "sklearn"))
+    return getattr(value, "source", "sklearn")
+
+
+DataConfig = Annotated[
+    Annotated[SklearnDataConfig, Tag("sklearn")]
+    | Annotated[TableDataConfig, Tag("csv")]
+    | Annotated[TableDataConfig, Tag("parquet")]
+    | Annotated[TextDataConfig, Tag("text")]
+    | Annotated[SyntheticDataConfig, Tag("synthetic")],
+    Discriminator(_data_source),
+]
