@@ -29,6 +29,7 @@ class PipelineRun:
     def __init__(self, config: Config, run_name: str):
         self.config, self.run_name = config, run_name
         self.stages: dict[str, dict[str, Any]] = {}
+        self.changes: dict[str, Any] = {}  # what the tuning stages set (dotted path -> value)
 
     def __enter__(self) -> PipelineRun:
         config = self.config
@@ -86,7 +87,7 @@ class PipelineRun:
             "prefect_flow_run_id": flow_run.id,
             "config_sha256": self.config.sha256(),
             "store_uri": self.ctx.store_uri,
-            "tuned": getattr(self, "changes", {}),
+            "tuned": self.changes,
             "stages": self.stages,
         }
 
