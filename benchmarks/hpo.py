@@ -123,7 +123,6 @@ def main() -> None:
               f"{'pruned':>6}  {'failed':>6}  {'epochs':>6}  optim.lr range")  # fmt: skip
         for i, seed in enumerate(args.seeds):
             for strategy in STRATEGIES[i % 3 :] + STRATEGIES[: i % 3]:
-                torch.set_num_threads(default_threads)  # hpo_search's worker 0 leaves its thread count set
                 run = _run(strategy, configs[strategy.name, seed], data, store)
                 runs.append(run)
                 _print_run(run)

@@ -20,7 +20,7 @@ import optuna
 from core.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 from core.errors import ConfigError, TrainingError
 from core.hpo_trial import WorkerSpec, from_optuna, rdb_storage, run_worker
-from core.lr_range_test import LRRangeTestResult
+from core.lr_range_test import LRRangeTestResult, suggestion_or_error
 from core.prepare_data import PrepareDataResult
 from core.records import StageResult
 from core.store import ArtifactStore
@@ -83,7 +83,7 @@ def hpo_search(
         if isinstance(searched, FloatParam) and searched.low is not None and no_suggestion:
             base["optim"]["lr"] = searched.low
         else:
-            base["optim"]["lr"] = _required_lr(lr_test, "optim.lr")
+            base["optim"]["lr"] = suggestion_or_error(lr_test, "optim.lr: 'auto'", "set a value")
     storage = hpo.storage or f"sqlite:///{store.workdir('hpo') / 'optuna.db'}"
     name = hpo.study_name or _study_name(hpo, base, data)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our log lines say what happens; Optuna's repeat them
@@ -136,7 +136,7 @@ def resolve_space(
     spec = space.get("optim.lr")
     if not isinstance(spec, FloatParam) or (spec.low is not None and spec.high is not None):
         return dict(space), None
-    suggestion = _required_lr(lr_test, "tune.hpo.space.optim.lr")
+    suggestion = suggestion_or_error(lr_test, "tune.hpo.space.optim.lr:", "set a value")
     low, high = spec.low or suggestion / 10, spec.high or suggestion * 3
     if low >= high:
         raise ConfigError(
@@ -144,13 +144,6 @@ def resolve_space(
             f"test's suggestion {suggestion:.3g}; give both bounds or neither"
         )
     return space | {"optim.lr": FloatParam(type="float", low=low, high=high, log=True)}, (low, high)
-
-
-def _required_lr(lr_test: LRRangeTestResult | None, field: str) -> float:
-    if lr_test is None or lr_test.suggested_lr is None:
-        reason = lr_test.reason if lr_test else "the LR range test did not run"
-        raise TrainingError(f"{field}: needs the LR range test's suggestion, but there is none ({reason}); set a value")
-    return lr_test.suggested_lr
 
 
 def _fail_interrupted(study: optuna.Study) -> None:

@@ -9,6 +9,7 @@ import json
 import logging
 
 from core.config import LoaderConfig, ModelConfig, OptimConfig, TrainConfig
+from core.errors import TrainingError
 from core.prepare_data import PrepareDataResult
 from core.records import StageResult
 from core.store import ArtifactStore
@@ -31,6 +32,14 @@ class LRRangeTestResult(StageResult):
 
     def artifact_uris(self) -> list[str]:
         return [self.curve_uri, self.plot_uri]
+
+
+def suggestion_or_error(lr_test: LRRangeTestResult | None, field: str, fix: str) -> float:
+    """The suggested LR, or a TrainingError naming who needs it and quoting why there is none."""
+    if lr_test is None or lr_test.suggested_lr is None:
+        reason = lr_test.reason if lr_test else "the LR range test did not run"
+        raise TrainingError(f"{field} needs the LR range test's suggestion, but there is none ({reason}); {fix}")
+    return lr_test.suggested_lr
 
 
 def lr_range_test(

@@ -5,6 +5,7 @@ so a second run with the same data and settings skips the work.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -46,6 +47,9 @@ class PrepareDataResult(StageResult):
 
     def artifact_uris(self) -> list[str]:
         return [self.uri]
+
+    def run_tags(self) -> dict[str, str]:
+        return {"trainflow.data_fingerprint": self.fingerprint}
 
 
 def prepare_data(cfg: DataConfig, seed: int, store: ArtifactStore) -> PrepareDataResult:
@@ -97,11 +101,19 @@ def prepare_data(cfg: DataConfig, seed: int, store: ArtifactStore) -> PrepareDat
 
 
 def load_splits(result: PrepareDataResult, store: ArtifactStore) -> ArraySplits:
-    """Read the prepared arrays back from the store."""
-    with np.load(store.local_path(result.uri)) as npz:
+    """The prepared arrays, read from the store once per process (HPO trials, the range test, training,
+    evaluation and publishing all ask for them). Callers must not modify them."""
+    path = store.local_path(result.uri)
+    x, y = _read_npz(str(path), path.stat().st_mtime_ns)
+    return ArraySplits(x, y, result.spec.class_names, int(np.prod(result.spec.input_shape)))
+
+
+@functools.lru_cache(maxsize=2)
+def _read_npz(path: str, mtime_ns: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    with np.load(path) as npz:
         x = {s: npz[f"x_{s}"] for s in SPLITS}
         y = {s: npz[f"y_{s}"] for s in SPLITS if f"y_{s}" in npz}
-    return ArraySplits(x, y, result.spec.class_names, int(np.prod(result.spec.input_shape)))
+    return x, y
 
 
 def _to_npz(splits: ArraySplits) -> bytes:

@@ -22,6 +22,10 @@ class StageResult(BaseModel):
         """URIs this record points to; a cached record whose artifacts are gone is recomputed."""
         return []
 
+    def run_tags(self) -> dict[str, str]:
+        """MLflow tags for the stage's run and the pipeline's parent run (e.g. the data fingerprint)."""
+        return {}
+
 
 def stage_key(stage: str, inputs: Mapping[str, Any]) -> str:
     """Cache key of a stage run: its name, its inputs (config sections and upstream records) and the

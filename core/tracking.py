@@ -161,9 +161,6 @@ class MlflowMetricLogger:
     def log_dict(self, data: dict[str, Any], name: str) -> None:
         self.client.log_dict(self.run_id, data, name)
 
-    def log_figure(self, figure: Any, name: str) -> None:
-        self.client.log_figure(self.run_id, figure, name)
-
     def flush(self) -> None:
         """Wait until every metric sent so far is stored; re-raise a failure of the writer."""
         if self._writer is not None:

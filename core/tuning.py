@@ -6,9 +6,8 @@ import json
 from typing import Any
 
 from core.config import Config, TrainConfig, config_from_dict
-from core.errors import TrainingError
 from core.hpo_search import HPOSearchResult
-from core.lr_range_test import LRRangeTestResult
+from core.lr_range_test import LRRangeTestResult, suggestion_or_error
 
 
 def apply_tuning(
@@ -24,10 +23,7 @@ def apply_tuning(
     changes: dict[str, Any] = {}
     searched_lr = search is not None and "optim.lr" in search.best_params
     if config.optim.lr == "auto" and not searched_lr:
-        if lr_test is None or lr_test.suggested_lr is None:
-            reason = lr_test.reason if lr_test else "the LR range test did not run"
-            raise TrainingError(f"optim.lr: 'auto' but the LR range test has no suggestion ({reason}); set optim.lr")
-        changes["optim.lr"] = lr_test.suggested_lr
+        changes["optim.lr"] = suggestion_or_error(lr_test, "optim.lr: 'auto'", "set optim.lr")
     if search is not None:
         changes |= search.best_params
     if not changes:

@@ -14,7 +14,6 @@ from prefect.runtime import flow_run
 
 from core.config import Config
 from core.preflight import preflight
-from core.prepare_data import PrepareDataResult
 from core.records import StageResult
 from core.store import open_store, write_atomic
 from core.tracking import Tracker, flatten, tracking_uri
@@ -61,8 +60,7 @@ class PipelineRun:
         state = task.with_options(result_storage=self._storage)(**inputs, ctx=self.ctx, return_state=True)
         record: R = state.result()  # re-raises the stage's exception
         cached = state.name == "Cached"
-        if isinstance(record, PrepareDataResult):
-            self.tracker.client.set_tag(self.run_id, "trainflow.data_fingerprint", record.fingerprint)
+        self.tracker.logger(self.run_id).set_tags(record.run_tags())
         if cached:  # still visible in MLflow: a child run pointing at the cached record
             with stage_run(self.ctx, task.name, {}) as run:
                 run.set_tags({"trainflow.cached": "true"})

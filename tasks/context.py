@@ -42,9 +42,10 @@ def stage_run(
 
 
 def log_result(logger: MlflowMetricLogger, result: StageResult) -> None:
-    """The record as `result.json`, and its top-level numbers as metrics."""
+    """The record as `result.json`, its tags, and its top-level numbers as metrics."""
     data = json.loads(result.model_dump_json())
     logger.log_dict(data, "result.json")
+    logger.set_tags(result.run_tags())
     numbers = {k: float(v) for k, v in data.items() if isinstance(v, int | float) and not isinstance(v, bool)}
     if numbers:
         logger.log_metrics(numbers, step=0)

@@ -16,6 +16,5 @@ def prepare_data_task(data: DataConfig, seed: int, ctx: StageContext) -> Prepare
     """Load, split, preprocess and cache the data."""
     with stage_run(ctx, "prepare_data", {"data": data.model_dump(mode="json"), "seed": seed}) as run:
         result = prepare_data(data, seed, open_store(ctx.store_uri))
-        run.set_tags({"trainflow.data_fingerprint": result.fingerprint})
         log_result(run, result)
     return result

@@ -39,7 +39,9 @@ def test_auto_lr_takes_the_suggestion_and_reports_it() -> None:
     ],
 )
 def test_auto_lr_without_a_suggestion_quotes_the_reason(lr_test: LRRangeTestResult | None, reason: str) -> None:
-    with pytest.raises(TrainingError, match=rf"optim\.lr: 'auto' but .*\(.*{reason}.*\); set optim\.lr"):
+    with pytest.raises(
+        TrainingError, match=rf"optim\.lr: 'auto' needs the LR range test's suggestion.*\(.*{reason}.*\); set optim\.lr"
+    ):
         apply_tuning(_config(optim={"lr": "auto"}), lr_test, None)
 
 
