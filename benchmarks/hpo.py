@@ -43,12 +43,13 @@ from machine import cpu_model, load_average  # benchmarks/machine.py (scripts ru
 from core.config import Config, config_from_dict
 from core.errors import TrainflowError
 from core.hpo_search import hpo_search
-from core.hpo_trial import tpe_startup_trials
 from core.lr_range_test import lr_range_test
 from core.models import build_model
-from core.prepare_data import PrepareDataResult, prepare_data
-from core.store import LocalStore
-from core.tuning import tuning_view
+from core.prepare_data import prepare_data
+from core.records import PrepareDataResult
+from core.storage.store import LocalStore
+from core.tuning.apply import tuning_view
+from core.tuning.study import tpe_startup_trials
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
 TIME_GOAL = 0.60  # pipeline wall time / tpe wall time, means over seeds
@@ -167,7 +168,7 @@ def _describe(configs: dict[tuple[str, int], Config], data: PrepareDataResult, a
         print(f"  {name:<8}  {test}sampler {hpo.sampler}, pruner {hpo.pruner}, {workers}")
     startup = tpe_startup_trials(args.trials)
     print(
-        f"note: TPE samples at random until {startup} trials have finished (core.hpo_trial.make_sampler scales "
+        f"note: TPE samples at random until {startup} trials have finished (core.tuning.study.make_sampler scales "
         f"Optuna's n_startup_trials to the budget), from the same seeded stream as the random sampler: tpe and "
         f"random draw the same first {startup} of {args.trials} trials"
     )

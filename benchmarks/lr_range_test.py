@@ -41,12 +41,13 @@ import core.lr_range_test
 from core.config import Config, config_from_dict
 from core.errors import TrainingError
 from core.lr_range_test import lr_range_test
-from core.prepare_data import PrepareDataResult, prepare_data
-from core.store import LocalStore
-from core.train import build_trainer
+from core.prepare_data import prepare_data
+from core.records import PrepareDataResult
+from core.storage.store import LocalStore
+from core.training.builder import build_trainer
 from core.training.callbacks import Callback
-from core.training.lr_finder import RULES, LRCurve, lr_sweep
-from core.tuning import tuning_view
+from core.tuning.apply import tuning_view
+from core.tuning.lr_finder import RULES, LRCurve, lr_sweep
 
 LOSS_GOAL = 1.10  # rule's final val loss / grid's best
 COST_GOAL = 0.10  # range test seconds / the whole grid's training seconds
@@ -65,7 +66,9 @@ class Workload:
 
 
 WORKLOADS = {
-    "digits": Workload("digits/cnn", {"model": {"name": "cnn"}}, epochs=20),
+    "digits": Workload(
+        "digits/cnn", {"data": {"source": "sklearn", "name": "digits"}, "model": {"name": "cnn"}}, epochs=20
+    ),
     "tabular": Workload(
         "tabular/mlp",
         {

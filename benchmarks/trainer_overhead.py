@@ -38,17 +38,20 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from core.config import Config, config_from_dict
-from core.data.loaders import Batch, build_loaders
+from core.data.loaders import Batch
 from core.models import build_model
-from core.prepare_data import PrepareDataResult, load_splits, prepare_data
-from core.store import LocalStore
-from core.tracking import Tracker
+from core.prepare_data import prepare_data
+from core.records import PrepareDataResult
+from core.storage.store import LocalStore
+from core.storage.tracking import Tracker
 from core.train import train
+from core.training.builder import prepared_loaders
 from core.training.callbacks import Callback
 from core.training.optim import build_optimizer, build_scheduler
 from core.training.precision import resolve_device
 from core.training.seed import seed_everything
-from core.training.trainer import FitResult, Trainer
+from core.training.state import FitResult
+from core.training.trainer import Trainer
 
 GOAL = 0.95
 NOISY_SPREAD = 0.10  # max - min pair ratio above which the table says its figures are noisy
@@ -62,7 +65,9 @@ class Workload:
 
 
 WORKLOADS = {
-    "digits": Workload("digits/cnn", {}, epochs=20),  # the demo early-stops after about 30
+    "digits": Workload(
+        "digits/cnn", {"data": {"source": "sklearn", "name": "digits"}}, epochs=20
+    ),  # the demo early-stops after about 30
     "gpt": Workload(
         "pydoc/gpt",
         {"data": {"source": "text", "seq_len": 64}, "model": {"name": "gpt", "n_layer": 2, "n_embd": 64}},
@@ -205,8 +210,7 @@ class _FitClock(Callback):
 def _bare_run(cfg: Config, data: PrepareDataResult, store: LocalStore) -> Sample:
     """A hand-written loop over the stage's loaders, initialisation, optimizer and schedule."""
     seed_everything(cfg.seed)  # then loaders, then model: the stage's order, so both draw the same numbers
-    seq_len = data.spec.input_shape[0] if data.spec.task == "language_modeling" else None
-    loaders = build_loaders(load_splits(data, store), seq_len, cfg.train.batch_size, cfg.data.loader, cfg.seed, False)
+    loaders = prepared_loaders(data, store, cfg.train.batch_size, cfg.data.loader, cfg.seed)
     device = resolve_device(cfg.train.device)
     model = build_model(cfg.model, data.spec).to(device)
     optimizer = build_optimizer(model, cfg.optim)

@@ -1,6 +1,9 @@
 """The evaluate stage: test-set metrics (scikit-learn for classification, perplexity for language
 models), batch-1 latency percentiles, throughput at the training batch size, parameter count and
 serialized size.
+
+Builds on core/training/: metrics.py (the evaluation pass), builder.py (loaders over the prepared
+data), checkpoint.py (loading the trained weights).
 """
 
 from __future__ import annotations
@@ -9,37 +12,22 @@ import io
 import logging
 import math
 import time
+from contextlib import AbstractContextManager
 
 import numpy as np
 import torch
 from torch import nn
 
 from core.config import EvaluateConfig, LoaderConfig, ModelConfig, TrainConfig
-from core.data.loaders import build_loaders
 from core.models import build_model
-from core.prepare_data import PrepareDataResult, load_splits
-from core.records import StageResult
-from core.store import ArtifactStore
-from core.train import TrainResult
+from core.records import EvaluateResult, PrepareDataResult, TrainResult
+from core.storage.store import ArtifactStore
+from core.training.builder import prepared_loaders
 from core.training.checkpoint import load_checkpoint
 from core.training.metrics import eval_pass
 from core.training.precision import autocast_context, resolve_device
 
 log = logging.getLogger(__name__)
-
-
-class EvaluateResult(StageResult):
-    metrics: dict[str, float]  # accuracy, precision/recall/f1_macro, loss | loss, perplexity, bits_per_byte
-    n_test: int
-    latency_ms_p50: float  # batch 1
-    latency_ms_p95: float
-    throughput_per_s: float  # samples (or sequences) per second at the training batch size
-    n_parameters: int
-    size_bytes: int  # serialized weights
-    plot_uris: list[str]  # confusion matrix (classification)
-
-    def artifact_uris(self) -> list[str]:
-        return list(self.plot_uris)
 
 
 def evaluate(
@@ -61,8 +49,7 @@ def evaluate(
     model.load_state_dict(load_checkpoint(weights)["model"])
     model.eval()
     task = data.spec.task
-    seq_len = data.spec.input_shape[0] if task == "language_modeling" else None
-    loaders = build_loaders(load_splits(data, store), seq_len, train_cfg.batch_size, loader_cfg, seed, False)
+    loaders = prepared_loaders(data, store, train_cfg.batch_size, loader_cfg, seed)
 
     result = eval_pass(model, loaders.test, device, autocast, collect=task == "classification")
     plots: list[str] = []
@@ -123,7 +110,12 @@ def _confusion_matrix_png(y_true: np.ndarray, y_pred: np.ndarray, class_names: l
 
 @torch.inference_mode()
 def _latencies_ms(
-    model: nn.Module, x: torch.Tensor, autocast, device: torch.device, warmup: int, iters: int
+    model: nn.Module,
+    x: torch.Tensor,
+    autocast: AbstractContextManager[object],
+    device: torch.device,
+    warmup: int,
+    iters: int,
 ) -> tuple[float, float]:
     """p50 and p95 of single-sample forward passes, each timed to completion."""
     times = []
@@ -140,7 +132,9 @@ def _latencies_ms(
 
 
 @torch.inference_mode()
-def _throughput(model: nn.Module, batch: torch.Tensor, autocast, device: torch.device, calls: int) -> float:
+def _throughput(
+    model: nn.Module, batch: torch.Tensor, autocast: AbstractContextManager[object], device: torch.device, calls: int
+) -> float:
     with autocast:
         model(batch)  # warm-up
     started = time.perf_counter()

@@ -1,8 +1,11 @@
 """The hpo_search stage: an Optuna study over `tune.hpo.space`, trials trained for a short budget,
-bad ones pruned at an epoch's evaluation, `parallelism` worker processes at a time.
+unpromising ones pruned at an epoch's evaluation (Hyperband by default), `parallelism` worker
+processes at a time.
 
 The study lives in RDB storage (SQLite in the store unless `tune.hpo.storage` names one) under a
 name derived from the config, so a re-run continues it: trial numbers go on where they stopped.
+Builds on core/tuning/: hpo_worker.py (a worker's trial loop: config, Trainer, pruning callback,
+MLflow child run per trial) and study.py (sampler, pruner, storage).
 """
 
 from __future__ import annotations
@@ -17,55 +20,35 @@ from typing import Any
 
 import optuna
 
-from core.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
+from core.config import DataConfig, FloatParam, HPOConfig, ModelConfig, OptimConfig, ParamSpec, TrainConfig
 from core.errors import ConfigError, TrainingError
-from core.hpo_trial import WorkerSpec, from_optuna, rdb_storage, run_worker
-from core.lr_range_test import LRRangeTestResult, suggestion_or_error
-from core.prepare_data import PrepareDataResult
-from core.records import StageResult
-from core.store import ArtifactStore
-from core.train import check_metric
-from core.tune_config import FloatParam, HPOConfig, ParamSpec
+from core.records import HPOSearchResult, LRRangeTestResult, PrepareDataResult
+from core.storage.store import ArtifactStore
+from core.storage.tracking import ParentRun
+from core.training.builder import check_metric
+from core.tuning.apply import lr_suggestion
+from core.tuning.hpo_worker import WorkerSpec, run_worker
+from core.tuning.study import from_optuna, rdb_storage
 
 log = logging.getLogger(__name__)
 
 
-class HPOSearchResult(StageResult):
-    study_name: str
-    storage: str  # without credentials
-    n_trials: int
-    n_complete: int
-    n_pruned: int
-    n_failed: int
-    best_params: dict[str, Any]  # dotted config path -> value, merged into the training config
-    best_value: float
-    best_trial: int
-    metric: str
-    direction: str
-    lr_bounds: tuple[float, float] | None  # optim.lr's range when taken from the LR range test
-    importances: dict[str, float]  # importance of each parameter (empty below 2 complete trials)
-    plot_uri: str  # optimisation history PNG
-
-    def artifact_uris(self) -> list[str]:
-        return [self.plot_uri]
-
-
 def hpo_search(
-    hpo: HPOConfig,
+    cfg: HPOConfig,
     data_cfg: DataConfig,
     model_cfg: ModelConfig,
     optim_cfg: OptimConfig,
     train_cfg: TrainConfig,
     seed: int,
     data: PrepareDataResult,
-    lr_test: LRRangeTestResult | None,
+    lr_range: LRRangeTestResult | None,
     store: ArtifactStore,
     store_key: str,
-    tracking: tuple[str, str, str] | None = None,
+    parent_run: ParentRun | None = None,
 ) -> HPOSearchResult:
-    """Run (or continue) the study until it holds `hpo.n_trials` trials; return the best parameters.
+    """Run (or continue) the study until it holds `cfg.n_trials` trials; return the best parameters.
 
-    `tracking` is (tracking URI, experiment id, parent run id) for the trials' MLflow child runs.
+    With `parent_run` (the stage's MLflow run) every trial is logged as a child run of it.
 
     Raises:
         ConfigError: the metric is not one the data's task has, or given LR bounds clash with the
@@ -73,31 +56,31 @@ def hpo_search(
         TrainingError: optim.lr needs the range test's suggestion and there is none; or no trial
             completed (the message carries the first failure).
     """
-    check_metric(hpo.metric, data.spec.task, "tune.hpo.metric")
-    space, lr_bounds = resolve_space(hpo.space, lr_test)
+    check_metric(cfg.metric, data.spec.task, "tune.hpo.metric")
+    space, lr_bounds = resolve_space(cfg.space, lr_range)
     sections = {"data": data_cfg, "model": model_cfg, "optim": optim_cfg, "train": train_cfg}
     base: dict[str, Any] = {name: s.model_dump(mode="json") for name, s in sections.items()} | {"seed": seed}
     if base["optim"]["lr"] == "auto":  # trials need a number: the suggestion, or the searched range's low
         searched = space.get("optim.lr")
-        no_suggestion = lr_test is None or lr_test.suggested_lr is None
+        no_suggestion = lr_range is None or lr_range.suggested_lr is None
         if isinstance(searched, FloatParam) and searched.low is not None and no_suggestion:
             base["optim"]["lr"] = searched.low
         else:
-            base["optim"]["lr"] = suggestion_or_error(lr_test, "optim.lr: 'auto'", "set a value")
-    storage = hpo.storage or f"sqlite:///{store.workdir('hpo') / 'optuna.db'}"
-    name = hpo.study_name or _study_name(hpo, base, data)
+            base["optim"]["lr"] = lr_suggestion(lr_range, "optim.lr: 'auto'", "set a value")
+    storage = cfg.storage or f"sqlite:///{store.workdir('hpo') / 'optuna.db'}"
+    name = cfg.study_name or _study_name(cfg, base, data)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our log lines say what happens; Optuna's repeat them
     study = optuna.create_study(
-        study_name=name, storage=rdb_storage(storage), direction=hpo.direction, load_if_exists=True
+        study_name=name, storage=rdb_storage(storage), direction=cfg.direction, load_if_exists=True
     )
-    if hpo.storage is None:  # the study is this machine's alone: a RUNNING trial is one whose worker died
+    if cfg.storage is None:  # the study is this machine's alone: a RUNNING trial is one whose worker died
         _fail_interrupted(study)
     before = len(study.get_trials(deepcopy=False))
-    workers = min(hpo.parallelism, max(1, hpo.n_trials - before))
+    workers = min(cfg.parallelism, max(1, cfg.n_trials - before))
     threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None
-    specs = [WorkerSpec(hpo, space, base, data, store.uri, storage, name, hpo.seed if hpo.seed is not None else seed,
-                        worker, threads, tracking) for worker in range(workers)]  # fmt: skip
-    log.info("hpo_search: study %s has %d trials; running to %d with %d worker(s)", name, before, hpo.n_trials, workers)
+    specs = [WorkerSpec(cfg, space, base, data, store.uri, storage, name, cfg.seed if cfg.seed is not None else seed,
+                        worker, threads, parent_run) for worker in range(workers)]  # fmt: skip
+    log.info("hpo_search: study %s has %d trials; running to %d with %d worker(s)", name, before, cfg.n_trials, workers)
     _run_workers(specs)
 
     study = optuna.load_study(study_name=name, storage=rdb_storage(storage))
@@ -109,7 +92,7 @@ def hpo_search(
         raise TrainingError(
             f"hpo_search: none of {len(trials)} trials completed" + (f"; first error: {errors[0]}" if errors else "")
         )
-    best = min(complete, key=lambda t: t.value) if hpo.direction == "minimize" else max(complete, key=lambda t: t.value)
+    best = min(complete, key=lambda t: t.value) if cfg.direction == "minimize" else max(complete, key=lambda t: t.value)
     params = {path: from_optuna(value) for path, value in best.params.items()}
     return HPOSearchResult(
         study_name=name,
@@ -121,8 +104,8 @@ def hpo_search(
         best_params=params,
         best_value=float(best.value),
         best_trial=best.number,
-        metric=hpo.metric,
-        direction=hpo.direction,
+        metric=cfg.metric,
+        direction=cfg.direction,
         lr_bounds=lr_bounds,
         importances=_importances(study),
         plot_uri=store.put_bytes(_history_png(study), f"{store_key}/optimization_history.png"),
@@ -130,13 +113,13 @@ def hpo_search(
 
 
 def resolve_space(
-    space: dict[str, ParamSpec], lr_test: LRRangeTestResult | None
+    space: dict[str, ParamSpec], lr_range: LRRangeTestResult | None
 ) -> tuple[dict[str, ParamSpec], tuple[float, float] | None]:
     """optim.lr without bounds becomes suggestion/10 .. suggestion*3, log-uniform."""
     spec = space.get("optim.lr")
     if not isinstance(spec, FloatParam) or (spec.low is not None and spec.high is not None):
         return dict(space), None
-    suggestion = suggestion_or_error(lr_test, "tune.hpo.space.optim.lr:", "set a value")
+    suggestion = lr_suggestion(lr_range, "tune.hpo.space.optim.lr:", "set a value")
     low, high = spec.low or suggestion / 10, spec.high or suggestion * 3
     if low >= high:
         raise ConfigError(

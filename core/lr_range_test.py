@@ -1,5 +1,8 @@
 """The lr_range_test stage: sweep the LR on a fresh copy of the model (the training's own step,
 AMP and accumulation included), pick a learning rate by the configured rule, and plot the curve.
+
+Builds on core/tuning/lr_finder.py (the sweep and the rules) and core/training/builder.py (the
+Trainer whose step it runs). Whether it runs at all: core/tuning/apply.py `lr_range_test_plan`.
 """
 
 from __future__ import annotations
@@ -8,38 +11,13 @@ import io
 import json
 import logging
 
-from core.config import LoaderConfig, ModelConfig, OptimConfig, TrainConfig
-from core.errors import TrainingError
-from core.prepare_data import PrepareDataResult
-from core.records import StageResult
-from core.store import ArtifactStore
-from core.train import build_trainer
-from core.training.lr_finder import RULES, LRCurve, lr_sweep, suggest_lr
-from core.tune_config import LRRangeTestConfig
+from core.config import LoaderConfig, LRRangeTestConfig, ModelConfig, OptimConfig, TrainConfig
+from core.records import LRRangeTestResult, PrepareDataResult
+from core.storage.store import ArtifactStore
+from core.training.builder import build_trainer
+from core.tuning.lr_finder import RULES, LRCurve, lr_sweep, suggest_lr
 
 log = logging.getLogger(__name__)
-
-
-class LRRangeTestResult(StageResult):
-    suggested_lr: float | None  # None: the reason says why
-    rule: str
-    reason: str
-    num_steps_run: int
-    diverged: bool
-    suggestions: dict[str, float | None]  # what every rule picks from the same curve
-    curve_uri: str  # JSON {"lr": [...], "loss": [...]}
-    plot_uri: str  # PNG: loss against LR, log x, suggestions marked
-
-    def artifact_uris(self) -> list[str]:
-        return [self.curve_uri, self.plot_uri]
-
-
-def suggestion_or_error(lr_test: LRRangeTestResult | None, field: str, fix: str) -> float:
-    """The suggested LR, or a TrainingError naming who needs it and quoting why there is none."""
-    if lr_test is None or lr_test.suggested_lr is None:
-        reason = lr_test.reason if lr_test else "the LR range test did not run"
-        raise TrainingError(f"{field} needs the LR range test's suggestion, but there is none ({reason}); {fix}")
-    return lr_test.suggested_lr
 
 
 def lr_range_test(

@@ -1,24 +1,39 @@
-"""Checks run before the first stage, so a bad setup fails in a second instead of after training."""
+"""Checks run before the first stage, so a bad setup fails in a second and writes nothing, instead of
+failing after a tracking database, a parent run and store folders exist (or after training)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from core.config import Config, GPTConfig, SklearnDataConfig, TableDataConfig, TextDataConfig
-from core.data.sources import check_readable, load_text
-from core.errors import ConfigError, DataError
-from core.store import open_store
-from core.tracking import check_reachable, tracking_uri
+from core.config import Config, SyntheticDataConfig, TableDataConfig, TextDataConfig
+from core.data.preprocess import check_table
+from core.data.sources import RawTable, check_readable, check_synthetic, load_source, load_text
+from core.data.spec import planned_rank, planned_task
+from core.errors import DataError
+from core.models import check_model_fits_data
+from core.storage.store import open_store
+from core.storage.tracking import check_reachable, tracking_uri
+from core.training.builder import check_metric
+from core.training.precision import check_precision, resolve_device
 
 
 def preflight(config: Config) -> None:
-    """Data readable and compatible with the model, store writable, tracking reachable.
+    """Model, device, precision and monitored metrics fit the data and this machine; data readable and usable;
+    store writable; tracking reachable.
+
+    Table files are read in full and checked for every content problem the prepare_data stage would
+    meet (`core.data.preprocess.check_table`); the read is cached, so the stage does not pay it twice.
 
     Raises:
         TrainflowError: the first problem found, naming the field or file.
     """
+    task = planned_task(config.data)
+    check_model_fits_data(config.model, task, planned_rank(config.data))
+    check_precision(resolve_device(config.train.device), config.train.precision)
+    check_metric(config.train.early_stopping.monitor, task, "train.early_stopping.monitor")
+    if config.tune.hpo.enabled:
+        check_metric(config.tune.hpo.metric, task, "tune.hpo.metric")
     _check_data(config)
-    _check_model_fits_data(config)
     check_reachable(tracking_uri(config.tracking.uri))
     open_store(config.store.uri).check_writable()
 
@@ -26,13 +41,9 @@ def preflight(config: Config) -> None:
 def _check_data(config: Config) -> None:
     data = config.data
     if isinstance(data, TableDataConfig):
-        path = Path(data.path)
-        check_readable(path, "data.path")
-        columns = _columns(path, data.source)
-        if data.target not in columns:
-            raise DataError(
-                f"{path}: target column '{data.target}' (data.target) not found; columns are: {', '.join(columns[:20])}"
-            )
+        raw = load_source(data, config.seed)
+        assert isinstance(raw, RawTable)
+        check_table(raw, data.val_fraction, data.test_fraction, config.seed)
     elif isinstance(data, TextDataConfig):
         if data.path is not None:
             check_readable(Path(data.path), "data.path")
@@ -45,31 +56,5 @@ def _check_data(config: Config) -> None:
                 f"{data.path or 'pydoc_data.topics'}: data.seq_len={data.seq_len} is longer than the smallest split "
                 f"({smallest} of {size} bytes); lower data.seq_len or use a larger text"
             )
-
-
-def _columns(path: Path, fmt: str) -> list[str]:
-    import pandas as pd
-
-    try:
-        if fmt == "csv":
-            return [str(c) for c in pd.read_csv(path, nrows=0).columns]
-        import pyarrow.parquet as pq
-
-        return list(pq.read_schema(path).names)
-    except pd.errors.EmptyDataError:
-        raise DataError(f"{path}: file is empty") from None
-    except Exception as exc:
-        raise DataError(f"{path}: cannot be read as {fmt} ({type(exc).__name__}: {exc})") from None
-
-
-def _check_model_fits_data(config: Config) -> None:
-    text = isinstance(config.data, TextDataConfig)
-    name = config.model.name
-    if isinstance(config.model, GPTConfig) != text and name != "factory":
-        kind = "language modelling (data.source: text)" if name == "gpt" else "classification"
-        raise ConfigError(f"model.name: '{name}' is for {kind} but data.source is '{config.data.source}'")
-    is_image = isinstance(config.data, SklearnDataConfig) and config.data.name == "digits"
-    if name == "cnn" and not is_image:
-        raise ConfigError(
-            f"model.name: 'cnn' needs image data (data.name: digits); use mlp for data.source '{config.data.source}'"
-        )
+    elif isinstance(data, SyntheticDataConfig):
+        check_synthetic(data)

@@ -12,39 +12,19 @@ import logging
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict
 
 from core.config import Config
-from core.evaluate import EvaluateResult
+from core.data.prepared import load_splits
 from core.models import build_model
-from core.prepare_data import PrepareDataResult, load_splits
-from core.records import StageResult
-from core.store import ArtifactStore, sha256_file
-from core.tracking import fluent_tracking_uri
-from core.train import TrainResult
+from core.records import EvaluateResult, PrepareDataResult, PublishedObject, PublishResult, TrainResult
+from core.storage.store import ArtifactStore, sha256_file
+from core.storage.tracking import fluent_tracking_uri
+from core.storage.version import code_version, git_commit
 from core.training.checkpoint import load_checkpoint
-from core.version import code_version, git_commit
 
 log = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = "trainflow-manifest/1"
-
-
-class PublishedObject(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    uri: str
-    sha256: str
-    bytes: int
-
-
-class PublishResult(StageResult):
-    objects: list[PublishedObject]  # every file written, the manifest last
-    manifest_uri: str
-    mlflow_model_uri: str | None
-    registered_version: int | None
-
-    def artifact_uris(self) -> list[str]:
-        return [o.uri for o in self.objects]
 
 
 def publish(
@@ -123,10 +103,10 @@ def log_mlflow_model(
     model = build_model(config.model, data.spec)
     model.load_state_dict(load_checkpoint(store.local_path(trained.checkpoint_uri))["model"])
     model.eval()
-    example = load_splits(data, store).x["test"]
+    example = load_splits(store.local_path(data.uri), data.spec).x["test"]
     if data.spec.task == "language_modeling":
         seq_len = data.spec.input_shape[0]
-        example = example[: 2 * seq_len].astype("int64").reshape(2, seq_len)
+        example = example[: 2 * seq_len].astype("int64").reshape(2, seq_len)  # two windows
     else:
         example = example[:2]
     with torch.no_grad():

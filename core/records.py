@@ -1,4 +1,12 @@
-"""The base of every stage's result record: small, frozen, JSON-serialisable."""
+"""The stage records: what each stage of the pipeline hands on, in one place.
+
+prepare_data -> PrepareDataResult -> lr_range_test -> LRRangeTestResult -> hpo_search -> HPOSearchResult
+-> train -> TrainResult -> evaluate -> EvaluateResult -> publish -> PublishResult
+
+A record is small, frozen and JSON-serialisable: numbers, names, reasons and artifact URIs, never
+tensors. It is the DAG's contract: a stage imports the records it consumes from here, never another
+stage's module. `stage_key` is a stage run's cache key.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +18,12 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 from pydantic_core import to_jsonable_python
 
-from core.version import code_version
+from core.data.spec import DataSpec
+from core.storage.version import code_version
 
 
 class StageResult(BaseModel):
-    """What a stage hands to the next: numbers, names, reasons and artifact URIs, never tensors."""
+    """The base of every record."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -33,3 +42,108 @@ def stage_key(stage: str, inputs: Mapping[str, Any]) -> str:
     payload = {"stage": stage, "inputs": to_jsonable_python(dict(inputs)), "code": code_version()}
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
     return f"{stage}-{digest[:24]}"
+
+
+class PrepareDataResult(StageResult):
+    fingerprint: str  # content, settings and seed of the split: equal fingerprints, equal arrays
+    uri: str  # .npz with x_train, y_train, x_val, ... (tokens only for text)
+    source: str
+    n_train: int  # samples, or seq_len windows for text
+    n_val: int
+    n_test: int
+    spec: DataSpec
+
+    def artifact_uris(self) -> list[str]:
+        return [self.uri]
+
+    def run_tags(self) -> dict[str, str]:
+        return {"trainflow.data_fingerprint": self.fingerprint}
+
+
+class LRRangeTestResult(StageResult):
+    suggested_lr: float | None  # None: the reason says why
+    rule: str
+    reason: str
+    num_steps_run: int
+    diverged: bool
+    suggestions: dict[str, float | None]  # what every rule picks from the same curve
+    curve_uri: str  # JSON {"lr": [...], "loss": [...]}
+    plot_uri: str  # PNG: loss against LR, log x, suggestions marked
+
+    def artifact_uris(self) -> list[str]:
+        return [self.curve_uri, self.plot_uri]
+
+    def run_tags(self) -> dict[str, str]:
+        return {"trainflow.lr_reason": self.reason[:5000]}
+
+
+class HPOSearchResult(StageResult):
+    study_name: str
+    storage: str  # without credentials
+    n_trials: int
+    n_complete: int
+    n_pruned: int
+    n_failed: int
+    best_params: dict[str, Any]  # dotted config path -> value, merged into the training config
+    best_value: float
+    best_trial: int
+    metric: str
+    direction: str
+    lr_bounds: tuple[float, float] | None  # optim.lr's range when taken from the LR range test
+    importances: dict[str, float]  # importance of each parameter (empty below 2 complete trials)
+    plot_uri: str  # optimisation history PNG
+
+    def artifact_uris(self) -> list[str]:
+        return [self.plot_uri]
+
+
+class TrainResult(StageResult):
+    epochs_run: int
+    steps: int
+    stopped_early: bool
+    stop_reason: str
+    stop_message: str
+    best_val_loss: float
+    best_step: int | None
+    best_metrics: dict[str, float]
+    samples_per_s: float
+    effective_batch_size: int
+    nonfinite_steps: int
+    n_parameters: int
+    resumed_from_step: int | None
+    checkpoint_uri: str  # the weights handed on: the best evaluation's when restore_best is on
+    mlflow_run_id: str | None
+
+    def artifact_uris(self) -> list[str]:
+        return [self.checkpoint_uri]
+
+
+class EvaluateResult(StageResult):
+    metrics: dict[str, float]  # accuracy, precision/recall/f1_macro, loss | loss, perplexity, bits_per_byte
+    n_test: int
+    latency_ms_p50: float  # batch 1
+    latency_ms_p95: float
+    throughput_per_s: float  # samples (or sequences) per second at the training batch size
+    n_parameters: int
+    size_bytes: int  # serialized weights
+    plot_uris: list[str]  # confusion matrix (classification)
+
+    def artifact_uris(self) -> list[str]:
+        return list(self.plot_uris)
+
+
+class PublishedObject(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    uri: str
+    sha256: str
+    bytes: int
+
+
+class PublishResult(StageResult):
+    objects: list[PublishedObject]  # every file written, the manifest last
+    manifest_uri: str
+    mlflow_model_uri: str | None
+    registered_version: int | None
+
+    def artifact_uris(self) -> list[str]:
+        return [o.uri for o in self.objects]

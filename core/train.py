@@ -1,6 +1,9 @@
 """The train stage: build model, optimizer, schedule and loaders from config, then fit with
 tracking, early stopping, checkpointing and a progress bar; resume from the last checkpoint of
 an interrupted run of the same config.
+
+Builds on core/training/: builder.py (config -> Trainer), trainer.py (the loop and its step),
+callbacks.py (tracking, early stopping, progress), checkpoint.py (save, resume, best weights).
 """
 
 from __future__ import annotations
@@ -11,13 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from core.config import LoaderConfig, ModelConfig, OptimConfig, TrainConfig
-from core.data.loaders import build_loaders
-from core.errors import ConfigError
-from core.models import build_model
-from core.prepare_data import PrepareDataResult, load_splits
-from core.records import StageResult
-from core.store import ArtifactStore
-from core.training.callbacks import Callback, EarlyStopping, MetricLogger, ProgressBar, StopReason, TrackingCallback
+from core.records import PrepareDataResult, TrainResult
+from core.storage.store import ArtifactStore
+from core.training.builder import build_trainer
+from core.training.callbacks import Callback, EarlyStopping, MetricLogger, ProgressBar, TrackingCallback
 from core.training.checkpoint import (
     BEST,
     FINAL,
@@ -26,75 +26,10 @@ from core.training.checkpoint import (
     load_checkpoint,
     periodic_checkpoints,
 )
-from core.training.metrics import metric_names
-from core.training.optim import build_optimizer, build_scheduler
-from core.training.precision import resolve_device
-from core.training.seed import seed_everything
+from core.training.state import StopReason
 from core.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
-
-
-class TrainResult(StageResult):
-    epochs_run: int
-    steps: int
-    stopped_early: bool
-    stop_reason: str
-    stop_message: str
-    best_val_loss: float
-    best_step: int | None
-    best_metrics: dict[str, float]
-    samples_per_s: float
-    effective_batch_size: int
-    nonfinite_steps: int
-    n_parameters: int
-    resumed_from_step: int | None
-    checkpoint_uri: str  # the weights handed on: the best evaluation's when restore_best is on
-    mlflow_run_id: str | None
-
-    def artifact_uris(self) -> list[str]:
-        return [self.checkpoint_uri]
-
-
-def build_trainer(
-    model_cfg: ModelConfig,
-    optim_cfg: OptimConfig,
-    train_cfg: TrainConfig,
-    loader_cfg: LoaderConfig,
-    seed: int,
-    data: PrepareDataResult,
-    store: ArtifactStore,
-    callbacks: Sequence[Callback] = (),
-    lr: float | None = None,
-) -> Trainer:
-    """Seeded model, optimizer (at `lr` if given, else `optim.lr`), LR schedule and loaders in a Trainer.
-
-    Shared by training, the LR range test and HPO trials, so all three train the same way.
-
-    Raises:
-        ConfigError: a setting does not fit this data or machine (before any compute).
-    """
-    device = resolve_device(train_cfg.device)
-    check_metric(train_cfg.early_stopping.monitor, data.spec.task, "train.early_stopping.monitor")
-    seed_everything(seed)
-    seq_len = data.spec.input_shape[0] if data.spec.task == "language_modeling" else None
-    pin = loader_cfg.pin_memory and device.type == "cuda"
-    loaders = build_loaders(load_splits(data, store), seq_len, train_cfg.batch_size, loader_cfg, seed, pin)
-    model = build_model(model_cfg, data.spec).to(device)
-    optimizer = build_optimizer(model, optim_cfg, lr)
-    steps_per_epoch = -(-len(loaders.train) // train_cfg.grad_accum_steps)
-    total_steps = min(train_cfg.max_steps or 2**62, train_cfg.max_epochs * steps_per_epoch)
-    scheduler = build_scheduler(optimizer, optim_cfg, total_steps)
-    return Trainer(model, optimizer, scheduler, loaders, train_cfg, device, data.spec.task, callbacks)
-
-
-def check_metric(metric: str, task: str, field: str) -> None:
-    """A ConfigError naming `field` unless `metric` is one the validation pass produces for `task`."""
-    available = metric_names(task)
-    if metric not in available:
-        raise ConfigError(
-            f"{field}: '{metric}' is not an evaluation metric of {task}; available: {', '.join(available)}"
-        )
 
 
 def train(

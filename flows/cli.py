@@ -62,7 +62,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     from core.publish import verify_manifest
-    from core.store import open_store
+    from core.storage.store import open_store
 
     path = Path(args.manifest).resolve()
     if not path.is_file():

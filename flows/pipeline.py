@@ -1,6 +1,7 @@
 """The training pipeline as a Prefect flow:
 prepare_data -> lr_range_test -> hpo_search -> train -> evaluate -> publish.
 
+Each line below is one stage: flows/pipeline.py -> tasks/<stage>.py -> core/<stage>.py.
 Run it with `trainflow run configs/digits.yaml`, or serve it from `deployments/`.
 """
 
@@ -12,7 +13,7 @@ from typing import Any
 from prefect import flow
 
 from core.config import load_config
-from core.tuning import apply_tuning, tuning_view
+from core.tuning.apply import apply_tuning, hpo_search_plan, lr_range_test_plan, tuning_view
 from flows.pipeline_run import PipelineRun
 from tasks.evaluate import evaluate_task
 from tasks.hpo_search import hpo_search_task
@@ -29,25 +30,18 @@ def training_pipeline(
     """One YAML config in; a tuned, trained, evaluated and published model out. Returns summary.json's content."""
     config = load_config(config_path, overrides or [])
     with PipelineRun(config, run_name=Path(config_path).stem) as run:
-        data = run.stage(prepare_data_task, data=config.data, seed=config.seed)
-        common = {
-            "model": config.model,
-            "optim": config.optim,
-            "train_cfg": tuning_view(config.train),
-            "seed": config.seed,
-            "data": data,
-        }
-        lr_test = search = None
-        if config.tune.lr_range_test.enabled:
-            lr_test = run.stage(
-                lr_range_test_task, lr_test=config.tune.lr_range_test, loader=config.data.loader, **common
-            )
-        if config.tune.hpo.enabled:
-            search = run.stage(hpo_search_task, hpo=config.tune.hpo, data_cfg=config.data, lr_test=lr_test, **common)
-        tuned = run.tuned(apply_tuning(config, lr_test, search))
-        trained = run.stage(train_task, model=tuned.model, optim=tuned.optim, train_cfg=tuned.train,
-                            loader=tuned.data.loader, seed=tuned.seed, data=data)  # fmt: skip
-        evaluated = run.stage(evaluate_task, evaluate_cfg=tuned.evaluate, model=tuned.model, train_cfg=tuned.train,
-                              loader=tuned.data.loader, seed=tuned.seed, data=data, trained=trained)  # fmt: skip
+        data = run.stage(prepare_data_task, data_cfg=config.data, seed=config.seed)
+        # The tuning stages see only the training settings that change their result (tuning_view).
+        tuning = {"model_cfg": config.model, "optim_cfg": config.optim, "train_cfg": tuning_view(config.train),
+                  "seed": config.seed, "data": data}  # fmt: skip
+        lr_range = run.stage_if(lr_range_test_plan(config), lr_range_test_task, **tuning,
+                                lr_range_test_cfg=config.tune.lr_range_test, loader_cfg=config.data.loader)  # fmt: skip
+        search = run.stage_if(hpo_search_plan(config), hpo_search_task, **tuning,
+                              hpo_cfg=config.tune.hpo, data_cfg=config.data, lr_range=lr_range)  # fmt: skip
+        tuned = run.tuned(apply_tuning(config, lr_range, search))
+        trained = run.stage(train_task, model_cfg=tuned.model, optim_cfg=tuned.optim, train_cfg=tuned.train,
+                            loader_cfg=tuned.data.loader, seed=tuned.seed, data=data)  # fmt: skip
+        evaluated = run.stage(evaluate_task, evaluate_cfg=tuned.evaluate, model_cfg=tuned.model, train_cfg=tuned.train,
+                              loader_cfg=tuned.data.loader, seed=tuned.seed, data=data, trained=trained)  # fmt: skip
         run.stage(publish_task, config=tuned, data=data, trained=trained, evaluated=evaluated)
     return run.write_summary(out_dir)

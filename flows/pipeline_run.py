@@ -4,6 +4,7 @@ cache status, and summary.json. Keeps the flow itself down to wiring."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from types import TracebackType
@@ -15,19 +16,22 @@ from prefect.runtime import flow_run
 from core.config import Config
 from core.preflight import preflight
 from core.records import StageResult
-from core.store import open_store, write_atomic
-from core.tracking import Tracker, flatten, tracking_uri
-from core.version import code_version, git_commit
+from core.storage.store import open_store, write_atomic
+from core.storage.tracking import Tracker, flatten, tracking_uri
+from core.storage.version import code_version, git_commit
 from tasks.cache import result_storage
 from tasks.context import StageContext, stage_run
+from tasks.skipped import skipped_stage
 
 R = TypeVar("R", bound=StageResult)
+log = logging.getLogger(__name__)
 
 
 class PipelineRun:
     def __init__(self, config: Config, run_name: str):
         self.config, self.run_name = config, run_name
         self.stages: dict[str, dict[str, Any]] = {}
+        self.skipped: dict[str, str] = {}  # stage -> why it did not run
         self.changes: dict[str, Any] = {}  # what the tuning stages set (dotted path -> value)
 
     def __enter__(self) -> PipelineRun:
@@ -69,6 +73,16 @@ class PipelineRun:
                                   **record.model_dump(mode="json")}  # fmt: skip
         return record
 
+    def stage_if(self, plan: tuple[bool, str], task: Task[..., R], **inputs: Any) -> R | None:
+        """Run the stage when `plan` says it is needed; otherwise show it as Skipped, with the reason."""
+        needed, reason = plan
+        if needed:
+            return self.stage(task, **inputs)
+        log.info("%s: skipped: %s", task.name, reason)
+        skipped_stage.with_options(name=task.name)(reason)
+        self.skipped[task.name] = reason
+        return None
+
     def tuned(self, tuning: tuple[Config, dict[str, Any]]) -> Config:
         """Note the values the tuning stages set (summary.json `tuned`, MLflow params `tuned.*`)."""
         config, changes = tuning
@@ -87,6 +101,7 @@ class PipelineRun:
             "store_uri": self.ctx.store_uri,
             "tuned": self.changes,
             "stages": self.stages,
+            "skipped": self.skipped,
         }
 
     def write_summary(self, out_dir: str | None) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from prefect.context import TaskRunContext
 from prefect.filesystems import LocalFileSystem
 
 from core.records import StageResult, stage_key
-from core.store import open_store
+from core.storage.store import open_store
 
 log = logging.getLogger(__name__)
 

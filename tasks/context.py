@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from core.records import StageResult
-from core.tracking import MlflowMetricLogger, Tracker, flatten
+from core.storage.tracking import MlflowMetricLogger, Tracker, flatten
 
 
 class StageContext(BaseModel):

@@ -1,14 +1,13 @@
-"""Prefect task: evaluate (see core.evaluate)."""
+"""Prefect task: evaluate (see core/evaluate.py)."""
 
 from __future__ import annotations
 
 from prefect import task
 
 from core.config import EvaluateConfig, LoaderConfig, ModelConfig, TrainConfig
-from core.evaluate import EvaluateResult, evaluate
-from core.prepare_data import PrepareDataResult
-from core.store import open_store
-from core.train import TrainResult
+from core.evaluate import evaluate
+from core.records import EvaluateResult, PrepareDataResult, TrainResult
+from core.storage.store import open_store
 from tasks.cache import current_stage_key, stage_cache
 from tasks.context import StageContext, log_result, stage_run
 
@@ -16,9 +15,9 @@ from tasks.context import StageContext, log_result, stage_run
 @task(**stage_cache("evaluate"))
 def evaluate_task(
     evaluate_cfg: EvaluateConfig,
-    model: ModelConfig,
+    model_cfg: ModelConfig,
     train_cfg: TrainConfig,
-    loader: LoaderConfig,
+    loader_cfg: LoaderConfig,
     seed: int,
     data: PrepareDataResult,
     trained: TrainResult,
@@ -28,7 +27,7 @@ def evaluate_task(
     store = open_store(ctx.store_uri)
     key = f"stages/evaluate/{current_stage_key('evaluate')}"
     with stage_run(ctx, "evaluate", {"evaluate": evaluate_cfg.model_dump(mode="json")}) as run:
-        result = evaluate(evaluate_cfg, model, train_cfg, loader, seed, data, trained, store, key)
+        result = evaluate(evaluate_cfg, model_cfg, train_cfg, loader_cfg, seed, data, trained, store, key)
         run.log_metrics({f"test/{name}": value for name, value in result.metrics.items()}, step=0)
         for uri in result.plot_uris:
             run.log_artifact(store.local_path(uri), "plots")

@@ -1,20 +1,21 @@
-"""Prefect task: prepare_data (see core.prepare_data)."""
+"""Prefect task: prepare_data (see core/prepare_data.py)."""
 
 from __future__ import annotations
 
 from prefect import task
 
 from core.config import DataConfig
-from core.prepare_data import PrepareDataResult, prepare_data
-from core.store import open_store
+from core.prepare_data import prepare_data
+from core.records import PrepareDataResult
+from core.storage.store import open_store
 from tasks.cache import stage_cache
 from tasks.context import StageContext, log_result, stage_run
 
 
 @task(**stage_cache("prepare_data"))
-def prepare_data_task(data: DataConfig, seed: int, ctx: StageContext) -> PrepareDataResult:
+def prepare_data_task(data_cfg: DataConfig, seed: int, ctx: StageContext) -> PrepareDataResult:
     """Load, split, preprocess and cache the data."""
-    with stage_run(ctx, "prepare_data", {"data": data.model_dump(mode="json"), "seed": seed}) as run:
-        result = prepare_data(data, seed, open_store(ctx.store_uri))
+    with stage_run(ctx, "prepare_data", {"data": data_cfg.model_dump(mode="json"), "seed": seed}) as run:
+        result = prepare_data(data_cfg, seed, open_store(ctx.store_uri))
         log_result(run, result)
     return result

@@ -1,15 +1,13 @@
-"""Prefect task: publish (see core.publish). Idempotent, so transient store errors are retried."""
+"""Prefect task: publish (see core/publish.py). Idempotent, so transient store errors are retried."""
 
 from __future__ import annotations
 
 from prefect import task
 
 from core.config import Config
-from core.evaluate import EvaluateResult
-from core.prepare_data import PrepareDataResult
-from core.publish import PublishResult, publish
-from core.store import open_store
-from core.train import TrainResult
+from core.publish import publish
+from core.records import EvaluateResult, PrepareDataResult, PublishResult, TrainResult
+from core.storage.store import open_store
 from tasks.cache import current_stage_key, stage_cache
 from tasks.context import StageContext, stage_run
 

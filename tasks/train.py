@@ -1,4 +1,4 @@
-"""Prefect task: train (see core.train). Re-running after a crash resumes the same MLflow run."""
+"""Prefect task: train (see core/train.py). Re-running after a crash resumes the same MLflow run."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import json
 from prefect import task
 
 from core.config import LoaderConfig, ModelConfig, OptimConfig, TrainConfig
-from core.prepare_data import PrepareDataResult
-from core.store import open_store
-from core.train import TrainResult, train
+from core.records import PrepareDataResult, TrainResult
+from core.storage.store import open_store
+from core.train import train
 from tasks.cache import current_stage_key, stage_cache
 from tasks.context import StageContext, log_result, stage_run
 
@@ -18,10 +18,10 @@ RUN_FILE = "mlflow_run.json"  # the child run id, so a resumed training logs int
 
 @task(**stage_cache("train"))
 def train_task(
-    model: ModelConfig,
-    optim: OptimConfig,
+    model_cfg: ModelConfig,
+    optim_cfg: OptimConfig,
     train_cfg: TrainConfig,
-    loader: LoaderConfig,
+    loader_cfg: LoaderConfig,
     seed: int,
     data: PrepareDataResult,
     ctx: StageContext,
@@ -31,10 +31,11 @@ def train_task(
     key = f"stages/train/{current_stage_key('train')}"
     run_file = store.workdir(key) / RUN_FILE
     previous = json.loads(run_file.read_text())["run_id"] if train_cfg.resume and run_file.exists() else None
-    params = {"model": model.model_dump(mode="json"), "optim": optim.model_dump(mode="json"),
+    params = {"model": model_cfg.model_dump(mode="json"), "optim": optim_cfg.model_dump(mode="json"),
               "train": train_cfg.model_dump(mode="json"), "seed": seed}  # fmt: skip
     with stage_run(ctx, "train", params, run_id=previous) as run:
         run_file.write_text(json.dumps({"run_id": run.run_id}))
-        result = train(model, optim, train_cfg, loader, seed, data, store, key, logger=run, run_id=run.run_id)
+        result = train(model_cfg, optim_cfg, train_cfg, loader_cfg, seed, data, store, key, logger=run,
+                       run_id=run.run_id)  # fmt: skip
         log_result(run, result)
     return result

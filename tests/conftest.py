@@ -11,7 +11,7 @@ import pytest
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from core.config import Config, config_from_dict
-from core.store import LocalStore
+from core.storage.store import LocalStore
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -22,6 +22,7 @@ from core.config import load_config
 REPO = Path(__file__).resolve().parent.parent
 DIGITS = REPO / "configs" / "digits.yaml"
 MLP_ON = "model: {{name: mlp}}\ndata: {{source: csv, path: {path}, target: label}}\n"
+WINE = "data: {source: sklearn, name: wine}\nmodel: {name: mlp}\n"
 
 
 def trainflow(cwd: Path, *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
@@ -46,8 +47,8 @@ def listing(folder: Path) -> set[str]:
 
 def write_table(path: Path, rows: int = 30, **extra_columns: list[object]) -> Path:
     rng = np.random.default_rng(0)
-    frame = pd.DataFrame({"a": rng.normal(size=rows), "b": rng.normal(size=rows), **extra_columns})
-    frame["label"] = (["x", "y", "z"] * rows)[:rows]
+    labels = (["x", "y", "z"] * rows)[:rows]
+    frame = pd.DataFrame({"a": rng.normal(size=rows), "b": rng.normal(size=rows), "label": labels, **extra_columns})
     frame.to_csv(path, index=False)
     return path
 
@@ -73,21 +74,21 @@ PREFLIGHT_CASES = [
     (
         "validate: unknown key",
         {},
-        "train: {bach_size: 32}\n",
+        WINE + "train: {bach_size: 32}\n",
         ["validate"],
         [r"config\.yaml: train\.bach_size: unknown key; did you mean batch_size\?"],
     ),
     (
         "validate: bad literal",
         {},
-        "train: {precision: fp8}\n",
+        WINE + "train: {precision: fp8}\n",
         ["validate"],
         [r"config\.yaml: train\.precision: 'fp8' is not one of fp32, bf16, fp16"],
     ),
     (
         "validate: several problems, one line each",
         {},
-        "seed: -1\ntrain: {precision: fp8, device: gpu}\nstore: {uri: 's3://bucket'}\n",
+        WINE + "seed: -1\ntrain: {precision: fp8, device: gpu}\nstore: {uri: 's3://bucket'}\n",
         ["validate"],
         [
             r"config\.yaml: seed: -1 must be >= 0",
@@ -113,7 +114,7 @@ PREFLIGHT_CASES = [
     (
         "validate: bad --set syntax",
         {},
-        "seed: 0\n",
+        WINE,
         ["validate", "--set", "train.batch_size"],
         [r"--set train\.batch_size: expected section\.key=value"],
     ),
@@ -174,21 +175,24 @@ PREFLIGHT_CASES = [
         {},
         "model: {name: gpt}\ndata: {source: sklearn, name: wine}\n",
         ["run"],
-        [r"model\.name: 'gpt' is for language modelling \(data\.source: text\) but data\.source is 'sklearn'"],
+        [r"model\.name: 'gpt' is for language modelling \(data\.source: text\) but the data is for classification; "
+         r"use data\.source: text"],
     ),
     (
         "run: cnn on a table",
         {"table.csv": _table},
         "model: {name: cnn}\ndata: {source: csv, path: table.csv, target: label}\n",
         ["run"],
-        [r"model\.name: 'cnn' needs image data \(data\.name: digits\); use mlp for data\.source 'csv'"],
+        [r"model\.name: 'cnn' needs image data \(C, H, W\), such as data\.name: digits, but each sample of this "
+         r"data has 1 dimension\(s\); use mlp"],
     ),
     (
         "run: mlp on text",
         {},
         "model: {name: mlp}\ndata: {source: text}\n",
         ["run"],
-        [r"model\.name: 'mlp' is for classification but data\.source is 'text'"],
+        [r"model\.name: 'mlp' is for classification but the data is for language modelling \(data\.source: text\); "
+         r"use gpt, or a classification data source"],
     ),
     (
         "run: store path is a file",
@@ -211,7 +215,67 @@ PREFLIGHT_CASES = [
         ["run"],
         [r"data\.path: cannot read 'secret\.csv' \(Permission denied\)"],
     ),
-]
+    ("run: empty config file", {}, "", ["run"], [r"config\.yaml: the file is empty; .*"]),
+    ("run: config without data", {}, "model: {name: mlp}\n", ["run"], [r"config\.yaml: data: required but missing"]),
+    (
+        "run: csv with an infinite value",
+        {"table.csv": lambda cwd: write_table(cwd / "table.csv", c=[1.0] * 29 + [float("inf")])},
+        MLP_ON.format(path="table.csv"),
+        ["run"],
+        [r"table\.csv: column 'c' has 1 row\(s\) with an infinite value; replace or drop them"],
+    ),
+    (
+        "run: csv with an all-empty column",
+        {"table.csv": lambda cwd: write_table(cwd / "table.csv", c=[None] * 30)},
+        MLP_ON.format(path="table.csv"),
+        ["run"],
+        [r"table\.csv: column 'c' has no values"],
+    ),
+    (
+        "run: csv with a single class",
+        {"table.csv": lambda cwd: write_table(cwd / "table.csv", label=["x"] * 30)},
+        MLP_ON.format(path="table.csv"),
+        ["run"],
+        [r"table\.csv: target has a single class \('x'\); classification needs two or more"],
+    ),
+    (
+        "run: csv with a missing label",
+        {"table.csv": lambda cwd: write_table(cwd / "table.csv", label=["x", "y", "z"] * 9 + ["x", "y", None])},
+        MLP_ON.format(path="table.csv"),
+        ["run"],
+        [r"table\.csv: target column 'label' has 1 missing labels"],
+    ),
+    (
+        "run: csv with too few samples of a class",
+        {"table.csv": lambda cwd: write_table(cwd / "table.csv", label=["x", "y"] * 14 + ["z", "z"])},
+        MLP_ON.format(path="table.csv"),
+        ["run"],
+        [r"table\.csv: class 'z' has 2 sample\(s\); a stratified train/val/test split needs at least 3 per class"],
+    ),
+    (
+        "run: csv with a free-text column",
+        {"ids.csv": lambda cwd: write_table(cwd / "ids.csv", rows=90, name=[f"id{i}" for i in range(90)])},
+        MLP_ON.format(path="ids.csv"),
+        ["run"],
+        [r"ids\.csv: column 'name' is non-numeric with 90 distinct values \(more than 64\), so it cannot be one-hot "
+         r"encoded; drop it or encode it first"],
+    ),
+    (
+        "run: a factory that cannot be imported",
+        {},
+        "data: {source: sklearn, name: wine}\nmodel: {name: factory, factory: 'no_such_module:build'}\n",
+        ["run"],
+        [r"model\.factory: cannot import 'no_such_module:build' \(No module named 'no_such_module'\)"],
+    ),
+    (
+        "run: early stopping on a metric the task has not",
+        {},
+        WINE + "train: {early_stopping: {monitor: val/perplexity}}\n",
+        ["run"],
+        [r"train\.early_stopping\.monitor: 'val/perplexity' is not an evaluation metric of classification; "
+         r"available: val/loss, val/accuracy"],
+    ),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -264,21 +328,19 @@ def test_validate_applies_set(tmp_path: Path) -> None:
     assert f"(config sha256 {sha[:12]})" in result.stdout
 
 
-def test_data_error_inside_the_pipeline_is_one_line(tmp_path: Path) -> None:
-    """A non-numeric column with more than 64 distinct values passes preflight and fails in prepare_data."""
-    write_table(tmp_path / "ids.csv", rows=90, name=[f"id{i}" for i in range(90)])
-    (tmp_path / "config.yaml").write_text(MLP_ON.format(path="ids.csv"))
+def test_user_error_inside_the_pipeline_is_one_line(tmp_path: Path) -> None:
+    """A user factory that returns no nn.Module is only found out when the train stage calls it."""
+    (tmp_path / "config.yaml").write_text(
+        "data: {source: sklearn, name: wine}\nmodel: {name: factory, factory: 'tests.core.factories:not_a_module'}\n"
+        "optim: {lr: 0.01}\n"
+    )
 
     result = trainflow(tmp_path, "run", "config.yaml")
 
     assert result.returncode == 2, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, result.stderr[-3000:]
-    assert re.fullmatch(
-        r"error: ids\.csv: column 'name' is non-numeric with 90 distinct values \(more than 64\), "
-        r"so it cannot be one-hot encoded; drop it or encode it first",
-        errors[0],
-    )
-    assert "Traceback" not in result.stdout
+    assert errors == [
+        "error: model.factory: 'tests.core.factories:not_a_module' returned dict, not a torch.nn.Module"
+    ], result.stderr[-3000:]
+    assert "Traceback" not in result.stdout + result.stderr, result.stderr[-3000:]
     assert not (tmp_path / "out").exists()  # no summary for a failed run
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]

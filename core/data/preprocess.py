@@ -32,7 +32,42 @@ SPLITS = ("train", "val", "test")
 
 
 def split_table(raw: RawTable, val_fraction: float, test_fraction: float, scale: str, seed: int) -> ArraySplits:
-    """Stratified train/val/test split, then impute/encode/scale fitted on the training rows only."""
+    """Stratified train/val/test split, then impute/encode/scale fitted on the training rows only.
+
+    Raises:
+        DataError: a content problem (see `check_table`), naming the source and column.
+    """
+    rows = _split_rows(raw, val_fraction, test_fraction, seed)
+    numeric, categorical = _column_kinds(raw.features, raw.name)
+    features = raw.features.copy()
+    for column in categorical:  # mixed str/number/bool values become strings; missing stays missing
+        features[column] = features[column].map(lambda v: v if pd.isna(v) else str(v)).astype(object)
+    transformer = _feature_transformer(numeric, categorical, scale)
+    transformer.fit(features.iloc[rows.index["train"]])
+    x = {name: _to_float32(transformer.transform(features.iloc[index])) for name, index in rows.index.items()}
+    n_features = x["train"].shape[1]
+    if raw.image_shape is not None:
+        x = {name: a.reshape(-1, *raw.image_shape) for name, a in x.items()}
+    y = {name: rows.labels[index] for name, index in rows.index.items()}
+    return ArraySplits(x, y, rows.classes, n_features)
+
+
+def check_table(raw: RawTable, val_fraction: float, test_fraction: float, seed: int) -> None:
+    """Every content problem `split_table` would meet (a single class, too few samples per class, a column
+    with no values, infinite values, dates, free text), found without fitting anything: the preflight's
+    check, so bad data fails before a run writes anything."""
+    _split_rows(raw, val_fraction, test_fraction, seed)
+    _column_kinds(raw.features, raw.name)
+
+
+@dataclass(frozen=True)
+class _Rows:
+    classes: list[str]
+    labels: np.ndarray  # int64 class index per row
+    index: dict[str, np.ndarray]  # split name -> row indices
+
+
+def _split_rows(raw: RawTable, val_fraction: float, test_fraction: float, seed: int) -> _Rows:
     classes = _ordered_classes(raw.target)
     labels = pd.Categorical(raw.target, categories=classes).codes.astype(np.int64)
     if len(classes) < 2:
@@ -44,29 +79,14 @@ def split_table(raw: RawTable, val_fraction: float, test_fraction: float, scale:
             f"{raw.name}: class '{classes[rarest]}' has {counts[rarest]} sample(s); a stratified "
             "train/val/test split needs at least 3 per class"
         )
-    index = np.arange(len(labels))
+    rows = np.arange(len(labels))
     try:
-        rest, test = train_test_split(index, test_size=test_fraction, stratify=labels, random_state=seed)
+        rest, test = train_test_split(rows, test_size=test_fraction, stratify=labels, random_state=seed)
         val_share = val_fraction / (1 - test_fraction)
         train, val = train_test_split(rest, test_size=val_share, stratify=labels[rest], random_state=seed)
     except ValueError as exc:
         raise DataError(f"{raw.name}: cannot split {len(labels)} rows into train/val/test ({exc})") from None
-
-    numeric, categorical = _column_kinds(raw.features, raw.name)
-    features = raw.features.copy()
-    for column in categorical:  # mixed str/number/bool values become strings; missing stays missing
-        features[column] = features[column].map(lambda v: v if pd.isna(v) else str(v)).astype(object)
-    transformer = _feature_transformer(numeric, categorical, scale)
-    transformer.fit(features.iloc[train])
-    x = {
-        name: _to_float32(transformer.transform(features.iloc[rows]))
-        for name, rows in zip(SPLITS, (train, val, test), strict=True)
-    }
-    n_features = x["train"].shape[1]
-    if raw.image_shape is not None:
-        x = {name: a.reshape(-1, *raw.image_shape) for name, a in x.items()}
-    y = {name: labels[rows].astype(np.int64) for name, rows in zip(SPLITS, (train, val, test), strict=True)}
-    return ArraySplits(x, y, list(classes), n_features)
+    return _Rows(classes, labels, dict(zip(SPLITS, (train, val, test), strict=True)))
 
 
 def split_text(raw: RawText, val_fraction: float, test_fraction: float, seq_len: int) -> ArraySplits:
@@ -101,6 +121,11 @@ def _column_kinds(features: pd.DataFrame, name: str) -> tuple[list[str], list[st
                 )
             categorical.append(column)
         else:
+            infinite = int(np.isinf(series.to_numpy(dtype=np.float64, na_value=np.nan)).sum())
+            if infinite:
+                raise DataError(
+                    f"{name}: column '{column}' has {infinite} row(s) with an infinite value; replace or drop them"
+                )
             numeric.append(column)
     return numeric, categorical
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,9 +11,8 @@ import numpy as np
 import pandas as pd
 
 from core.config import SklearnDataConfig, SyntheticDataConfig, TableDataConfig, TextDataConfig
+from core.data.spec import IMAGE_SHAPES
 from core.errors import DataError
-
-_IMAGE_SHAPES = {"digits": (1, 8, 8)}
 
 
 @dataclass(frozen=True)
@@ -58,11 +58,19 @@ def _load_sklearn(name: str) -> RawTable:
     bunch = loader(as_frame=True)
     names = [str(n) for n in bunch.target_names]
     target = bunch.target.map(lambda i: names[i])
-    return RawTable(f"sklearn:{name}", bunch.data, target, _frame_sha256(bunch.data, target), _IMAGE_SHAPES.get(name))
+    return RawTable(f"sklearn:{name}", bunch.data, target, _frame_sha256(bunch.data, target), IMAGE_SHAPES.get(name))
 
 
 def _load_table(path: Path, fmt: str, target: str) -> RawTable:
     check_readable(path, "data.path")
+    stat = path.stat()
+    return _read_table(str(path.resolve()), fmt, target, stat.st_mtime_ns, stat.st_size, str(path))
+
+
+@functools.lru_cache(maxsize=1)
+def _read_table(resolved: str, fmt: str, target: str, mtime_ns: int, size: int, shown: str) -> RawTable:
+    """Read once per process per file version: the preflight checks the content, prepare_data splits it."""
+    path = Path(shown)
     try:
         frame = pd.read_csv(path) if fmt == "csv" else pd.read_parquet(path)
     except pd.errors.EmptyDataError:
@@ -80,7 +88,7 @@ def _load_table(path: Path, fmt: str, target: str) -> RawTable:
     if labels.isna().any():
         raise DataError(f"{path}: target column '{target}' has {int(labels.isna().sum())} missing labels")
     features = frame.drop(columns=[target])
-    return RawTable(str(path), features, labels.astype(str), hashlib.sha256(path.read_bytes()).hexdigest())
+    return RawTable(shown, features, labels.astype(str), hashlib.sha256(Path(resolved).read_bytes()).hexdigest())
 
 
 def load_text(path: str | None) -> RawText:
@@ -105,12 +113,8 @@ def load_text(path: str | None) -> RawText:
 def _make_synthetic(cfg: SyntheticDataConfig, seed: int) -> RawTable:
     from sklearn.datasets import make_classification
 
-    informative = max(2, cfg.n_features // 4)
-    if cfg.n_classes > 2**informative:
-        raise DataError(
-            f"data.n_classes={cfg.n_classes} needs at least {int(np.ceil(np.log2(cfg.n_classes))) * 4} "
-            f"features (data.n_features={cfg.n_features})"
-        )
+    check_synthetic(cfg)
+    informative = _informative_features(cfg)
     x, y = make_classification(
         n_samples=cfg.n_samples, n_features=cfg.n_features, n_informative=informative, n_redundant=0,
         n_classes=cfg.n_classes, n_clusters_per_class=1, class_sep=cfg.class_sep, random_state=seed,
@@ -118,6 +122,19 @@ def _make_synthetic(cfg: SyntheticDataConfig, seed: int) -> RawTable:
     features = pd.DataFrame(x.astype(np.float32), columns=[f"x{i}" for i in range(cfg.n_features)])
     target = pd.Series(y).astype(str)
     return RawTable("synthetic", features, target, _frame_sha256(features, target))
+
+
+def check_synthetic(cfg: SyntheticDataConfig) -> None:
+    """make_classification needs 2**informative >= n_classes; a DataError naming both fields otherwise."""
+    if cfg.n_classes > 2 ** _informative_features(cfg):
+        raise DataError(
+            f"data.n_classes={cfg.n_classes} needs at least {int(np.ceil(np.log2(cfg.n_classes))) * 4} "
+            f"features (data.n_features={cfg.n_features})"
+        )
+
+
+def _informative_features(cfg: SyntheticDataConfig) -> int:
+    return max(2, cfg.n_features // 4)
 
 
 def check_readable(path: Path, field: str) -> None:

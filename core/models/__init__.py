@@ -4,15 +4,38 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 from collections.abc import Callable
 
 from torch import nn
 
 from core.config import CNNConfig, FactoryModelConfig, GPTConfig, MLPConfig, ModelConfig
+from core.data.spec import DataSpec, Task
 from core.errors import ConfigError
-from core.prepare_data import DataSpec
 
-_TASKS = {"mlp": "classification", "cnn": "classification", "gpt": "language_modeling"}
+_TASKS: dict[str, Task] = {"mlp": "classification", "cnn": "classification", "gpt": "language_modeling"}
+_TASK_WORDS = {"classification": "classification", "language_modeling": "language modelling (data.source: text)"}
+
+
+def check_model_fits_data(cfg: ModelConfig, task: Task, input_rank: int) -> None:
+    """A ConfigError unless the zoo model `cfg` can take data of this task and sample rank (a factory
+    model is the user's to check). The preflight calls it from the config alone, `build_model` from the
+    prepared data's spec: one rule, one message.
+    """
+    if isinstance(cfg, FactoryModelConfig):
+        _import_factory(cfg)  # its fit to the data is the user's to check; that it exists is ours
+        return
+    wanted = _TASKS[cfg.name]
+    if wanted != task:
+        fix = "use data.source: text" if wanted == "language_modeling" else "use gpt, or a classification data source"
+        raise ConfigError(
+            f"model.name: '{cfg.name}' is for {_TASK_WORDS[wanted]} but the data is for {_TASK_WORDS[task]}; {fix}"
+        )
+    if isinstance(cfg, CNNConfig) and input_rank != 3:
+        raise ConfigError(
+            f"model.name: 'cnn' needs image data (C, H, W), such as data.name: digits, but each sample of this "
+            f"data has {input_rank} dimension(s); use mlp"
+        )
 
 
 def build_model(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
@@ -22,21 +45,16 @@ def build_model(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
         ConfigError: the model does not fit the data (a CNN on tabular rows, a GPT on labels) or the
             factory cannot be imported.
     """
+    check_model_fits_data(cfg, spec.task, len(spec.input_shape))
     if isinstance(cfg, FactoryModelConfig):
         return _from_factory(cfg, spec)
-    if _TASKS[cfg.name] != spec.task:
-        raise ConfigError(f"model.name: '{cfg.name}' is for {_TASKS[cfg.name]} but the data is {spec.task}")
     if isinstance(cfg, MLPConfig):
         from core.models.mlp import MLP
 
-        return MLP(cfg, in_features=_flat(spec.input_shape), n_classes=spec.n_classes)
+        return MLP(cfg, in_features=math.prod(spec.input_shape), n_classes=spec.n_classes)
     if isinstance(cfg, CNNConfig):
         from core.models.cnn import ResNetCNN
 
-        if len(spec.input_shape) != 3:
-            raise ConfigError(
-                f"model.name: 'cnn' needs image data (C, H, W) but the data has shape {list(spec.input_shape)}; use mlp"
-            )
         return ResNetCNN(cfg, in_channels=spec.input_shape[0], n_classes=spec.n_classes)
     if isinstance(cfg, GPTConfig):
         from core.models.gpt import GPT
@@ -46,23 +64,21 @@ def build_model(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
 
 
 def _from_factory(cfg: FactoryModelConfig, spec: DataSpec) -> nn.Module:
+    model = _import_factory(cfg)(spec, **cfg.params)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model.factory: '{cfg.factory}' returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _import_factory(cfg: FactoryModelConfig) -> Callable[..., nn.Module]:
+    """The factory function, checked to accept `(spec, **model.params)`; it is not called here."""
     module_name, _, attr = cfg.factory.partition(":")
     try:
         factory: Callable[..., nn.Module] = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"model.factory: cannot import '{cfg.factory}' ({exc})") from None
     try:
-        inspect.signature(factory).bind(spec, **cfg.params)
+        inspect.signature(factory).bind(None, **cfg.params)
     except TypeError as exc:
         raise ConfigError(f"model.params: {cfg.factory}(spec, **params) does not accept them ({exc})") from None
-    model = factory(spec, **cfg.params)
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"model.factory: '{cfg.factory}' returned {type(model).__name__}, not a torch.nn.Module")
-    return model
-
-
-def _flat(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+    return factory

@@ -9,23 +9,16 @@ from __future__ import annotations
 import logging
 import math
 import sys
-from enum import Enum
 from typing import TYPE_CHECKING, Any, Protocol
 
 from core.config import EarlyStoppingConfig
 from core.errors import ConfigError
+from core.training.state import FitResult, StopReason
 
 if TYPE_CHECKING:
-    from core.training.trainer import FitResult, Trainer
+    from core.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
-
-
-class StopReason(str, Enum):
-    MAX_EPOCHS = "max_epochs"
-    MAX_STEPS = "max_steps"
-    EARLY_STOPPING = "early_stopping"
-    PRUNED = "pruned"
 
 
 class Callback:

@@ -20,9 +20,10 @@ import torch
 from core.config import CheckpointConfig, EarlyStoppingConfig
 from core.errors import TrainingError
 from core.training.callbacks import Callback, is_improvement, monitored_value
+from core.training.state import FitResult
 
 if TYPE_CHECKING:
-    from core.training.trainer import FitResult, Trainer
+    from core.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
 

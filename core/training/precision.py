@@ -20,9 +20,14 @@ def autocast_context(device: torch.device, precision: str) -> AbstractContextMan
 
 def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
     """fp16 needs loss scaling against gradient underflow; bf16 and fp32 do not (the scaler stays a no-op)."""
+    check_precision(device, precision)
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def check_precision(device: torch.device, precision: str) -> None:
+    """fp16 autocast with a gradient scaler is CUDA-only here; a ConfigError naming the field otherwise."""
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError(f"train.precision: 'fp16' needs a CUDA device, this run uses {device.type}; use bf16")
-    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
 def resolve_device(name: str) -> torch.device:

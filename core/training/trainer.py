@@ -18,7 +18,7 @@ import resource
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -26,47 +26,15 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from core.config import TrainConfig
-from core.data.loaders import Loaders
+from core.data.loaders import Batch, Loaders
 from core.errors import TrainingError
-from core.training.callbacks import Callback, StopReason
-from core.training.metrics import Batch, eval_pass, loss_fn, pass_metrics
+from core.training.callbacks import Callback
+from core.training.metrics import eval_pass, loss_fn, pass_metrics
 from core.training.precision import autocast_context, grad_scaler
 from core.training.seed import rng_state, set_rng_state
+from core.training.state import FitResult, StepOutput, StopReason, TrainState
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainState:
-    """Progress, saved in every checkpoint. (epoch, batch_in_epoch) is the next batch to train on."""
-
-    epoch: int = 0
-    batch_in_epoch: int = 0  # micro-batches of `epoch` already consumed: the data position
-    step: int = 0  # optimizer steps taken, skipped non-finite steps included
-    samples_seen: int = 0
-    nonfinite_in_row: int = 0
-    nonfinite_total: int = 0
-    last_eval_step: int = -1
-    stop_reason: str | None = None
-    stop_message: str = ""
-
-
-@dataclass(frozen=True)
-class StepOutput:
-    loss: torch.Tensor  # mean loss over the step's targets (on device: reading it syncs)
-    grad_norm: torch.Tensor  # global norm before clipping
-    finite: bool
-
-
-@dataclass(frozen=True)
-class FitResult:
-    stop_reason: StopReason
-    stop_message: str
-    epochs_run: int
-    steps: int
-    samples_per_s: float  # over this call's training steps, evaluation excluded
-    nonfinite_steps: int
-    last_metrics: dict[str, float]
 
 
 class Trainer:
@@ -88,8 +56,7 @@ class Trainer:
         self.autocast: AbstractContextManager[object] = autocast_context(device, cfg.precision)
         self.scaler = grad_scaler(device, cfg.precision)
         self.state = TrainState()
-        self.steps_per_epoch = math.ceil(len(loaders.train) / cfg.grad_accum_steps)
-        self.total_steps = min(cfg.max_steps or math.inf, cfg.max_epochs * self.steps_per_epoch)
+        self.steps_per_epoch, self.total_steps = step_budget(len(loaders.train), cfg)
         self.last_metrics: dict[str, float] = {}
         self.eval_seconds = 0.0  # spent in validation during fit()
         self._reset_window()
@@ -284,6 +251,14 @@ class Trainer:
         self._window_steps = self._window_targets = 0
         self._window_samples = self.state.samples_seen
         self._window_started = time.perf_counter() if now is None else now
+
+
+def step_budget(n_micro_batches: int, cfg: TrainConfig) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps) for an epoch of `n_micro_batches`: the one
+    place the loop's length is computed, so the LR schedule and the loop cannot disagree."""
+    steps_per_epoch = math.ceil(n_micro_batches / cfg.grad_accum_steps)  # a short last window is a step
+    total = cfg.max_epochs * steps_per_epoch
+    return steps_per_epoch, total if cfg.max_steps is None else min(cfg.max_steps, total)
 
 
 def step_windows(batches: Iterable[Batch], size: int) -> Iterator[list[Batch]]:

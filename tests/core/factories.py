@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from core.prepare_data import DataSpec
+from core.data.spec import DataSpec
 
 
 class TinyNet(nn.Module):

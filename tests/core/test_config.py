@@ -5,14 +5,28 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
-from core.config import Config, config_from_dict, load_config
-from core.config_errors import parse_override
+from core.config import config_from_dict, load_config
+from core.config.overrides import parse_override
 from core.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+DATA = {"data": {"source": "sklearn", "name": "wine"}}  # every config must name its data
+
+
+def _write(path: Path, text: str) -> None:
+    """A config file with `text`, given a data section when `text` is a mapping without one."""
+    try:
+        parsed = yaml.safe_load(text)
+    except yaml.YAMLError:
+        parsed = None
+    prefix = "data: {source: sklearn, name: wine}\n" if isinstance(parsed, dict) and "data" not in parsed else ""
+    path.write_text(prefix + text, encoding="utf-8")
+
 
 # (id, config file text or None for no file, --set overrides, the whole one-line message as a regex)
 BAD_CONFIGS = [
@@ -206,7 +220,7 @@ def test_bad_config_is_one_line_naming_path_and_value(
     in_tmp: Path, text: str | None, overrides: list[str], message: str
 ) -> None:
     if text is not None:
-        (in_tmp / "config.yaml").write_text(text + "\n", encoding="utf-8")
+        _write(in_tmp / "config.yaml", text + "\n")
     with pytest.raises(ConfigError, match=f"^{message}$") as caught:
         load_config("config.yaml", overrides)
     assert len(caught.value.problems) == 1
@@ -227,11 +241,12 @@ def test_config_path_that_is_a_folder(in_tmp: Path) -> None:
 
 
 def test_every_problem_is_reported_on_its_own_line(in_tmp: Path) -> None:
-    (in_tmp / "config.yaml").write_text(
+    _write(
+        in_tmp / "config.yaml",
         "seed: -1\n"
         "model: {name: mlp, dropout: 1.5}\n"
         "train: {precision: fp8, bach_size: 3, device: gpu}\n"
-        "store: {uri: 'gs://bucket'}\n"
+        "store: {uri: 'gs://bucket'}\n",
     )
     with pytest.raises(ConfigError) as caught:
         load_config("config.yaml")
@@ -249,7 +264,7 @@ def test_every_problem_is_reported_on_its_own_line(in_tmp: Path) -> None:
 
 
 def test_file_and_set_problems_are_told_apart(in_tmp: Path) -> None:
-    (in_tmp / "config.yaml").write_text("train: {precision: fp8}\n")
+    _write(in_tmp / "config.yaml", "train: {precision: fp8}\n")
     with pytest.raises(ConfigError) as caught:
         load_config("config.yaml", ["train.batch_size=0", "optim.lr=big"])
     assert set(caught.value.problems) == {
@@ -260,7 +275,7 @@ def test_file_and_set_problems_are_told_apart(in_tmp: Path) -> None:
 
 
 def test_every_bad_set_item_is_reported(in_tmp: Path) -> None:
-    (in_tmp / "config.yaml").write_text("seed: 0\n")
+    _write(in_tmp / "config.yaml", "seed: 0\n")
     with pytest.raises(ConfigError) as caught:
         load_config("config.yaml", ["nokey", "seed.a=1", "train.batch_size=8"])
     assert caught.value.problems == [
@@ -284,7 +299,7 @@ def test_every_bad_set_item_is_reported(in_tmp: Path) -> None:
     ],
 )
 def test_set_values_are_typed_by_yaml(in_tmp: Path, override: str, field: tuple[str, ...], expected: object) -> None:
-    (in_tmp / "config.yaml").write_text("model: {name: mlp}\ntrain: {batch_size: 64, max_epochs: 3}\n")
+    _write(in_tmp / "config.yaml", "model: {name: mlp}\ntrain: {batch_size: 64, max_epochs: 3}\n")
     config = load_config("config.yaml", [override])
     value: object = config
     for name in field:
@@ -302,25 +317,27 @@ def test_set_is_typed_before_validation() -> None:
 
 
 def test_later_set_wins() -> None:
-    config = config_from_dict({}, ["train.batch_size=8", "train.batch_size=16"])
+    config = config_from_dict(DATA, ["train.batch_size=8", "train.batch_size=16"])
     assert config.train.batch_size == 16
 
 
 def test_config_from_dict_does_not_touch_its_input() -> None:
-    raw = {"train": {"batch_size": 8}}
+    raw = DATA | {"train": {"batch_size": 8}}
     config_from_dict(raw, ["train.batch_size=16", "optim.lr=0.1"])
-    assert raw == {"train": {"batch_size": 8}}
+    assert raw == DATA | {"train": {"batch_size": 8}}
 
 
 def test_sha256_ignores_key_order_formatting_and_spelled_out_defaults(tmp_path: Path) -> None:
     block = tmp_path / "block.yaml"
-    block.write_text(
-        "# a comment\nseed: 3\nmodel:\n  name: mlp\n  hidden_sizes:\n    - 16\n    - 8\ntrain:\n  batch_size: 32\n"
+    _write(
+        block,
+        "# a comment\nseed: 3\nmodel:\n  name: mlp\n  hidden_sizes:\n    - 16\n    - 8\ntrain:\n  batch_size: 32\n",
     )
     flow = tmp_path / "flow.yaml"
-    flow.write_text(
+    _write(
+        flow,
         "train: {batch_size: 32.0, precision: fp32}\nmodel: {hidden_sizes: [16, 8], name: mlp, activation: gelu}\n"
-        "seed: 3\n"
+        "seed: 3\n",
     )
     reference = load_config(block).sha256()
     assert re.fullmatch(r"[0-9a-f]{64}", reference)
@@ -328,7 +345,7 @@ def test_sha256_ignores_key_order_formatting_and_spelled_out_defaults(tmp_path: 
     assert load_config(block).sha256() == reference  # deterministic across loads
     assert (
         config_from_dict(
-            {"seed": 3, "model": {"name": "mlp", "hidden_sizes": [16, 8]}}, ["train.batch_size=32"]
+            DATA | {"seed": 3, "model": {"name": "mlp", "hidden_sizes": [16, 8]}}, ["train.batch_size=32"]
         ).sha256()
         == reference
     )
@@ -339,7 +356,7 @@ def test_sha256_ignores_key_order_formatting_and_spelled_out_defaults(tmp_path: 
     ["seed=4", "train.batch_size=33", "model.hidden_sizes=[8,16]", "train.grad_clip_norm=null", "optim.lr=0.003000001"],
 )
 def test_sha256_changes_with_any_value(override: str) -> None:
-    raw = {"seed": 3, "model": {"name": "mlp", "hidden_sizes": [16, 8]}, "train": {"batch_size": 32}}
+    raw = DATA | {"seed": 3, "model": {"name": "mlp", "hidden_sizes": [16, 8]}, "train": {"batch_size": 32}}
     assert config_from_dict(raw, [override]).sha256() != config_from_dict(raw).sha256()
 
 
@@ -348,8 +365,18 @@ def _shipped_configs() -> list[Path]:
 
 
 @pytest.mark.parametrize("path", _shipped_configs(), ids=lambda p: str(p.relative_to(CONFIGS)))
-def test_shipped_config_validates(path: Path) -> None:
-    assert isinstance(load_config(path), Config)
+def test_shipped_config_validates_with_every_value_as_written(path: Path) -> None:
+    """Every value the file spells out is the value the pipeline gets (none dropped, renamed or coerced away)."""
+    written = _leaves(yaml.safe_load(path.read_text(encoding="utf-8")))
+    loaded = _leaves(load_config(path).model_dump(mode="json"))
+    assert written, f"{path} sets nothing"
+    assert {key: loaded.get(key) for key in written} == written
+
+
+def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict) and tree:
+        return {k: v for key, value in tree.items() for k, v in _leaves(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): list(tree) if isinstance(tree, tuple) else tree}
 
 
 def test_no_shipped_config_is_skipped() -> None:
@@ -360,5 +387,24 @@ def test_no_shipped_config_is_skipped() -> None:
         for name in names
         if name.endswith((".yaml", ".yml"))
     ]
-    assert len(walked) >= 1
+    assert len(walked) >= 3  # digits.yaml, wine_mlp.yaml, text_gpt.yaml at least
     assert len(_shipped_configs()) == len(walked), sorted(walked)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", r"config\.yaml: the file is empty; a config needs at least a data section \(see configs/\)"),
+        (
+            "# a truncated file: comments only\n",
+            r"config\.yaml: the file is empty; a config needs at least a data sec.*",
+        ),
+        ("seed: 1\nmodel: {name: mlp}\n", r"config\.yaml: data: required but missing"),
+    ],
+    ids=["empty", "comments only", "no data section"],
+)
+def test_a_config_that_names_no_data_is_an_error(in_tmp: Path, text: str, message: str) -> None:
+    (in_tmp / "config.yaml").write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError, match=f"^{message}$") as caught:
+        load_config("config.yaml")
+    assert len(caught.value.problems) == 1

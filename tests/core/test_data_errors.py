@@ -13,7 +13,7 @@ import pytest
 
 from core.errors import DataError
 from core.prepare_data import prepare_data
-from core.store import LocalStore
+from core.storage.store import LocalStore
 from tests.core.test_prepare_data import data_config
 
 

@@ -21,18 +21,16 @@ import torch
 from mlflow.entities import Run
 
 import core.hpo_search as hpo_search_module
-from core.config import Config, config_from_dict
+from core.config import CategoricalParam, Config, FloatParam, config_from_dict
 from core.errors import ConfigError, TrainingError
-from core.hpo_search import HPOSearchResult, hpo_search, resolve_space
-from core.lr_range_test import LRRangeTestResult
+from core.hpo_search import hpo_search, resolve_space
 from core.prepare_data import prepare_data
-from core.store import LocalStore
-from core.tracking import Tracker
-from core.tune_config import CategoricalParam, FloatParam
-from core.tuning import apply_tuning, tuning_view
+from core.records import HPOSearchResult, LRRangeTestResult
+from core.storage.store import LocalStore
+from core.storage.tracking import ParentRun, Tracker
+from core.tuning.apply import apply_tuning, tuning_view
 from tests.conftest import tiny_raw
 
-Tracking = tuple[str, str, str]
 KEY = "stages/hpo_search/test"
 
 
@@ -52,13 +50,13 @@ def tracker(tmp_path_factory: pytest.TempPathFactory) -> Tracker:
 
 
 @pytest.fixture
-def tracking(tracker: Tracker, request: pytest.FixtureRequest) -> Tracking:
+def tracking(tracker: Tracker, request: pytest.FixtureRequest) -> ParentRun:
     return _parent_run(tracker, request.node.name)
 
 
-def _parent_run(tracker: Tracker, name: str) -> Tracking:
+def _parent_run(tracker: Tracker, name: str) -> ParentRun:
     run = tracker.client.create_run(tracker.experiment_id, run_name=name)
-    return tracker.uri, tracker.experiment_id, run.info.run_id
+    return ParentRun(tracker.uri, tracker.experiment_id, run.info.run_id)
 
 
 def _config(hpo: dict[str, Any], lr_range_test: bool = False) -> Config:
@@ -68,11 +66,11 @@ def _config(hpo: dict[str, Any], lr_range_test: bool = False) -> Config:
 
 
 def _search(
-    cfg: Config, store: LocalStore, tracking: Tracking | None, lr_test: LRRangeTestResult | None = None
+    cfg: Config, store: LocalStore, tracking: ParentRun | None, lr_range: LRRangeTestResult | None = None
 ) -> HPOSearchResult:
     """The stage as the pipeline calls it: the tuning view of the train section, prepared data."""
     data = prepare_data(cfg.data, cfg.seed, store)
-    return hpo_search(cfg.tune.hpo, cfg.data, cfg.model, cfg.optim, tuning_view(cfg.train), cfg.seed, data, lr_test,
+    return hpo_search(cfg.tune.hpo, cfg.data, cfg.model, cfg.optim, tuning_view(cfg.train), cfg.seed, data, lr_range,
                       store, KEY, tracking)  # fmt: skip
 
 
@@ -80,17 +78,17 @@ def _study(result: HPOSearchResult) -> optuna.Study:
     return optuna.load_study(study_name=result.study_name, storage=result.storage)
 
 
-def _trial_runs(tracker: Tracker, tracking: Tracking) -> dict[str, Run]:
+def _trial_runs(tracker: Tracker, tracking: ParentRun) -> dict[str, Run]:
     """The parent run's children by run name (`trial-<n>`)."""
     runs = tracker.client.search_runs(
-        [tracker.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{tracking[2]}'"
+        [tracker.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{tracking.run_id}'"
     )
     return {run.info.run_name: run for run in runs}
 
 
-def _lr_test(store: LocalStore, suggested_lr: float | None, reason: str) -> LRRangeTestResult:
-    curve = store.put_bytes(json.dumps({"lr": [1e-4, 1e-2], "loss": [1.1, 0.6]}).encode(), "lr_test/lr_curve.json")
-    plot = store.put_bytes(b"\x89PNG\r\n\x1a\n", "lr_test/lr_range_test.png")
+def _lr_range(store: LocalStore, suggested_lr: float | None, reason: str) -> LRRangeTestResult:
+    curve = store.put_bytes(json.dumps({"lr": [1e-4, 1e-2], "loss": [1.1, 0.6]}).encode(), "lr_range/lr_curve.json")
+    plot = store.put_bytes(b"\x89PNG\r\n\x1a\n", "lr_range/lr_range_test.png")
     return LRRangeTestResult(suggested_lr=suggested_lr, rule="valley", reason=reason, num_steps_run=100,
                              diverged=False, suggestions={"valley": suggested_lr, "steepest": None, "min_div_10": None},
                              curve_uri=curve, plot_uri=plot)  # fmt: skip
@@ -114,7 +112,7 @@ _FLOAT = {"type": "float", "low": 0.0, "high": 0.5}
 
 
 @pytest.mark.parametrize(
-    ("hpo", "lr_test", "error", "match"),
+    ("hpo", "lr_range", "error", "match"),
     [
         ({"metric": "val/f1"}, None, ConfigError,
          r"tune\.hpo\.metric: 'val/f1' is not an evaluation metric of classification; "
@@ -129,23 +127,23 @@ _FLOAT = {"type": "float", "low": 0.0, "high": 0.5}
 )  # fmt: skip
 def test_the_stage_refuses_before_any_trial(
     hpo: dict[str, Any],
-    lr_test: tuple[float | None, str] | None,
+    lr_range: tuple[float | None, str] | None,
     error: type[Exception],
     match: str,
     store: LocalStore,
     tracker: Tracker,
-    tracking: Tracking,
+    tracking: ParentRun,
 ) -> None:
     cfg = _config({"space": {"model.dropout": _FLOAT}} | hpo, lr_range_test=True)
     with pytest.raises(error, match=match):
-        _search(cfg, store, tracking, _lr_test(store, *lr_test) if lr_test else None)
+        _search(cfg, store, tracking, _lr_range(store, *lr_range) if lr_range else None)
     assert not (store.root / "hpo").exists(), "no Optuna study was created"
     assert not _trial_runs(tracker, tracking)
 
 
 # ------------------------------------------------------------------------------- pruning
 def test_a_pruned_trial_is_a_killed_mlflow_run_with_its_epochs_logged(
-    store: LocalStore, tracker: Tracker, tracking: Tracking
+    store: LocalStore, tracker: Tracker, tracking: ParentRun
 ) -> None:
     # Random sampler, seed 5 draws lr 1e-2, 1e-2, 1e-2, 1e-7, 1e-7: the median pruner (3 startup trials)
     # then holds three identical good curves, and the hopeless 1e-7 trials fall above their median.
@@ -177,7 +175,7 @@ def test_a_pruned_trial_is_a_killed_mlflow_run_with_its_epochs_logged(
 
 # -------------------------------------------------------------------------------- failures
 def test_a_failing_trial_is_recorded_and_the_study_goes_on(
-    store: LocalStore, tracker: Tracker, tracking: Tracking
+    store: LocalStore, tracker: Tracker, tracking: ParentRun
 ) -> None:
     # Seed 0 draws fp16, fp32, fp16: the first trial already fails (fp16 autocast needs CUDA).
     cfg = _config({"space": {"train.precision": {"type": "categorical", "choices": ["fp32", "fp16"]}}, "n_trials": 3})
@@ -197,7 +195,7 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(
 
 
 def test_when_every_trial_fails_the_first_error_is_raised(
-    store: LocalStore, tracker: Tracker, tracking: Tracking
+    store: LocalStore, tracker: Tracker, tracking: ParentRun
 ) -> None:
     cfg = _config({"space": {"train.precision": {"type": "categorical", "choices": ["fp16"]}}, "n_trials": 2})
     with pytest.raises(
@@ -212,7 +210,7 @@ def test_when_every_trial_fails_the_first_error_is_raised(
 
 # ----------------------------------------------------------------------------- continuing
 def test_a_rerun_continues_the_study_and_a_changed_space_starts_a_new_one(
-    store: LocalStore, tracker: Tracker, tracking: Tracking
+    store: LocalStore, tracker: Tracker, tracking: ParentRun
 ) -> None:
     space = {"model.dropout": _FLOAT}
     first = _search(_config({"space": space, "n_trials": 3}), store, tracking)
@@ -243,7 +241,7 @@ def test_a_continued_study_does_not_repeat_the_points_already_tried(store: Local
 
 # ------------------------------------------------------------------------ parallel workers
 def test_parallel_workers_fill_the_study_with_mlflow_runs_for_every_trial(
-    store: LocalStore, tracker: Tracker, tracking: Tracking
+    store: LocalStore, tracker: Tracker, tracking: ParentRun
 ) -> None:
     cfg = _config({"space": {"model.dropout": _FLOAT}, "n_trials": 4, "parallelism": 2})
     result = _search(cfg, store, tracking)  # worker 0 here, worker 1 in a spawned process
@@ -284,9 +282,9 @@ def test_parallel_search_leaves_the_callers_torch_threads_alone(
 
 
 # -------------------------------------------------------------------------- LR bounds
-def test_lr_bounds_come_from_the_range_test(store: LocalStore, tracker: Tracker, tracking: Tracking) -> None:
+def test_lr_bounds_come_from_the_range_test(store: LocalStore, tracker: Tracker, tracking: ParentRun) -> None:
     cfg = _config({"space": {"optim.lr": {"type": "float", "log": True}}, "n_trials": 3}, lr_range_test=True)
-    result = _search(cfg, store, tracking, _lr_test(store, 0.02, "valley"))
+    result = _search(cfg, store, tracking, _lr_range(store, 0.02, "valley"))
 
     assert result.lr_bounds == pytest.approx((0.002, 0.06))
     study = _study(result)
@@ -311,7 +309,7 @@ def test_only_missing_lr_bounds_are_taken_from_the_suggestion(
     spec: FloatParam | CategoricalParam, bounds: tuple[float, float] | None, store: LocalStore
 ) -> None:
     space = {"optim.lr": spec, "model.dropout": FloatParam(**_FLOAT)}
-    resolved, lr_bounds = resolve_space(space, _lr_test(store, 0.02, "valley"))
+    resolved, lr_bounds = resolve_space(space, _lr_range(store, 0.02, "valley"))
     assert resolved["model.dropout"] == space["model.dropout"]
     if bounds is None:
         assert lr_bounds is None and resolved["optim.lr"] == spec
@@ -322,12 +320,12 @@ def test_only_missing_lr_bounds_are_taken_from_the_suggestion(
 
 def test_a_given_lr_bound_beyond_the_suggested_range_is_named(store: LocalStore) -> None:
     with pytest.raises((ConfigError, TrainingError), match=r"tune\.hpo\.space\.optim\.lr"):
-        resolve_space({"optim.lr": FloatParam(type="float", low=0.1)}, _lr_test(store, 0.02, "valley"))
+        resolve_space({"optim.lr": FloatParam(type="float", low=0.1)}, _lr_range(store, 0.02, "valley"))
 
 
 # ------------------------------------------------------------------- list choices, record
 def test_list_choices_come_back_as_lists_and_merge_into_the_config(
-    store: LocalStore, tracker: Tracker, tracking: Tracking
+    store: LocalStore, tracker: Tracker, tracking: ParentRun
 ) -> None:
     space = {
         "model.hidden_sizes": {"type": "categorical", "choices": [[16], [32, 32]]},
@@ -368,7 +366,7 @@ def test_importances_are_empty_below_two_complete_trials(store: LocalStore) -> N
     assert result.importances == {}
 
 
-def test_the_grid_sampler_searches_every_categorical_choice(store: LocalStore, tracking: Tracking) -> None:
+def test_the_grid_sampler_searches_every_categorical_choice(store: LocalStore, tracking: ParentRun) -> None:
     space = {"model.hidden_sizes": {"type": "categorical", "choices": [[16], [32, 32]]}}
     result = _search(_config({"space": space, "sampler": "grid", "n_trials": 2}), store, tracking)
     assert result.n_complete == 2

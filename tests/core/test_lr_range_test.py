@@ -17,14 +17,15 @@ import pytest
 import torch
 from torch import nn
 
-from core.config import Config, config_from_dict
-from core.lr_range_test import LRRangeTestResult, lr_range_test
-from core.prepare_data import DataSpec, prepare_data
-from core.train import build_trainer
-from core.training.lr_finder import RULES, LRCurve, lr_sweep, suggest_lr
+from core.config import Config, LRRangeTestConfig, config_from_dict
+from core.data.spec import DataSpec
+from core.lr_range_test import lr_range_test
+from core.prepare_data import prepare_data
+from core.records import LRRangeTestResult
+from core.training.builder import build_trainer
 from core.training.seed import rng_state, set_rng_state
 from core.training.trainer import Trainer, step_windows
-from core.tune_config import LRRangeTestConfig
+from core.tuning.lr_finder import RULES, LRCurve, lr_sweep, suggest_lr
 from tests.conftest import tiny_raw
 
 SHORT = {"num_steps": 30, "skip_start": 5, "skip_end": 3}  # a 30-step sweep over the default 1e-6 .. 1

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.config import CNNConfig, GPTConfig, MLPConfig, ModelConfig, config_from_dict
+from core.data.spec import DataSpec
 from core.errors import ConfigError
 from core.models import build_model
-from core.prepare_data import DataSpec
 from tests.conftest import tiny_raw
 
 TABULAR = DataSpec(task="classification", input_shape=(13,), n_classes=3, class_names=["a", "b", "c"])
@@ -180,21 +180,29 @@ def test_bad_factory_raises_config_error(factory: str, params: dict[str, Any], m
 # ------------------------------------------------------------------------------ model vs data
 MISMATCHES = [
     pytest.param(
-        CNNConfig(), TABULAR, "model.name: 'cnn' needs image data (C, H, W) but the data has shape [13]", id="cnn"
+        CNNConfig(), TABULAR,
+        "model.name: 'cnn' needs image data (C, H, W), such as data.name: digits, but each sample of this data has "
+        "1 dimension(s); use mlp", id="cnn",
     ),
     pytest.param(
-        tiny_gpt(), TABULAR, "model.name: 'gpt' is for language_modeling but the data is classification", id="gpt"
+        tiny_gpt(), TABULAR,
+        "model.name: 'gpt' is for language modelling (data.source: text) but the data is for classification; "
+        "use data.source: text", id="gpt",
     ),
     pytest.param(
-        MLPConfig(), TEXT, "model.name: 'mlp' is for classification but the data is language_modeling", id="mlp"
+        MLPConfig(), TEXT,
+        "model.name: 'mlp' is for classification but the data is for language modelling (data.source: text); "
+        "use gpt, or a classification data source", id="mlp",
     ),
     pytest.param(
-        CNNConfig(), TEXT, "model.name: 'cnn' is for classification but the data is language_modeling", id="cnn-lm"
+        CNNConfig(), TEXT,
+        "model.name: 'cnn' is for classification but the data is for language modelling (data.source: text); "
+        "use gpt, or a classification data source", id="cnn-lm",
     ),
-]
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(("cfg", "spec", "message"), MISMATCHES)
 def test_model_that_does_not_fit_the_data_raises_config_error(cfg: Any, spec: DataSpec, message: str) -> None:
-    with pytest.raises(ConfigError, match="^" + re.escape(message)):
+    with pytest.raises(ConfigError, match="^" + re.escape(message) + "$"):
         build_model(cfg, spec)

@@ -15,9 +15,11 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
 from core.config import DataConfig, config_from_dict
+from core.data.prepared import load_splits
 from core.data.preprocess import SPLITS, ArraySplits
-from core.prepare_data import PrepareDataResult, load_splits, prepare_data
-from core.store import LocalStore
+from core.prepare_data import prepare_data
+from core.records import PrepareDataResult
+from core.storage.store import LocalStore
 from tests.conftest import tiny_raw
 
 SKLEARN = {
@@ -37,7 +39,7 @@ def data_config(**data: Any) -> DataConfig:
 
 def prepare(store: LocalStore, seed: int = 0, **data: Any) -> tuple[PrepareDataResult, ArraySplits]:
     result = prepare_data(data_config(**data), seed, store)
-    return result, load_splits(result, store)
+    return result, load_splits(store.local_path(result.uri), result.spec)
 
 
 def npz_mtime_ns(result: PrepareDataResult, store: LocalStore) -> int:
@@ -274,7 +276,8 @@ def test_edited_csv_changes_the_fingerprint(store: LocalStore, tmp_path: Path) -
     after = prepare_data(cfg, 0, store)
     assert after.fingerprint != before.fingerprint
     assert after.uri != before.uri
-    old, new = load_splits(before, store), load_splits(after, store)
+    old = load_splits(store.local_path(before.uri), before.spec)
+    new = load_splits(store.local_path(after.uri), after.spec)
     assert not all(np.array_equal(old.x[s], new.x[s]) for s in SPLITS), "the edited file was read again"
 
 

@@ -28,7 +28,8 @@ from tests.core.test_hpo_search import _FLOAT, _config
         ({"space": {"model.dropout": {"type": "float", "high": 0.5}}}, True,
          r"tune\.hpo\.space\.model\.dropout: low and high are required \(only optim\.lr takes them"),
         ({"space": {"optim.lr": {"type": "float", "log": True}}}, False,
-         r"tune\.hpo\.space\.optim\.lr: without low/high it needs tune\.lr_range_test\.enabled: true"),
+         r"tune\.hpo\.space\.optim\.lr: without low/high it needs the LR range test "
+         r"\(tune\.lr_range_test\.enabled is false\)"),
         ({"sampler": "grid", "space": {"model.dropout": _FLOAT}}, True,
          r"tune\.hpo: sampler 'grid' needs every parameter of the space to be categorical"),
         ({"space": {}}, True, r"tune\.hpo: enabled=true needs a search space \(tune\.hpo\.space\)"),

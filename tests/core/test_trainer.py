@@ -17,9 +17,10 @@ from core.data.loaders import ArrayDataset, EpochSampler, Loaders
 from core.errors import ConfigError, TrainingError
 from core.prepare_data import prepare_data
 from core.train import train
-from core.training.callbacks import Callback, EarlyStopping, StopReason, is_improvement
+from core.training.callbacks import Callback, EarlyStopping, is_improvement
 from core.training.checkpoint import load_checkpoint, periodic_checkpoints
 from core.training.optim import build_optimizer, build_scheduler, lr_factor
+from core.training.state import StopReason
 from core.training.trainer import Trainer
 from tests.conftest import tiny_raw
 

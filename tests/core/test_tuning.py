@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from core.config import TrainConfig
+from core.config import TrainConfig, load_config
 from core.errors import ConfigError, TrainingError
-from core.hpo_search import HPOSearchResult
-from core.lr_range_test import LRRangeTestResult
-from core.records import stage_key
-from core.training.lr_finder import RULES
-from core.tuning import apply_tuning, tuning_view
+from core.records import HPOSearchResult, LRRangeTestResult, stage_key
+from core.tuning.apply import apply_tuning, lr_range_test_plan, tuning_view
+from core.tuning.lr_finder import RULES
 from tests.core.test_lr_range_test import _config
 
 
-def _lr_test(suggested_lr: float | None, reason: str = "inside the longest descent") -> LRRangeTestResult:
+def _lr_range(suggested_lr: float | None, reason: str = "inside the longest descent") -> LRRangeTestResult:
     return LRRangeTestResult(
         suggested_lr=suggested_lr, rule="valley", reason=reason, num_steps_run=30, diverged=False,
         suggestions=dict.fromkeys(RULES, suggested_lr), curve_uri="file:///c.json", plot_uri="file:///p.png",
@@ -25,29 +24,29 @@ def _lr_test(suggested_lr: float | None, reason: str = "inside the longest desce
 
 def test_auto_lr_takes_the_suggestion_and_reports_it() -> None:
     config = _config(optim={"lr": "auto"})
-    tuned, changes = apply_tuning(config, _lr_test(0.0123), None)
+    tuned, changes = apply_tuning(config, _lr_range(0.0123), None)
     assert tuned.optim.lr == 0.0123
     assert changes == {"optim.lr": 0.0123}
     assert tuned.model_dump(exclude={"optim": {"lr"}}) == config.model_dump(exclude={"optim": {"lr"}})
 
 
 @pytest.mark.parametrize(
-    ("lr_test", "reason"),
+    ("lr_range", "reason"),
     [
-        (_lr_test(None, "the smoothed loss did not decrease between LR 1e-06 and 1"), "did not decrease"),
+        (_lr_range(None, "the smoothed loss did not decrease between LR 1e-06 and 1"), "did not decrease"),
         (None, "the LR range test did not run"),
     ],
 )
-def test_auto_lr_without_a_suggestion_quotes_the_reason(lr_test: LRRangeTestResult | None, reason: str) -> None:
+def test_auto_lr_without_a_suggestion_quotes_the_reason(lr_range: LRRangeTestResult | None, reason: str) -> None:
     with pytest.raises(
         TrainingError, match=rf"optim\.lr: 'auto' needs the LR range test's suggestion.*\(.*{reason}.*\); set optim\.lr"
     ):
-        apply_tuning(_config(optim={"lr": "auto"}), lr_test, None)
+        apply_tuning(_config(optim={"lr": "auto"}), lr_range, None)
 
 
 def test_a_numeric_lr_ignores_the_suggestion() -> None:
     config = _config(optim={"lr": 0.01})
-    tuned, changes = apply_tuning(config, _lr_test(0.5), None)
+    tuned, changes = apply_tuning(config, _lr_range(0.5), None)
     assert tuned.optim.lr == 0.01
     assert changes == {}
 
@@ -95,7 +94,10 @@ def test_tuning_view_keeps_what_tuning_computes_with_and_drops_the_loop_settings
 @pytest.mark.parametrize(
     ("sections", "problem"),
     [
-        ({"tune": {"lr_range_test": {"enabled": False}}}, r"optim\.lr: 'auto' needs tune\.lr_range_test\.enabled"),
+        (
+            {"tune": {"lr_range_test": {"enabled": False}}},
+            r"optim\.lr: 'auto' needs the LR range test, but tune\.lr_range_test\.enabled is false",
+        ),
         ({"tune": {"lr_range_test": {"min_lr": 0.1, "max_lr": 0.1}}}, r"tune\.lr_range_test: min_lr=0.1 must be below"),
         ({"tune": {"lr_range_test": {"min_lr": 1.0, "max_lr": 0.1}}}, r"tune\.lr_range_test: min_lr=1 must be below"),
         (
@@ -120,3 +122,46 @@ def test_tuning_config_errors_name_the_field(sections: dict[str, Any], problem: 
 )  # fmt: skip
 def test_auto_lr_is_accepted_when_something_provides_it(tune: dict[str, Any]) -> None:
     assert _config(optim={"lr": "auto"}, tune=tune).optim.lr == "auto"
+
+
+# ------------------------------------------------------------------ which tuning stages run
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+@pytest.mark.parametrize(
+    ("config", "runs", "why"),
+    [
+        (CONFIGS / "digits.yaml", True, "tune.hpo.space.optim.lr takes its bounds from the suggestion"),
+        (CONFIGS / "text_gpt.yaml", False, "nothing uses its suggestion (optim.lr is 0.002 and no search"),
+        (CONFIGS / "wine_mlp.yaml", False, "nothing uses its suggestion (optim.lr is 0.003 and no search"),
+    ],
+    ids=["digits", "text_gpt", "wine_mlp"],
+)
+def test_shipped_configs_run_the_lr_range_test_only_where_its_suggestion_is_used(
+    config: Path, runs: bool, why: str
+) -> None:
+    needed, reason = lr_range_test_plan(load_config(config))
+    assert needed is runs and reason.startswith(why)
+
+
+@pytest.mark.parametrize(
+    ("sections", "runs", "why"),
+    [
+        ({"optim": {"lr": "auto"}}, True, "optim.lr is auto"),
+        ({"optim": {"lr": 0.01}}, False, "nothing uses its suggestion"),
+        ({"optim": {"lr": 0.01}, "tune": {"lr_range_test": {"enabled": True}}}, True,
+         "tune.lr_range_test.enabled is true"),
+        ({"optim": {"lr": "auto"}, "tune": {"hpo": {"enabled": True, "space": {
+            "optim.lr": {"type": "float", "low": 1e-3, "high": 1e-1}}}}}, False, "nothing uses its suggestion"),
+        ({"optim": {"lr": 0.01}, "tune": {"hpo": {"enabled": True, "space": {
+            "optim.lr": {"type": "float", "log": True}}}}}, True, "tune.hpo.space.optim.lr takes its bounds"),
+        ({"optim": {"lr": 0.01}, "tune": {"lr_range_test": {"enabled": False}}}, False,
+         "tune.lr_range_test.enabled is false"),
+    ],
+    ids=["auto-lr", "fixed-lr", "asked-for", "searched-lr-with-bounds", "searched-lr-without-bounds", "disabled"],
+)  # fmt: skip
+def test_the_lr_range_test_runs_when_its_suggestion_is_used_or_asked_for(
+    sections: dict[str, Any], runs: bool, why: str
+) -> None:
+    needed, reason = lr_range_test_plan(_config(**sections))
+    assert needed is runs and reason.startswith(why), reason

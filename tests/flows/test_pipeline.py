@@ -12,13 +12,13 @@ import yaml
 from mlflow import MlflowClient
 
 from core.publish import verify_manifest
-from core.store import LocalStore
-from core.tracking import fluent_tracking_uri
+from core.storage.store import LocalStore
+from core.storage.tracking import fluent_tracking_uri
 from flows.pipeline import training_pipeline
 from tests.conftest import tiny_raw
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
-STAGES = ["prepare_data", "lr_range_test", "train", "evaluate", "publish"]
+STAGES = ["prepare_data", "train", "evaluate", "publish"]  # optim.lr is set and no search: no tuning stage
 
 
 class Project:
@@ -76,6 +76,25 @@ def test_summary_holds_every_stage_result(first: dict[str, Any]) -> None:
     names = [o["uri"].rsplit("/", 1)[1] for o in stages["publish"]["objects"]]
     assert names == ["model.pt", "config.yaml", "evaluation.json", "manifest.json"]
     assert all(len(o["sha256"]) == 64 and o["bytes"] > 0 for o in stages["publish"]["objects"])
+
+
+def test_stages_nothing_needs_are_skipped_and_shown_as_skipped(first: dict[str, Any]) -> None:
+    assert first["skipped"] == {
+        "lr_range_test": "nothing uses its suggestion (optim.lr is 0.01 and no search takes optim.lr's bounds from "
+        "it); set tune.lr_range_test.enabled: true to run it anyway",
+        "hpo_search": "tune.hpo.enabled is false",
+    }
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[first["prefect_flow_run_id"]]))
+        )
+    states = {run.name.rsplit("-", 1)[0]: (run.state.name, run.state.message) for run in runs}
+    assert states["lr_range_test"] == ("Skipped", first["skipped"]["lr_range_test"])
+    assert states["hpo_search"] == ("Skipped", first["skipped"]["hpo_search"])
+    assert {states[name][0] for name in STAGES} == {"Completed"}
 
 
 def test_mlflow_has_a_parent_run_with_one_child_per_stage(project: Project, first: dict[str, Any]) -> None:
@@ -149,7 +168,7 @@ def test_a_second_identical_run_reuses_every_stage(project: Project, first: dict
 def test_changing_one_section_reruns_that_stage_and_those_after_it(project: Project, first: dict[str, Any]) -> None:
     changed = project.run("train.max_epochs=3", out="changed")
     cached = {name: changed["stages"][name]["cached"] for name in STAGES}
-    assert cached == {"prepare_data": True, "lr_range_test": True, "train": False, "evaluate": False, "publish": False}
+    assert cached == {"prepare_data": True, "train": False, "evaluate": False, "publish": False}
     assert changed["stages"]["train"]["epochs_run"] == 3
 
 

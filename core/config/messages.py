@@ -15,21 +15,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ValidationError
 
-_OVERRIDE_KEY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
-
-
-def parse_override(item: str) -> tuple[tuple[str, ...], Any]:
-    """Split `section.key=value`; the value is parsed as YAML (`32` -> int, `null` -> None, `[1, 2]` -> list)."""
-    key, sep, text = item.partition("=")
-    key = key.strip()
-    if not sep or not _OVERRIDE_KEY.match(key):
-        raise ValueError("expected section.key=value")
-    try:
-        value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
-        value = text
-    return tuple(key.split(".")), value
-
 
 def format_validation_error(
     exc: ValidationError,

@@ -16,13 +16,14 @@ from typing import Any
 
 import optuna
 
-from core.config import Config, config_from_dict
-from core.prepare_data import PrepareDataResult
-from core.store import open_store
-from core.tracking import Tracker
-from core.train import build_trainer
-from core.training.callbacks import Callback, StopReason, TrackingCallback, is_improvement, monitored_value
-from core.tune_config import CategoricalParam, FloatParam, HPOConfig, ParamSpec
+from core.config import CategoricalParam, Config, FloatParam, HPOConfig, ParamSpec, config_from_dict
+from core.records import PrepareDataResult
+from core.storage.store import open_store
+from core.storage.tracking import MlflowMetricLogger, ParentRun, Tracker
+from core.training.builder import build_trainer
+from core.training.callbacks import Callback, TrackingCallback, is_improvement, monitored_value
+from core.training.state import StopReason
+from core.tuning.study import from_optuna, make_pruner, make_sampler, optuna_choices, rdb_storage
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class WorkerSpec:
     seed: int
     worker: int  # 0 in the stage's process
     torch_threads: int | None
-    tracking: tuple[str, str, str] | None  # (tracking URI, experiment id, hpo_search run id)
+    parent_run: ParentRun | None  # the hpo_search run: each trial is a child run of it
 
 
 class OptunaPruning(Callback):
@@ -82,9 +83,11 @@ def run_worker(spec: WorkerSpec) -> None:
         existing = len(optuna.load_study(study_name=spec.study_name, storage=storage).get_trials(deepcopy=False))
         if existing >= spec.hpo.n_trials:
             return
-        sampler, pruner = make_sampler(spec, existing), make_pruner(spec.hpo)
+        sampler = make_sampler(spec.hpo, spec.space, spec.seed, spec.worker, existing)
+        pruner = make_pruner(spec.hpo)
         study = optuna.load_study(study_name=spec.study_name, storage=storage, sampler=sampler, pruner=pruner)
-        tracker = Tracker(spec.tracking[0], spec.tracking[1]) if spec.tracking else None
+        parent = spec.parent_run
+        tracker = Tracker(parent.tracking_uri, parent.experiment_id) if parent else None
         study.optimize(
             lambda trial: _objective(trial, spec, tracker),
             timeout=spec.hpo.timeout_s,
@@ -98,7 +101,9 @@ def run_worker(spec: WorkerSpec) -> None:
 def _objective(trial: optuna.Trial, spec: WorkerSpec, tracker: Tracker | None) -> float:
     """Train one trial; its MLflow run ends with the trial's true state (FINISHED, KILLED, FAILED)."""
     params = {path: _suggest(trial, path, p) for path, p in spec.space.items()}
-    run_id = tracker.start_stage_run(spec.tracking[2], f"trial-{trial.number}") if tracker and spec.tracking else None
+    run_id = None
+    if tracker is not None and spec.parent_run is not None:
+        run_id = tracker.start_stage_run(spec.parent_run.run_id, f"trial-{trial.number}")
     logger = tracker.logger(run_id) if tracker and run_id else None
     if logger:
         logger.log_params(params | {"trial": trial.number})
@@ -141,61 +146,17 @@ def _suggest(trial: optuna.Trial, path: str, spec: ParamSpec) -> Any:
     return trial.suggest_int(path, spec.low, spec.high, step=spec.step, log=spec.log)
 
 
-_ENCODED = "json:"
-
-
-def optuna_choices(spec: CategoricalParam) -> list[Any]:
-    """Optuna takes scalar choices only; lists and mappings travel as tagged JSON strings."""
-    return [
-        c if isinstance(c, bool | int | float | str) or c is None else _ENCODED + json.dumps(c) for c in spec.choices
-    ]
-
-
-def from_optuna(value: Any) -> Any:
-    return json.loads(value.removeprefix(_ENCODED)) if isinstance(value, str) and value.startswith(_ENCODED) else value
-
-
-def _end(tracker: Tracker | None, logger: Any, run_id: str | None, status: str, state: str, note: str | None) -> None:
-    if tracker is None or run_id is None:
+def _end(
+    tracker: Tracker | None,
+    logger: MlflowMetricLogger | None,
+    run_id: str | None,
+    status: str,
+    state: str,
+    note: str | None,
+) -> None:
+    if tracker is None or logger is None or run_id is None:
         return
     logger.flush()
     tags = {"trainflow.trial_state": state} | ({"trainflow.trial_note": note[:5000]} if note else {})
     logger.set_tags(tags)
     tracker.end_run(run_id, status)
-
-
-def make_sampler(spec: WorkerSpec, existing_trials: int = 0) -> optuna.samplers.BaseSampler:
-    """A seed stream per worker and per continuation, so neither parallel workers nor a continued
-    study draw the points already drawn."""
-    seed = spec.seed + 1000 * spec.worker + 100_003 * existing_trials
-    if spec.hpo.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if spec.hpo.sampler == "gp":
-        return optuna.samplers.GPSampler(seed=seed)
-    if spec.hpo.sampler == "grid":
-        grid = {path: optuna_choices(p) for path, p in spec.space.items() if isinstance(p, CategoricalParam)}
-        return optuna.samplers.GridSampler(grid, seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=tpe_startup_trials(spec.hpo.n_trials))
-
-
-def tpe_startup_trials(n_trials: int) -> int:
-    """Random trials before TPE models the space: Optuna's default 10 would leave a 12-trial budget nearly
-    unguided, so a third of the budget, between 3 and 10."""
-    return max(3, min(10, n_trials // 3))
-
-
-def make_pruner(hpo: HPOConfig) -> optuna.pruners.BasePruner:
-    if hpo.pruner == "median":
-        # Steps are evaluation counts (1, 2, ...): warm-up n means pruning starts at evaluation n + 1.
-        return optuna.pruners.MedianPruner(
-            n_startup_trials=hpo.pruner_startup_trials, n_warmup_steps=hpo.pruner_warmup_evals
-        )
-    if hpo.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=hpo.max_epochs_per_trial, reduction_factor=3)
-    return optuna.pruners.NopPruner()
-
-
-def rdb_storage(url: str) -> optuna.storages.RDBStorage:
-    """SQLite waits for a lock instead of failing when several workers write at once."""
-    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)

@@ -22,6 +22,7 @@ class ArtifactStore(Protocol):
     uri: str
 
     def workdir(self, key: str) -> Path: ...
+    def uri_for(self, key: str) -> str: ...
     def put_file(self, src: Path, key: str) -> str: ...
     def put_bytes(self, data: bytes, key: str) -> str: ...
     def exists(self, uri: str) -> bool: ...
@@ -42,6 +43,10 @@ class LocalStore:
         path = self._path(key)
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    def uri_for(self, key: str) -> str:
+        """The URI `key` has (or will have) in this store; creates nothing."""
+        return self._path(key).as_uri()
 
     def put_file(self, src: Path, key: str) -> str:
         dst = self._path(key)

@@ -8,13 +8,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
-from core.config_base import Section
+from core.config.base import Section
 
 
 class LRRangeTestConfig(Section):
-    enabled: bool = Field(
-        True,
-        description="Run the LR range test (Smith 2017) before training; its suggestion is the LR when optim.lr is auto, and the centre of the HPO range when optim.lr is searched without bounds.",
+    enabled: bool | Literal["auto"] = Field(
+        "auto",
+        description="Run the LR range test (Smith 2017) before training: auto = only when its suggestion is used (optim.lr: auto, or tune.hpo.space.optim.lr without bounds, which then spans suggestion/10 .. x3); true = always (its curve is logged even when unused); false = never.",
     )
     min_lr: float = Field(1e-6, gt=0, description="First learning rate of the sweep.")
     max_lr: float = Field(
@@ -177,7 +177,7 @@ class TuneConfig(Section):
 def search_space_problems(
     raw: dict[str, Any],
     space: dict[str, ParamSpec],
-    lr_test_enabled: bool,
+    lr_range_test_allowed: bool,
     validate: Callable[[dict[str, Any], list[str]], list[str]],
 ) -> list[str]:
     """Problems of the search space found by validating the config with each range end and choice.
@@ -194,8 +194,10 @@ def search_space_problems(
         if isinstance(spec, FloatParam) and (spec.low is None or spec.high is None):
             if path != "optim.lr":
                 problems.append(f"{where}: low and high are required (only optim.lr takes them from the LR range test)")
-            elif not lr_test_enabled:
-                problems.append(f"{where}: without low/high it needs tune.lr_range_test.enabled: true")
+            elif not lr_range_test_allowed:
+                problems.append(
+                    f"{where}: without low/high it needs the LR range test (tune.lr_range_test.enabled is false)"
+                )
         for label, value in _probes(spec):
             found = validate(raw, [f"{path}={_yaml(value)}"])
             if found:

@@ -14,12 +14,13 @@ import time
 import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from core.errors import TrackingError
-from core.store import folder_problem
+from core.storage.store import folder_problem
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,15 @@ def check_reachable(uri: str) -> None:
                 pass
         except OSError as exc:
             raise TrackingError(f"tracking.uri: MLflow server {uri} is not reachable ({exc})") from None
+
+
+@dataclass(frozen=True)
+class ParentRun:
+    """An MLflow run that others nest under, by id: where a stage's own child runs (HPO trials) go."""
+
+    tracking_uri: str
+    experiment_id: str
+    run_id: str
 
 
 class Tracker:

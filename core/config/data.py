@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Discriminator, Field, Tag, model_validator
 
-from core.config_base import Section
+from core.config.base import Section
 
 
 class LoaderConfig(Section):

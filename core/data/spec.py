@@ -1,0 +1,40 @@
+"""What a model needs to know about the data (`DataSpec`), and what a data config will produce,
+known before any data is read (for the preflight's model-fits-data check)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from core.config import DataConfig, SklearnDataConfig, TextDataConfig
+
+Task = Literal["classification", "language_modeling"]
+IMAGE_SHAPES = {"digits": (1, 8, 8)}  # bundled image sets, as (C, H, W)
+
+
+class DataSpec(BaseModel):
+    """The task and the shape of one sample."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    task: Task
+    input_shape: tuple[int, ...]  # one sample: (features,), (C, H, W) or (seq_len,)
+    n_classes: int  # classes, or the vocabulary size for language modelling
+    class_names: list[str] = []
+
+    @property
+    def seq_len(self) -> int | None:
+        """Context length of language-modelling windows; None for classification."""
+        return self.input_shape[0] if self.task == "language_modeling" else None
+
+
+def planned_task(cfg: DataConfig) -> Task:
+    """The task `cfg`'s data will be prepared for."""
+    return "language_modeling" if isinstance(cfg, TextDataConfig) else "classification"
+
+
+def planned_rank(cfg: DataConfig) -> int:
+    """Dimensions of one prepared sample: 3 for images (C, H, W), 1 for table rows and text windows."""
+    if isinstance(cfg, SklearnDataConfig) and cfg.name in IMAGE_SHAPES:
+        return len(IMAGE_SHAPES[cfg.name])
+    return 1

@@ -1,0 +1,64 @@
+"""The parts of an Optuna study the HPO workers share: sampler, pruner, RDB storage, and how
+categorical choices that Optuna cannot hold (lists, mappings) travel through it."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import optuna
+
+from core.config import CategoricalParam, HPOConfig, ParamSpec
+
+
+def make_sampler(
+    hpo: HPOConfig, space: dict[str, ParamSpec], seed: int, worker: int = 0, existing_trials: int = 0
+) -> optuna.samplers.BaseSampler:
+    """`hpo.sampler`, with a seed stream per worker and per continuation, so neither parallel workers
+    nor a continued study draw the points already drawn."""
+    seed = seed + 1000 * worker + 100_003 * existing_trials
+    if hpo.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if hpo.sampler == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
+    if hpo.sampler == "grid":
+        grid = {path: optuna_choices(p) for path, p in space.items() if isinstance(p, CategoricalParam)}
+        return optuna.samplers.GridSampler(grid, seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=tpe_startup_trials(hpo.n_trials))
+
+
+def tpe_startup_trials(n_trials: int) -> int:
+    """Random trials before TPE models the space: Optuna's default 10 would leave a 12-trial budget nearly
+    unguided, so a third of the budget, between 3 and 10."""
+    return max(3, min(10, n_trials // 3))
+
+
+def make_pruner(hpo: HPOConfig) -> optuna.pruners.BasePruner:
+    if hpo.pruner == "median":
+        # Steps are evaluation counts (1, 2, ...): warm-up n means pruning starts at evaluation n + 1.
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=hpo.pruner_startup_trials, n_warmup_steps=hpo.pruner_warmup_evals
+        )
+    if hpo.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=hpo.max_epochs_per_trial, reduction_factor=3)
+    return optuna.pruners.NopPruner()
+
+
+def rdb_storage(url: str) -> optuna.storages.RDBStorage:
+    """SQLite waits for a lock instead of failing when several workers write at once."""
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+
+
+_ENCODED = "json:"
+
+
+def optuna_choices(spec: CategoricalParam) -> list[Any]:
+    """Optuna takes scalar choices only; lists and mappings travel as tagged JSON strings."""
+    return [
+        c if isinstance(c, bool | int | float | str) or c is None else _ENCODED + json.dumps(c) for c in spec.choices
+    ]
+
+
+def from_optuna(value: Any) -> Any:
+    return json.loads(value.removeprefix(_ENCODED)) if isinstance(value, str) and value.startswith(_ENCODED) else value
