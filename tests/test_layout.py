@@ -1,0 +1,75 @@
+"""The layering rules of ../shared/design.md, read from the sources' imports.
+
+Stages are the core modules with a Prefect task of the same name (`core/<stage>.py` + `tasks/<stage>.py`).
+A stage never imports another stage, a subpackage of core never imports a stage (shared code lives
+below the stages), core never imports Prefect, and imports point down: flows -> tasks -> core.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CORE, TASKS = REPO / "core", REPO / "tasks"
+STAGES = sorted(({p.stem for p in CORE.glob("*.py")} & {p.stem for p in TASKS.glob("*.py")}) - {"__init__"})
+PIPELINE = ["prepare_data", "lr_range_test", "hpo_search", "train", "evaluate", "publish"]
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module `path` imports, at any depth (function-level imports included)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+    return found
+
+
+def test_the_stages_are_the_pipeline() -> None:
+    assert sorted(PIPELINE) == STAGES
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_stage_imports_no_other_stage(stage: str) -> None:
+    others = {f"core.{other}" for other in STAGES if other != stage}
+    assert imported_modules(CORE / f"{stage}.py") & others == set()
+
+
+@pytest.mark.parametrize(
+    "path", sorted(p for p in CORE.rglob("*.py") if p.parent != CORE), ids=lambda p: str(p.relative_to(REPO))
+)
+def test_no_subpackage_depends_on_a_stage(path: Path) -> None:
+    stages = {f"core.{stage}" for stage in STAGES}
+    assert imported_modules(path) & stages == set()
+
+
+@pytest.mark.parametrize("path", sorted(CORE.rglob("*.py")), ids=lambda p: str(p.relative_to(REPO)))
+def test_core_never_imports_prefect_or_the_layers_above(path: Path) -> None:
+    above = {m for m in imported_modules(path) if m.split(".")[0] in ("prefect", "tasks", "flows", "deployments")}
+    assert above == set()
+
+
+@pytest.mark.parametrize("path", sorted(TASKS.glob("*.py")), ids=lambda p: p.name)
+def test_tasks_never_import_flows(path: Path) -> None:
+    assert {m for m in imported_modules(path) if m.split(".")[0] in ("flows", "deployments")} == set()
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_stage_is_one_hop_from_its_task(stage: str) -> None:
+    """flows/pipeline.py -> tasks/<stage>.py -> core/<stage>.py, and the core module says what it builds on."""
+    assert f"core.{stage}" in imported_modules(TASKS / f"{stage}.py")
+    assert f"tasks.{stage}" in imported_modules(REPO / "flows" / "pipeline.py")
+    docstring = ast.get_docstring(ast.parse((CORE / f"{stage}.py").read_text(encoding="utf-8")))
+    assert docstring and docstring.startswith(f"The {stage} stage")
+
+
+def test_every_core_folder_is_a_package_with_a_docstring() -> None:
+    for folder in [CORE, *(p for p in CORE.rglob("*") if p.is_dir() and p.name != "__pycache__")]:
+        init = folder / "__init__.py"
+        assert init.is_file(), f"{folder} has no __init__.py (setuptools would not ship it)"
+        assert ast.get_docstring(ast.parse(init.read_text(encoding="utf-8"))), f"{init} says nothing"
