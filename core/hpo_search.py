@@ -21,11 +21,11 @@ from typing import Any
 import optuna
 
 from core.config import DataConfig, FloatParam, HPOConfig, ModelConfig, OptimConfig, ParamSpec, TrainConfig
+from core.data.spec import check_metric
 from core.errors import ConfigError, TrainingError
 from core.records import HPOSearchResult, LRRangeTestResult, PrepareDataResult
 from core.storage.store import ArtifactStore
 from core.storage.tracking import ParentRun
-from core.training.builder import check_metric
 from core.tuning.apply import lr_suggestion
 from core.tuning.hpo_worker import WorkerSpec, run_worker
 from core.tuning.study import from_optuna, rdb_storage

@@ -1,25 +1,25 @@
 """Checks run before the first stage, so a bad setup fails in a second and writes nothing, instead of
-failing after a tracking database, a parent run and store folders exist (or after training)."""
+failing after a tracking database, a parent run and store folders exist (or after training).
+
+`trainflow run` calls this before Prefect's server boots and before torch or scikit-learn load, so each
+check imports what it needs where it runs: a digits config is checked without either.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from core.config import Config, SyntheticDataConfig, TableDataConfig, TextDataConfig
-from core.data.preprocess import check_table
-from core.data.sources import RawTable, check_readable, check_synthetic, load_source, load_text
-from core.data.spec import planned_rank, planned_task
+from core.data.spec import check_metric, planned_rank, planned_task
 from core.errors import DataError
 from core.models import check_model_fits_data
 from core.storage.store import open_store
 from core.storage.tracking import check_reachable, tracking_uri
-from core.training.builder import check_metric
-from core.training.precision import check_precision, resolve_device
 
 
 def preflight(config: Config) -> None:
-    """Model, device, precision and monitored metrics fit the data and this machine; data readable and usable;
-    store writable; tracking reachable.
+    """Model, device, precision and monitored metrics fit the data and this machine; data readable and
+    usable; store writable; tracking reachable.
 
     Table files are read in full and checked for every content problem the prepare_data stage would
     meet (`core.data.preprocess.check_table`); the read is cached, so the stage does not pay it twice.
@@ -29,10 +29,13 @@ def preflight(config: Config) -> None:
     """
     task = planned_task(config.data)
     check_model_fits_data(config.model, task, planned_rank(config.data))
-    check_precision(resolve_device(config.train.device), config.train.precision)
     check_metric(config.train.early_stopping.monitor, task, "train.early_stopping.monitor")
     if config.tune.hpo.enabled:
         check_metric(config.tune.hpo.metric, task, "tune.hpo.metric")
+    if config.train.device != "auto" or config.train.precision == "fp16":  # asks torch what this machine has
+        from core.training.precision import check_precision, resolve_device
+
+        check_precision(resolve_device(config.train.device), config.train.precision)
     _check_data(config)
     check_reachable(tracking_uri(config.tracking.uri))
     open_store(config.store.uri).check_writable()
@@ -41,10 +44,15 @@ def preflight(config: Config) -> None:
 def _check_data(config: Config) -> None:
     data = config.data
     if isinstance(data, TableDataConfig):
+        from core.data.preprocess import check_table
+        from core.data.sources import RawTable, load_source
+
         raw = load_source(data, config.seed)
         assert isinstance(raw, RawTable)
         check_table(raw, data.val_fraction, data.test_fraction, config.seed)
     elif isinstance(data, TextDataConfig):
+        from core.data.sources import check_readable, load_text
+
         if data.path is not None:
             check_readable(Path(data.path), "data.path")
             size = Path(data.path).stat().st_size
@@ -57,4 +65,6 @@ def _check_data(config: Config) -> None:
                 f"({smallest} of {size} bytes); lower data.seq_len or use a larger text"
             )
     elif isinstance(data, SyntheticDataConfig):
+        from core.data.sources import check_synthetic
+
         check_synthetic(data)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -344,3 +345,25 @@ def test_user_error_inside_the_pipeline_is_one_line(tmp_path: Path) -> None:
     ], result.stderr[-3000:]
     assert "Traceback" not in result.stdout + result.stderr, result.stderr[-3000:]
     assert not (tmp_path / "out").exists()  # no summary for a failed run
+
+
+def test_a_run_on_prefects_temporary_server_ends_cleanly_and_a_rerun_is_cached(tmp_path: Path) -> None:
+    """The path `make demo` takes: no PREFECT_API_URL, so the CLI boots Prefect's temporary server while it
+    imports the pipeline, and leaves without the interpreter's teardown (flows/cli.py `_entry`)."""
+    (tmp_path / "config.yaml").write_text(WINE + "optim: {lr: 0.01}\ntrain: {max_epochs: 2}\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
+    env |= {"PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    command = [sys.executable, "-m", "flows.cli", "run", "config.yaml"]
+    for attempt in ("first", "again"):
+        done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "Error logging to API" not in done.stderr, "logs were sent after the server stopped"
+        summary = (tmp_path / "out" / "summary.json").read_text()
+        stages = re.findall(r"^(\w+) +[\d.]+  (yes|no)$", done.stdout, re.MULTILINE)
+        assert [name for name, _ in stages] == ["prepare_data", "train", "evaluate", "publish"], done.stdout
+        assert {cached for _, cached in stages} == ({"no"} if attempt == "first" else {"yes"}), summary
+        port = re.search(r"Stopping temporary server on http://127\.0\.0\.1:(\d+)", done.stderr)
+        assert port, done.stderr[-2000:]
+        with socket.socket() as probe:  # the server process is gone, not orphaned
+            assert probe.connect_ex(("127.0.0.1", int(port.group(1)))) != 0

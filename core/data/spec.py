@@ -1,5 +1,7 @@
-"""What a model needs to know about the data (`DataSpec`), and what a data config will produce,
-known before any data is read (for the preflight's model-fits-data check)."""
+"""What a model needs to know about the data (`DataSpec`), the metrics its task is evaluated by, and
+what a data config will produce, known before any data is read (for the preflight's checks).
+
+Free of torch and scikit-learn: `trainflow run` checks a config with it before anything heavy loads."""
 
 from __future__ import annotations
 
@@ -8,9 +10,14 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from core.config import DataConfig, SklearnDataConfig, TextDataConfig
+from core.errors import ConfigError
 
 Task = Literal["classification", "language_modeling"]
 IMAGE_SHAPES = {"digits": (1, 8, 8)}  # bundled image sets, as (C, H, W)
+EVAL_METRICS: dict[Task, tuple[str, ...]] = {  # what core.training.metrics.pass_metrics reports per task
+    "classification": ("loss", "accuracy"),
+    "language_modeling": ("loss", "perplexity"),
+}
 
 
 class DataSpec(BaseModel):
@@ -38,3 +45,17 @@ def planned_rank(cfg: DataConfig) -> int:
     if isinstance(cfg, SklearnDataConfig) and cfg.name in IMAGE_SHAPES:
         return len(IMAGE_SHAPES[cfg.name])
     return 1
+
+
+def metric_names(task: Task, prefix: str = "val") -> list[str]:
+    """The metrics an evaluation pass reports for `task` (`val/loss`, `val/accuracy`, ...)."""
+    return [f"{prefix}/{name}" for name in EVAL_METRICS[task]]
+
+
+def check_metric(metric: str, task: Task, field: str) -> None:
+    """A ConfigError naming `field` unless `metric` is one the validation pass produces for `task`."""
+    available = metric_names(task)
+    if metric not in available:
+        raise ConfigError(
+            f"{field}: '{metric}' is not an evaluation metric of {task}; available: {', '.join(available)}"
+        )

@@ -1,4 +1,7 @@
-"""The model zoo: `mlp`, `cnn`, `gpt` by name, or your own `package.module:function` factory."""
+"""The model zoo: `mlp`, `cnn`, `gpt` by name, or your own `package.module:function` factory.
+
+Importing this package does not load torch (the preflight uses `check_model_fits_data`); building a model does.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +9,14 @@ import importlib
 import inspect
 import math
 from collections.abc import Callable
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from core.config import CNNConfig, FactoryModelConfig, GPTConfig, MLPConfig, ModelConfig
 from core.data.spec import DataSpec, Task
 from core.errors import ConfigError
+
+if TYPE_CHECKING:  # torch loads when a model is built, not when the preflight checks a config
+    from torch import nn
 
 _TASKS: dict[str, Task] = {"mlp": "classification", "cnn": "classification", "gpt": "language_modeling"}
 _TASK_WORDS = {"classification": "classification", "language_modeling": "language modelling (data.source: text)"}
@@ -64,6 +69,8 @@ def build_model(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
 
 
 def _from_factory(cfg: FactoryModelConfig, spec: DataSpec) -> nn.Module:
+    from torch import nn
+
     model = _import_factory(cfg)(spec, **cfg.params)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model.factory: '{cfg.factory}' returned {type(model).__name__}, not a torch.nn.Module")

@@ -54,6 +54,13 @@ def fluent_tracking_uri(uri: str) -> Iterator[None]:
             os.environ["MLFLOW_TRACKING_URI"] = saved_env
 
 
+def _artifacts_beside(uri: str) -> str | None:
+    """`file://<db folder>/mlruns` for `sqlite:///<path>`; None (MLflow's default) for servers."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns").as_uri()
+
+
 def check_reachable(uri: str) -> None:
     """Preflight: the tracking backend can be written (SQLite folder) or answers (HTTP server)."""
     parsed = urlparse(uri)
@@ -92,10 +99,14 @@ class Tracker:
 
     @classmethod
     def for_experiment(cls, uri: str, name: str) -> Tracker:
-        """Connect, creating the experiment on first use."""
+        """Connect, creating the experiment on first use. With an SQLite database its artifacts go beside
+        the database file (`mlruns/` next to `mlflow.db`), not into whatever folder the run started in."""
         tracker = cls(uri, "")
         found = tracker.client.get_experiment_by_name(name)
-        tracker.experiment_id = found.experiment_id if found else tracker.client.create_experiment(name)
+        if found:
+            tracker.experiment_id = found.experiment_id
+        else:
+            tracker.experiment_id = tracker.client.create_experiment(name, artifact_location=_artifacts_beside(uri))
         return tracker
 
     def open_pipeline_run(self, config_sha256: str, run_name: str) -> str:

@@ -10,12 +10,11 @@ from collections.abc import Sequence
 from core.config import LoaderConfig, ModelConfig, OptimConfig, TrainConfig
 from core.data.loaders import Loaders, build_loaders
 from core.data.prepared import load_splits
-from core.errors import ConfigError
+from core.data.spec import check_metric
 from core.models import build_model
 from core.records import PrepareDataResult
 from core.storage.store import ArtifactStore
 from core.training.callbacks import Callback
-from core.training.metrics import metric_names
 from core.training.optim import build_optimizer, build_scheduler
 from core.training.precision import resolve_device
 from core.training.seed import seed_everything
@@ -55,12 +54,3 @@ def prepared_loaders(
     """Train/val/test loaders over a prepared_data record's arrays (`pin` only where `loader.pin_memory` allows)."""
     splits = load_splits(store.local_path(data.uri), data.spec)
     return build_loaders(splits, data.spec.seq_len, batch_size, cfg, seed, pin and cfg.pin_memory)
-
-
-def check_metric(metric: str, task: str, field: str) -> None:
-    """A ConfigError naming `field` unless `metric` is one the validation pass produces for `task`."""
-    available = metric_names(task)
-    if metric not in available:
-        raise ConfigError(
-            f"{field}: '{metric}' is not an evaluation metric of {task}; available: {', '.join(available)}"
-        )

@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from core.data.loaders import Batch
+from core.data.spec import EVAL_METRICS, Task
 
 
 def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -66,16 +67,11 @@ def eval_pass(
     )
 
 
-def pass_metrics(result: EvalPass, task: str, prefix: str) -> dict[str, float]:
-    """`<prefix>/loss` plus `accuracy` (classification) or `perplexity` (language modelling)."""
-    metrics = {f"{prefix}/loss": result.loss}
-    if task == "classification":
-        metrics[f"{prefix}/accuracy"] = result.correct / max(result.n_targets, 1)
-    else:
-        metrics[f"{prefix}/perplexity"] = math.exp(min(result.loss, 50.0))
-    return metrics
-
-
-def metric_names(task: str, prefix: str = "val") -> list[str]:
-    """The metrics `pass_metrics` produces for a task, known before any compute."""
-    return [f"{prefix}/loss", f"{prefix}/accuracy" if task == "classification" else f"{prefix}/perplexity"]
+def pass_metrics(result: EvalPass, task: Task, prefix: str) -> dict[str, float]:
+    """The task's `EVAL_METRICS` (core/data/spec.py) under `prefix`: loss, and accuracy or perplexity."""
+    values = {
+        "loss": result.loss,
+        "accuracy": result.correct / max(result.n_targets, 1),
+        "perplexity": math.exp(min(result.loss, 50.0)),
+    }
+    return {f"{prefix}/{name}": values[name] for name in EVAL_METRICS[task]}

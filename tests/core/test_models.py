@@ -206,3 +206,14 @@ MISMATCHES = [
 def test_model_that_does_not_fit_the_data_raises_config_error(cfg: Any, spec: DataSpec, message: str) -> None:
     with pytest.raises(ConfigError, match="^" + re.escape(message) + "$"):
         build_model(cfg, spec)
+
+
+@pytest.mark.parametrize("task", ["classification", "language_modeling"])
+def test_the_evaluation_reports_exactly_the_metrics_a_config_may_monitor(task: str) -> None:
+    """`check_metric` (run by the preflight, before torch loads) and `pass_metrics` (run by the loop) agree."""
+    from core.data.spec import metric_names
+    from core.training.metrics import EvalPass, pass_metrics
+
+    reported = pass_metrics(EvalPass(loss=0.5, n_targets=10, correct=7), task, "val")  # type: ignore[arg-type]
+    assert list(reported) == metric_names(task)  # type: ignore[arg-type]
+    assert reported["val/loss"] == 0.5
