@@ -33,7 +33,11 @@ lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-bench: $(VENV)/.installed   # about 8 minutes on 2 idle cores; figures in README.md
+$(VENV)/.installed-bench: $(VENV)/.installed
+	$(PIP) -e '.[bench]'
+	touch $@
+
+bench: $(VENV)/.installed-bench   # figures in README.md; run on an idle machine
 	$(PY) benchmarks/trainer_overhead.py
 	$(PY) benchmarks/lr_range_test.py
 	$(PY) benchmarks/hpo.py

@@ -1,254 +1,239 @@
-"""Trainer overhead: `core.train.train` with its default callbacks against a bare PyTorch loop. Goal: >= 0.95.
+"""Trainer overhead: the train stage against a bare PyTorch loop (and Lightning), side by side in one process.
 
-The engine run is the train stage itself: MLflow tracking (MlflowMetricLogger on a temporary SQLite
-database, a real run per fit), early stopping (on, with patience above max_epochs so it never ends a
-run early), checkpointing with its defaults (at evaluations at most once per min_interval_s, always at
-the end: last state, best.pt, model.pt) and the progress bar (shown only when stderr is a terminal).
-The bare loop does what a hand-written loop does on the same model, data and batches (the same
-`build_loaders` output and shuffle, initialisation, optimizer and LR schedule): forward,
-cross-entropy, backward, clip_grad_norm_, step, schedule step, zero_grad. Runs alternate in one
-process (engine, bare, engine, bare, ...) after one warm-up run of each. Both figures are training
-samples/s over the whole loop, the engine's end-of-fit saves included: both loops run a validation
-pass per epoch and neither counts its time.
+Two kinds of rows, each ratio = median bare seconds / median engine seconds (1.0: as fast as the bare loop),
+with a 95% bootstrap interval over rounds, and a check that both sides took the same steps to the same loss.
 
-    .venv/bin/python benchmarks/trainer_overhead.py                  # digits/cnn and pydoc/gpt, 5 pairs each
-    .venv/bin/python benchmarks/trainer_overhead.py --workload gpt --repeats 3
+loop rows (goal >= 0.95): the train stage's code as its Prefect task runs it, without Prefect: the MLflow child
+    run is created and its params logged, `core.train.train` fits with its default callbacks (MLflow metrics
+    through the background writer, early stopping with patience above max_epochs, checkpoints at their default
+    cadence, the end-of-fit saves), the record is logged and the run ended; against `loops.bare_fit`. Rounds
+    alternate the order (engine-bare, bare-engine, ...).
+stage rows (goals: >= 0.85 at 20 digits epochs, >= 0.97 at 100, ahead of Lightning): the whole train stage as a
+    user meets it, its seconds read from summary.json of `flows.pipeline.training_pipeline` on Prefect's
+    temporary server (task orchestration, cache key, MLflow child run, data and model setup, fit, saves,
+    record); against `loops.bare_fit` and Lightning's `fit` (`lightning_loop.py`), rotating the order per round.
+    Each round uses a new seed, so the stage never resumes or reuses a cached result, and all three sides train
+    that seed's split and initialisation.
+
+Every side runs after its imports and one untimed warm-up (torch imports torch._dynamo lazily at the first
+optimizer, about 1.3 s here): the figures compare the work of a run, not interpreter start-up.
+
+    .venv/bin/python benchmarks/trainer_overhead.py                  # loop and stage rows (about 10 minutes)
+    .venv/bin/python benchmarks/trainer_overhead.py --rows loop --rounds 3
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
-import math
 import os
 import platform
-import shutil
 import statistics
 import sys
 import tempfile
 import time
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+import yaml
+from loops import Sample, bare_fit, bootstrap_interval, speed_ratio
 from machine import cpu_model, load_average  # benchmarks/machine.py (scripts run from here)
-from torch import nn
-from torch.utils.data import DataLoader
 
 from core.config import Config, config_from_dict
-from core.data.loaders import Batch
-from core.models import build_model
 from core.prepare_data import prepare_data
 from core.records import PrepareDataResult
 from core.storage.store import LocalStore
 from core.storage.tracking import Tracker
 from core.train import train
-from core.training.builder import prepared_loaders
-from core.training.callbacks import Callback
-from core.training.optim import build_optimizer, build_scheduler
-from core.training.precision import resolve_device
-from core.training.seed import seed_everything
-from core.training.state import FitResult
-from core.training.trainer import Trainer
+from tasks.context import StageContext, log_result, stage_run
 
-GOAL = 0.95
-NOISY_SPREAD = 0.10  # max - min pair ratio above which the table says its figures are noisy
+LOOP_GOAL, STAGE_GOALS = 0.95, {20: 0.85, 100: 0.97}
+DIGITS = {"data": {"source": "sklearn", "name": "digits"}, "model": {"name": "cnn"}}
+GPT = {"data": {"source": "text", "seq_len": 64}, "model": {"name": "gpt", "n_layer": 2, "n_embd": 64}}
 
 
 @dataclass(frozen=True)
-class Workload:
+class Row:
     label: str
-    overrides: dict[str, Any]  # on top of the default config, which is what `make demo` trains
-    epochs: int  # per run: sized so the whole benchmark takes a few minutes on 2 CPU cores
+    sections: dict[str, Any]  # on top of BASE
+    epochs: int
 
 
-WORKLOADS = {
-    "digits": Workload(
-        "digits/cnn", {"data": {"source": "sklearn", "name": "digits"}}, epochs=20
-    ),  # the demo early-stops after about 30
-    "gpt": Workload(
-        "pydoc/gpt",
-        {"data": {"source": "text", "seq_len": 64}, "model": {"name": "gpt", "n_layer": 2, "n_embd": 64}},
-        epochs=2,
-    ),
-}
-
-
-@dataclass(frozen=True)
-class Sample:
-    samples_per_s: float  # training samples (images, or seq_len windows) per second, validation excluded
-    steps: int
-    best_val_loss: float  # equal in both loops when they did the same work
+LOOP_ROWS = [Row("digits, CNN 77k params, 20 epochs x 20 steps of 64", DIGITS, 20),
+             Row("pydoc text, GPT 2x64 (119k params), 2 epochs x 103 steps of 64", GPT, 2)]  # fmt: skip
+STAGE_ROWS = [Row("digits CNN, 20 epochs", DIGITS, 20), Row("digits CNN, 100 epochs", DIGITS, 100)]
 
 
 def main() -> None:
-    default_threads = torch.get_num_threads()  # torch's choice for this machine, before anything changes it
+    default_threads = torch.get_num_threads()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workload", choices=[*WORKLOADS, "all"], default="all")
-    parser.add_argument("--repeats", type=int, default=5, help="timed (engine, bare) pairs after one warm-up pair")
-    parser.add_argument("--epochs", type=int, help="epochs per run (default: per workload)")
-    parser.add_argument("--threads", type=int, default=default_threads, help="torch threads (default: torch's)")
+    parser.add_argument("--rows", choices=["loop", "stage", "all"], default="all")
+    parser.add_argument("--rounds", type=int, default=6, help="timed rounds per row, after one warm-up round")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 2 rounds, 2 and 4 epochs")
     args = parser.parse_args()
-    if args.repeats < 1 or (args.epochs is not None and args.epochs < 1) or args.threads < 1:
-        parser.error("--repeats, --epochs and --threads must be at least 1")
-    torch.set_num_threads(args.threads)
-    import mlflow  # up front, so its import time falls in no run
+    if args.quick:
+        args.rounds = 2
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    warnings.filterwarnings("ignore", module="lightning")
+    import lightning
+    import mlflow
 
-    for name in ("mlflow", "alembic"):  # a fresh SQLite database logs its schema set-up at INFO
+    importlib.import_module("torch._dynamo")  # what the first optimizer would import inside a timed run
+
+    for name in ("mlflow", "alembic", "lightning", "lightning.pytorch", "prefect", "core", "tasks", "flows"):
         logging.getLogger(name).setLevel(logging.WARNING)
-
-    print(
-        f"machine: {cpu_model()}, {os.cpu_count()} cores, load average {load_average()}; python "
-        f"{platform.python_version()}, torch {torch.__version__}, torch.set_num_threads({torch.get_num_threads()}) "
-        f"(torch's default here: {default_threads}), mlflow {mlflow.__version__}"
-    )
-    bar = "on (stderr is a terminal)" if sys.stderr.isatty() else "off (stderr is not a terminal)"
-    print(
-        f"engine: core.train.train with its default callbacks: MLflow tracking (SQLite), early stopping "
-        f"(patience > max_epochs), checkpoints as configured by default (min_interval_s 60, always at the end), "
-        f"progress bar {bar}"
-    )
-    print(
-        "samples/s: from the first step to the end of fit (the engine's final checkpoint, best.pt and model.pt "
-        "writes included); both loops run the same per-epoch validation pass and neither counts its time"
-    )
-
-    summaries = []
+    print(f"machine: {cpu_model()}, {os.cpu_count()} cores, load average {load_average()}; python "
+          f"{platform.python_version()}, torch {torch.__version__} ({default_threads} threads), mlflow "
+          f"{mlflow.__version__}, lightning {lightning.__version__}")  # fmt: skip
+    if args.quick:
+        print("QUICK MODE: a smoke test of the benchmark itself; its figures say nothing about the goals")
+    lines = []
     with tempfile.TemporaryDirectory(prefix="trainer_overhead-") as tmp:
-        store = LocalStore(Path(tmp) / "artifacts")
-        tracker = Tracker.for_experiment(f"sqlite:///{tmp}/mlflow.db", "trainer_overhead")
-        parent_run_id = tracker.client.create_run(tracker.experiment_id, run_name="trainer_overhead").info.run_id
-        for flag in WORKLOADS if args.workload == "all" else [args.workload]:
-            workload = WORKLOADS[flag]
-            epochs = args.epochs or workload.epochs
-            train_overrides = {"max_epochs": epochs, "early_stopping": {"patience": epochs + 1}}
-            cfg = config_from_dict({**workload.overrides, "optim": {"lr": 3e-3}, "train": train_overrides})
-            data = prepare_data(cfg.data, cfg.seed, store)
-            summaries.append(_compare(workload.label, cfg, data, store, tracker, parent_run_id, args.repeats))
-        tracker.end_run(parent_run_id)
-    print(f"\nload average at the end: {load_average()}")
-    for line in summaries:
+        if args.rows in ("loop", "all"):
+            lines += [_loop_row(row, Path(tmp), args.rounds, args.quick) for row in LOOP_ROWS]
+        if args.rows in ("stage", "all"):
+            lines += [_stage_row(row, Path(tmp), args.rounds, args.quick) for row in STAGE_ROWS]
+    print(f"\nload average at the end: {load_average()}\n")
+    print("| row | engine s | bare s | Lightning s | engine vs bare (95% interval) | Lightning vs bare | goal |")
+    print("| --- | ---: | ---: | ---: | --- | --- | --- |")
+    for line in lines:
         print(line)
 
 
-def _compare(
-    label: str, cfg: Config, data: PrepareDataResult, store: LocalStore, tracker: Tracker, parent: str, repeats: int
-) -> str:
-    """Warm up, then alternate engine and bare runs; print the table and return the summary line."""
+def _config(row: Row, epochs: int, seed: int, root: Path) -> Config:
+    raw = {
+        **row.sections,
+        "seed": seed,
+        "optim": {"lr": 3e-3},
+        "train": {"max_epochs": epochs, "early_stopping": {"patience": epochs + 1}},
+        "evaluate": {"latency_iters": 5, "throughput_batches": 1},
+        "publish": {"log_mlflow_model": False},
+        "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "trainer_overhead"},
+        "store": {"uri": str(root / "artifacts")},
+    }
+    return config_from_dict(raw, source="trainer_overhead")
+
+
+# ----------------------------------------------------------------------------------------- loop rows
+def _loop_row(row: Row, root: Path, rounds: int, quick: bool) -> str:
+    store, epochs = LocalStore(root / "artifacts"), (1 if quick else row.epochs)
+    cfg = _config(row, epochs, 0, root)
+    data = prepare_data(cfg.data, cfg.seed, store)
+    tracker = Tracker.for_experiment(cfg.tracking.uri, cfg.tracking.experiment)
+    parent = tracker.client.create_run(tracker.experiment_id, run_name="trainer_overhead").info.run_id
+    ctx = StageContext(store_uri=store.uri, tracking_uri=tracker.uri, experiment_id=tracker.experiment_id,
+                       parent_run_id=parent)  # fmt: skip
+    print(f"\nloop row: {row.label}: {data.n_train} train samples; {rounds} rounds after a warm-up")
+    engine, bare = [], []
+    for i in range(rounds + 1):
+        sides: list[tuple[list[Sample], Callable[[], Sample]]] = [
+            (engine, lambda i=i: _engine_fit(cfg, data, store, ctx, f"loop/{row.epochs}/{i}")),
+            (bare, lambda i=i: bare_fit(cfg, data, store, root / f"bare-{i}.pt")),
+        ]
+        for samples, run in sides if i % 2 else sides[::-1]:
+            sample = run()
+            if i > 0:  # round 0 warms up
+                samples.append(sample)
+    return _report(row.label, engine, bare, None, LOOP_GOAL)
+
+
+def _engine_fit(cfg: Config, data: PrepareDataResult, store: LocalStore, ctx: StageContext, key: str) -> Sample:
+    """tasks/train.py's body without Prefect: child run and params, fit, record, end of run."""
     started = time.perf_counter()
-    n_params = sum(p.numel() for p in build_model(cfg.model, data.spec).parameters())
-    steps_per_epoch = math.ceil(data.n_train / cfg.train.batch_size)
-    print(
-        f"\n{label}: {cfg.train.max_epochs} epochs x {steps_per_epoch} steps of batch {cfg.train.batch_size} "
-        f"({data.n_train} train samples, {data.n_val} val), {n_params:,} parameters; "
-        f"1 warm-up pair, then {repeats} timed pairs"
-    )
-    pairs: list[tuple[Sample, Sample]] = []
-    for i in range(repeats + 1):
-        engine = _engine_run(cfg, data, store, tracker, parent, f"{label}/engine-{i}")
-        bare = _bare_run(cfg, data, store)
-        if i > 0:  # the first pair is the warm-up
-            pairs.append((engine, bare))
-
-    ratios = [engine.samples_per_s / bare.samples_per_s for engine, bare in pairs]
-    print(f"  {'pair':>6}  {'engine samples/s':>16}  {'bare samples/s':>14}  {'ratio':>6}")
-    for i, ((engine, bare), ratio) in enumerate(zip(pairs, ratios, strict=True), 1):
-        print(f"  {i:>6}  {engine.samples_per_s:>16.1f}  {bare.samples_per_s:>14.1f}  {ratio:>6.3f}")
-    engine_median = statistics.median(engine.samples_per_s for engine, _ in pairs)
-    bare_median = statistics.median(bare.samples_per_s for _, bare in pairs)
-    ratio = statistics.median(ratios)
-    print(
-        f"  {'median':>6}  {engine_median:>16.1f}  {bare_median:>14.1f}  {ratio:>6.3f}   "
-        f"(min {min(ratios):.3f}, max {max(ratios):.3f})"
-    )
-    steps = sorted({sample.steps for pair in pairs for sample in pair})
-    loss_gap = max(abs(engine.best_val_loss - bare.best_val_loss) for engine, bare in pairs)
-    print(
-        f"  same work: optimizer steps per run {steps}; best val/loss engine {pairs[0][0].best_val_loss:.6f}, "
-        f"bare {pairs[0][1].best_val_loss:.6f} (largest gap over pairs {loss_gap:.1e}); "
-        f"{time.perf_counter() - started:.0f} s for this workload"
-    )
-    if max(ratios) - min(ratios) > NOISY_SPREAD:
-        print(
-            f"  noisy: pair ratios span {max(ratios) - min(ratios):.2f} (> {NOISY_SPREAD}), more than the overhead "
-            "being measured; other load on the machine moves single runs: rerun, or raise --repeats"
-        )
-    return (
-        f"{label}: engine {engine_median:.0f} samples/s, bare {bare_median:.0f} samples/s, "
-        f"ratio {ratio:.2f} (min {min(ratios):.2f}, max {max(ratios):.2f}; goal >= {GOAL})"
-    )
+    params = {"model": cfg.model.model_dump(mode="json"), "optim": cfg.optim.model_dump(mode="json"),
+              "train": cfg.train.model_dump(mode="json"), "seed": cfg.seed}  # fmt: skip
+    with stage_run(ctx, "train", params) as run:
+        result = train(cfg.model, cfg.optim, cfg.train, cfg.data.loader, cfg.seed, data, store, key, logger=run,
+                       run_id=run.run_id)  # fmt: skip
+        log_result(run, result)
+    seconds = time.perf_counter() - started
+    return Sample(seconds, _samples(data, cfg), result.steps, result.best_val_loss)
 
 
-def _engine_run(
-    cfg: Config, data: PrepareDataResult, store: LocalStore, tracker: Tracker, parent: str, store_key: str
+def _samples(data: PrepareDataResult, cfg: Config) -> int:
+    return data.n_train * cfg.train.max_epochs
+
+
+# ---------------------------------------------------------------------------------------- stage rows
+def _stage_row(row: Row, root: Path, rounds: int, quick: bool) -> str:
+    from lightning_loop import lightning_fit
+
+    from flows.pipeline import training_pipeline
+
+    store, epochs = LocalStore(root / "artifacts"), (row.epochs // 10 if quick else row.epochs)
+    print(f"\nstage row: {row.label}; {rounds} rounds after a warm-up, a new seed each")
+    engine, bare, lightning = [], [], []
+    for i in range(rounds + 1):
+        seed = 100 * epochs + i
+        cfg = _config(row, epochs, seed, root)
+        config_file = root / f"stage-{epochs}-{seed}.yaml"
+        config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+        data = prepare_data(cfg.data, cfg.seed, store)
+        run_engine = partial(_pipeline_train_stage, training_pipeline, config_file, cfg, data)
+        run_bare = partial(bare_fit, cfg, data, store, root / f"bare-{seed}.pt")
+        lightning_db = f"sqlite:///{root / 'lightning.db'}"
+        run_lightning = partial(lightning_fit, cfg, data, store, root / f"lightning-{seed}", lightning_db)
+        sides: list[tuple[list[Sample], Callable[[], Sample]]] = [
+            (engine, run_engine),
+            (bare, run_bare),
+            (lightning, run_lightning),
+        ]
+        for samples, run in sides[i % 3 :] + sides[: i % 3]:
+            sample = run()
+            if i > 0:
+                samples.append(sample)
+        if i > 0:
+            print(f"  round {i} (seed {seed}): engine {engine[-1].seconds:.2f} s, bare {bare[-1].seconds:.2f} s, "
+                  f"lightning {lightning[-1].seconds:.2f} s", flush=True)  # fmt: skip
+    goal = STAGE_GOALS.get(row.epochs, STAGE_GOALS[20])
+    return _report(row.label, engine, bare, lightning, goal)
+
+
+def _pipeline_train_stage(
+    pipeline: Callable[..., dict[str, Any]], config_file: Path, cfg: Config, data: PrepareDataResult
 ) -> Sample:
-    """The train stage as the pipeline's task calls it, in a fresh folder (nothing to resume) and MLflow run."""
-    run_id = tracker.start_stage_run(parent, "train")
-    logger = tracker.logger(run_id)
-    clock = _FitClock()
-    result = train(cfg.model, cfg.optim, cfg.train, cfg.data.loader, cfg.seed, data, store, store_key,
-                   logger=logger, run_id=run_id, callbacks=[clock])  # fmt: skip
-    logger.flush()
-    tracker.end_run(run_id)
-    shutil.rmtree(store.workdir(store_key))
-    return Sample(clock.samples / clock.seconds, result.steps, result.best_val_loss)
+    """The train stage's seconds as summary.json reports them, from a whole pipeline run of `config_file`."""
+    stage = pipeline(str(config_file), [], None)["stages"]["train"]
+    return Sample(stage["seconds"], _samples(data, cfg), stage["steps"], stage["best_val_loss"])
 
 
-class _FitClock(Callback):
-    """Passed last, so its on_fit_end runs after the checkpoint callback's end-of-fit saves."""
-
-    def on_fit_start(self, trainer: Trainer) -> None:
-        self.started, self.samples_before = time.perf_counter(), trainer.state.samples_seen
-
-    def on_fit_end(self, trainer: Trainer, result: FitResult) -> None:
-        self.seconds = time.perf_counter() - self.started - trainer.eval_seconds
-        self.samples = trainer.state.samples_seen - self.samples_before
-
-
-def _bare_run(cfg: Config, data: PrepareDataResult, store: LocalStore) -> Sample:
-    """A hand-written loop over the stage's loaders, initialisation, optimizer and schedule."""
-    seed_everything(cfg.seed)  # then loaders, then model: the stage's order, so both draw the same numbers
-    loaders = prepared_loaders(data, store, cfg.train.batch_size, cfg.data.loader, cfg.seed)
-    device = resolve_device(cfg.train.device)
-    model = build_model(cfg.model, data.spec).to(device)
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_epochs * len(loaders.train))
-    clip_norm = cfg.train.grad_clip_norm or math.inf
-    steps = samples = 0
-    eval_seconds, best_val_loss = 0.0, math.inf
-    model.train()
-    started = time.perf_counter()
-    for epoch in range(cfg.train.max_epochs):
-        loaders.sampler.set_epoch(epoch)
-        for x, y in loaders.train:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            logits = model(x)  # (B, classes) or (B, T, vocab)
-            loss = F.cross_entropy(logits.flatten(0, -2), y.flatten())
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            steps, samples = steps + 1, samples + len(y)
-        eval_started = time.perf_counter()
-        best_val_loss = min(best_val_loss, _val_loss(model, loaders.val, device))
-        eval_seconds += time.perf_counter() - eval_started
-    return Sample(samples / (time.perf_counter() - started - eval_seconds), steps, best_val_loss)
+# --------------------------------------------------------------------------------------------- report
+def _report(label: str, engine: list[Sample], bare: list[Sample], lightning: list[Sample] | None, goal: float) -> str:
+    e, b = [s.seconds for s in engine], [s.seconds for s in bare]
+    ratio, (low, high) = speed_ratio(e, b), bootstrap_interval(e, b)
+    steps = {"engine": {s.steps for s in engine}, "bare": {s.steps for s in bare}}
+    gaps = [abs(x.best_val_loss - y.best_val_loss) for x, y in zip(engine, bare, strict=True)]
+    print(f"  engine seconds {_list(e)}; bare {_list(b)}")
+    print(f"  same work: optimizer steps {steps}; best val/loss gap engine-bare at most {max(gaps):.1e}")
+    lightning_cell, lightning_ratio = "", ""
+    if lightning:
+        lt = [s.seconds for s in lightning]
+        lightning_ratio = f"{speed_ratio(lt, b):.3f}"
+        lightning_cell = f"{statistics.median(lt):.2f}"
+        losses = _list([s.best_val_loss for s in lightning], 4)
+        print(
+            f"  lightning seconds {_list(lt)}; steps {sorted({s.steps for s in lightning})}, best val/loss {losses} "
+            f"(engine {_list([s.best_val_loss for s in engine], 4)})"
+        )
+    verdict = "met" if ratio >= goal else "**missed**"
+    if lightning:
+        ahead = ratio > speed_ratio([s.seconds for s in lightning], b)
+        verdict += ", ahead of Lightning" if ahead else ", **behind Lightning**"
+    print(f"  engine vs bare: {ratio:.3f} (95% interval {low:.3f}-{high:.3f}); goal >= {goal}: {verdict}")
+    return (f"| {label} | {statistics.median(e):.2f} | {statistics.median(b):.2f} | {lightning_cell} | **{ratio:.3f}** "
+            f"({low:.3f}-{high:.3f}) | {lightning_ratio} | >= {goal}: {verdict} |")  # fmt: skip
 
 
-@torch.no_grad()
-def _val_loss(model: nn.Module, loader: DataLoader[Batch], device: torch.device) -> float:
-    model.eval()
-    loss_sum, n = 0.0, 0
-    for x, y in loader:
-        x, y = x.to(device), y.to(device)
-        loss_sum += F.cross_entropy(model(x).flatten(0, -2), y.flatten(), reduction="sum").item()
-        n += y.numel()
-    model.train()
-    return loss_sum / n
+def _list(values: list[float], digits: int = 2) -> str:
+    return "[" + ", ".join(f"{v:.{digits}f}" for v in values) + "]"
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

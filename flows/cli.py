@@ -53,13 +53,12 @@ def _run(args: argparse.Namespace) -> int:
     preflight(config)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "core,tasks,flows")
-    from flows.startup import prefect_api_booting  # imports prefect, which configures logging
+    from flows.startup import prefect_api_booting, warm_up  # imports prefect, which configures logging
 
     with prefect_api_booting():
-        from core.storage.tracking import Tracker, tracking_uri
         from flows.pipeline import training_pipeline
 
-        Tracker.for_experiment(tracking_uri(config.tracking.uri), config.tracking.experiment)  # schema, experiment
+        warm_up(config)
     _quiet_user_errors()
 
     summary = training_pipeline(str(args.config), list(args.overrides), str(args.out))

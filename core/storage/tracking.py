@@ -145,10 +145,11 @@ class Tracker:
 
 
 class MlflowMetricLogger:
-    """A MetricLogger for one run. Metrics go through a writer thread of our own that stores what
-    arrived in one `log_batch` at most every `write_interval_s`: the training step never waits on
-    the database, and on a CPU-bound run the database work stays a few calls per run. (MLflow's own
-    async queue costs ~1 s per run at `set_terminated`, polling with a 1 s timeout.)"""
+    """A MetricLogger for one run. Metrics go through a writer thread of our own that stores what arrived
+    in one `log_batch` at most every `write_interval_s`: the training step never waits on the database,
+    and a run's database work stays a few calls. (MLflow's own async queue costs ~1 s per run at
+    `set_terminated`, polling with a 1 s timeout.) `flush` waits for the metrics sent so far and raises
+    a write's failure as a TrackingError. Params and tags are written at once, one call per 100."""
 
     def __init__(self, client: Any, run_id: str, write_interval_s: float = 2.0):
         self.client, self.run_id, self.write_interval_s = client, run_id, write_interval_s
@@ -159,9 +160,7 @@ class MlflowMetricLogger:
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-        for start in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
-            self.client.log_batch(self.run_id, params=items[start : start + 100])
+        self._log_batches([Param(k, str(v)[:6000]) for k, v in params.items()])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -173,8 +172,9 @@ class MlflowMetricLogger:
         self._queue.put([Metric(k, float(v), now, step) for k, v in metrics.items()])
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, str(value))
+        from mlflow.entities import RunTag
+
+        self._log_batches([RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), folder)
@@ -197,7 +197,7 @@ class MlflowMetricLogger:
         while not done:
             pending = self._queue.get()
             done = pending is None
-            metrics = list(pending or [])
+            entities = list(pending or [])
             deadline = time.monotonic() + self.write_interval_s
             while not done:  # gather until the interval ends or flush() asks to finish
                 try:
@@ -205,12 +205,26 @@ class MlflowMetricLogger:
                 except queue.Empty:
                     break
                 done = more is None
-                metrics += more or []
+                entities += more or []
             try:
-                for start in range(0, len(metrics), 1000):  # MLflow's limit per batch
-                    self.client.log_batch(self.run_id, metrics=metrics[start : start + 1000])
+                self._log_batches(entities)
             except Exception as exc:  # reported by flush(), on the caller's thread
                 self._error = self._error or exc
+
+    def _log_batches(self, entities: list[Any]) -> None:
+        """As few `log_batch` calls as MLflow's limits allow: 1000 entities, of which 100 params and 100 tags
+        (a key given twice keeps its last value)."""
+        from mlflow.entities import Metric, Param
+
+        metrics = [e for e in entities if isinstance(e, Metric)]
+        params = list({e.key: e for e in entities if isinstance(e, Param)}.values())
+        tags = list({e.key: e for e in entities if not isinstance(e, Metric | Param)}.values())
+        while metrics or params or tags:
+            batch_params, params = params[:100], params[100:]
+            batch_tags, tags = tags[:100], tags[100:]
+            room = 1000 - len(batch_params) - len(batch_tags)
+            batch_metrics, metrics = metrics[:room], metrics[room:]
+            self.client.log_batch(self.run_id, metrics=batch_metrics, params=batch_params, tags=batch_tags)
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

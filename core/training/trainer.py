@@ -71,14 +71,16 @@ class Trainer:
         """
         model, optimizer, scaler = self.model, self.optimizer, self.scaler
         n_targets = sum(y.numel() for _, y in window)
-        loss = torch.zeros((), device=self.device)
+        loss: torch.Tensor | None = None
         for i, (x, y) in enumerate(window):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with self._gradient_sync(last=i == len(window) - 1), self.autocast:
                 micro_loss = loss_fn(model(x), y)
-            share = y.numel() / n_targets
-            scaler.scale(micro_loss * share).backward()
-            loss += micro_loss.detach() * share
+            if len(window) > 1:  # one micro-batch is the whole window: no weighting op on the hot path
+                micro_loss = micro_loss * (y.numel() / n_targets)
+            scaler.scale(micro_loss).backward()
+            loss = micro_loss.detach() if loss is None else loss + micro_loss.detach()
+        assert loss is not None, "a window holds at least one micro-batch"
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.grad_clip_norm or math.inf)
         finite = bool(torch.isfinite(loss if scaler.is_enabled() else grad_norm))  # the step's one host sync
@@ -139,9 +141,8 @@ class Trainer:
         s.batch_in_epoch += len(window)
         samples = sum(len(y) for _, y in window)
         s.samples_seen += samples
-        self._window_loss += out.loss
-        self._window_norm += out.grad_norm
-        self._window_steps += 1
+        self._window_losses.append(out.loss)
+        self._window_norms.append(out.grad_norm)
         self._window_targets += sum(y.numel() for _, y in window)
         self._check_finite(out)
         if s.step % cfg.log_every_steps == 0:
@@ -171,12 +172,12 @@ class Trainer:
         """Training metrics averaged since the last call; the only place the loop reads device values."""
         now = time.perf_counter()
         seconds = max(now - self._window_started, 1e-9)
-        steps = max(self._window_steps, 1)
         lm = self.task == "language_modeling"
         processed = self._window_targets if lm else self.state.samples_seen - self._window_samples
+        losses, norms = self._window_losses or [torch.zeros(())], self._window_norms or [torch.zeros(())]
         metrics = {
-            "train/loss": (self._window_loss / steps).item(),
-            "train/grad_norm": (self._window_norm / steps).item(),
+            "train/loss": torch.stack(losses).mean().item(),
+            "train/grad_norm": torch.stack(norms).mean().item(),
             "lr": self.scheduler.get_last_lr()[0],
             "train/tokens_per_s" if lm else "train/samples_per_s": processed / seconds,
             "train/peak_memory_mb": _peak_memory_mb(self.device),
@@ -246,9 +247,9 @@ class Trainer:
             getattr(cb, hook)(self, *args)
 
     def _reset_window(self, now: float | None = None) -> None:
-        self._window_loss = torch.zeros((), device=self.device)
-        self._window_norm = torch.zeros((), device=self.device)
-        self._window_steps = self._window_targets = 0
+        self._window_losses: list[torch.Tensor] = []  # per step, on device: stacked when logged, not per step
+        self._window_norms: list[torch.Tensor] = []
+        self._window_targets = 0
         self._window_samples = self.state.samples_seen
         self._window_started = time.perf_counter() if now is None else now
 
