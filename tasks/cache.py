@@ -17,7 +17,7 @@ from prefect.context import TaskRunContext
 from prefect.filesystems import LocalFileSystem
 
 from core.records import StageResult, stage_key
-from core.storage.store import open_store
+from core.storage.store import ArtifactStore, open_store
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,12 @@ def current_stage_key(stage: str) -> str:
     ctx = TaskRunContext.get()
     assert ctx is not None and ctx.parameters is not None, "only inside a stage task"
     return stage_key(stage, {k: v for k, v in ctx.parameters.items() if k not in UNKEYED})
+
+
+def stage_store(store_uri: str, stage: str, folder: str | None = None) -> tuple[ArtifactStore, str]:
+    """The run's store and the key of this stage run's folder in it, `<folder>/<cache key>` (default
+    `stages/<stage>`): a re-run of the same inputs finds its own checkpoints and artifacts there."""
+    return open_store(store_uri), f"{folder or f'stages/{stage}'}/{current_stage_key(stage)}"
 
 
 def _evict_if_stale(task_ctx: TaskRunContext, key: str, store_uri: str) -> None:

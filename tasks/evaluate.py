@@ -7,8 +7,7 @@ from prefect import task
 from core.config import EvaluateConfig, LoaderConfig, ModelConfig, TrainConfig
 from core.evaluate import evaluate
 from core.records import EvaluateResult, PrepareDataResult, TrainResult
-from core.storage.store import open_store
-from tasks.cache import current_stage_key, stage_cache
+from tasks.cache import stage_cache, stage_store
 from tasks.context import StageContext, log_result, stage_run
 
 
@@ -24,8 +23,7 @@ def evaluate_task(
     ctx: StageContext,
 ) -> EvaluateResult:
     """Test-set metrics, latency, throughput and size of the trained model."""
-    store = open_store(ctx.store_uri)
-    key = f"stages/evaluate/{current_stage_key('evaluate')}"
+    store, key = stage_store(ctx.store_uri, "evaluate")
     with stage_run(ctx, "evaluate", {"evaluate": evaluate_cfg.model_dump(mode="json")}) as run:
         result = evaluate(evaluate_cfg, model_cfg, train_cfg, loader_cfg, seed, data, trained, store, key)
         run.log_metrics({f"test/{name}": value for name, value in result.metrics.items()}, step=0)

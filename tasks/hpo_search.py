@@ -7,9 +7,8 @@ from prefect import task
 from core.config import DataConfig, HPOConfig, ModelConfig, OptimConfig, TrainConfig
 from core.hpo_search import hpo_search
 from core.records import HPOSearchResult, LRRangeTestResult, PrepareDataResult
-from core.storage.store import open_store
 from core.storage.tracking import ParentRun
-from tasks.cache import current_stage_key, stage_cache
+from tasks.cache import stage_cache, stage_store
 from tasks.context import StageContext, log_result, stage_run
 
 
@@ -26,8 +25,7 @@ def hpo_search_task(
     ctx: StageContext,
 ) -> HPOSearchResult:
     """Run or continue the Optuna study; the best parameters go into the training config."""
-    store = open_store(ctx.store_uri)
-    key = f"stages/hpo_search/{current_stage_key('hpo_search')}"
+    store, key = stage_store(ctx.store_uri, "hpo_search")
     with stage_run(ctx, "hpo_search", {"hpo": hpo_cfg.model_dump(mode="json")}) as run:
         parent = ParentRun(ctx.tracking_uri, ctx.experiment_id, run.run_id)
         result = hpo_search(hpo_cfg, data_cfg, model_cfg, optim_cfg, train_cfg, seed, data, lr_range, store, key,

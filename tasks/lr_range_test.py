@@ -7,8 +7,7 @@ from prefect import task
 from core.config import LoaderConfig, LRRangeTestConfig, ModelConfig, OptimConfig, TrainConfig
 from core.lr_range_test import lr_range_test
 from core.records import LRRangeTestResult, PrepareDataResult
-from core.storage.store import open_store
-from tasks.cache import current_stage_key, stage_cache
+from tasks.cache import stage_cache, stage_store
 from tasks.context import StageContext, log_result, stage_run
 
 
@@ -24,8 +23,7 @@ def lr_range_test_task(
     ctx: StageContext,
 ) -> LRRangeTestResult:
     """Sweep the LR on a fresh model and suggest one."""
-    store = open_store(ctx.store_uri)
-    key = f"stages/lr_range_test/{current_stage_key('lr_range_test')}"
+    store, key = stage_store(ctx.store_uri, "lr_range_test")
     params = {"lr_range_test": lr_range_test_cfg.model_dump(mode="json")}
     with stage_run(ctx, "lr_range_test", params) as run:
         result = lr_range_test(lr_range_test_cfg, model_cfg, optim_cfg, train_cfg, loader_cfg, seed, data, store, key)

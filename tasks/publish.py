@@ -7,8 +7,7 @@ from prefect import task
 from core.config import Config
 from core.publish import publish
 from core.records import EvaluateResult, PrepareDataResult, PublishResult, TrainResult
-from core.storage.store import open_store
-from tasks.cache import current_stage_key, stage_cache
+from tasks.cache import stage_cache, stage_store
 from tasks.context import StageContext, stage_run
 
 
@@ -17,8 +16,7 @@ def publish_task(
     config: Config, data: PrepareDataResult, trained: TrainResult, evaluated: EvaluateResult, ctx: StageContext
 ) -> PublishResult:
     """Write the published folder and manifest to the store; log (and register) the MLflow model."""
-    store = open_store(ctx.store_uri)
-    key = f"published/{config.publish.name}/{current_stage_key('publish')}"
+    store, key = stage_store(ctx.store_uri, "publish", folder=f"published/{config.publish.name}")
     with stage_run(ctx, "publish", {"publish": config.publish.model_dump(mode="json")}) as run:
         result = publish(config, data, trained, evaluated, store, key, ctx.tracking_uri, run.run_id)
         run.log_dict(result.model_dump(mode="json"), "result.json")

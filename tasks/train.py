@@ -8,9 +8,8 @@ from prefect import task
 
 from core.config import LoaderConfig, ModelConfig, OptimConfig, TrainConfig
 from core.records import PrepareDataResult, TrainResult
-from core.storage.store import open_store
 from core.train import train
-from tasks.cache import current_stage_key, stage_cache
+from tasks.cache import stage_cache, stage_store
 from tasks.context import StageContext, log_result, stage_run
 
 RUN_FILE = "mlflow_run.json"  # the child run id, so a resumed training logs into the same run
@@ -27,8 +26,7 @@ def train_task(
     ctx: StageContext,
 ) -> TrainResult:
     """Fit the model; checkpoints live in the store folder named by this stage's cache key."""
-    store = open_store(ctx.store_uri)
-    key = f"stages/train/{current_stage_key('train')}"
+    store, key = stage_store(ctx.store_uri, "train")
     run_file = store.workdir(key) / RUN_FILE
     previous = json.loads(run_file.read_text())["run_id"] if train_cfg.resume and run_file.exists() else None
     params = {"model": model_cfg.model_dump(mode="json"), "optim": optim_cfg.model_dump(mode="json"),

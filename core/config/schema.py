@@ -16,19 +16,12 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError
 
+from core.config import sections
 from core.config.base import Section
 from core.config.data import DataConfig
 from core.config.messages import format_validation_error
 from core.config.model import CNNConfig, ModelConfig
 from core.config.overrides import parse_override, set_path
-from core.config.sections import (
-    EvaluateConfig,
-    OptimConfig,
-    PublishConfig,
-    StoreConfig,
-    TrackingConfig,
-    TrainConfig,
-)
 from core.config.tune import TuneConfig, search_space_problems
 from core.errors import ConfigError
 
@@ -40,17 +33,19 @@ class Config(Section):
         description="Where the data comes from and how it is split; required (a config that names no data is a mistake, not a request for the demo)."
     )
     model: ModelConfig = Field(default_factory=CNNConfig, description="Which network to train.")
-    optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer and LR schedule.")
-    train: TrainConfig = Field(default_factory=TrainConfig, description="The training loop.")
-    evaluate: EvaluateConfig = Field(
-        default_factory=EvaluateConfig, description="Test-set evaluation and speed measurements."
+    optim: sections.OptimConfig = Field(default_factory=sections.OptimConfig, description="Optimizer and LR schedule.")
+    train: sections.TrainConfig = Field(default_factory=sections.TrainConfig, description="The training loop.")
+    evaluate: sections.EvaluateConfig = Field(
+        default_factory=sections.EvaluateConfig, description="Test-set evaluation and speed measurements."
     )
     tune: TuneConfig = Field(
         default_factory=TuneConfig, description="Tuning stages before training: LR range test, hyperparameter search."
     )
-    publish: PublishConfig = Field(default_factory=PublishConfig, description="What is published and where.")
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
-    store: StoreConfig = Field(default_factory=StoreConfig, description="Artifact store.")
+    publish: sections.PublishConfig = Field(
+        default_factory=sections.PublishConfig, description="What is published and where."
+    )
+    tracking: sections.TrackingConfig = Field(default_factory=sections.TrackingConfig, description="MLflow tracking.")
+    store: sections.StoreConfig = Field(default_factory=sections.StoreConfig, description="Artifact store.")
 
     def sha256(self) -> str:
         """Content hash of the resolved config (stable across key order and formatting)."""

@@ -178,27 +178,16 @@ def test_bad_factory_raises_config_error(factory: str, params: dict[str, Any], m
 
 
 # ------------------------------------------------------------------------------ model vs data
+IS_LM = "is for language modelling (data.source: text)"
 MISMATCHES = [
-    pytest.param(
-        CNNConfig(), TABULAR,
-        "model.name: 'cnn' needs image data (C, H, W), such as data.name: digits, but each sample of this data has "
-        "1 dimension(s); use mlp", id="cnn",
-    ),
-    pytest.param(
-        tiny_gpt(), TABULAR,
-        "model.name: 'gpt' is for language modelling (data.source: text) but the data is for classification; "
-        "use data.source: text", id="gpt",
-    ),
-    pytest.param(
-        MLPConfig(), TEXT,
-        "model.name: 'mlp' is for classification but the data is for language modelling (data.source: text); "
-        "use gpt, or a classification data source", id="mlp",
-    ),
-    pytest.param(
-        CNNConfig(), TEXT,
-        "model.name: 'cnn' is for classification but the data is for language modelling (data.source: text); "
-        "use gpt, or a classification data source", id="cnn-lm",
-    ),
+    pytest.param(CNNConfig(), TABULAR, "model.name: 'cnn' needs image data (C, H, W), such as data.name: digits, "
+                 "but each sample of this data has 1 dimension(s); use mlp", id="cnn"),
+    pytest.param(tiny_gpt(), TABULAR, f"model.name: 'gpt' {IS_LM} but the data is for classification; "
+                 "use data.source: text", id="gpt"),
+    pytest.param(MLPConfig(), TEXT, f"model.name: 'mlp' is for classification but the data {IS_LM}; "
+                 "use gpt, or a classification data source", id="mlp"),
+    pytest.param(CNNConfig(), TEXT, f"model.name: 'cnn' is for classification but the data {IS_LM}; "
+                 "use gpt, or a classification data source", id="cnn-lm"),
 ]  # fmt: skip
 
 
