@@ -24,7 +24,7 @@ from core.records import EvaluateResult, PrepareDataResult, TrainResult
 from core.storage.store import ArtifactStore
 from core.training.builder import prepared_loaders
 from core.training.checkpoint import load_checkpoint
-from core.training.metrics import eval_pass
+from core.training.metrics import eval_pass, perplexity
 from core.training.precision import autocast_context, resolve_device
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,11 @@ def evaluate(
         png = _confusion_matrix_png(result.targets, result.predictions, data.spec.class_names)
         plots.append(store.put_bytes(png, f"{store_key}/confusion_matrix.png"))
     else:
-        metrics = {"loss": result.loss, "perplexity": math.exp(result.loss), "bits_per_byte": result.loss / math.log(2)}
+        metrics = {
+            "loss": result.loss,
+            "perplexity": perplexity(result.loss),
+            "bits_per_byte": result.loss / math.log(2),
+        }
 
     sample, _ = next(iter(loaders.test))
     latencies = _latencies_ms(model, sample[:1].to(device), autocast, device, cfg.latency_warmup, cfg.latency_iters)

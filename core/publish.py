@@ -15,6 +15,7 @@ import yaml
 
 from core.config import Config
 from core.data.prepared import load_splits
+from core.errors import StoreError
 from core.models import build_model
 from core.records import EvaluateResult, PrepareDataResult, PublishedObject, PublishResult, TrainResult
 from core.storage.store import ArtifactStore, sha256_file
@@ -73,11 +74,21 @@ def publish(
 
 
 def verify_manifest(manifest_uri: str, store: ArtifactStore) -> list[str]:
-    """Problems found re-hashing the files a manifest lists (an empty list means verified)."""
+    """Problems found re-hashing the files a manifest lists (an empty list means verified).
+
+    Raises:
+        StoreError: the file is not a trainflow manifest (unreadable, not JSON, or without its file list).
+    """
     path = store.local_path(manifest_uri)
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        entries = manifest["files"]
+        if manifest.get("format") != MANIFEST_FORMAT or not isinstance(entries, list):
+            raise ValueError(f"format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise StoreError(f"{path}: not a readable trainflow manifest ({type(exc).__name__}: {exc})") from None
     problems = []
-    for entry in manifest["files"]:
+    for entry in entries:
         file = path.parent / entry["path"]
         if not file.is_file():
             problems.append(f"{entry['path']}: missing")

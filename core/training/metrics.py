@@ -72,6 +72,11 @@ def pass_metrics(result: EvalPass, task: Task, prefix: str) -> dict[str, float]:
     values = {
         "loss": result.loss,
         "accuracy": result.correct / max(result.n_targets, 1),
-        "perplexity": math.exp(min(result.loss, 50.0)),
+        "perplexity": perplexity(result.loss),
     }
     return {f"{prefix}/{name}": values[name] for name in EVAL_METRICS[task]}
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), capped at e^50: past that the figure only says the model diverged (and math.exp overflows)."""
+    return math.exp(min(loss, 50.0))

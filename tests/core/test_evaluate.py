@@ -1,0 +1,220 @@
+"""The evaluate stage on its own: metrics equal scikit-learn's and those recomputed from the model's own
+predictions, latency and throughput time what they say, size and parameters match the weights, the
+confusion matrix is a PNG; the language-modelling branch reports perplexity and bits per byte."""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+from torch import nn
+
+from core.config import Config, config_from_dict
+from core.data.loaders import TokenWindows
+from core.data.prepared import load_splits
+from core.evaluate import _classification_metrics, _latencies_ms, _serialized_size, _throughput, evaluate
+from core.models import build_model
+from core.prepare_data import prepare_data
+from core.records import EvaluateResult, PrepareDataResult, TrainResult
+from core.storage.store import LocalStore
+from core.train import train
+from core.training.checkpoint import load_checkpoint
+from tests.conftest import tiny_raw
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+CPU = torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class Trained:
+    config: Config
+    store: LocalStore
+    data: PrepareDataResult
+    trained: TrainResult
+    evaluated: EvaluateResult
+
+    def model(self) -> nn.Module:
+        """The trained weights in a fresh model, in eval mode."""
+        model = build_model(self.config.model, self.data.spec)
+        model.load_state_dict(load_checkpoint(self.store.local_path(self.trained.checkpoint_uri))["model"])
+        return model.eval()
+
+    def test_split(self) -> tuple[np.ndarray, np.ndarray | None]:
+        splits = load_splits(self.store.local_path(self.data.uri), self.data.spec)
+        return splits.x["test"], splits.y.get("test")
+
+
+def _train_and_evaluate(root: Path, config: Config) -> Trained:
+    store = LocalStore(root / "artifacts")
+    data = prepare_data(config.data, config.seed, store)
+    args = (config.model, config.optim, config.train, config.data.loader, config.seed, data, store)
+    trained = train(*args, "train")
+    cfg = config
+    evaluated = evaluate(cfg.evaluate, cfg.model, cfg.train, cfg.data.loader, cfg.seed, data, trained, store, "eval")
+    return Trained(config, store, data, trained, evaluated)
+
+
+@pytest.fixture(scope="module")
+def wine(tmp_path_factory: pytest.TempPathFactory) -> Trained:
+    """The tiny wine MLP, trained and evaluated once for the module."""
+    return _train_and_evaluate(tmp_path_factory.mktemp("wine"), config_from_dict(tiny_raw()))
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory: pytest.TempPathFactory) -> Trained:
+    """A small GPT on 6 KB of text, one epoch."""
+    root = tmp_path_factory.mktemp("text")
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "five", "wizards"]
+    rng = np.random.default_rng(0)
+    (root / "corpus.txt").write_text(" ".join(rng.choice(words, size=1200)) + " ünïcödé\n", encoding="utf-8")
+    raw = tiny_raw(train={"max_epochs": 1})
+    raw["data"] = {"source": "text", "path": str(root / "corpus.txt"), "seq_len": 16}
+    raw["model"] = {"name": "gpt", "n_layer": 1, "n_head": 2, "n_embd": 16}
+    return _train_and_evaluate(root, config_from_dict(raw))
+
+
+# --------------------------------------------------------------------------- metric arithmetic
+def test_classification_metrics_on_known_predictions_with_a_class_never_predicted() -> None:
+    y_true = np.array([0, 0, 1, 1, 2, 2, 2, 3])
+    y_pred = np.array([0, 1, 1, 1, 2, 0, 2, 1])  # class 3 is never predicted: its precision counts as 0
+    metrics = _classification_metrics(y_true, y_pred, loss=0.25)
+    # By hand: precision (1/2, 2/4, 2/2, 0), recall (1/2, 2/2, 2/3, 0/1), F1 (1/2, 2/3, 4/5, 0)
+    assert metrics == pytest.approx(
+        {"accuracy": 5 / 8, "precision_macro": 0.5, "recall_macro": 13 / 24, "f1_macro": 59 / 120, "loss": 0.25}
+    )
+    precision, recall, f1, _ = precision_recall_fscore_support(y_true, y_pred, average="macro", zero_division=0)
+    assert (metrics["precision_macro"], metrics["recall_macro"], metrics["f1_macro"]) == pytest.approx(
+        (precision, recall, f1)
+    )
+    assert metrics["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred))
+
+
+def test_classification_metrics_of_perfect_predictions_are_one() -> None:
+    y = np.array([2, 0, 1, 1, 0, 2])
+    assert _classification_metrics(y, y.copy(), loss=0.0) == {
+        "accuracy": 1.0,
+        "precision_macro": 1.0,
+        "recall_macro": 1.0,
+        "f1_macro": 1.0,
+        "loss": 0.0,
+    }
+
+
+# ------------------------------------------------------------------------ timing and size helpers
+class _Sleeper(nn.Module):
+    """Sleeps `slow_s` on its first `slow_calls` calls and `fast_s` after; counts its calls."""
+
+    def __init__(self, slow_calls: int, slow_s: float, fast_s: float):
+        super().__init__()
+        self.slow_calls, self.slow_s, self.fast_s, self.calls = slow_calls, slow_s, fast_s, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        time.sleep(self.slow_s if self.calls <= self.slow_calls else self.fast_s)
+        return x
+
+
+def test_latency_times_each_call_after_the_warm_up() -> None:
+    model = _Sleeper(slow_calls=2, slow_s=0.2, fast_s=0.005)
+    p50, p95 = _latencies_ms(model, torch.zeros(1, 3), nullcontext(), CPU, warmup=2, iters=7)
+    assert model.calls == 9
+    assert 5.0 <= p50 <= p95 < 200.0, "the 200 ms warm-up calls must not be timed"
+
+
+def test_throughput_counts_samples_per_second_without_the_warm_up_call() -> None:
+    model = _Sleeper(slow_calls=1, slow_s=0.3, fast_s=0.01)
+    throughput = _throughput(model, torch.zeros(8, 3), nullcontext(), CPU, calls=3)
+    assert model.calls == 4
+    # 3 calls x 8 samples in >= 30 ms: at most 800/s; with the 300 ms warm-up counted it would be < 73/s
+    assert 150.0 < throughput <= 800.0
+
+
+def test_serialized_size_is_the_size_of_the_saved_state_dict() -> None:
+    model = nn.Sequential(nn.Linear(13, 32), nn.ReLU(), nn.Linear(32, 3))
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    assert _serialized_size(model) == len(buffer.getvalue())
+    assert _serialized_size(model) > (13 * 32 + 32 + 32 * 3 + 3) * 4  # float32 weights, plus the archive
+
+
+# -------------------------------------------------------------------------- classification stage
+def test_test_metrics_equal_those_of_the_models_own_predictions(wine: Trained) -> None:
+    x, y = wine.test_split()
+    assert y is not None and wine.evaluated.n_test == len(y) == 27
+    with torch.no_grad():
+        logits = wine.model()(torch.from_numpy(x))
+    predicted = logits.argmax(dim=1).numpy()
+    precision, recall, f1, _ = precision_recall_fscore_support(y, predicted, average="macro", zero_division=0)
+    expected = {
+        "accuracy": accuracy_score(y, predicted),
+        "precision_macro": precision,
+        "recall_macro": recall,
+        "f1_macro": f1,
+        "loss": F.cross_entropy(logits, torch.from_numpy(y)).item(),
+    }
+    assert wine.evaluated.metrics == pytest.approx(expected, rel=1e-5)
+    assert wine.evaluated.metrics["accuracy"] > 0.85, "the tiny MLP learns wine"
+
+
+def test_latency_throughput_parameters_and_size(wine: Trained) -> None:
+    result = wine.evaluated
+    assert 0 < result.latency_ms_p50 <= result.latency_ms_p95 < 1000
+    assert result.throughput_per_s > 0
+    model = wine.model()
+    assert result.n_parameters == sum(p.numel() for p in model.parameters()) == wine.trained.n_parameters
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    assert result.size_bytes == pytest.approx(len(buffer.getvalue()), abs=300)
+
+
+def test_the_confusion_matrix_png_is_in_the_store(wine: Trained) -> None:
+    [uri] = wine.evaluated.plot_uris
+    path = wine.store.local_path(uri)
+    assert path == wine.store.root / "eval" / "confusion_matrix.png"
+    assert path.read_bytes().startswith(PNG_MAGIC)
+    assert wine.evaluated.artifact_uris() == [uri]
+
+
+# ------------------------------------------------------------------------ language modelling
+def test_language_modelling_reports_perplexity_and_bits_per_byte(text: Trained) -> None:
+    metrics = text.evaluated.metrics
+    assert set(metrics) == {"loss", "perplexity", "bits_per_byte"}
+    assert metrics["perplexity"] == pytest.approx(math.exp(metrics["loss"]), rel=1e-12)
+    assert metrics["bits_per_byte"] == pytest.approx(metrics["loss"] / math.log(2), rel=1e-12)
+    assert 0 < metrics["bits_per_byte"] < 8, "a trained byte model beats the 8 bits of a uniform guess"
+    assert text.evaluated.plot_uris == []
+
+    tokens, _ = text.test_split()
+    windows = TokenWindows(tokens, 16)
+    x, y = windows.__getitems__(list(range(len(windows))))
+    assert text.evaluated.n_test == len(windows)
+    with torch.no_grad():
+        loss = F.cross_entropy(text.model()(x).flatten(0, 1), y.flatten()).item()
+    assert metrics["loss"] == pytest.approx(loss, rel=1e-5)
+    assert 0 < text.evaluated.latency_ms_p50 <= text.evaluated.latency_ms_p95 < 1000
+    assert text.evaluated.throughput_per_s > 0
+
+
+def test_a_diverged_language_model_is_reported_not_a_crash(text: Trained) -> None:
+    weights = load_checkpoint(text.store.local_path(text.trained.checkpoint_uri))["model"]
+    weights["norm.weight"] = weights["norm.weight"] * 1e5  # logits in the thousands: a loss far above 709 nats
+    path = text.store.root / "diverged" / "model.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": weights}, path)
+    diverged = text.trained.model_copy(update={"checkpoint_uri": path.as_uri()})
+    cfg = text.config
+    result = evaluate(
+        cfg.evaluate, cfg.model, cfg.train, cfg.data.loader, cfg.seed, text.data, diverged, text.store, "diverged"
+    )
+    assert result.metrics["loss"] > 710
+    assert result.metrics["bits_per_byte"] == pytest.approx(result.metrics["loss"] / math.log(2))
+    assert result.metrics["perplexity"] == pytest.approx(math.exp(50))  # capped as in the trainer's validation
