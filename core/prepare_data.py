@@ -13,8 +13,8 @@ import json
 import logging
 
 from core.config import DataConfig, TextDataConfig
-from core.data.prepared import splits_to_npz
-from core.data.preprocess import SPLITS, split_table, split_text
+from core.data.prepared import SPLITS, splits_to_npz
+from core.data.preprocess import split_table, split_text
 from core.data.sources import RawText, load_source
 from core.data.spec import DataSpec
 from core.records import PrepareDataResult

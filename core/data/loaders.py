@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from core.config import LoaderConfig
-from core.data.preprocess import ArraySplits
+from core.data.prepared import ArraySplits
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 

@@ -1,15 +1,29 @@
-"""The prepared arrays as they sit in the store: one .npz per fingerprint, read once per process."""
+"""The prepared arrays (`ArraySplits`) and how they sit in the store: one .npz per fingerprint, read once per
+process. Free of scikit-learn and pandas, so HPO workers and the training loop do not load them."""
 
 from __future__ import annotations
 
 import functools
 import io
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from core.data.preprocess import SPLITS, ArraySplits
 from core.data.spec import DataSpec
+
+
+@dataclass(frozen=True)
+class ArraySplits:
+    """Model-ready arrays: features float32 shaped like the model input, labels int64 (or byte tokens)."""
+
+    x: dict[str, np.ndarray]  # split name -> features, or tokens for text
+    y: dict[str, np.ndarray]  # split name -> labels; empty for text
+    class_names: list[str]
+    n_features: int
+
+
+SPLITS = ("train", "val", "test")
 
 
 def splits_to_npz(splits: ArraySplits) -> bytes:

@@ -12,23 +12,11 @@ from sklearn.model_selection import train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
+from core.data.prepared import SPLITS, ArraySplits
 from core.data.sources import RawTable, RawText
 from core.errors import DataError
 
 MAX_CATEGORIES = 64  # a non-numeric column with more distinct values is free text or an id, not a category
-
-
-@dataclass(frozen=True)
-class ArraySplits:
-    """Model-ready arrays: features float32 shaped like the model input, labels int64 (or byte tokens)."""
-
-    x: dict[str, np.ndarray]  # split name -> features, or tokens for text
-    y: dict[str, np.ndarray]  # split name -> labels; empty for text
-    class_names: list[str]
-    n_features: int
-
-
-SPLITS = ("train", "val", "test")
 
 
 def split_table(raw: RawTable, val_fraction: float, test_fraction: float, scale: str, seed: int) -> ArraySplits:

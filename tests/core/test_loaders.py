@@ -8,7 +8,7 @@ import torch
 
 from core.config import LoaderConfig
 from core.data.loaders import EpochSampler, TokenWindows, build_loaders
-from core.data.preprocess import ArraySplits
+from core.data.prepared import ArraySplits
 from core.storage.store import LocalStore
 from tests.core.test_prepare_data import prepare
 

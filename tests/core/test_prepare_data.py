@@ -15,8 +15,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
 from core.config import DataConfig, config_from_dict
-from core.data.prepared import load_splits
-from core.data.preprocess import SPLITS, ArraySplits
+from core.data.prepared import SPLITS, ArraySplits, load_splits
 from core.prepare_data import prepare_data
 from core.records import PrepareDataResult
 from core.storage.store import LocalStore
