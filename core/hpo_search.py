@@ -16,6 +16,11 @@ import json
 import logging
 import multiprocessing
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import replace
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from typing import Any
 
 import optuna
@@ -27,7 +32,7 @@ from core.records import HPOSearchResult, LRRangeTestResult, PrepareDataResult
 from core.storage.store import ArtifactStore
 from core.storage.tracking import ParentRun
 from core.tuning.apply import lr_suggestion
-from core.tuning.hpo_worker import WorkerSpec, run_worker
+from core.tuning.hpo_worker import Claim, WorkerSpec, has_worked, new_claim, run_worker, serve, stop_if_idle
 from core.tuning.study import from_optuna, rdb_storage
 
 log = logging.getLogger(__name__)
@@ -69,21 +74,23 @@ def hpo_search(
             base["optim"]["lr"] = lr_suggestion(lr_range, "optim.lr: 'auto'", "set a value")
     storage = cfg.storage or f"sqlite:///{store.workdir('hpo') / 'optuna.db'}"
     name = cfg.study_name or _study_name(cfg, base, data)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our log lines say what happens; Optuna's repeat them
-    study = optuna.create_study(
-        study_name=name, storage=rdb_storage(storage), direction=cfg.direction, load_if_exists=True
-    )
-    if cfg.storage is None:  # the study is this machine's alone: a RUNNING trial is one whose worker died
-        _fail_interrupted(study)
-    before = len(study.get_trials(deepcopy=False))
-    workers = min(cfg.parallelism, max(1, cfg.n_trials - before))
-    threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None
-    specs = [WorkerSpec(cfg, space, base, data, store.uri, storage, name, cfg.seed if cfg.seed is not None else seed,
-                        worker, threads, parent_run) for worker in range(workers)]  # fmt: skip
-    log.info("hpo_search: study %s has %d trials; running to %d with %d worker(s)", name, before, cfg.n_trials, workers)
-    _run_workers(specs)
+    spec = WorkerSpec(cfg, space, base, data, store.uri, storage, name, cfg.seed if cfg.seed is not None else seed,
+                      0, None, parent_run)  # fmt: skip
+    with _spawned_workers(spec, min(cfg.parallelism, cfg.n_trials) - 1) as release:  # they warm up meanwhile
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # our log lines say what happens; Optuna's repeat them
+        rdb = rdb_storage(storage)
+        study = optuna.create_study(study_name=name, storage=rdb, direction=cfg.direction, load_if_exists=True)
+        if cfg.storage is None:  # the study is this machine's alone: a RUNNING trial is one whose worker died
+            _fail_interrupted(study)
+        before = len(study.get_trials(deepcopy=False))
+        workers = min(cfg.parallelism, max(1, cfg.n_trials - before))
+        threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None
+        log.info("hpo_search: study %s has %d trials; running to %d with %d worker(s)", name, before, cfg.n_trials,
+                 workers)  # fmt: skip
+        release(workers - 1, threads)
+        run_worker(replace(spec, torch_threads=threads), storage=rdb)
 
-    study = optuna.load_study(study_name=name, storage=rdb_storage(storage))
+    study = optuna.load_study(study_name=name, storage=rdb)
     trials = study.get_trials(deepcopy=False)
     states = [t.state for t in trials]
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -135,20 +142,51 @@ def _fail_interrupted(study: optuna.Study) -> None:
         log.warning("hpo_search: trial %d was left running by an interrupted run; marked failed", trial.number)
 
 
-def _run_workers(specs: list[WorkerSpec]) -> None:
-    """Worker 0 runs here; the others in spawned processes (their own interpreter and torch threads)."""
+@contextmanager
+def _spawned_workers(spec: WorkerSpec, count: int) -> Iterator[Callable[[int, int | None], None]]:
+    """Workers 1..count in spawned processes (their own interpreter and torch threads), started at once.
+
+    A fresh process spends ~4-5 s of CPU on imports and first calls before its first training step (a
+    6-epoch digits trial trains for ~1.3 s), so they start before the study is opened and warm up meanwhile
+    (`hpo_worker.serve`). Yields `release(n, threads)`: the first n go to work with `threads` torch threads
+    each, the others stop. Leaving the block stops those that have not taken up work (no trial is left
+    for them; after a failure, none should start) and waits for the others.
+    """
     context = multiprocessing.get_context("spawn")
-    others = [context.Process(target=run_worker, args=(spec,), name=f"hpo-worker-{spec.worker}") for spec in specs[1:]]
-    for process in others:
-        process.start()
+    workers: list[tuple[BaseProcess, Connection, Claim]] = []
+    failed: list[str] = []
+
+    def stop_idle(stopping: list[tuple[BaseProcess, Connection, Claim]]) -> None:
+        for process, _, claim in stopping:
+            if process.exitcode not in (None, 0):  # died warming up
+                failed.append(process.name)
+            if stop_if_idle(claim):
+                process.terminate()  # it has only warmed up: nothing of it is stored
+
+    def release(n: int, threads: int | None) -> None:
+        for _, conn, _ in workers[:n]:
+            with suppress(OSError):  # one that died warming up is reported on leaving
+                conn.send(threads)
+        stop_idle(workers[n:])
+
     try:
-        run_worker(specs[0])
+        for worker in range(1, count + 1):
+            theirs, ours = context.Pipe(duplex=False)
+            claim = new_claim(context)
+            process = context.Process(target=serve, args=(replace(spec, worker=worker), theirs, claim),
+                                      name=f"hpo-worker-{worker}")  # fmt: skip
+            process.start()
+            theirs.close()
+            workers.append((process, ours, claim))
+        yield release
     finally:
-        for process in others:
+        stop_idle(workers)
+        for process, conn, _ in workers:
+            conn.close()
             process.join()
-    failed = [p.name for p in others if p.exitcode != 0]
+    failed += [p.name for p, _, claim in workers if has_worked(claim) and p.exitcode != 0]
     if failed:
-        raise TrainingError(f"hpo_search: worker processes {', '.join(failed)} exited abnormally")
+        raise TrainingError(f"hpo_search: worker processes {', '.join(sorted(set(failed)))} exited abnormally")
 
 
 def _study_name(hpo: HPOConfig, base: dict[str, Any], data: PrepareDataResult) -> str:

@@ -4,6 +4,8 @@ Every worker (the stage's own process, or a spawned one per unit of `tune.hpo.pa
 talks to the study through its RDB storage, which is Optuna's distributed mode: workers on other
 machines join by running the same study name against the same storage URL. Each trial is an
 MLflow child run of the hpo_search run, logged by explicit run id and ended with its true state.
+A spawned worker (`serve`) warms up while the stage still opens the study, and exits without the
+interpreter's teardown.
 """
 
 from __future__ import annotations
@@ -11,12 +13,18 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass
+import os
+import sys
+import traceback
+from dataclasses import dataclass, replace
+from multiprocessing.connection import Connection
+from multiprocessing.context import BaseContext
 from typing import Any
 
 import optuna
 
 from core.config import CategoricalParam, Config, FloatParam, HPOConfig, ParamSpec, config_from_dict
+from core.data.prepared import load_splits
 from core.records import PrepareDataResult
 from core.storage.store import open_store
 from core.storage.tracking import MlflowMetricLogger, ParentRun, Tracker
@@ -66,8 +74,79 @@ class OptunaPruning(Callback):
             )
 
 
-def run_worker(spec: WorkerSpec) -> None:
-    """Run trials until the study holds `hpo.n_trials` (or the timeout passes).
+Claim = Any  # multiprocessing.Value("b"): a spawned worker's state, changed under its lock
+_WARMING, _WORKING, _STOPPED = 0, 1, 2  # WARMING becomes one of the others, once
+
+
+def new_claim(context: BaseContext) -> Claim:
+    return context.Value("b", _WARMING)
+
+
+def stop_if_idle(claim: Claim) -> bool:
+    """The stage's side: stop a worker that has not taken up work yet; True if it is stopped."""
+    with claim.get_lock():
+        if claim.value == _WARMING:
+            claim.value = _STOPPED
+        return claim.value == _STOPPED
+
+
+def take_up_work(claim: Claim) -> bool:
+    """The worker's side: start working unless the stage has stopped it meanwhile; True if it works."""
+    with claim.get_lock():
+        if claim.value == _WARMING:
+            claim.value = _WORKING
+        return claim.value == _WORKING
+
+
+def has_worked(claim: Claim) -> bool:
+    return claim.value == _WORKING
+
+
+def serve(spec: WorkerSpec, release: Connection, claim: Claim) -> None:
+    """A spawned worker's life: warm up while the stage opens the study, wait on `release` for its torch
+    threads, then take up work unless the stage has stopped it meanwhile (`claim`), and run trials.
+
+    Ends in `os._exit`: the interpreter's teardown (torch, MLflow, SQLAlchemy) took ~1.5 s here, all of it
+    on the stage's path, which joins its workers. Trials, metrics and logs are stored and flushed by then.
+    """
+    code = 1
+    try:
+        tracker = _warm_up(spec)
+        try:
+            threads = release.recv()
+        except EOFError:  # the stage ended without releasing it
+            threads = None
+        if threads is not None and take_up_work(claim):
+            run_worker(replace(spec, torch_threads=threads), tracker=tracker)
+        code = 0
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _warm_up(spec: WorkerSpec) -> Tracker | None:
+    """What a fresh process's first trial would pay (~1.5-2 s of CPU here), paid while the stage opens the study."""
+    import torch
+
+    torch.optim.AdamW([torch.zeros(1, requires_grad=True)])  # the first optimizer imports torch._dynamo (~1 s)
+    optuna.storages.RDBStorage("sqlite://")  # imports and sets up SQLAlchemy's ORM and alembic, in memory
+    load_splits(open_store(spec.store_uri).local_path(spec.data.uri), spec.data.spec)  # kept for every trial
+    if spec.parent_run is None:
+        return None
+    tracker = Tracker(spec.parent_run.tracking_uri, spec.parent_run.experiment_id)
+    tracker.client.get_experiment(spec.parent_run.experiment_id)  # opens MLflow's store (imports, schema check)
+    return tracker
+
+
+def run_worker(
+    spec: WorkerSpec, storage: optuna.storages.RDBStorage | None = None, tracker: Tracker | None = None
+) -> None:
+    """Run trials until the study holds `hpo.n_trials` (or the timeout passes); `storage` and `tracker`
+    are opened here unless given.
 
     With parallelism, workers that start a trial at the same moment can take the study up to
     parallelism - 1 trials past n_trials.
@@ -79,7 +158,8 @@ def run_worker(spec: WorkerSpec) -> None:
         torch.set_num_threads(spec.torch_threads)
     try:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        storage = rdb_storage(spec.storage)
+        if storage is None:
+            storage = rdb_storage(spec.storage)
         existing = len(optuna.load_study(study_name=spec.study_name, storage=storage).get_trials(deepcopy=False))
         if existing >= spec.hpo.n_trials:
             return
@@ -87,7 +167,8 @@ def run_worker(spec: WorkerSpec) -> None:
         pruner = make_pruner(spec.hpo)
         study = optuna.load_study(study_name=spec.study_name, storage=storage, sampler=sampler, pruner=pruner)
         parent = spec.parent_run
-        tracker = Tracker(parent.tracking_uri, parent.experiment_id) if parent else None
+        if tracker is None and parent is not None:
+            tracker = Tracker(parent.tracking_uri, parent.experiment_id)
         study.optimize(
             lambda trial: _objective(trial, spec, tracker),
             timeout=spec.hpo.timeout_s,
@@ -156,7 +237,7 @@ def _end(
 ) -> None:
     if tracker is None or logger is None or run_id is None:
         return
-    logger.flush()
     tags = {"trainflow.trial_state": state} | ({"trainflow.trial_note": note[:5000]} if note else {})
     logger.set_tags(tags)
+    logger.flush()  # the last metrics and the tags, stored before the run ends
     tracker.end_run(run_id, status)

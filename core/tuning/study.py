@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 import optuna
+from sqlalchemy import event
 
 from core.config import CategoricalParam, HPOConfig, ParamSpec
 
@@ -45,9 +46,25 @@ def make_pruner(hpo: HPOConfig) -> optuna.pruners.BasePruner:
 
 
 def rdb_storage(url: str) -> optuna.storages.RDBStorage:
-    """SQLite waits for a lock instead of failing when several workers write at once."""
-    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    """The study's storage. SQLite waits for a lock instead of failing when several workers write at once, and
+    runs in WAL mode with synchronous=NORMAL, so a commit does not wait for the disk: a trial commits ~20 times
+    (ask, each suggestion, each report, tell), which took 0.04-0.3 s per trial here with the default rollback
+    journal, by how busy the disk was, against 0.02-0.06 s now (a 6-epoch digits trial trains for ~1.3 s). A
+    crashed process loses nothing, a power cut at most the last commits, never the file's integrity. WAL needs
+    the file on a local disk, as SQLite's locking does anyway: on a network file system use a database server."""
+    if not url.startswith("sqlite"):
+        return optuna.storages.RDBStorage(url)
+    storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+    event.listen(storage.engine, "connect", _commit_without_fsync)
+    storage.engine.dispose()  # the connection that created the tables reconnects, with the pragmas
+    return storage
+
+
+def _commit_without_fsync(connection: Any, _record: Any) -> None:
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")  # kept in the file: the first connection switches it
+    cursor.execute("PRAGMA synchronous=NORMAL")  # per connection
+    cursor.close()
 
 
 _ENCODED = "json:"

@@ -9,7 +9,9 @@ pipeline takes); the Optuna study lives in the store's default SQLite file.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -29,6 +31,8 @@ from core.records import HPOSearchResult, LRRangeTestResult
 from core.storage.store import LocalStore
 from core.storage.tracking import ParentRun, Tracker
 from core.tuning.apply import apply_tuning, tuning_view
+from core.tuning.hpo_worker import WorkerSpec, has_worked, new_claim, run_worker, stop_if_idle, take_up_work
+from core.tuning.study import rdb_storage
 from tests.conftest import tiny_raw
 
 KEY = "stages/hpo_search/test"
@@ -241,8 +245,17 @@ def test_a_continued_study_does_not_repeat_the_points_already_tried(store: Local
 
 # ------------------------------------------------------------------------ parallel workers
 def test_parallel_workers_fill_the_study_with_mlflow_runs_for_every_trial(
-    store: LocalStore, tracker: Tracker, tracking: ParentRun
+    store: LocalStore, tracker: Tracker, tracking: ParentRun, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    def after_worker_1s_first_trial(spec: WorkerSpec, **kwargs: Any) -> None:
+        """Worker 0 (here) would run every tiny trial before worker 1 has warmed up: it waits for worker 1's first."""
+        deadline = time.monotonic() + 300
+        while not optuna.load_study(study_name=spec.study_name, storage=kwargs["storage"]).get_trials(deepcopy=False):
+            assert time.monotonic() < deadline, "worker 1 started no trial"
+            time.sleep(0.1)
+        run_worker(spec, **kwargs)
+
+    monkeypatch.setattr(hpo_search_module, "run_worker", after_worker_1s_first_trial)
     cfg = _config({"space": {"model.dropout": _FLOAT}, "n_trials": 4, "parallelism": 2})
     result = _search(cfg, store, tracking)  # worker 0 here, worker 1 in a spawned process
 
@@ -255,30 +268,53 @@ def test_parallel_workers_fill_the_study_with_mlflow_runs_for_every_trial(
     _assert_runs_match_trials(study, _trial_runs(tracker, tracking))
 
 
-class _IdleWorker:
-    """Stands in for a spawned worker process that finds no trial left to run."""
+def _idle_workers(monkeypatch: pytest.MonkeyPatch) -> list[SimpleNamespace]:
+    """hpo_search's spawned workers become stand-ins that never take up work, as if still warming up."""
+    workers: list[SimpleNamespace] = []
 
-    exitcode = 0
+    def process(target: Any, args: tuple[Any, ...], name: str) -> SimpleNamespace:
+        worker = SimpleNamespace(name=name, exitcode=0, terminated=False, start=lambda: None, join=lambda: None)
+        worker.terminate = lambda: setattr(worker, "terminated", True)
+        workers.append(worker)
+        return worker
 
-    def __init__(self, target: Any, args: tuple[Any, ...], name: str):
-        self.name = name
-
-    def start(self) -> None:
-        pass
-
-    def join(self) -> None:
-        pass
+    context = SimpleNamespace(Process=process, Pipe=multiprocessing.Pipe, Value=multiprocessing.Value)
+    monkeypatch.setattr(hpo_search_module, "multiprocessing", SimpleNamespace(get_context=lambda method: context))
+    return workers
 
 
-def test_parallel_search_leaves_the_callers_torch_threads_alone(
+def test_an_idle_spawned_worker_is_stopped_and_the_callers_torch_threads_are_left_alone(
     store: LocalStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    context = SimpleNamespace(Process=_IdleWorker)
-    monkeypatch.setattr(hpo_search_module, "multiprocessing", SimpleNamespace(get_context=lambda method: context))
+    workers = _idle_workers(monkeypatch)
     threads = max(1, (os.cpu_count() or 1) // 2) + 1  # not what a worker of two sets
     torch.set_num_threads(threads)
-    _search(_config({"space": {"model.dropout": _FLOAT}, "n_trials": 2, "parallelism": 2}), store, None)
+    cfg = _config({"space": {"model.dropout": _FLOAT}, "n_trials": 2, "parallelism": 2})
+    assert _search(cfg, store, None).n_trials == 2
     assert torch.get_num_threads() == threads
+    assert workers[0].terminated, "worker 0 ran every trial; worker 1, still warming up, was stopped"
+
+    def worker_0(spec: WorkerSpec, **kwargs: Any) -> None:
+        assert workers[1].terminated, "no trial is left: worker 1 is stopped before worker 0 starts"
+        run_worker(spec, **kwargs)
+
+    monkeypatch.setattr(hpo_search_module, "run_worker", worker_0)
+    assert _search(cfg, store, None).n_trials == 2  # the same study, complete: continued, not extended
+
+
+def test_the_stage_and_a_warming_worker_agree_on_who_decides() -> None:
+    context = multiprocessing.get_context("spawn")
+    stopped, working = new_claim(context), new_claim(context)
+    assert stop_if_idle(stopped) and not take_up_work(stopped) and not has_worked(stopped)
+    assert take_up_work(working) and not stop_if_idle(working) and has_worked(working)
+
+
+def test_an_sqlite_study_commits_without_waiting_for_the_disk(tmp_path: Path) -> None:
+    storage = rdb_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    optuna.create_study(storage=storage)
+    with storage.engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL: no fsync per commit
 
 
 # -------------------------------------------------------------------------- LR bounds
