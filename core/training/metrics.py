@@ -41,17 +41,17 @@ def eval_pass(
     """One pass in eval mode; the model is put back in the mode it was in."""
     was_training = model.training
     model.eval()
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
+    loss_sums: list[torch.Tensor] = []  # per batch, on device: added up once at the end (float64), not per batch
+    corrects: list[torch.Tensor] = []
     n, predictions, targets = 0, [], []
     try:
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast:
                 logits = model(x)
-            loss_sum += F.cross_entropy(logits.flatten(0, -2).float(), y.flatten(), reduction="sum")
+            loss_sums.append(F.cross_entropy(logits.flatten(0, -2).float(), y.flatten(), reduction="sum"))
             predicted = logits.argmax(dim=-1)
-            correct += (predicted == y).sum()
+            corrects.append((predicted == y).sum())
             n += y.numel()
             if collect:
                 predictions.append(predicted.flatten().cpu())
@@ -59,9 +59,9 @@ def eval_pass(
     finally:
         model.train(was_training)
     return EvalPass(
-        loss=loss_sum.item() / max(n, 1),
+        loss=torch.stack(loss_sums).double().sum().item() / n if n else 0.0,
         n_targets=n,
-        correct=int(correct.item()),
+        correct=int(torch.stack(corrects).sum().item()) if n else 0,
         predictions=torch.cat(predictions).numpy() if collect and predictions else None,
         targets=torch.cat(targets).numpy() if collect and targets else None,
     )
