@@ -114,7 +114,8 @@ class PipelineRun:
         if kind is None:
             logger = self.tracker.logger(self.run_id)
             logger.log_dict(self.summary(), "summary.json")
-            logger.set_tags({"trainflow.cached_stages": ",".join(k for k, v in self.stages.items() if v["cached"])})
+            cached = ",".join(name for name, info in self.stages.items() if info["cached"])
+            logger.set_tags({"trainflow.cached_stages": cached, "trainflow.skipped_stages": ",".join(self.skipped)})
             self.tracker.end_run(self.run_id)
         elif hasattr(self, "run_id"):
             self.tracker.client.set_tag(self.run_id, "trainflow.error", f"{kind.__name__}: {exc}"[:5000])
