@@ -41,6 +41,7 @@ bench: $(VENV)/.installed-bench   # figures in README.md; run on an idle machine
 	$(PY) benchmarks/trainer_overhead.py
 	$(PY) benchmarks/lr_range_test.py
 	$(PY) benchmarks/hpo.py
+	$(PY) benchmarks/cached_rerun.py
 
 clean:
 	rm -rf $(VENV) artifacts mlflow.db out .pytest_cache
