@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from core.errors import ConfigError
-from tests.core.test_hpo_search import _FLOAT, _config
+from tests.core.hpo_support import FLOAT, search_config
 
 
 @pytest.mark.parametrize(
@@ -30,7 +30,7 @@ from tests.core.test_hpo_search import _FLOAT, _config
         ({"space": {"optim.lr": {"type": "float", "log": True}}}, False,
          r"tune\.hpo\.space\.optim\.lr: without low/high it needs the LR range test "
          r"\(tune\.lr_range_test\.enabled is false\)"),
-        ({"sampler": "grid", "space": {"model.dropout": _FLOAT}}, True,
+        ({"sampler": "grid", "space": {"model.dropout": FLOAT}}, True,
          r"tune\.hpo: sampler 'grid' needs every parameter of the space to be categorical"),
         ({"space": {}}, True, r"tune\.hpo: enabled=true needs a search space \(tune\.hpo\.space\)"),
         ({"space": {"model.dropout": {"type": "float", "low": 0.5, "high": 0.1}}}, True,
@@ -52,4 +52,4 @@ from tests.core.test_hpo_search import _FLOAT, _config
 )  # fmt: skip
 def test_a_bad_search_space_is_a_config_error(hpo: dict[str, Any], lr_range_test: bool, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
-        _config(hpo, lr_range_test)
+        search_config(hpo, lr_range_test)
