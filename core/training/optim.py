@@ -25,7 +25,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float | None = None)
     lr = cfg.lr if lr is None else lr
     if lr == "auto":
         raise ConfigError(
-            "optim.lr: 'auto' must be resolved by the LR range test before training (core.tuning.apply_tuning)"
+            "optim.lr: 'auto' must be resolved by the LR range test before training (core/tuning/apply.py)"
         )
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
