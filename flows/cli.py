@@ -168,7 +168,10 @@ def _entry() -> None:
     # 2 cores and serves nobody. Do what Python's shutdown does before that teardown: join the threads and
     # run their exit hooks (Prefect drains its log and event workers there), run the atexit handlers
     # (Prefect stops its temporary server), flush; then leave.
-    threading._shutdown()  # type: ignore[attr-defined]
+    shutdown_threads = getattr(threading, "_shutdown", None)  # CPython's own step; elsewhere exit the usual way
+    if shutdown_threads is None:
+        sys.exit(code)
+    shutdown_threads()
     atexit._run_exitfuncs()
     logging.shutdown()
     sys.stdout.flush()

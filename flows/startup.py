@@ -9,6 +9,7 @@ import importlib
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from core.config import Config
 
@@ -17,18 +18,15 @@ from core.config import Config
 def prefect_api_booting() -> Iterator[None]:
     """Within the block, Prefect's temporary server (the one `get_client` would start on first use)
     boots in the background; leaving the block waits until it answers, so the flow finds it ready."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
-
-    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+    server = _temporary_server()
+    if server is None:
         yield
         return
-    from prefect.server.api.server import SubprocessASGIServer
-
     failures: list[BaseException] = []
 
     def boot() -> None:
         try:
-            SubprocessASGIServer().start()  # a process-wide singleton: get_client() reuses it
+            server.start()  # a process-wide singleton: get_client() reuses it
         except BaseException as exc:  # re-raised on the caller's thread below
             failures.append(exc)
 
@@ -40,6 +38,20 @@ def prefect_api_booting() -> Iterator[None]:
         thread.join()
     if failures:
         raise failures[0]
+
+
+def _temporary_server() -> Any | None:
+    """The server `get_client` would boot, or None when it boots none (an API URL is set, the temporary
+    server is disabled) or Prefect no longer has the class (then it boots as usual, at first use)."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return None
+    try:
+        from prefect.server.api.server import SubprocessASGIServer
+    except ImportError:
+        return None
+    return SubprocessASGIServer()
 
 
 def warm_up(config: Config) -> None:
