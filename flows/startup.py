@@ -5,7 +5,6 @@ tracking database, instead of one after the other. With `PREFECT_API_URL` set th
 
 from __future__ import annotations
 
-import importlib
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -59,6 +58,7 @@ def warm_up(config: Config) -> None:
     of torch._dynamo that torch defers to the first optimizer it builds (about 1.3 s here), and the tracking
     database's schema check and experiment."""
     from core.storage.tracking import Tracker, tracking_uri
+    from core.training.optim import import_optimizer_dependencies
 
-    importlib.import_module("torch._dynamo")
+    import_optimizer_dependencies()
     Tracker.for_experiment(tracking_uri(config.tracking.uri), config.tracking.experiment)

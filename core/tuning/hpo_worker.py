@@ -30,6 +30,7 @@ from core.storage.store import open_store
 from core.storage.tracking import MlflowMetricLogger, ParentRun, Tracker
 from core.training.builder import build_trainer
 from core.training.callbacks import Callback, TrackingCallback, is_improvement, monitored_value
+from core.training.optim import import_optimizer_dependencies
 from core.training.state import StopReason
 from core.tuning.study import from_optuna, make_pruner, make_sampler, optuna_choices, rdb_storage
 
@@ -130,9 +131,7 @@ def serve(spec: WorkerSpec, release: Connection, claim: Claim) -> None:
 
 def _warm_up(spec: WorkerSpec) -> Tracker | None:
     """What a fresh process's first trial would pay (~1.5-2 s of CPU here), paid while the stage opens the study."""
-    import torch
-
-    torch.optim.AdamW([torch.zeros(1, requires_grad=True)])  # the first optimizer imports torch._dynamo (~1 s)
+    import_optimizer_dependencies()
     optuna.storages.RDBStorage("sqlite://")  # imports and sets up SQLAlchemy's ORM and alembic, in memory
     load_splits(open_store(spec.store_uri).local_path(spec.data.uri), spec.data.spec)  # kept for every trial
     if spec.parent_run is None:
