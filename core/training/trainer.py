@@ -174,10 +174,9 @@ class Trainer:
         seconds = max(now - self._window_started, 1e-9)
         lm = self.task == "language_modeling"
         processed = self._window_targets if lm else self.state.samples_seen - self._window_samples
-        losses, norms = self._window_losses or [torch.zeros(())], self._window_norms or [torch.zeros(())]
         metrics = {
-            "train/loss": torch.stack(losses).mean().item(),
-            "train/grad_norm": torch.stack(norms).mean().item(),
+            "train/loss": torch.stack(self._window_losses).mean().item(),  # on_log comes after >= 1 step
+            "train/grad_norm": torch.stack(self._window_norms).mean().item(),
             "lr": self.scheduler.get_last_lr()[0],
             "train/tokens_per_s" if lm else "train/samples_per_s": processed / seconds,
             "train/peak_memory_mb": _peak_memory_mb(self.device),
