@@ -1,0 +1,1 @@
+"""Compression techniques: pruning, quantization, distillation; no Prefect."""
