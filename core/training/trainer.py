@@ -6,6 +6,7 @@ Order of events in `fit`:
         (on_eval_end) -> on_step_end
     at each epoch end (eval_every_steps unset): validation (on_eval_end)
     on_fit_end, or on_exception when an exception leaves fit (it is re-raised)
+Each micro-batch's training loss comes from the `loss` hook (default `task_loss`: cross-entropy).
 Callbacks run in the order given; the stage passes tracking, early stopping, checkpoint, progress,
 so at each evaluation the checkpoint is written after the early-stopping decision it must hold.
 """
@@ -16,7 +17,7 @@ import logging
 import math
 import resource
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict
 from typing import Any
@@ -36,8 +37,19 @@ from core.training.state import FitResult, StepOutput, StopReason, TrainState
 
 log = logging.getLogger(__name__)
 
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+"""The training loss of one micro-batch from (model, x, y), averaged over its targets."""
+
+
+def task_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The default LossFn: cross-entropy of the model's logits against the targets."""
+    return loss_fn(model(x), y)
+
 
 class Trainer:
+    """Fits `model` with `loss` (default `task_loss`; distillation passes its own); validation always
+    reports the task loss, so val/loss compares across students and teachers."""
+
     def __init__(
         self,
         model: nn.Module,
@@ -49,8 +61,10 @@ class Trainer:
         task: str,
         callbacks: Sequence[Callback] = (),
         world_size: int = 1,
+        loss: LossFn | None = None,
     ):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.loss: LossFn = task_loss if loss is None else loss
         self.loaders, self.cfg, self.device, self.task = loaders, cfg, device, task
         self.callbacks, self.world_size = list(callbacks), world_size
         self.autocast: AbstractContextManager[object] = autocast_context(device, cfg.precision)
@@ -69,13 +83,13 @@ class Trainer:
         give the gradient of one batch of their union, a short last batch included (fp32: equal to
         rounding). Steps with a non-finite gradient norm are skipped.
         """
-        model, optimizer, scaler = self.model, self.optimizer, self.scaler
+        model, optimizer, scaler, loss_of = self.model, self.optimizer, self.scaler, self.loss
         n_targets = sum(y.numel() for _, y in window)
         loss: torch.Tensor | None = None
         for i, (x, y) in enumerate(window):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with self._gradient_sync(last=i == len(window) - 1), self.autocast:
-                micro_loss = loss_fn(model(x), y)
+                micro_loss = loss_of(model, x, y)
             if len(window) > 1:  # one micro-batch is the whole window: no weighting op on the hot path
                 micro_loss = micro_loss * (y.numel() / n_targets)
             scaler.scale(micro_loss).backward()

@@ -1,0 +1,138 @@
+"""Fit in a store folder: the callback stack (tracking, early stopping, checkpoint, progress), resume
+from the folder's latest checkpoint or clear old ones, fit, and hand on the final weights.
+
+Shared by the train stage and the compress stage (fine-tuning a pruned model, training a
+distillation student), so each gets early stopping, checkpoints and crash-safe resume the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from core.config import LoaderConfig, ModelConfig, OptimConfig, TrainConfig
+from core.errors import TrainingError
+from core.records import PrepareDataResult
+from core.storage.store import ArtifactStore
+from core.training.builder import build_trainer
+from core.training.callbacks import Callback, EarlyStopping, MetricLogger, ProgressBar, TrackingCallback
+from core.training.checkpoint import (
+    BEST,
+    FINAL,
+    ModelCheckpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    periodic_checkpoints,
+)
+from core.training.state import FitResult
+from core.training.trainer import LossFn, Trainer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FolderFit:
+    """What `fit_in_folder` leaves: the loop's facts, the best evaluation, and the weights handed on."""
+
+    fit: FitResult  # stop reason and message, epochs, steps, samples/s, non-finite steps
+    checkpoint: ModelCheckpoint  # best_metrics, best_step: the best evaluation of the monitored metric
+    resumed_from: int | None  # the step resumed from; None: started fresh
+    weights_uri: str  # `<store_key>/model.pt` in the store: the best weights when restore_best is on
+    weights_path: Path  # the same file on this machine
+    trainer: Trainer  # its model holds the weights handed on; `describe()` gives the run facts
+
+
+def fit_in_folder(
+    model_cfg: ModelConfig,
+    optim_cfg: OptimConfig,
+    train_cfg: TrainConfig,
+    loader_cfg: LoaderConfig,
+    seed: int,
+    data: PrepareDataResult,
+    store: ArtifactStore,
+    store_key: str,
+    logger: MetricLogger | None = None,
+    run_id: str | None = None,
+    callbacks: Sequence[Callback] = (),
+    model: nn.Module | None = None,
+    loss: LossFn | None = None,
+    extra_config: Mapping[str, Any] | None = None,
+) -> FolderFit:
+    """Fit with checkpoints in `<store>/<store_key>/`, resuming there after a crash (`train.resume`).
+
+    Args:
+        model: a pre-built model (pruned, or a student) instead of one built from `model_cfg`; to resume,
+            pass the same model again: the checkpoint's weights load into it.
+        loss: the training loss hook (e.g. `core.compression.distillation.DistillationLoss`).
+        extra_config: more sections (e.g. the compress section) recorded in checkpoints beside model,
+            optim, train, loader and seed; on resume, each difference is logged with the value that wins.
+
+    Raises:
+        ConfigError: a setting does not fit this data or machine (checked before any training step).
+        TrainingError: training diverged, or the checkpoint to resume from cannot be loaded into the model.
+    """
+    folder = store.workdir(store_key)
+    sections = {"model": model_cfg, "optim": optim_cfg, "train": train_cfg, "loader": loader_cfg}
+    config = {name: section.model_dump(mode="json") for name, section in sections.items()} | {"seed": seed}
+    config |= dict(extra_config or {})
+    checkpoint = ModelCheckpoint(
+        folder, train_cfg.checkpoint, train_cfg.early_stopping, {"config": config, "run_id": run_id}
+    )
+    stack: list[Callback] = [TrackingCallback(logger)] if logger else []
+    stack += [EarlyStopping(train_cfg.early_stopping)] if train_cfg.early_stopping.enabled else []
+    stack += [checkpoint, ProgressBar(train_cfg.progress_bar), *callbacks]
+    trainer = build_trainer(
+        model_cfg, optim_cfg, train_cfg, loader_cfg, seed, data, store, stack, model=model, loss=loss
+    )
+
+    resumed_from = _resume(trainer, folder, train_cfg.resume, config)
+    fit = trainer.fit()
+    return FolderFit(
+        fit=fit,
+        checkpoint=checkpoint,
+        resumed_from=resumed_from,
+        weights_uri=store.put_file(folder / FINAL, f"{store_key}/{FINAL}"),
+        weights_path=folder / FINAL,
+        trainer=trainer,
+    )
+
+
+def _resume(trainer: Trainer, folder: Path, resume: bool, config: dict[str, Any]) -> int | None:
+    """Restore the last checkpoint (resume on), or clear old ones so they cannot mix with a fresh run."""
+    latest = latest_checkpoint(folder)
+    if latest is None:
+        return None
+    if not resume:
+        for path in [*periodic_checkpoints(folder), folder / BEST, folder / FINAL]:
+            path.unlink(missing_ok=True)
+        log.info("train.resume=false: starting over, old checkpoints in %s removed", folder)
+        return None
+    payload = load_checkpoint(latest)
+    for key, saved, current in _differences(payload.get("config", {}), config):
+        log.info("resume: %s is %r in the checkpoint and %r in the config; the config value wins", key, saved, current)
+    try:
+        trainer.restore(payload)
+    except RuntimeError as exc:  # load_state_dict: missing/unexpected keys or shapes (another model)
+        raise TrainingError(
+            f"{latest}: checkpoint does not fit this model ({str(exc).splitlines()[0]}); pass the model it was "
+            "written for, delete the checkpoint to start over, or set train.resume=false"
+        ) from None
+    state = trainer.state
+    log.info(
+        "resuming from %s: epoch %d, batch %d, step %d", latest.name, state.epoch, state.batch_in_epoch, state.step
+    )
+    return state.step
+
+
+def _differences(saved: Any, current: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    if isinstance(saved, dict) and isinstance(current, dict):
+        out = []
+        for key in sorted(set(saved) | set(current)):
+            out += _differences(saved.get(key), current.get(key), f"{prefix}{key}.")
+        return out
+    return [] if saved == current else [(prefix.rstrip("."), saved, current)]
