@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from core.config import Config, SyntheticDataConfig, TableDataConfig, TextDataConfig
-from core.data.spec import check_metric, planned_rank, planned_task
+from core.config import Config, SklearnDataConfig, SyntheticDataConfig, TableDataConfig, TextDataConfig
+from core.data.spec import DataSpec, check_metric, planned_rank, planned_task
 from core.errors import DataError
 from core.models import check_model_fits_data
 from core.storage.store import open_store
@@ -36,9 +36,35 @@ def preflight(config: Config) -> None:
         from core.training.precision import check_precision, resolve_device
 
         check_precision(resolve_device(config.train.device), config.train.precision)
+    if config.compress.enabled and _compress_needs_model(config):
+        from core.compression.plan import check_compress
+
+        check_compress(config.compress, config.model, _nominal_spec(config))
     _check_data(config)
     check_reachable(tracking_uri(config.tracking.uri))
     open_store(config.store.uri).check_writable()
+
+
+def _compress_needs_model(config: Config) -> bool:
+    """An explicit student or static quantization is checked on built models (torch loads); the defaults are not."""
+    return config.compress.distillation.student is not None or config.compress.quantization.onnx_int8 == "static"
+
+
+def _nominal_spec(config: Config) -> DataSpec:
+    """The prepared data's spec as far as the config tells before any data is read: exact for the bundled
+    sets and text, a stand-in width for tables (the compress stage checks again on the real spec)."""
+    data = config.data
+    if isinstance(data, TextDataConfig):
+        return DataSpec(task="language_modeling", input_shape=(data.seq_len,), n_classes=256)
+    if isinstance(data, SklearnDataConfig):
+        shape, classes = SKLEARN_SHAPES[data.name]
+        return DataSpec(task="classification", input_shape=shape, n_classes=classes)
+    if isinstance(data, SyntheticDataConfig):
+        return DataSpec(task="classification", input_shape=(data.n_features,), n_classes=data.n_classes)
+    return DataSpec(task="classification", input_shape=(16,), n_classes=2)
+
+
+SKLEARN_SHAPES = {"digits": ((1, 8, 8), 10), "wine": ((13,), 3), "breast_cancer": ((30,), 2), "iris": ((4,), 3)}
 
 
 def _check_data(config: Config) -> None:

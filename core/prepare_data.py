@@ -4,6 +4,10 @@ so a second run with the same data and settings skips the work.
 
 Builds on core/data/: sources.py (reading), preprocess.py (split, impute, encode, scale),
 prepared.py (the stored .npz), spec.py (what the models are told).
+
+Beside splits.npz, a table or image source also gets `preprocessor.pkl`: the fitted transformer, the raw
+columns and their dtypes, class names, image shape and a few raw test rows, so a served model can take raw
+inputs (see core/serving/).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from core.storage.store import ArtifactStore
 
 log = logging.getLogger(__name__)
 
-PREPARE_VERSION = 1  # bump when the preprocessing changes what it writes
+PREPARE_VERSION = 2  # bump when the preprocessing changes what it writes (2: preprocessor.pkl)
 
 
 def prepare_data(cfg: DataConfig, seed: int, store: ArtifactStore) -> PrepareDataResult:
@@ -40,17 +44,20 @@ def prepare_data(cfg: DataConfig, seed: int, store: ArtifactStore) -> PrepareDat
     record_uri = store.uri_for(f"{folder}/record.json")
     if store.exists(record_uri):
         result = PrepareDataResult.model_validate_json(store.local_path(record_uri).read_text())
-        if store.exists(result.uri):
+        if all(store.exists(uri) for uri in result.artifact_uris()):
             log.info("prepare_data: %s already prepared (fingerprint %s)", raw.name, fingerprint[:12])
             return result
 
+    preprocessor_uri = None
     if isinstance(raw, RawText):
         assert isinstance(cfg, TextDataConfig)
         splits = split_text(raw, cfg.val_fraction, cfg.test_fraction, cfg.seq_len)
         counts = [(len(splits.x[s]) - 1) // cfg.seq_len for s in SPLITS]
         spec = DataSpec(task="language_modeling", input_shape=(cfg.seq_len,), n_classes=256)
     else:
-        splits = split_table(raw, cfg.val_fraction, cfg.test_fraction, cfg.scale, seed)
+        fitted = split_table(raw, cfg.val_fraction, cfg.test_fraction, cfg.scale, seed)
+        splits = fitted.splits
+        preprocessor_uri = store.put_bytes(fitted.preprocessor_bytes(), f"{folder}/preprocessor.pkl")
         counts = [len(splits.y[s]) for s in SPLITS]
         spec = DataSpec(
             task="classification",
@@ -67,6 +74,7 @@ def prepare_data(cfg: DataConfig, seed: int, store: ArtifactStore) -> PrepareDat
         n_val=counts[1],
         n_test=counts[2],
         spec=spec,
+        preprocessor_uri=preprocessor_uri,
     )
     store.put_bytes(result.model_dump_json(indent=2).encode(), f"{folder}/record.json")
     log.info("prepare_data: %s -> %d/%d/%d train/val/test", raw.name, *counts)

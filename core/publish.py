@@ -1,6 +1,7 @@
 """The publish stage: the trained weights, the resolved config, the evaluation and a manifest
 (sha256 and size of every file, data fingerprint, code version, MLflow run ids) written to the
-artifact store; the model logged to MLflow with signature and input example, optionally registered.
+artifact store; the served model logged to MLflow (raw inputs in, preprocessing inside, see
+core/serving/), with signature and input example, optionally registered.
 
 `verify_manifest` re-hashes a published folder against its manifest.
 """
@@ -9,17 +10,23 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from pathlib import Path
 
 import yaml
 
 from core.config import Config
-from core.data.prepared import load_splits
 from core.errors import StoreError
 from core.models import build_model
-from core.records import EvaluateResult, PrepareDataResult, PublishedObject, PublishResult, TrainResult
+from core.records import (
+    CompressResult,
+    EvaluateResult,
+    PrepareDataResult,
+    PublishedObject,
+    PublishResult,
+    TrainResult,
+)
 from core.storage.store import ArtifactStore, sha256_file
-from core.storage.tracking import fluent_tracking_uri
 from core.storage.version import code_version, git_commit
 from core.training.checkpoint import load_checkpoint
 
@@ -37,18 +44,32 @@ def publish(
     store_key: str,
     tracking_uri: str | None = None,
     mlflow_run_id: str | None = None,
+    compressed: CompressResult | None = None,
 ) -> PublishResult:
-    """Write the published folder `<store>/<store_key>/` and (with a run id) log the model to MLflow."""
+    """Write the published folder `<store>/<store_key>/` and (with a run id) log the served model to
+    MLflow: the compress stage's recommended variant when it ran, else the trained weights.
+
+    The folder holds the fp32 weights (`model.pt`) and, beside them, the recommended variant's file
+    (`recommended/<file>`) with the comparison table it was picked from; the manifest lists both."""
     cfg = config.publish
+    recommended = compressed.variant(compressed.recommended) if compressed else None
+    served_model = store.local_path(recommended.uri) if recommended and recommended.uri else None
     model_uri, version = None, None
     if cfg.log_mlflow_model and mlflow_run_id is not None and tracking_uri is not None:
-        model_uri, version = log_mlflow_model(config, data, trained, store, tracking_uri, mlflow_run_id)
+        model_uri, version = log_mlflow_model(
+            config, data, trained, store, tracking_uri, mlflow_run_id, served_model=served_model
+        )
 
     files = {
         "model.pt": store.local_path(trained.checkpoint_uri).read_bytes(),
         "config.yaml": yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False).encode(),
         "evaluation.json": evaluated.model_dump_json(indent=2).encode(),
     }
+    if compressed and served_model is not None:
+        files[f"recommended/{served_model.name}"] = served_model.read_bytes()
+        files["compression.md"] = store.local_path(compressed.table_uri).read_bytes()
+    if data.preprocessor_uri:  # what turns raw rows into model inputs (the MLflow model carries it too)
+        files["preprocessor.pkl"] = store.local_path(data.preprocessor_uri).read_bytes()
     objects = [_put(store, content, f"{store_key}/{name}") for name, content in files.items()]
     manifest = {
         "format": MANIFEST_FORMAT,
@@ -65,12 +86,34 @@ def publish(
         "mlflow_model_uri": model_uri,
         "registered_model": {"name": cfg.registered_model_name, "version": version} if version else None,
         "metrics": evaluated.metrics,
+        "recommended": _recommended_entry(compressed, served_model),
     }
     objects.append(_put(store, json.dumps(manifest, indent=2).encode(), f"{store_key}/manifest.json"))
     log.info("publish: %d files to %s", len(objects), objects[-1].uri.rsplit("/", 1)[0])
     return PublishResult(
-        objects=objects, manifest_uri=objects[-1].uri, mlflow_model_uri=model_uri, registered_version=version
+        objects=objects,
+        manifest_uri=objects[-1].uri,
+        mlflow_model_uri=model_uri,
+        registered_version=version,
+        recommended=recommended.name if recommended else None,
     )
+
+
+def _recommended_entry(compressed: CompressResult | None, served_model: Path | None) -> dict[str, object] | None:
+    """The shipped variant as the manifest states it: its file, runtime, figures and why it was picked."""
+    if compressed is None or served_model is None:
+        return None
+    v = compressed.variant(compressed.recommended)
+    return {
+        "name": v.name,
+        "path": f"recommended/{served_model.name}",
+        "runtime": v.runtime,
+        "reason": compressed.reason,
+        "metrics": v.metrics,
+        "latency_ms_p50": v.latency_ms_p50,
+        "size_bytes": v.size_bytes,
+        "threads": compressed.threads,
+    }
 
 
 def verify_manifest(manifest_uri: str, store: ArtifactStore) -> list[str]:
@@ -100,41 +143,36 @@ def verify_manifest(manifest_uri: str, store: ArtifactStore) -> list[str]:
 
 
 def log_mlflow_model(
-    config: Config, data: PrepareDataResult, trained: TrainResult, store: ArtifactStore, tracking_uri: str, run_id: str
+    config: Config,
+    data: PrepareDataResult,
+    trained: TrainResult,
+    store: ArtifactStore,
+    tracking_uri: str,
+    run_id: str,
+    served_model: Path | None = None,
 ) -> tuple[str, int | None]:
-    """`mlflow.pytorch.log_model` with signature and input example into run `run_id`.
+    """The raw-input pyfunc (`core.serving.mlflow_model.log_serving_model`) into run `run_id`.
 
-    Pickle format with our model code bundled (`code_paths`), so `mlflow.pytorch.load_model` returns
-    the original class anywhere; explicit pip requirements skip MLflow's slow inference of them.
+    Without `served_model`, the trained fp32 weights go as a torch.export program (dynamic batch), so the
+    logged model carries no trainflow code and loads where trainflow is not installed.
     """
-    import mlflow
-    import torch
-    from mlflow.models import infer_signature
+    from core.serving.mlflow_model import export_program, log_serving_model
 
-    model = build_model(config.model, data.spec)
-    model.load_state_dict(load_checkpoint(store.local_path(trained.checkpoint_uri))["model"])
-    model.eval()
-    example = load_splits(store.local_path(data.uri), data.spec).x["test"]
-    if data.spec.task == "language_modeling":
-        seq_len = data.spec.input_shape[0]
-        example = example[: 2 * seq_len].astype("int64").reshape(2, seq_len)  # two windows
-    else:
-        example = example[:2]
-    with torch.no_grad():
-        output = model(torch.from_numpy(example)).numpy()
-    with fluent_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id):
-        info = mlflow.pytorch.log_model(
-            model,
+    with tempfile.TemporaryDirectory() as tmp:
+        if served_model is None:
+            model = build_model(config.model, data.spec)
+            model.load_state_dict(load_checkpoint(store.local_path(trained.checkpoint_uri))["model"])
+            served_model = export_program(model, data.spec, Path(tmp) / "model.pt2")
+        info = log_serving_model(
+            served_model,
+            data,
+            store,
             name=config.publish.name,
-            signature=infer_signature(example, output),
-            input_example=example,
-            serialization_format="pickle",
-            code_paths=[str(Path(__file__).resolve().parent)],
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "scikit-learn"],
+            tracking_uri=tracking_uri,
+            run_id=run_id,
             registered_model_name=config.publish.registered_model_name,
         )
-    version = info.registered_model_version
-    return info.model_uri, int(version) if version is not None else None
+    return info.model_uri, info.registered_version
 
 
 def _put(store: ArtifactStore, content: bytes, key: str) -> PublishedObject:

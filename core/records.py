@@ -1,7 +1,7 @@
 """The stage records: what each stage of the pipeline hands on, in one place.
 
 prepare_data -> PrepareDataResult -> lr_range_test -> LRRangeTestResult -> hpo_search -> HPOSearchResult
--> train -> TrainResult -> evaluate -> EvaluateResult -> publish -> PublishResult
+-> train -> TrainResult -> evaluate -> EvaluateResult -> compress -> CompressResult -> publish -> PublishResult
 
 A record is small, frozen and JSON-serialisable: numbers, names, reasons and artifact URIs, never
 tensors. It is the DAG's contract: a stage imports the records it consumes from here, never another
@@ -52,9 +52,10 @@ class PrepareDataResult(StageResult):
     n_val: int
     n_test: int
     spec: DataSpec
+    preprocessor_uri: str | None = None  # pickled fitted transformer + raw columns (tables and images)
 
     def artifact_uris(self) -> list[str]:
-        return [self.uri]
+        return [self.uri] + ([self.preprocessor_uri] if self.preprocessor_uri else [])
 
     def run_tags(self) -> dict[str, str]:
         return {"trainflow.data_fingerprint": self.fingerprint}
@@ -132,6 +133,45 @@ class EvaluateResult(StageResult):
         return list(self.plot_uris)
 
 
+class CompressedVariant(BaseModel):
+    """One row of the compression table: a model in a runtime, measured like the fp32 baseline."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: str  # fp32, fp32+onnx, fp32+onnx_int8, pruned, pruned_structured+onnx_int8, distilled, ...
+    base: str  # which model: fp32 (trained), pruned, pruned_structured, distilled
+    format: str  # torch (eager), onnx, onnx_int8, torch_int8, half
+    runtime: str  # torch | onnxruntime
+    status: str  # ok | failed
+    reason: str = ""  # why it failed, or how it was made (exporter, quantization mode, ...)
+    uri: str | None = None  # the saved variant (.pt2, .ts or .onnx)
+    size_bytes: int | None = None
+    params: int | None = None
+    sparsity: float | None = None  # zero fraction of the prunable weights
+    latency_ms_p50: float | None = None  # batch 1
+    latency_ms_p95: float | None = None
+    throughput: float | None = None  # samples (or sequences) per second at the serving batch
+    metrics: dict[str, float] = {}  # the evaluate stage's test metrics
+    details: dict[str, Any] = {}  # per-layer sparsity, int8 share of the weights, fit facts, ...
+
+
+class CompressResult(StageResult):
+    variants: list[CompressedVariant]  # the fp32 baseline first
+    task: str  # classification | language_modeling: which metric the variants are judged by
+    recommended: str  # name of the variant to ship
+    reason: str  # why it was recommended
+    threads: int  # intra-op threads of every runtime while measuring
+    serving_batch: int
+    table_uri: str  # Markdown table
+    csv_uri: str
+    plot_uri: str  # Pareto plot: metric against batch-1 latency, marker area = size
+
+    def artifact_uris(self) -> list[str]:
+        return [self.table_uri, self.csv_uri, self.plot_uri] + [v.uri for v in self.variants if v.uri]
+
+    def variant(self, name: str) -> CompressedVariant:
+        return next(v for v in self.variants if v.name == name)
+
+
 class PublishedObject(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     uri: str
@@ -142,8 +182,9 @@ class PublishedObject(BaseModel):
 class PublishResult(StageResult):
     objects: list[PublishedObject]  # every file written, the manifest last
     manifest_uri: str
-    mlflow_model_uri: str | None
+    mlflow_model_uri: str | None  # the served model: raw inputs in (core/serving/)
     registered_version: int | None
+    recommended: str | None = None  # the compress stage's variant shipped beside the fp32 weights
 
     def artifact_uris(self) -> list[str]:
         return [o.uri for o in self.objects]

@@ -116,6 +116,10 @@ def _print_summary(summary: dict[str, Any], out: Path) -> None:
     if trained:
         stop, speed = trained["stop_reason"], trained["samples_per_s"]
         print(f"train: {trained['epochs_run']} epochs, stopped by {stop}, {speed:.0f} samples/s")
+    compressed = stages.get("compress")
+    if compressed:
+        print(f"\ncompress: recommended {compressed['recommended']}: {compressed['reason']}")
+        print(_compression_table(compressed))
     print(f"\nsummary:  {out / 'summary.json'}")
     print(f"mlflow:   run {summary['mlflow_run_id']} in {summary['mlflow_tracking_uri']}")
     print(f"          open the UI: {_tool('mlflow')} ui --backend-store-uri {summary['mlflow_tracking_uri']}")
@@ -124,6 +128,18 @@ def _print_summary(summary: dict[str, Any], out: Path) -> None:
     published = stages.get("publish", {})
     if published:
         print(f"model:    {published['manifest_uri']}")
+
+
+def _compression_table(compressed: dict[str, Any]) -> str:
+    from core.compression.report import table_rows, text_table
+    from core.records import CompressedVariant
+
+    variants = [CompressedVariant.model_validate(v) for v in compressed["variants"]]
+    rows = table_rows(variants, compressed["task"], compressed["recommended"])
+    note = (
+        f"(batch-1 latency at {compressed['threads']} thread(s), variants alternated; table: {compressed['table_uri']})"
+    )
+    return text_table(rows) + "\n" + note
 
 
 def _tool(name: str) -> str:

@@ -1,5 +1,5 @@
 """The training pipeline as a Prefect flow:
-prepare_data -> lr_range_test -> hpo_search -> train -> evaluate -> publish.
+prepare_data -> lr_range_test -> hpo_search -> train -> evaluate -> compress -> publish.
 
 Each line below is one stage: flows/pipeline.py -> tasks/<stage>.py -> core/<stage>.py.
 Run it with `trainflow run configs/digits.yaml`, or serve it from `deployments/`.
@@ -15,6 +15,7 @@ from prefect import flow
 from core.config import load_config
 from core.tuning.apply import apply_tuning, hpo_search_plan, lr_range_test_plan, tuning_view
 from flows.pipeline_run import PipelineRun
+from tasks.compress import compress_task
 from tasks.evaluate import evaluate_task
 from tasks.hpo_search import hpo_search_task
 from tasks.lr_range_test import lr_range_test_task
@@ -43,5 +44,9 @@ def training_pipeline(
                             loader_cfg=tuned.data.loader, seed=tuned.seed, data=data)  # fmt: skip
         evaluated = run.stage(evaluate_task, evaluate_cfg=tuned.evaluate, model_cfg=tuned.model, train_cfg=tuned.train,
                               loader_cfg=tuned.data.loader, seed=tuned.seed, data=data, trained=trained)  # fmt: skip
-        run.stage(publish_task, config=tuned, data=data, trained=trained, evaluated=evaluated)
+        compressed = run.stage_if((tuned.compress.enabled, "compress.enabled is false"), compress_task,
+                                  compress_cfg=tuned.compress, model_cfg=tuned.model, optim_cfg=tuned.optim,
+                                  train_cfg=tuned.train, loader_cfg=tuned.data.loader, seed=tuned.seed, data=data,
+                                  trained=trained)  # fmt: skip
+        run.stage(publish_task, config=tuned, data=data, trained=trained, evaluated=evaluated, compressed=compressed)
     return run.write_summary(out_dir)

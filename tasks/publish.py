@@ -6,19 +6,24 @@ from prefect import task
 
 from core.config import Config
 from core.publish import publish
-from core.records import EvaluateResult, PrepareDataResult, PublishResult, TrainResult
+from core.records import CompressResult, EvaluateResult, PrepareDataResult, PublishResult, TrainResult
 from tasks.cache import stage_cache, stage_store
 from tasks.context import StageContext, stage_run
 
 
 @task(retries=2, retry_delay_seconds=[2, 10], **stage_cache("publish"))
 def publish_task(
-    config: Config, data: PrepareDataResult, trained: TrainResult, evaluated: EvaluateResult, ctx: StageContext
+    config: Config,
+    data: PrepareDataResult,
+    trained: TrainResult,
+    evaluated: EvaluateResult,
+    compressed: CompressResult | None,
+    ctx: StageContext,
 ) -> PublishResult:
-    """Write the published folder and manifest to the store; log (and register) the MLflow model."""
+    """Write the published folder and manifest to the store; log (and register) the served MLflow model."""
     store, key = stage_store(ctx.store_uri, "publish", folder=f"published/{config.publish.name}")
     with stage_run(ctx, "publish", {"publish": config.publish.model_dump(mode="json")}) as run:
-        result = publish(config, data, trained, evaluated, store, key, ctx.tracking_uri, run.run_id)
+        result = publish(config, data, trained, evaluated, store, key, ctx.tracking_uri, run.run_id, compressed)
         run.log_dict(result.model_dump(mode="json"), "result.json")
         run.log_artifact(store.local_path(result.manifest_uri))
     return result

@@ -15,7 +15,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 CORE, TASKS = REPO / "core", REPO / "tasks"
 STAGES = sorted(({p.stem for p in CORE.glob("*.py")} & {p.stem for p in TASKS.glob("*.py")}) - {"__init__"})
-PIPELINE = ["prepare_data", "lr_range_test", "hpo_search", "train", "evaluate", "publish"]
+PIPELINE = ["prepare_data", "lr_range_test", "hpo_search", "train", "evaluate", "compress", "publish"]
 
 
 def imported_modules(path: Path) -> set[str]:

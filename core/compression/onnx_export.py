@@ -154,7 +154,9 @@ def _quiet(fd_level: bool) -> Iterator[None]:
 
     The fd-level capture briefly hides other threads' console output too, so it is used only where needed.
     """
-    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._export", "onnxscript")]
+    loggers = [
+        logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._export", "onnxscript", "onnx_ir")
+    ]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.ERROR)

@@ -256,11 +256,14 @@ def _not_onnxruntime_advice(record: logging.LogRecord) -> bool:
 def _quiet() -> Iterator[None]:
     """Silence library warnings, and onnxruntime.quantization's advice (it logs on the root logger itself;
     a filter there drops only its records, other threads' logging is untouched)."""
-    root = logging.getLogger()
+    root, library = logging.getLogger(), logging.getLogger("onnxruntime")
+    level = library.level
     root.addFilter(_not_onnxruntime_advice)
+    library.setLevel(logging.ERROR)  # its named loggers (shape inference, calibration) propagate past root's filter
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
         root.removeFilter(_not_onnxruntime_advice)
+        library.setLevel(level)

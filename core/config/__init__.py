@@ -3,6 +3,14 @@
 Everything a caller needs is importable from here: `from core.config import Config, TrainConfig, load_config`.
 """
 
+from core.config.compress import (
+    CompressConfig,
+    DistillationConfig,
+    MeasureConfig,
+    QuantizationConfig,
+    StructuredPruningConfig,
+    UnstructuredPruningConfig,
+)
 from core.config.data import (
     DataConfig,
     LoaderConfig,
@@ -34,9 +42,10 @@ from core.config.tune import (
 )
 
 __all__ = [
-    "CNNConfig", "CategoricalParam", "CheckpointConfig", "Config", "DataConfig", "EarlyStoppingConfig",
-    "EvaluateConfig", "FactoryModelConfig", "FloatParam", "GPTConfig", "HPOConfig", "IntParam", "LRRangeTestConfig",
-    "LoaderConfig", "MLPConfig", "ModelConfig", "OptimConfig", "ParamSpec", "PublishConfig", "SklearnDataConfig",
-    "StoreConfig", "SyntheticDataConfig", "TableDataConfig", "TextDataConfig", "TrackingConfig", "TrainConfig",
-    "TuneConfig", "config_from_dict", "load_config",
+    "CNNConfig", "CategoricalParam", "CheckpointConfig", "CompressConfig", "Config", "DataConfig",
+    "DistillationConfig", "EarlyStoppingConfig", "EvaluateConfig", "FactoryModelConfig", "FloatParam", "GPTConfig",
+    "HPOConfig", "IntParam", "LRRangeTestConfig", "LoaderConfig", "MLPConfig", "MeasureConfig", "ModelConfig",
+    "OptimConfig", "ParamSpec", "PublishConfig", "QuantizationConfig", "SklearnDataConfig", "StoreConfig",
+    "StructuredPruningConfig", "SyntheticDataConfig", "TableDataConfig", "TextDataConfig", "TrackingConfig",
+    "TrainConfig", "TuneConfig", "UnstructuredPruningConfig", "config_from_dict", "load_config",
 ]  # fmt: skip

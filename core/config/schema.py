@@ -2,7 +2,7 @@
 
 Every field carries its meaning in `description`; `trainflow validate CONFIG` checks a file without
 touching anything else. Sections live beside this module: data (`data.py`), model (`model.py`), tune
-(`tune.py`), and optim, train, evaluate, publish, tracking, store (`sections.py`). Problems are
+(`tune.py`), compress (`compress.py`), and optim, train, evaluate, publish, tracking, store (`sections.py`). Problems are
 reported one line each, by YAML path (`messages.py`); `--set` overrides are parsed in `overrides.py`.
 """
 
@@ -18,6 +18,7 @@ from pydantic import Field, ValidationError
 
 from core.config import sections
 from core.config.base import Section
+from core.config.compress import CompressConfig
 from core.config.data import DataConfig
 from core.config.messages import format_validation_error
 from core.config.model import CNNConfig, ModelConfig
@@ -40,6 +41,10 @@ class Config(Section):
     )
     tune: TuneConfig = Field(
         default_factory=TuneConfig, description="Tuning stages before training: LR range test, hyperparameter search."
+    )
+    compress: CompressConfig = Field(
+        default_factory=CompressConfig,
+        description="Compressed variants of the trained model (pruned, quantized, distilled), each evaluated like the original; the recommended one is published beside it.",
     )
     publish: sections.PublishConfig = Field(
         default_factory=sections.PublishConfig, description="What is published and where."

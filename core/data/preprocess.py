@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -17,9 +19,45 @@ from core.data.sources import RawTable, RawText
 from core.errors import DataError
 
 MAX_CATEGORIES = 64  # a non-numeric column with more distinct values is free text or an id, not a category
+N_EXAMPLES = 5  # raw test rows kept with the preprocessor: the served model's input example
+PREPROCESSOR_FORMAT = "trainflow-preprocessor/1"
 
 
-def split_table(raw: RawTable, val_fraction: float, test_fraction: float, scale: str, seed: int) -> ArraySplits:
+@dataclass(frozen=True)
+class FittedTable:
+    """`split_table`'s arrays and what a served model needs to redo the preprocessing on raw rows."""
+
+    splits: ArraySplits
+    transformer: ColumnTransformer  # fitted on the training rows; categorical values as strings
+    numeric: list[str]
+    categorical: list[str]
+    dtypes: dict[str, str]  # every raw feature column, in source order -> its pandas dtype
+    image_shape: tuple[int, ...] | None
+    examples: pd.DataFrame  # the first raw test rows, exactly as they came in
+
+    def preprocessor(self) -> dict[str, Any]:
+        """The pickled payload: plain dict, scikit-learn and pandas objects only, so a served model
+        unpickles it without trainflow installed."""
+        import sklearn
+
+        return {
+            "format": PREPROCESSOR_FORMAT,
+            "transformer": self.transformer,
+            "columns": list(self.dtypes),
+            "numeric": self.numeric,
+            "categorical": self.categorical,
+            "dtypes": self.dtypes,
+            "class_names": self.splits.class_names,
+            "image_shape": list(self.image_shape) if self.image_shape else None,
+            "examples": self.examples,
+            "sklearn_version": sklearn.__version__,
+        }
+
+    def preprocessor_bytes(self) -> bytes:
+        return pickle.dumps(self.preprocessor(), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def split_table(raw: RawTable, val_fraction: float, test_fraction: float, scale: str, seed: int) -> FittedTable:
     """Stratified train/val/test split, then impute/encode/scale fitted on the training rows only.
 
     Raises:
@@ -27,9 +65,7 @@ def split_table(raw: RawTable, val_fraction: float, test_fraction: float, scale:
     """
     rows = _split_rows(raw, val_fraction, test_fraction, seed)
     numeric, categorical = _column_kinds(raw.features, raw.name)
-    features = raw.features.copy()
-    for column in categorical:  # mixed str/number/bool values become strings; missing stays missing
-        features[column] = features[column].map(lambda v: v if pd.isna(v) else str(v)).astype(object)
+    features = categories_as_strings(raw.features, categorical)
     transformer = _feature_transformer(numeric, categorical, scale)
     transformer.fit(features.iloc[rows.index["train"]])
     x = {name: _to_float32(transformer.transform(features.iloc[index])) for name, index in rows.index.items()}
@@ -37,7 +73,36 @@ def split_table(raw: RawTable, val_fraction: float, test_fraction: float, scale:
     if raw.image_shape is not None:
         x = {name: a.reshape(-1, *raw.image_shape) for name, a in x.items()}
     y = {name: rows.labels[index] for name, index in rows.index.items()}
-    return ArraySplits(x, y, rows.classes, n_features)
+    return FittedTable(
+        splits=ArraySplits(x, y, rows.classes, n_features),
+        transformer=transformer,
+        numeric=numeric,
+        categorical=categorical,
+        dtypes={str(c): str(t) for c, t in raw.features.dtypes.items()},
+        image_shape=raw.image_shape,
+        examples=_plain(raw.features.iloc[rows.index["test"][:N_EXAMPLES]].reset_index(drop=True)),
+    )
+
+
+def _plain(frame: pd.DataFrame) -> pd.DataFrame:
+    """`frame` with text columns and column names as object dtype: pandas' own string dtype may be backed
+    by pyarrow, which a served model's environment does not have, and the pickle would then not load."""
+    text = [
+        c for c, t in frame.dtypes.items() if not (pd.api.types.is_numeric_dtype(t) or pd.api.types.is_bool_dtype(t))
+    ]
+    plain = frame.astype(dict.fromkeys(text, object))
+    plain.columns = pd.Index(frame.columns.tolist(), dtype=object)
+    return plain
+
+
+def categories_as_strings(features: pd.DataFrame, categorical: list[str]) -> pd.DataFrame:
+    """A copy whose categorical columns hold strings: mixed str/number/bool values become `str(v)`
+    (True -> 'True'), any missing marker (None, NaN, pd.NA) becomes NaN, which the imputer fills.
+    The served model (core/serving/trainflow_serving.py) repeats this rule on raw rows."""
+    features = features.copy()
+    for column in categorical:
+        features[column] = features[column].map(lambda v: np.nan if pd.isna(v) else str(v)).astype(object)
+    return features
 
 
 def check_table(raw: RawTable, val_fraction: float, test_fraction: float, seed: int) -> None:

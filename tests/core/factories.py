@@ -30,3 +30,20 @@ def tiny_net(spec: DataSpec, hidden: int = 8) -> nn.Module:
 
 def not_a_module(spec: DataSpec) -> dict[str, DataSpec]:
     return {"spec": spec}
+
+
+class _Unexportable(nn.Module):
+    """A forward with an op no ONNX exporter converts (an eigendecomposition)."""
+
+    def __init__(self, spec: DataSpec):
+        super().__init__()
+        self.linear = nn.Linear(math.prod(spec.input_shape), spec.n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.linear(x.flatten(1))
+        gram = logits.T @ logits
+        return logits + torch.linalg.eigh(gram).eigenvalues.sum() * 0.0
+
+
+def unexportable_net(spec: DataSpec) -> nn.Module:
+    return _Unexportable(spec)

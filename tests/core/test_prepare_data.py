@@ -16,6 +16,7 @@ from sklearn.preprocessing import StandardScaler
 
 from core.config import DataConfig, config_from_dict
 from core.data.prepared import SPLITS, ArraySplits, load_splits
+from core.data.preprocess import categories_as_strings
 from core.prepare_data import prepare_data
 from core.records import PrepareDataResult
 from core.storage.store import LocalStore
@@ -308,6 +309,33 @@ def test_missing_npz_is_prepared_again(store: LocalStore) -> None:
     second = prepare_data(cfg, 0, store)
     assert second == first
     assert store.exists(second.uri)
+
+
+def test_tables_keep_their_fitted_preprocessor_and_raw_examples(store: LocalStore, tmp_path: Path) -> None:
+    """preprocessor.pkl beside splits.npz: the fitted transformer redoes the test arrays from raw rows;
+    a record whose pickle is gone is prepared again; text needs none."""
+    path = tmp_path / "people.csv"
+    mixed_frame().to_csv(path, index=False)
+    result, splits = prepare(store, source="csv", path=str(path), target="label")
+    assert result.preprocessor_uri == result.uri.replace("splits.npz", "preprocessor.pkl")
+    assert result.artifact_uris() == [result.uri, result.preprocessor_uri]
+    pre = pd.read_pickle(store.local_path(result.preprocessor_uri))
+    assert pre["columns"] == ["height", "colour", "smoker", "weight"]
+    assert pre["dtypes"] == {"height": "float64", "colour": "str", "smoker": "bool", "weight": "float64"}
+    assert (pre["numeric"], pre["categorical"]) == (["height", "weight"], ["colour", "smoker"])
+    assert pre["class_names"] == ["maybe", "no", "yes"] and pre["image_shape"] is None
+    rows = split_rows(mixed_frame()["label"].to_numpy(), 0.15, 0.15, seed=0)
+    raw_rows = pd.read_csv(path).drop(columns="label").iloc[rows["test"][:5]].reset_index(drop=True)
+    pd.testing.assert_frame_equal(pre["examples"], raw_rows.astype({"colour": object}), check_column_type=False)
+    assert b"pyarrow" not in store.local_path(result.preprocessor_uri).read_bytes(), "loads without pyarrow"
+    raw = categories_as_strings(pre["examples"], pre["categorical"])
+    np.testing.assert_allclose(pre["transformer"].transform(raw), splits.x["test"][:5], rtol=1e-6)
+
+    store.local_path(result.preprocessor_uri).unlink()
+    assert prepare_data(data_config(source="csv", path=str(path), target="label"), 0, store) == result
+    assert store.exists(result.preprocessor_uri), "prepared again"
+    text, _ = prepare(store, source="text", seq_len=16)
+    assert text.preprocessor_uri is None and text.artifact_uris() == [text.uri]
 
 
 def test_numeric_labels_keep_their_numeric_order(tmp_path: Path, store: LocalStore) -> None:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -33,7 +35,7 @@ from core.training.checkpoint import load_checkpoint
 from tests.conftest import tiny_raw
 
 REPO = Path(__file__).resolve().parents[2]
-FILES = ["model.pt", "config.yaml", "evaluation.json"]
+FILES = ["model.pt", "config.yaml", "evaluation.json", "preprocessor.pkl"]  # a table ships its preprocessing
 
 
 @dataclass(frozen=True)
@@ -207,18 +209,21 @@ def test_the_mlflow_model_loads_and_predicts_like_the_published_weights(
     assert manifest["mlflow_run_id"] == run_id and manifest["mlflow_model_uri"] == result.mlflow_model_uri
     assert manifest["registered_model"] == {"name": "tiny-wine", "version": 1}
 
-    import mlflow.pytorch
+    import mlflow.pyfunc
 
     with fluent_tracking_uri(uri):
-        logged = mlflow.pytorch.load_model(result.mlflow_model_uri)
-        registered = mlflow.pytorch.load_model("models:/tiny-wine/1")
+        logged = mlflow.pyfunc.load_model(result.mlflow_model_uri)
+        registered = mlflow.pyfunc.load_model("models:/tiny-wine/1")
     assert "MLFLOW_TRACKING_URI" not in os.environ
-    x = torch.from_numpy(load_splits(published.store.local_path(published.data.uri), published.data.spec).x["test"])
+    data = published.data
+    raw = pd.read_pickle(published.store.local_path(data.preprocessor_uri))["examples"]  # raw test rows
+    x = torch.from_numpy(load_splits(published.store.local_path(data.uri), data.spec).x["test"][:5])
     with torch.no_grad():
-        expected = published.weights()(x)
-        assert expected.shape == (27, 3)
-        torch.testing.assert_close(logged.eval()(x), expected, rtol=0, atol=0)
-        torch.testing.assert_close(registered.eval()(x), expected, rtol=0, atol=0)
+        expected = torch.softmax(published.weights()(x).double(), -1).numpy()
+    for model in (logged, registered):  # raw rows in: the preprocessing travels inside the model
+        out = model.predict(raw)
+        assert out["label"].tolist() == [data.spec.class_names[i] for i in expected.argmax(1)]
+        np.testing.assert_allclose(out.filter(like="proba_").to_numpy(), expected, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ from flows.pipeline import training_pipeline
 from tests.conftest import tiny_raw
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
-STAGES = ["prepare_data", "train", "evaluate", "publish"]  # optim.lr is set and no search: no tuning stage
+STAGES = ["prepare_data", "train", "evaluate", "compress", "publish"]  # optim.lr set, no search: no tuning stage
 
 
 class Project:
@@ -74,8 +74,12 @@ def test_summary_holds_every_stage_result(first: dict[str, Any]) -> None:
     assert {"accuracy", "f1_macro", "precision_macro", "recall_macro", "loss"} <= set(evaluated["metrics"])
     assert 0 < evaluated["latency_ms_p50"] <= evaluated["latency_ms_p95"]
     assert evaluated["size_bytes"] > 0
-    names = [o["uri"].rsplit("/", 1)[1] for o in stages["publish"]["objects"]]
-    assert names == ["model.pt", "config.yaml", "evaluation.json", "manifest.json"]
+    recommended = stages["compress"]["recommended"]
+    shipped = next(v for v in stages["compress"]["variants"] if v["name"] == recommended)
+    names = [o["uri"].split("/publish-")[1].split("/", 1)[1] for o in stages["publish"]["objects"]]
+    assert names == ["model.pt", "config.yaml", "evaluation.json", f"recommended/{shipped['uri'].rsplit('/', 1)[1]}",
+                     "compression.md", "preprocessor.pkl", "manifest.json"]  # fmt: skip
+    assert stages["publish"]["recommended"] == recommended
     assert all(len(o["sha256"]) == 64 and o["bytes"] > 0 for o in stages["publish"]["objects"])
 
 
@@ -137,12 +141,19 @@ def test_the_published_model_and_manifest(project: Project, first: dict[str, Any
     assert manifest["data_fingerprint"] == first["stages"]["prepare_data"]["fingerprint"]
     assert manifest["config_sha256"] == first["config_sha256"]
     assert manifest["mlflow_train_run_id"] == first["stages"]["train"]["mlflow_run_id"]
-    import mlflow.pytorch
+    compressed = first["stages"]["compress"]
+    assert manifest["recommended"]["name"] == compressed["recommended"]
+    assert manifest["recommended"]["reason"] == compressed["reason"]
+    import mlflow.pyfunc
+    from sklearn.datasets import load_wine
 
     with fluent_tracking_uri(project.tracking_uri):
-        model = mlflow.pytorch.load_model(publish["mlflow_model_uri"])
+        model = mlflow.pyfunc.load_model(publish["mlflow_model_uri"])
     assert "MLFLOW_TRACKING_URI" not in os.environ, "a run's config must not become the environment's setting"
-    assert type(model).__name__ == "MLP"
+    raw = load_wine(as_frame=True)
+    predicted = model.predict(raw.data.head(40))  # raw rows in: the preprocessing travels inside the model
+    assert list(predicted.columns[:2]) == ["label", "proba_class_0"]
+    assert (predicted["label"] == raw.target.head(40).map(lambda i: f"class_{i}")).mean() > 0.9
 
     # Damage a copy: the published folder belongs to the module's project, which other tests read.
     folder = Path(shutil.copytree(store.local_path(publish["manifest_uri"]).parent, tmp_path / "published"))
@@ -170,8 +181,43 @@ def test_a_second_identical_run_reuses_every_stage(project: Project, first: dict
 def test_changing_one_section_reruns_that_stage_and_those_after_it(project: Project, first: dict[str, Any]) -> None:
     changed = project.run("train.max_epochs=3", out="changed")
     cached = {name: changed["stages"][name]["cached"] for name in STAGES}
-    assert cached == {"prepare_data": True, "train": False, "evaluate": False, "publish": False}
+    assert cached == {"prepare_data": True, "train": False, "evaluate": False, "compress": False, "publish": False}
     assert changed["stages"]["train"]["epochs_run"] == 3
+
+
+def test_changing_only_compress_reruns_compress_and_publish_not_training(
+    project: Project, first: dict[str, Any]
+) -> None:
+    changed = project.run("compress.pruning.sparsity=0.3", out="compress-changed")
+    cached = {name: changed["stages"][name]["cached"] for name in STAGES}
+    assert cached == {"prepare_data": True, "train": True, "evaluate": True, "compress": False, "publish": False}
+    pruned = next(v for v in changed["stages"]["compress"]["variants"] if v["name"] == "pruned")
+    assert pruned["sparsity"] == pytest.approx(0.3, abs=1e-3)
+
+
+def test_the_compress_stage_has_one_mlflow_run_per_variant_and_its_table(
+    project: Project, first: dict[str, Any]
+) -> None:
+    compressed = first["stages"]["compress"]
+    assert compressed["variants"][0]["name"] == "fp32" and compressed["threads"] == 1
+    for v in compressed["variants"]:
+        assert {"name", "runtime", "uri", "size_bytes", "params", "latency_ms_p50", "latency_ms_p95", "throughput",
+                "metrics", "sparsity"} <= set(v)  # fmt: skip
+    client = MlflowClient(project.tracking_uri)
+    compress_run = project.children(first["mlflow_run_id"])["compress"]
+    assert compress_run.data.tags["trainflow.recommended"] == compressed["recommended"]
+    artifacts = {a.path for a in client.list_artifacts(compress_run.info.run_id, "comparison")}
+    assert artifacts == {"comparison/comparison.md", "comparison/comparison.csv", "comparison/pareto.png"}
+    nested = project.children(compress_run.info.run_id)
+    variants = {name.removeprefix("variant/"): run for name, run in nested.items() if name.startswith("variant/")}
+    assert sorted(variants) == sorted(v["name"] for v in compressed["variants"])
+    recommended = variants[compressed["recommended"]]
+    assert recommended.data.tags["trainflow.recommended"] == "True"
+    shipped = next(v for v in compressed["variants"] if v["name"] == compressed["recommended"])
+    assert recommended.data.metrics["latency_ms_p50"] == pytest.approx(shipped["latency_ms_p50"])
+    trainings = sorted(name for name in nested if name.startswith("compress/"))
+    assert trainings == ["compress/distilled", "compress/pruned_structured/round0"]
+    assert all(run.info.status == "FINISHED" for run in nested.values())
 
 
 def test_a_cached_record_whose_artifacts_are_gone_is_recomputed(project: Project, first: dict[str, Any]) -> None:
@@ -213,12 +259,12 @@ def test_tuning_stages_feed_training_and_nest_trials_in_mlflow(tmp_path: Path) -
     )  # fmt: skip
     summary = tuned_project.run()
     stages = summary["stages"]
-    assert list(stages) == ["prepare_data", "lr_range_test", "hpo_search", "train", "evaluate", "publish"]
+    assert list(stages) == ["prepare_data", "lr_range_test", "hpo_search", "train", "evaluate", "compress", "publish"]
     suggested = stages["lr_range_test"]["suggested_lr"]
     assert stages["hpo_search"]["lr_bounds"] == pytest.approx([suggested / 10, suggested * 3])
     assert stages["hpo_search"]["n_trials"] == 3
     assert summary["tuned"] == stages["hpo_search"]["best_params"], "the search's optim.lr replaces the suggestion"
-    config_uri = stages["publish"]["objects"][1]["uri"]
+    config_uri = stages["publish"]["objects"][1]["uri"]  # model.pt, config.yaml, ...
     published = yaml.safe_load(LocalStore(tmp_path / "artifacts").local_path(config_uri).read_text())
     assert published["optim"]["lr"] == pytest.approx(summary["tuned"]["optim.lr"])
     assert published["model"]["dropout"] == pytest.approx(summary["tuned"]["model.dropout"])

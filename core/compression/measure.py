@@ -1,0 +1,146 @@
+"""One evaluation for every variant: test metrics, batch-1 latency, throughput at a serving batch.
+
+Every variant is a `Candidate` whose `predict` maps a numpy batch of model inputs to numpy logits,
+whatever runs underneath (eager PyTorch, a torch.export program, an ONNX Runtime session), so the
+runtimes pay the same conversions. Latency is measured with the variants alternated in rounds in
+one process, so a machine that drifts (turbo, a noisy neighbour) moves every variant alike.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from core.data.prepared import ArraySplits
+from core.data.spec import Task
+
+Predict = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass
+class Candidate:
+    """A built variant, ready to be measured and saved (`path`)."""
+
+    name: str
+    base: str
+    format: str
+    runtime: str  # torch | onnxruntime
+    predict: Predict
+    path: Path
+    params: int
+    sparsity: float | None = None
+    reason: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """Model inputs and targets of the test split, as the models take them."""
+
+    x: np.ndarray  # (N, ...) features, or (N, T) int64 token windows
+    y: np.ndarray  # (N,) labels, or (N, T) next tokens
+    task: Task
+
+
+def held_out(splits: ArraySplits, task: Task, seq_len: int | None) -> HeldOut:
+    """The test split as whole inputs: the language model's tokens cut into non-overlapping windows (as the
+    evaluate stage's loader does), so every variant sees the same fixed-shape batches."""
+    if task == "language_modeling":
+        assert seq_len is not None
+        tokens = splits.x["test"].astype(np.int64)
+        n = (len(tokens) - 1) // seq_len
+        starts = np.arange(n)[:, None] * seq_len + np.arange(seq_len)[None, :]
+        return HeldOut(tokens[starts], tokens[starts + 1], task)
+    return HeldOut(splits.x["test"], splits.y["test"], task)
+
+
+def task_metrics(predict: Predict, test: HeldOut, batch_size: int = 256) -> dict[str, float]:
+    """The evaluate stage's metrics for `predict` on the test set (accuracy, macro F1, loss | loss, perplexity,
+    bits per byte)."""
+    logits = np.concatenate([predict(test.x[i : i + batch_size]) for i in range(0, len(test.x), batch_size)])
+    logits = logits.astype(np.float64).reshape(-1, logits.shape[-1])
+    targets = test.y.reshape(-1)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    loss = float(-log_probs[np.arange(len(targets)), targets].mean())
+    if test.task == "language_modeling":
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "bits_per_byte": loss / math.log(2)}
+    from sklearn.metrics import accuracy_score, f1_score
+
+    predicted = logits.argmax(axis=1)
+    return {
+        "accuracy": float(accuracy_score(targets, predicted)),
+        "f1_macro": float(f1_score(targets, predicted, average="macro", zero_division=0)),
+        "loss": loss,
+    }
+
+
+@dataclass(frozen=True)
+class Speed:
+    latency_ms_p50: float
+    latency_ms_p95: float
+    throughput: float  # samples per second at the serving batch
+
+
+def measure_speed(
+    candidates: list[Candidate],
+    sample: np.ndarray,
+    batch: np.ndarray,
+    warmup: int,
+    calls: int,
+    rounds: int,
+    throughput_calls: int,
+    threads: int,
+) -> dict[str, Speed]:
+    """Batch-1 latency percentiles and serving-batch throughput of each candidate on the same inputs.
+
+    The `calls` timed batch-1 calls are split into `rounds`; within a round every candidate runs its share
+    back to back, in an order that rotates each round. Throughput alternates the same way.
+    """
+    with fixed_threads(threads):
+        one, many = sample[:1], batch
+        for candidate in candidates:
+            for _ in range(max(warmup, 1)):
+                candidate.predict(one)
+            candidate.predict(many)
+        times: dict[str, list[float]] = {c.name: [] for c in candidates}
+        batch_times: dict[str, list[float]] = {c.name: [] for c in candidates}
+        per_round = max(1, calls // rounds)
+        tp_per_round = max(1, math.ceil(throughput_calls / rounds))
+        for r in range(rounds):
+            order = candidates[r % len(candidates) :] + candidates[: r % len(candidates)]
+            for candidate in order:
+                for _ in range(per_round):
+                    started = time.perf_counter()
+                    candidate.predict(one)
+                    times[candidate.name].append(time.perf_counter() - started)
+            for candidate in order:
+                started = time.perf_counter()
+                for _ in range(tp_per_round):
+                    candidate.predict(many)
+                batch_times[candidate.name].append((time.perf_counter() - started) / tp_per_round)
+    speeds = {}
+    for name, seconds in times.items():
+        p50, p95 = np.percentile(np.array(seconds) * 1000, [50, 95])
+        speeds[name] = Speed(float(p50), float(p95), len(many) / float(np.median(batch_times[name])))
+    return speeds
+
+
+@contextmanager
+def fixed_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op threads set to `threads` for the block (ONNX Runtime sessions take theirs when built)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
