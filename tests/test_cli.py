@@ -361,7 +361,9 @@ def test_a_run_on_prefects_temporary_server_ends_cleanly_and_a_rerun_is_cached(t
         assert "Error logging to API" not in done.stderr, "logs were sent after the server stopped"
         summary = (tmp_path / "out" / "summary.json").read_text()
         stages = re.findall(r"^(\w+) +[\d.]+  (yes|no)$", done.stdout, re.MULTILINE)
-        assert [name for name, _ in stages] == ["prepare_data", "train", "evaluate", "publish"], done.stdout
+        assert [name for name, _ in stages] == ["prepare_data", "train", "evaluate", "compress", "publish"], done.stdout
+        assert re.search(r"^compress: recommended \S+: ", done.stdout, re.MULTILINE), done.stdout  # and its table
+        assert re.search(r"^fp32 +torch +accuracy \d\.\d{4} +baseline", done.stdout, re.MULTILINE), done.stdout
         assert {cached for _, cached in stages} == ({"no"} if attempt == "first" else {"yes"}), summary
         port = re.search(r"Stopping temporary server on http://127\.0\.0\.1:(\d+)", done.stderr)
         assert port, done.stderr[-2000:]

@@ -37,9 +37,7 @@ def plan_formats(cfg: CompressConfig, model_cfg: ModelConfig, train_cfg: TrainCo
         half = "fp16" if resolve_device(train_cfg.device).type == "cuda" else "off"
     structured = cfg.structured_pruning.enabled
     if structured == "auto":
-        structured = isinstance(model_cfg, MLPConfig | CNNConfig) or (
-            isinstance(model_cfg, GPTConfig) and model_cfg.mlp == "gelu"
-        )
+        structured = isinstance(model_cfg, MLPConfig | CNNConfig | GPTConfig)
     # a factory model has no automatic student: distillation applies when a student is configured
     distill = cfg.distillation.enabled and not (
         cfg.distillation.student is None and isinstance(model_cfg, FactoryModelConfig)

@@ -31,7 +31,7 @@ class UnstructuredPruningConfig(Section):
 class StructuredPruningConfig(Section):
     enabled: bool | Literal["auto"] = Field(
         "auto",
-        description="Remove whole channels/neurons with Torch-Pruning so tensors shrink and the model gets faster. auto = on for mlp, cnn and GELU GPTs (feed-forward units only); off for factory models.",
+        description="Remove whole channels/neurons with Torch-Pruning so tensors shrink and the model gets faster. auto = on for mlp, cnn and gpt (its feed-forward units only: attention heads and the residual width stay); off for factory models.",
     )
     ratio: float = Field(
         0.5, gt=0, lt=1, description="Fraction of the channels (hidden units) of each prunable layer removed."
