@@ -155,13 +155,15 @@ def _spawned_workers(spec: WorkerSpec, count: int) -> Iterator[Callable[[int, in
     context = multiprocessing.get_context("spawn")
     workers: list[tuple[BaseProcess, Connection, Claim]] = []
     failed: list[str] = []
+    stopped: set[str] = set()  # terminated by us while idle: their exit code is ours, not a failure
 
     def stop_idle(stopping: list[tuple[BaseProcess, Connection, Claim]]) -> None:
         for process, _, claim in stopping:
-            if process.exitcode not in (None, 0):  # died warming up
+            if process.name not in stopped and process.exitcode not in (None, 0):  # died warming up
                 failed.append(process.name)
             if stop_if_idle(claim):
                 process.terminate()  # it has only warmed up: nothing of it is stored
+                stopped.add(process.name)
 
     def release(n: int, threads: int | None) -> None:
         for _, conn, _ in workers[:n]:

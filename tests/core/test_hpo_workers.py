@@ -55,8 +55,12 @@ def _idle_workers(monkeypatch: pytest.MonkeyPatch) -> list[SimpleNamespace]:
     workers: list[SimpleNamespace] = []
 
     def process(target: Any, args: tuple[Any, ...], name: str) -> SimpleNamespace:
-        worker = SimpleNamespace(name=name, exitcode=0, terminated=False, start=lambda: None, join=lambda: None)
-        worker.terminate = lambda: setattr(worker, "terminated", True)
+        worker = SimpleNamespace(name=name, exitcode=None, terminated=False, start=lambda: None, join=lambda: None)
+
+        def terminate() -> None:  # as a real process ends on SIGTERM: a negative exit code, which is no failure
+            worker.terminated, worker.exitcode = True, -15
+
+        worker.terminate = terminate
         workers.append(worker)
         return worker
 
