@@ -44,7 +44,8 @@ def prepare_data(cfg: DataConfig, seed: int, store: ArtifactStore) -> PrepareDat
     record_uri = store.uri_for(f"{folder}/record.json")
     if store.exists(record_uri):
         result = PrepareDataResult.model_validate_json(store.local_path(record_uri).read_text())
-        if all(store.exists(uri) for uri in result.artifact_uris()):
+        complete = isinstance(raw, RawText) or result.preprocessor_uri is not None  # a table ships its preprocessing
+        if complete and all(store.exists(uri) for uri in result.artifact_uris()):
             log.info("prepare_data: %s already prepared (fingerprint %s)", raw.name, fingerprint[:12])
             return result
 

@@ -4,6 +4,7 @@ and which pipeline run a re-run continues."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -200,3 +201,16 @@ def test_a_resumed_stage_run_is_reopened_under_the_new_parent(tracker: Tracker, 
     run = tracker.client.get_run(run_id)
     assert run.info.status == "RUNNING"
     assert run.data.tags["mlflow.parentRunId"] == new_parent
+
+
+def test_the_code_version_hashes_every_stage_source_file() -> None:
+    """The stage cache's key holds the code version: it must cover core/ and tasks/, or an edit would be cached."""
+    from core.storage.version import code_version, source_files
+
+    root = Path(__file__).resolve().parents[2]
+    names = {path.relative_to(root).as_posix() for path in source_files()}
+    assert {"core/compress.py", "core/storage/version.py", "core/training/trainer.py", "tasks/train.py"} <= names
+    assert names == {
+        p.relative_to(root).as_posix() for folder in ("core", "tasks") for p in (root / folder).rglob("*.py")
+    }
+    assert code_version() != hashlib.sha256().hexdigest()[:16], "the hash of nothing"
