@@ -163,8 +163,11 @@ class _KeepZeros(Callback):
         self.masks = {n: p != 0 for n, p in model.named_parameters() if n.endswith("weight") and p.dim() > 1}
 
     def on_step_end(self, trainer: object) -> None:
+        self.apply(trainer.model)  # type: ignore[attr-defined]
+
+    def apply(self, model: torch.nn.Module) -> None:
         with torch.no_grad():
-            for name, param in trainer.model.named_parameters():  # type: ignore[attr-defined]
+            for name, param in model.named_parameters():
                 if name in self.masks:
                     param.mul_(self.masks[name].to(param.device))
 
@@ -174,8 +177,9 @@ def _pruned(teacher: torch.nn.Module, cfg: CompressConfig, fit: _Fitter) -> Base
     report = prune_unstructured(model, cfg.pruning.sparsity)
     details: dict[str, object] = {"layers": report.layers}
     if cfg.pruning.finetune_epochs:
-        model, details["finetune"] = fit("pruned", cfg.pruning.finetune_epochs, model=model,
-                                         callbacks=[_KeepZeros(model)])  # fmt: skip
+        keep = _KeepZeros(model)
+        model, details["finetune"] = fit("pruned", cfg.pruning.finetune_epochs, model=model, callbacks=[keep])
+        keep.apply(model)  # an evaluation between a step and its on_step_end may have saved one step's drift
     note = f"global magnitude pruning, {report.overall:.0%} of the weights zero"
     if cfg.pruning.finetune_epochs:
         note += f", fine-tuned {cfg.pruning.finetune_epochs} epoch(s)"

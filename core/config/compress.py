@@ -25,7 +25,11 @@ class UnstructuredPruningConfig(Section):
         description="Global magnitude pruning (torch.nn.utils.prune, L1 over every Linear/Conv weight) to `sparsity`, masks made permanent. Zeros do not shrink a dense file or speed up dense kernels: the table shows what it costs in accuracy.",
     )
     sparsity: float = Field(0.5, ge=0, lt=1, description="Fraction of the prunable weights set to zero.")
-    finetune_epochs: int = Field(0, ge=0, description="Epochs of fine-tuning after pruning (masks kept); 0 = none.")
+    finetune_epochs: int = Field(
+        2,
+        ge=0,
+        description="Epochs of fine-tuning through the Trainer after pruning, the pruned weights kept at zero; 0 = none.",
+    )
 
 
 class StructuredPruningConfig(Section):
