@@ -153,16 +153,22 @@ def log_mlflow_model(
 ) -> tuple[str, int | None]:
     """The raw-input pyfunc (`core.serving.mlflow_model.log_serving_model`) into run `run_id`.
 
-    Without `served_model`, the trained fp32 weights go as a torch.export program (dynamic batch), so the
-    logged model carries no trainflow code and loads where trainflow is not installed.
+    Without `served_model` (no compress stage), the trained fp32 weights go as a torch.export program (or
+    TorchScript), so the logged model carries no trainflow code and loads where trainflow is not installed.
     """
-    from core.serving.mlflow_model import export_program, log_serving_model
+    import torch
+
+    from core.compression.quantization import save_torch_model
+    from core.serving.mlflow_model import log_serving_model
 
     with tempfile.TemporaryDirectory() as tmp:
         if served_model is None:
-            model = build_model(config.model, data.spec)
+            model = build_model(config.model, data.spec).eval()
             model.load_state_dict(load_checkpoint(store.local_path(trained.checkpoint_uri))["model"])
-            served_model = export_program(model, data.spec, Path(tmp) / "model.pt2")
+            dtype = torch.int64 if data.spec.task == "language_modeling" else torch.float32
+            served_model = save_torch_model(
+                model, torch.zeros(1, *data.spec.input_shape, dtype=dtype), Path(tmp) / "model"
+            )
         info = log_serving_model(
             served_model,
             data,

@@ -11,6 +11,8 @@ from prefect import task
 from core.compress import TrainingSetup, compress
 from core.config import CompressConfig, LoaderConfig, ModelConfig, OptimConfig, TrainConfig
 from core.records import CompressedVariant, CompressResult, PrepareDataResult, TrainResult
+from core.serving.mlflow_model import log_onnx_model
+from core.storage.store import open_store
 from core.storage.tracking import MlflowMetricLogger, Tracker
 from tasks.cache import stage_cache, stage_store
 from tasks.context import StageContext, log_result, stage_run
@@ -39,7 +41,7 @@ def compress_task(
 
         result = compress(compress_cfg, model_cfg, setup, data, trained, store, key, logger_for)
         for variant in result.variants:
-            _log_variant(tracker, run.run_id, variant, variant.name == result.recommended)
+            _log_variant(ctx, tracker, run.run_id, variant, variant.name == result.recommended, data)
         for uri in (result.table_uri, result.csv_uri, result.plot_uri):
             run.log_artifact(store.local_path(uri), "comparison")
         run.set_tags({"trainflow.recommended": result.recommended, "trainflow.recommended_reason": result.reason})
@@ -61,7 +63,15 @@ def _child_run(tracker: Tracker, parent_run_id: str, name: str) -> Iterator[Mlfl
     tracker.end_run(run_id)
 
 
-def _log_variant(tracker: Tracker, parent_run_id: str, variant: CompressedVariant, recommended: bool) -> None:
+def _log_variant(
+    ctx: StageContext,
+    tracker: Tracker,
+    parent_run_id: str,
+    variant: CompressedVariant,
+    recommended: bool,
+    data: PrepareDataResult,
+) -> None:
+    """The variant's child run: what it is, its figures, and an ONNX variant in MLflow's onnx flavor."""
     with _child_run(tracker, parent_run_id, f"variant/{variant.name}") as logger:
         logger.log_params({"variant": variant.name, "base": variant.base, "format": variant.format,
                            "runtime": variant.runtime, "status": variant.status})  # fmt: skip
@@ -74,3 +84,9 @@ def _log_variant(tracker: Tracker, parent_run_id: str, variant: CompressedVarian
         if numbers:
             logger.log_metrics(numbers, step=0)
         logger.log_dict(variant.model_dump(mode="json"), "variant.json")
+        if variant.uri and variant.uri.endswith(".onnx"):
+            store = open_store(ctx.store_uri)
+            name = variant.name.replace("+", "-")
+            uri = log_onnx_model(store.local_path(variant.uri), data, store, name=name, tracking_uri=ctx.tracking_uri,
+                                 run_id=logger.run_id)  # fmt: skip
+            logger.set_tags({"trainflow.onnx_model_uri": uri})

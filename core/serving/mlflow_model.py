@@ -1,9 +1,6 @@
 """Log a model users can serve: an MLflow pyfunc (`RawInputModel`, core/serving/trainflow_serving.py) that
 takes raw inputs, carries the fitted preprocessing, and needs neither trainflow nor its source; plus, for an
 ONNX file, the same file in MLflow's onnx flavor (preprocessed inputs) under a second name.
-
-`export_program` writes a trained torch model as a torch.export program (.pt2) for when no other
-served file (such as the compress stage's pick) is given.
 """
 
 from __future__ import annotations
@@ -31,9 +28,7 @@ from core.storage.tracking import fluent_tracking_uri
 if TYPE_CHECKING:
     import pandas as pd
     from mlflow.models import ModelSignature
-    from torch import nn
 
-    from core.data.spec import DataSpec
 
 log = logging.getLogger(__name__)
 
@@ -194,29 +189,21 @@ def serving_requirements(runtime: str, with_preprocessor: bool) -> list[str]:
     return [f"{name}=={installed_version(name).split('+')[0]}" for name in names]
 
 
-def export_program(model: nn.Module, spec: DataSpec, path: Path) -> Path:
-    """`model` in eval mode as a torch.export program at `path` (.pt2): float32 (B, *input_shape) in with a
-    dynamic batch, or for the GPT int64 (B, T) with T dynamic up to seq_len; logits out."""
-    import torch
-
-    model.eval()
-    batch = torch.export.Dim("batch", min=1, max=1 << 20)
-    if spec.task == "language_modeling":
-        example = torch.zeros(2, spec.input_shape[0], dtype=torch.int64)
-        dims = {0: batch, 1: torch.export.Dim("T", min=1, max=spec.input_shape[0])}
-    else:
-        example = torch.zeros(2, *spec.input_shape)
-        dims = {0: batch}
-    program = torch.export.export(model, (example,), dynamic_shapes=(dims,))
-    torch.export.save(program, str(path))
-    return path
-
-
 def _read_preprocessor(data: PrepareDataResult, store: ArtifactStore) -> dict[str, Any] | None:
     if not data.preprocessor_uri:
         return None
     with open(store.local_path(data.preprocessor_uri), "rb") as f:
         return pickle.load(f)  # written by our prepare_data
+
+
+def log_onnx_model(
+    model_file: Path, data: PrepareDataResult, store: ArtifactStore, *, name: str, tracking_uri: str, run_id: str
+) -> str:
+    """An .onnx variant in MLflow's onnx flavor (preprocessed inputs) into run `run_id`; its model URI."""
+    import mlflow
+
+    with fluent_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id):
+        return _log_onnx(model_file, data, store, name)
 
 
 def _log_onnx(model_file: Path, data: PrepareDataResult, store: ArtifactStore, name: str) -> str:

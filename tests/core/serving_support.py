@@ -13,12 +13,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from core.compression.quantization import save_torch_program
 from core.config import config_from_dict
 from core.data.prepared import load_splits
 from core.models import build_model
 from core.prepare_data import prepare_data
 from core.records import PrepareDataResult
-from core.serving.mlflow_model import ServingModelInfo, export_program, log_serving_model
+from core.serving.mlflow_model import ServingModelInfo, log_serving_model
 from core.storage.store import LocalStore
 from core.storage.tracking import Tracker, fluent_tracking_uri
 from tests.conftest import tiny_raw
@@ -50,10 +51,10 @@ class Case:
 
     def export(self, suffix: str) -> Path:
         path = self.folder / f"model{suffix}"
-        if suffix == ".pt2":
-            return export_program(self.model, self.data.spec, path)
         text = self.data.spec.task == "language_modeling"
         x = torch.zeros(2, SEQ_LEN, dtype=torch.int64) if text else torch.zeros(2, *self.data.spec.input_shape)
+        if suffix == ".pt2":
+            return save_torch_program(self.model, x, path)
         with warnings.catch_warnings():  # tracer warnings of the legacy exporters
             warnings.simplefilter("ignore")
             if suffix == ".ts":

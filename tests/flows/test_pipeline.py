@@ -215,8 +215,14 @@ def test_the_compress_stage_has_one_mlflow_run_per_variant_and_its_table(
     assert recommended.data.tags["trainflow.recommended"] == "True"
     shipped = next(v for v in compressed["variants"] if v["name"] == compressed["recommended"])
     assert recommended.data.metrics["latency_ms_p50"] == pytest.approx(shipped["latency_ms_p50"])
+    onnx_variant = variants["fp32+onnx_int8"]  # every ONNX variant is also an MLflow model in the onnx flavor
+    import mlflow.onnx
+
+    with fluent_tracking_uri(project.tracking_uri):
+        graph = mlflow.onnx.load_model(onnx_variant.data.tags["trainflow.onnx_model_uri"])
+    assert any(node.op_type in ("MatMulInteger", "DynamicQuantizeLinear") for node in graph.graph.node)
     trainings = sorted(name for name in nested if name.startswith("compress/"))
-    assert trainings == ["compress/distilled", "compress/pruned_structured/round0"]
+    assert trainings == ["compress/distilled", "compress/pruned", "compress/pruned_structured/round0"]
     assert all(run.info.status == "FINISHED" for run in nested.values())
 
 
