@@ -42,6 +42,7 @@ bench: $(VENV)/.installed-bench   # figures in README.md; run on an idle machine
 	$(PY) benchmarks/lr_range_test.py
 	$(PY) benchmarks/hpo.py
 	$(PY) benchmarks/cached_rerun.py
+	$(PY) benchmarks/compression.py
 
 clean:
 	rm -rf $(VENV) artifacts mlflow.db out .pytest_cache

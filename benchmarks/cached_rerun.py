@@ -7,7 +7,7 @@ After one untimed `trainflow run configs/digits.yaml` fills the stage cache, rou
     floor*   the same flow leaving through os._exit like `trainflow` (no interpreter teardown), shown beside.
 Each is a fresh process timed from start to exit with the same environment (no PREFECT_API_URL, so each boots
 Prefect's temporary server; a private PREFECT_HOME; analytics off). Every cached run is checked to have
-reused all six stages.
+reused all seven stages.
 
     .venv/bin/python benchmarks/cached_rerun.py                # 6 rounds
 """
@@ -54,7 +54,7 @@ def main() -> None:
                 times[name].append(_run(commands[name], root, env))
                 if name == "cached":
                     stages = json.loads((root / "out" / "summary.json").read_text())["stages"]
-                    assert all(s["cached"] for s in stages.values()) and len(stages) == 6, stages
+                    assert all(s["cached"] for s in stages.values()) and len(stages) == 7, stages
             print(f"  round {i + 1}: " + ", ".join(f"{n} {times[n][-1]:.2f} s" for n in commands), flush=True)
     print(f"load average at the end: {load_average()}")
     cached, plain, fast = times["cached"], times["floor"], times["floor*"]

@@ -20,7 +20,7 @@ def step(i: int) -> int:
 
 @flow
 def trivial() -> None:
-    for i in range(7):  # one per stage of the pipeline, prepare_data to publish, plus its two skips' worth
+    for i in range(7):  # one per stage of the pipeline, prepare_data to publish
         step(i)
 
 
