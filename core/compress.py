@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from core.compression.distillation import DistillationLoss, student_config
-from core.compression.measure import Candidate, fixed_threads, held_out, measure_speed, task_metrics
+from core.compression.measure import Candidate, HeldOut, fixed_threads, held_out, measure_speed, task_metrics
 from core.compression.plan import check_student, plan_formats
 from core.compression.pruning import StructuredPruner, prune_unstructured
 from core.compression.report import csv_table, markdown_table, pareto_png, recommend, table_rows
@@ -41,6 +41,7 @@ from core.training.callbacks import Callback, MetricLogger
 from core.training.checkpoint import load_checkpoint
 from core.training.precision import resolve_device
 from core.training.run import fit_in_folder
+from core.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -88,15 +89,15 @@ def compress(
     builders = {"pruned": (cfg.pruning.enabled, lambda: _pruned(teacher, cfg, fit)),
                 "pruned_structured": (plan.structured, lambda: _structured(teacher, cfg, ctx, fit)),
                 "distilled": (plan.distill, lambda: _distilled(teacher, cfg, model_cfg, data, fit))}  # fmt: skip
-    for name, (wanted, build) in builders.items():
-        if wanted:
+    for name, (enabled, build) in builders.items():
+        if enabled:
             bases[name] = _attempt(name, build)
 
     candidates: list[Candidate] = []
     failed: list[CompressedVariant] = []
     wanted = [("fp32", "torch"), *[("fp32", fmt) for fmt in plan.fp32_formats]]
     wanted += [(name, "torch") for name in bases if name != "fp32"]
-    wanted += [tuple(item.split("+")) for item in cfg.combinations if item.split("+")[0] in bases]  # type: ignore[misc]
+    wanted += [(base, fmt) for base, _, fmt in (item.partition("+") for item in cfg.combinations) if base in bases]
     order: list[str] = []
     for base_name, fmt in wanted:
         base = bases[base_name]
@@ -162,8 +163,8 @@ class _KeepZeros(Callback):
     def __init__(self, model: torch.nn.Module):
         self.masks = {n: p != 0 for n, p in model.named_parameters() if n.endswith("weight") and p.dim() > 1}
 
-    def on_step_end(self, trainer: object) -> None:
-        self.apply(trainer.model)  # type: ignore[attr-defined]
+    def on_step_end(self, trainer: Trainer) -> None:
+        self.apply(trainer.model)
 
     def apply(self, model: torch.nn.Module) -> None:
         with torch.no_grad():
@@ -229,14 +230,15 @@ def _attempt(name: str, build: Callable[[], Base]) -> Base | str:
 
 # ------------------------------------------------------------------------------------ measuring
 def _measure(
-    candidates: list[Candidate], test: object, cfg: CompressConfig, store: ArtifactStore, store_key: str
+    candidates: list[Candidate], test: HeldOut, cfg: CompressConfig, store: ArtifactStore, store_key: str
 ) -> list[CompressedVariant]:
     m = cfg.measure
     out = []
     with fixed_threads(m.threads):
-        metrics = {c.name: task_metrics(c.predict, test) for c in candidates}  # type: ignore[arg-type]
-        speeds = measure_speed(candidates, test.x[:1], _serving_batch(test.x, m.serving_batch), m.warmup,  # type: ignore[attr-defined]
-                               m.latency_calls, m.rounds, m.throughput_calls, m.threads)  # fmt: skip
+        metrics = {c.name: task_metrics(c.predict, test) for c in candidates}
+        batch = _serving_batch(test.x, m.serving_batch)
+        speeds = measure_speed(candidates, test.x[:1], batch, m.warmup, m.latency_calls, m.rounds,
+                               m.throughput_calls, m.threads)  # fmt: skip
     for c in candidates:
         speed = speeds[c.name]
         uri = store.put_file(c.path, f"{store_key}/variants/{c.path.name}")

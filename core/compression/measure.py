@@ -62,8 +62,8 @@ def held_out(splits: ArraySplits, task: Task, seq_len: int | None) -> HeldOut:
 
 
 def task_metrics(predict: Predict, test: HeldOut, batch_size: int = 256) -> dict[str, float]:
-    """The evaluate stage's metrics for `predict` on the test set (accuracy, macro F1, loss | loss, perplexity,
-    bits per byte)."""
+    """The evaluate stage's metrics for `predict` on the test set (accuracy, macro precision/recall/F1, loss |
+    loss, perplexity, bits per byte)."""
     logits = np.concatenate([predict(test.x[i : i + batch_size]) for i in range(0, len(test.x), batch_size)])
     logits = logits.astype(np.float64).reshape(-1, logits.shape[-1])
     targets = test.y.reshape(-1)
@@ -72,12 +72,15 @@ def task_metrics(predict: Predict, test: HeldOut, batch_size: int = 256) -> dict
     loss = float(-log_probs[np.arange(len(targets)), targets].mean())
     if test.task == "language_modeling":
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "bits_per_byte": loss / math.log(2)}
-    from sklearn.metrics import accuracy_score, f1_score
+    from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
     predicted = logits.argmax(axis=1)
+    precision, recall, f1, _ = precision_recall_fscore_support(targets, predicted, average="macro", zero_division=0)
     return {
         "accuracy": float(accuracy_score(targets, predicted)),
-        "f1_macro": float(f1_score(targets, predicted, average="macro", zero_division=0)),
+        "precision_macro": float(precision),
+        "recall_macro": float(recall),
+        "f1_macro": float(f1),
         "loss": loss,
     }
 

@@ -200,6 +200,9 @@ def test_the_compress_stage_has_one_mlflow_run_per_variant_and_its_table(
 ) -> None:
     compressed = first["stages"]["compress"]
     assert compressed["variants"][0]["name"] == "fp32" and compressed["threads"] == 1
+    evaluated = first["stages"]["evaluate"]["metrics"]  # the fp32 row is the evaluate stage's model, same metrics
+    for name in ("accuracy", "precision_macro", "recall_macro", "f1_macro", "loss"):
+        assert compressed["variants"][0]["metrics"][name] == pytest.approx(evaluated[name], rel=1e-5), name
     for v in compressed["variants"]:
         assert {"name", "runtime", "uri", "size_bytes", "params", "latency_ms_p50", "latency_ms_p95", "throughput",
                 "metrics", "sparsity"} <= set(v)  # fmt: skip
