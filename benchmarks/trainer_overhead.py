@@ -44,7 +44,7 @@ import yaml
 from loops import Sample, bare_fit, bootstrap_interval, paired_interval, paired_ratio, speed_ratio
 from machine import cpu_model, load_average  # benchmarks/machine.py (scripts run from here)
 
-from core.config import Config, config_from_dict
+from core.config import Config, StoreConfig, config_from_dict
 from core.prepare_data import prepare_data
 from core.records import PrepareDataResult
 from core.storage.store import LocalStore
@@ -134,7 +134,7 @@ def _loop_row(row: Row, root: Path, rounds: int, quick: bool) -> str:
     data = prepare_data(cfg.data, cfg.seed, store)
     tracker = Tracker.for_experiment(cfg.tracking.uri, cfg.tracking.experiment)
     parent = tracker.client.create_run(tracker.experiment_id, run_name="trainer_overhead").info.run_id
-    ctx = StageContext(store_uri=store.uri, tracking_uri=tracker.uri, experiment_id=tracker.experiment_id,
+    ctx = StageContext(store=StoreConfig(uri=store.uri), tracking_uri=tracker.uri, experiment_id=tracker.experiment_id,
                        parent_run_id=parent)  # fmt: skip
     print(f"\nloop row: {row.label}: {data.n_train} train samples; {rounds} rounds after a warm-up")
     engine, bare = [], []

@@ -74,7 +74,7 @@ def hpo_search(
             base["optim"]["lr"] = lr_suggestion(lr_range, "optim.lr: 'auto'", "set a value")
     storage = cfg.storage or f"sqlite:///{store.workdir('hpo') / 'optuna.db'}"
     name = cfg.study_name or _study_name(cfg, base, data)
-    spec = WorkerSpec(cfg, space, base, data, store.uri, storage, name, cfg.seed if cfg.seed is not None else seed,
+    spec = WorkerSpec(cfg, space, base, data, store, storage, name, cfg.seed if cfg.seed is not None else seed,
                       0, None, parent_run)  # fmt: skip
     with _spawned_workers(spec, min(cfg.parallelism, cfg.n_trials) - 1) as release:  # they warm up meanwhile
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # our log lines say what happens; Optuna's repeat them

@@ -42,7 +42,7 @@ def preflight(config: Config) -> None:
         check_compress(config.compress, config.model, _nominal_spec(config))
     _check_data(config)
     check_reachable(tracking_uri(config.tracking.uri))
-    open_store(config.store.uri).check_writable()
+    open_store(config.store).check_writable()
 
 
 def _compress_needs_model(config: Config) -> bool:

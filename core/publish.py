@@ -1,7 +1,8 @@
 """The publish stage: the trained weights, the resolved config, the evaluation and a manifest
 (sha256 and size of every file, data fingerprint, code version, MLflow run ids) written to the
 artifact store; the served model logged to MLflow (raw inputs in, preprocessing inside, see
-core/serving/), with signature and input example, optionally registered.
+core/serving/), with signature and input example, optionally registered with the candidate alias and,
+when it beats the champion on the same test data, the champion alias (core/serving/registry.py).
 
 `verify_manifest` re-hashes a published folder against its manifest.
 """
@@ -12,6 +13,7 @@ import json
 import logging
 import tempfile
 from pathlib import Path
+from urllib.parse import quote
 
 import yaml
 
@@ -26,6 +28,7 @@ from core.records import (
     PublishResult,
     TrainResult,
 )
+from core.serving.registry import Decision, champion_metric, client_for, judge, record, served_metrics
 from core.storage.store import ArtifactStore, sha256_file
 from core.storage.version import code_version, git_commit
 from core.training.checkpoint import load_checkpoint
@@ -50,8 +53,16 @@ def publish(
     MLflow: the compress stage's recommended variant when it ran, else the trained weights.
 
     The folder holds the fp32 weights (`model.pt`) and, beside them, the recommended variant's file
-    (`recommended/<file>`) with the comparison table it was picked from; the manifest lists both."""
+    (`recommended/<file>`) with the comparison table it was picked from; the manifest lists both.
+
+    A registered version gets `publish.alias`, and `publish.champion_alias` when it beats the champion
+    (`core.serving.registry`); the decision goes into the manifest, then the aliases and tags are set.
+
+    Raises:
+        ConfigError: `publish.champion_metric` is not a test metric of the task (before anything is written).
+    """
     cfg = config.publish
+    metric, higher_is_better = champion_metric(cfg, data.spec.task)
     recommended = compressed.variant(compressed.recommended) if compressed else None
     served_model = store.local_path(recommended.uri) if recommended and recommended.uri else None
     model_uri, version = None, None
@@ -59,6 +70,21 @@ def publish(
         model_uri, version = log_mlflow_model(
             config, data, trained, store, tracking_uri, mlflow_run_id, served_model=served_model
         )
+    variant, figures = served_metrics(evaluated, compressed)  # the served model's, judged for the champion
+    registered = (cfg.registered_model_name, version) if cfg.registered_model_name and version is not None else None
+    client = client_for(tracking_uri) if registered and tracking_uri else None
+    decision, aliases = None, []
+    if client is not None and registered is not None:
+        decision = judge(
+            client,
+            *registered,
+            champion_alias=cfg.champion_alias,
+            metric=metric,
+            higher_is_better=higher_is_better,
+            metrics=figures,
+            data_fingerprint=data.fingerprint,
+        )
+        aliases = [cfg.alias] + ([cfg.champion_alias] if decision.promote else [])
 
     files = {
         "model.pt": store.local_path(trained.checkpoint_uri).read_bytes(),
@@ -84,11 +110,29 @@ def publish(
         "mlflow_run_id": mlflow_run_id,
         "mlflow_train_run_id": trained.mlflow_run_id,
         "mlflow_model_uri": model_uri,
-        "registered_model": {"name": cfg.registered_model_name, "version": version} if version else None,
+        "registered_model": _registered_entry(config, version, aliases, metric, decision),
         "metrics": evaluated.metrics,
         "recommended": _recommended_entry(compressed, served_model),
     }
     objects.append(_put(store, json.dumps(manifest, indent=2).encode(), f"{store_key}/manifest.json"))
+    if client is not None and registered is not None and decision is not None:  # after the manifest it names
+        tags = {
+            "manifest_uri": objects[-1].uri,
+            "data_fingerprint": data.fingerprint,
+            "config_sha256": config.sha256(),
+            "variant": variant,
+            "champion_metric": metric,
+        }
+        aliases = record(
+            client,
+            *registered,
+            decision,
+            alias=cfg.alias,
+            champion_alias=cfg.champion_alias,
+            tags=tags,
+            metrics=figures,
+            run_id=mlflow_run_id,
+        )
     log.info("publish: %d files to %s", len(objects), objects[-1].uri.rsplit("/", 1)[0])
     return PublishResult(
         objects=objects,
@@ -96,7 +140,23 @@ def publish(
         mlflow_model_uri=model_uri,
         registered_version=version,
         recommended=recommended.name if recommended else None,
+        registered_model=cfg.registered_model_name if version is not None else None,
+        aliases=aliases,
+        champion_decision=decision.name if decision else None,
+        champion_reason=decision.reason if decision else None,
     )
+
+
+def _registered_entry(
+    config: Config, version: int | None, aliases: list[str], metric: str, decision: Decision | None
+) -> dict[str, object] | None:
+    """The registry as the manifest states it: name, version, the aliases set and the champion decision."""
+    if version is None:
+        return None
+    entry: dict[str, object] = {"name": config.publish.registered_model_name, "version": version, "aliases": aliases}
+    if decision is not None:
+        entry |= {"champion_metric": metric, "champion_decision": decision.name, "champion_reason": decision.reason}
+    return entry
 
 
 def _recommended_entry(compressed: CompressResult | None, served_model: Path | None) -> dict[str, object] | None:
@@ -130,10 +190,16 @@ def verify_manifest(manifest_uri: str, store: ArtifactStore) -> list[str]:
             raise ValueError(f"format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise StoreError(f"{path}: not a readable trainflow manifest ({type(exc).__name__}: {exc})") from None
+    folder = manifest_uri.rsplit("/", 1)[0]  # listed files are fetched through the store (S3: downloaded)
     problems = []
     for entry in entries:
-        file = path.parent / entry["path"]
-        if not file.is_file():
+        uri = f"{folder}/{quote(entry['path']) if folder.startswith('file:') else entry['path']}"
+        try:
+            file = store.local_path(uri) if store.exists(uri) else None
+        except StoreError as exc:
+            problems.append(f"{entry['path']}: {exc}")
+            continue
+        if file is None or not file.is_file():
             problems.append(f"{entry['path']}: missing")
         elif (size := file.stat().st_size) != entry["bytes"]:
             problems.append(f"{entry['path']}: {size} bytes, manifest says {entry['bytes']}")

@@ -185,6 +185,21 @@ class PublishResult(StageResult):
     mlflow_model_uri: str | None  # the served model: raw inputs in (core/serving/)
     registered_version: int | None
     recommended: str | None = None  # the compress stage's variant shipped beside the fp32 weights
+    registered_model: str | None = None  # the registry name the version went to
+    aliases: list[str] = []  # aliases set on the new version: the candidate alias, and champion when promoted
+    champion_decision: str | None = None  # promoted | kept
+    champion_reason: str | None = None  # why, with the new version's and the champion's figures
 
     def artifact_uris(self) -> list[str]:
         return [o.uri for o in self.objects]
+
+    def run_tags(self) -> dict[str, str]:
+        if self.registered_model is None or self.registered_version is None:
+            return {}
+        return {
+            "trainflow.registered_model": self.registered_model,
+            "trainflow.registered_version": str(self.registered_version),
+            "trainflow.aliases": ",".join(self.aliases),
+            "trainflow.champion_decision": self.champion_decision or "",
+            "trainflow.champion_reason": (self.champion_reason or "")[:5000],
+        }

@@ -16,7 +16,7 @@ from prefect.runtime import flow_run
 from core.config import Config
 from core.preflight import preflight
 from core.records import StageResult
-from core.storage.store import open_store, write_atomic
+from core.storage.store import resolved, write_atomic
 from core.storage.tracking import Tracker, flatten, tracking_uri
 from core.storage.version import code_version, git_commit
 from tasks.cache import result_storage
@@ -50,12 +50,12 @@ class PipelineRun:
         )
         logger.log_dict(config.model_dump(mode="json"), "config.yaml")
         self.ctx = StageContext(
-            store_uri=open_store(config.store.uri).uri,
+            store=resolved(config.store),
             tracking_uri=self.tracker.uri,
             experiment_id=self.tracker.experiment_id,
             parent_run_id=self.run_id,
         )
-        self._storage = result_storage(self.ctx.store_uri)
+        self._storage = result_storage(self.ctx.store)
         return self
 
     def stage(self, task: Task[..., R], **inputs: Any) -> R:

@@ -2,7 +2,8 @@
 
 The key is `core.records.stage_key` over the task's inputs (every argument but `ctx`) and the
 code version. Records are JSON files in `<store>/.cache/prefect/`, beside the artifacts they
-point to; a record whose artifacts are gone is evicted before the lookup, so the stage re-runs.
+point to (an s3:// store keeps them in its local cache folder: this machine's records, S3's artifacts);
+a record whose artifacts are gone is evicted before the lookup, so the stage re-runs.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 from prefect.filesystems import LocalFileSystem
 
+from core.config import StoreConfig
 from core.records import StageResult, stage_key
 from core.storage.store import ArtifactStore, open_store
 
@@ -32,7 +34,7 @@ class StageCachePolicy(CachePolicy):
         self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
     ) -> str:
         key = stage_key(self.stage, {k: v for k, v in inputs.items() if k not in UNKEYED})
-        _evict_if_stale(task_ctx, key, inputs["ctx"].store_uri)
+        _evict_if_stale(task_ctx, key, inputs["ctx"].store)
         return key
 
 
@@ -46,9 +48,10 @@ def stage_cache(stage: str) -> dict[str, Any]:
     }
 
 
-def result_storage(store_uri: str) -> Path:
-    """Where stage records are persisted: inside the artifact store they point into."""
-    return open_store(store_uri).workdir(".cache/prefect")
+def result_storage(store: StoreConfig) -> Path:
+    """Where stage records are persisted: inside a local store, beside the artifacts they point into; for an
+    s3:// store in its local cache folder (records stay on this machine, their artifacts are in S3)."""
+    return open_store(store).workdir(".cache/prefect")
 
 
 def current_stage_key(stage: str) -> str:
@@ -58,19 +61,19 @@ def current_stage_key(stage: str) -> str:
     return stage_key(stage, {k: v for k, v in ctx.parameters.items() if k not in UNKEYED})
 
 
-def stage_store(store_uri: str, stage: str, folder: str | None = None) -> tuple[ArtifactStore, str]:
+def stage_store(store: StoreConfig, stage: str, folder: str | None = None) -> tuple[ArtifactStore, str]:
     """The run's store and the key of this stage run's folder in it, `<folder>/<cache key>` (default
     `stages/<stage>`): a re-run of the same inputs finds its own checkpoints and artifacts there."""
-    return open_store(store_uri), f"{folder or f'stages/{stage}'}/{current_stage_key(stage)}"
+    return open_store(store), f"{folder or f'stages/{stage}'}/{current_stage_key(stage)}"
 
 
-def _evict_if_stale(task_ctx: TaskRunContext, key: str, store_uri: str) -> None:
+def _evict_if_stale(task_ctx: TaskRunContext, key: str, settings: StoreConfig) -> None:
     results = task_ctx.result_store
     if results is None or not results.exists(key):
         return
     try:
         record = results.read(key).result
-        store = open_store(store_uri)
+        store = open_store(settings)
         missing = (
             [uri for uri in record.artifact_uris() if not store.exists(uri)] if isinstance(record, StageResult) else []
         )

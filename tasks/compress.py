@@ -31,7 +31,7 @@ def compress_task(
     ctx: StageContext,
 ) -> CompressResult:
     """Pruned, quantized and distilled variants, each evaluated like the trained model; the one to ship."""
-    store, key = stage_store(ctx.store_uri, "compress")
+    store, key = stage_store(ctx.store, "compress")
     setup = TrainingSetup(optim_cfg, train_cfg, loader_cfg, seed)
     with stage_run(ctx, "compress", {"compress": compress_cfg.model_dump(mode="json")}) as run, ExitStack() as runs:
         tracker = Tracker(ctx.tracking_uri, ctx.experiment_id)
@@ -85,7 +85,7 @@ def _log_variant(
             logger.log_metrics(numbers, step=0)
         logger.log_dict(variant.model_dump(mode="json"), "variant.json")
         if variant.uri and variant.uri.endswith(".onnx"):
-            store = open_store(ctx.store_uri)
+            store = open_store(ctx.store)
             name = variant.name.replace("+", "-")
             uri = log_onnx_model(store.local_path(variant.uri), data, store, name=name, tracking_uri=ctx.tracking_uri,
                                  run_id=logger.run_id)  # fmt: skip

@@ -9,16 +9,21 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from core.config import StoreConfig
 from core.records import StageResult
 from core.storage.tracking import MlflowMetricLogger, Tracker, flatten
 
 
 class StageContext(BaseModel):
     model_config = ConfigDict(frozen=True)
-    store_uri: str
+    store: StoreConfig  # local paths absolute (`core.storage.store.resolved`): every stage opens the same store
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
+
+    @property
+    def store_uri(self) -> str:
+        return self.store.uri
 
 
 @contextmanager

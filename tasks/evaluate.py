@@ -23,7 +23,7 @@ def evaluate_task(
     ctx: StageContext,
 ) -> EvaluateResult:
     """Test-set metrics, latency, throughput and size of the trained model."""
-    store, key = stage_store(ctx.store_uri, "evaluate")
+    store, key = stage_store(ctx.store, "evaluate")
     with stage_run(ctx, "evaluate", {"evaluate": evaluate_cfg.model_dump(mode="json")}) as run:
         result = evaluate(evaluate_cfg, model_cfg, train_cfg, loader_cfg, seed, data, trained, store, key)
         run.log_metrics({f"test/{name}": value for name, value in result.metrics.items()}, step=0)

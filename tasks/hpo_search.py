@@ -25,7 +25,7 @@ def hpo_search_task(
     ctx: StageContext,
 ) -> HPOSearchResult:
     """Run or continue the Optuna study; the best parameters go into the training config."""
-    store, key = stage_store(ctx.store_uri, "hpo_search")
+    store, key = stage_store(ctx.store, "hpo_search")
     with stage_run(ctx, "hpo_search", {"hpo": hpo_cfg.model_dump(mode="json")}) as run:
         parent = ParentRun(ctx.tracking_uri, ctx.experiment_id, run.run_id)
         result = hpo_search(hpo_cfg, data_cfg, model_cfg, optim_cfg, train_cfg, seed, data, lr_range, store, key,

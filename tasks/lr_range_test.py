@@ -23,7 +23,7 @@ def lr_range_test_task(
     ctx: StageContext,
 ) -> LRRangeTestResult:
     """Sweep the LR on a fresh model and suggest one."""
-    store, key = stage_store(ctx.store_uri, "lr_range_test")
+    store, key = stage_store(ctx.store, "lr_range_test")
     params = {"lr_range_test": lr_range_test_cfg.model_dump(mode="json")}
     with stage_run(ctx, "lr_range_test", params) as run:
         result = lr_range_test(lr_range_test_cfg, model_cfg, optim_cfg, train_cfg, loader_cfg, seed, data, store, key)

@@ -21,7 +21,7 @@ def publish_task(
     ctx: StageContext,
 ) -> PublishResult:
     """Write the published folder and manifest to the store; log (and register) the served MLflow model."""
-    store, key = stage_store(ctx.store_uri, "publish", folder=f"published/{config.publish.name}")
+    store, key = stage_store(ctx.store, "publish", folder=f"published/{config.publish.name}")
     with stage_run(ctx, "publish", {"publish": config.publish.model_dump(mode="json")}) as run:
         result = publish(config, data, trained, evaluated, store, key, ctx.tracking_uri, run.run_id, compressed)
         run.log_dict(result.model_dump(mode="json"), "result.json")

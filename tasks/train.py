@@ -26,7 +26,7 @@ def train_task(
     ctx: StageContext,
 ) -> TrainResult:
     """Fit the model; checkpoints live in the store folder named by this stage's cache key."""
-    store, key = stage_store(ctx.store_uri, "train")
+    store, key = stage_store(ctx.store, "train")
     run_file = store.workdir(key) / RUN_FILE
     previous = json.loads(run_file.read_text())["run_id"] if train_cfg.resume and run_file.exists() else None
     params = {"model": model_cfg.model_dump(mode="json"), "optim": optim_cfg.model_dump(mode="json"),

@@ -89,13 +89,13 @@ PREFLIGHT_CASES = [
     (
         "validate: several problems, one line each",
         {},
-        WINE + "seed: -1\ntrain: {precision: fp8, device: gpu}\nstore: {uri: 's3://bucket'}\n",
+        WINE + "seed: -1\ntrain: {precision: fp8, device: gpu}\nstore: {uri: 's3://ab'}\n",
         ["validate"],
         [
             r"config\.yaml: seed: -1 must be >= 0",
             r"config\.yaml: train\.precision: 'fp8' is not one of fp32, bf16, fp16",
             r"config\.yaml: train\.device: 'gpu' is not one of auto, cpu, cuda, cuda:N, mps",
-            r"config\.yaml: store\.uri: 's3://bucket': only local folders are supported as artifact store",
+            r"config\.yaml: store\.uri: 's3://ab': bucket name 'ab' must be 3 to 63 characters long",
         ],
     ),
     (

@@ -123,7 +123,7 @@ def config_from_dict(
         config = Config.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, Config, source, overridden, override_source)) from None
-    problems = _tuning_problems(config)
+    problems = _tuning_problems(config) + _publish_problems(config)
     if problems:
         raise ConfigError([f"{source}: {problem}" for problem in problems])
     return config
@@ -142,6 +142,20 @@ def _tuning_problems(config: Config) -> list[str]:
         raw = config.model_dump(mode="json", exclude={"tune"})
         problems += search_space_problems(raw, config.tune.hpo.space, lr_range_test_allowed, _problems_with)
     return problems
+
+
+def _publish_problems(config: Config) -> list[str]:
+    """publish.champion_metric names a test metric of the task the data is prepared for (checked here, not
+    after training)."""
+    from core.data.spec import check_test_metric, planned_task  # core.data.spec imports this package
+
+    if config.publish.champion_metric is None:
+        return []
+    try:
+        check_test_metric(config.publish.champion_metric, planned_task(config.data), "publish.champion_metric")
+    except ConfigError as exc:
+        return exc.problems
+    return []
 
 
 def _problems_with(raw: dict[str, Any], overrides: list[str]) -> list[str]:

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import re
 from typing import Annotated, Literal
+from urllib.parse import urlparse
 
 from pydantic import Field, field_validator, model_validator
 
 from core.config.base import Section
+from core.storage.s3_names import split_s3_uri
 
 
 # --------------------------------------------------------------------------------------- optim
@@ -139,8 +141,37 @@ class PublishConfig(Section):
         True, description="Log the model to MLflow (mlflow.pytorch.log_model) with signature and input example."
     )
     registered_model_name: str | None = Field(
-        None, description="Also register the logged model under this name in the MLflow model registry."
+        None,
+        description="Also register the logged model under this name in the MLflow model registry, with the aliases below.",
     )
+    alias: str = Field(
+        "candidate",
+        description="Registry alias set on every newly registered version (the latest candidate).",
+    )
+    champion_alias: str = Field(
+        "champion",
+        description="Registry alias of the best version so far: moved to a new version only when its champion_metric beats the current champion's on the same test data (same data fingerprint), or when there is none.",
+    )
+    champion_metric: str | None = Field(
+        None,
+        description="Test metric that decides the champion: null = accuracy (classification, higher is better) or perplexity (language modelling, lower is better); any metric of the evaluate stage (loss, perplexity and bits_per_byte: lower is better).",
+    )
+
+    @field_validator("alias", "champion_alias")
+    @classmethod
+    def _mlflow_alias(cls, value: str) -> str:
+        """MLflow's rule, checked before anything is trained: letters, digits, _ and -; `latest` and `v<N>` are taken."""
+        if not re.fullmatch(r"[\w-]{1,255}", value, flags=re.ASCII):
+            raise ValueError(f"'{value}': an alias is 1 to 255 letters, digits, _ or -")
+        if value.lower() == "latest" or re.fullmatch(r"[vV]\d+", value):
+            raise ValueError(f"'{value}' is reserved by MLflow (latest, v<N>)")
+        return value
+
+    @model_validator(mode="after")
+    def _distinct_aliases(self) -> PublishConfig:
+        if self.alias == self.champion_alias:
+            raise ValueError(f"alias and champion_alias are both '{self.alias}'; give them different names")
+        return self
 
 
 class TrackingConfig(Section):
@@ -152,15 +183,88 @@ class TrackingConfig(Section):
 
 
 class StoreConfig(Section):
+    """Where artifacts live: a local folder (the default) or `s3://bucket/prefix` through boto3.
+
+    The S3 fields apply to s3:// stores only. Credentials never go here: boto3's standard chain
+    (environment, AWS_PROFILE and ~/.aws, instance or container role) supplies them."""
+
     uri: str = Field(
         "./artifacts",
         min_length=1,
-        description="Artifact store: a local folder (prepared data, checkpoints, published models, stage cache).",
+        description="Artifact store (prepared data, checkpoints, published models): a local folder, or s3://bucket[/prefix] for S3 or an S3-compatible server.",
+    )
+    endpoint_url: str | None = Field(
+        None,
+        description="S3-compatible endpoint as http(s)://host[:port] (MinIO, Ceph, a local test server); null = AWS's own endpoint for the region.",
+    )
+    region: str | None = Field(
+        None,
+        pattern=r"^[a-z0-9-]+$",
+        description="Region of the bucket (e.g. eu-west-1); null = boto3's chain (AWS_DEFAULT_REGION, ~/.aws/config).",
+    )
+    cache_dir: str = Field(
+        "./.trainflow-cache",
+        min_length=1,
+        description="Local folder of an s3:// store: verified downloads, stage working files and checkpoints, the stage-cache records and the HPO study; relative to the working folder, like ./artifacts and mlflow.db.",
+    )
+    multipart_threshold_mb: int = Field(
+        16,
+        ge=5,
+        le=5120,
+        description="Files of at least this many MiB upload in parts of this size (S3's smallest part is 5 MiB).",
+    )
+    max_concurrency: int = Field(4, ge=1, le=64, description="Parts sent or fetched at once for one multipart file.")
+    retry_mode: Literal["standard", "adaptive"] = Field(
+        "standard",
+        description="botocore retry mode for each request; adaptive also rate-limits the client when throttled.",
+    )
+    max_attempts: int = Field(
+        5,
+        ge=1,
+        le=20,
+        description="botocore attempts per request, the first included (a failed whole file is tried again 3 times).",
+    )
+    connect_timeout_s: float = Field(
+        10.0, gt=0, le=300, description="Seconds to wait for a connection to the endpoint."
+    )
+    read_timeout_s: float = Field(
+        60.0, gt=0, le=3600, description="Seconds to wait for the endpoint to answer or accept data before retrying."
+    )
+    sse: Literal["AES256", "aws:kms"] | None = Field(
+        None, description="Server-side encryption of uploaded objects; null = the bucket's default."
+    )
+    sse_kms_key_id: str | None = Field(
+        None, min_length=1, description="KMS key (id, ARN or alias) for sse: aws:kms; null = the AWS-managed key."
+    )
+    storage_class: Literal["STANDARD", "STANDARD_IA", "ONEZONE_IA", "INTELLIGENT_TIERING", "GLACIER_IR"] | None = Field(
+        None,
+        description="Storage class of uploaded objects (only instantly readable ones: artifacts are read back); null = STANDARD.",
     )
 
     @field_validator("uri")
     @classmethod
-    def _local_only_for_now(cls, value: str) -> str:
+    def _known_scheme(cls, value: str) -> str:
+        if value.startswith("s3://"):
+            bucket, prefix = split_s3_uri(value)  # its ValueError names the problem
+            return f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
         if "://" in value and not value.startswith("file://"):
-            raise ValueError(f"'{value}': only local folders are supported as artifact store")
+            raise ValueError(f"'{value}': only local folders and s3://bucket[/prefix] are supported as artifact store")
         return value
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _http_endpoint(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        parsed = urlparse(value)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError(f"'{value}': expected http(s)://host[:port]")
+        if parsed.username or parsed.password:
+            raise ValueError("must not carry credentials; boto3's credential chain supplies them")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _kms_key_needs_kms(self) -> StoreConfig:
+        if self.sse_kms_key_id is not None and self.sse != "aws:kms":
+            raise ValueError(f"sse_kms_key_id is set but sse is {self.sse!r}; set sse: aws:kms or drop the key id")
+        return self

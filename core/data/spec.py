@@ -18,6 +18,16 @@ EVAL_METRICS: dict[Task, tuple[str, ...]] = {  # what core.training.metrics.pass
     "classification": ("loss", "accuracy"),
     "language_modeling": ("loss", "perplexity"),
 }
+TEST_METRICS: dict[Task, dict[str, bool]] = {  # what the evaluate stage reports per task; True: higher is better
+    "classification": {
+        "accuracy": True,
+        "precision_macro": True,
+        "recall_macro": True,
+        "f1_macro": True,
+        "loss": False,
+    },
+    "language_modeling": {"loss": False, "perplexity": False, "bits_per_byte": False},
+}
 
 
 class DataSpec(BaseModel):
@@ -59,3 +69,12 @@ def check_metric(metric: str, task: Task, field: str) -> None:
         raise ConfigError(
             f"{field}: '{metric}' is not an evaluation metric of {task}; available: {', '.join(available)}"
         )
+
+
+def check_test_metric(metric: str, task: Task, field: str) -> bool:
+    """Whether higher is better for `metric`; a ConfigError naming `field` unless the evaluate stage reports it
+    for `task`."""
+    available = TEST_METRICS[task]
+    if metric not in available:
+        raise ConfigError(f"{field}: '{metric}' is not a test metric of {task}; available: {', '.join(available)}")
+    return available[metric]

@@ -1,6 +1,6 @@
 """The artifact store: where prepared data, checkpoints, published models and the stage cache live.
 
-Stages address artifacts by URI (`file:///...` here; `s3://...` joins through the same
+Stages address artifacts by URI (`file:///...` here; `s3://...` in `s3.py`, through the same
 protocol). A stage writes into `workdir(key)` and calls `put_file`; for the local store the
 working folder is the final place, so nothing is copied twice.
 """
@@ -12,10 +12,13 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import unquote, urlparse
 
 from core.errors import StoreError
+
+if TYPE_CHECKING:
+    from core.config.sections import StoreConfig
 
 
 class ArtifactStore(Protocol):
@@ -84,9 +87,29 @@ class LocalStore:
         return path
 
 
-def open_store(uri: str) -> ArtifactStore:
-    """The store for `store.uri`."""
+def open_store(target: str | os.PathLike[str] | StoreConfig) -> ArtifactStore:
+    """The store for a `store` config section (or a bare `store.uri` or folder, other settings at their
+    defaults): `s3://bucket[/prefix]` is an `S3Store`, a folder or `file://` URI a `LocalStore`."""
+    if isinstance(target, str | os.PathLike):
+        uri, settings = os.fspath(target), None
+    else:
+        uri, settings = target.uri, target
+    if uri.startswith("s3://"):
+        from core.config.sections import StoreConfig
+        from core.storage.s3 import S3Store
+
+        return S3Store(settings or StoreConfig(uri=uri))
+    if "://" in uri and not uri.startswith("file://"):
+        raise StoreError(f"{uri}: only local folders and s3://bucket[/prefix] are supported as artifact store")
     return LocalStore(uri)
+
+
+def resolved(settings: StoreConfig) -> StoreConfig:
+    """`settings` with its local paths absolute (the folder's `file://` URI, the S3 cache folder), so stage
+    threads and worker processes open the very same store wherever they run from."""
+    if settings.uri.startswith("s3://"):
+        return settings.model_copy(update={"cache_dir": str(Path(settings.cache_dir).expanduser().resolve())})
+    return settings.model_copy(update={"uri": LocalStore(settings.uri).uri})
 
 
 def folder_problem(folder: Path) -> str | None:

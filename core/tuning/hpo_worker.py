@@ -26,7 +26,7 @@ import optuna
 from core.config import CategoricalParam, Config, FloatParam, HPOConfig, ParamSpec, config_from_dict
 from core.data.prepared import load_splits
 from core.records import PrepareDataResult
-from core.storage.store import open_store
+from core.storage.store import ArtifactStore
 from core.storage.tracking import MlflowMetricLogger, ParentRun, Tracker
 from core.training.builder import build_trainer
 from core.training.callbacks import Callback, TrackingCallback, is_improvement, monitored_value
@@ -45,7 +45,7 @@ class WorkerSpec:
     space: dict[str, ParamSpec]  # bounds resolved (optim.lr from the LR range test)
     base: dict[str, Any]  # model, optim, train, data and seed sections as plain data, optim.lr resolved
     data: PrepareDataResult
-    store_uri: str
+    store: ArtifactStore  # picklable: a spawned worker opens its own connection
     storage: str
     study_name: str
     seed: int
@@ -133,7 +133,7 @@ def _warm_up(spec: WorkerSpec) -> Tracker | None:
     """What a fresh process's first trial would pay (~1.5-2 s of CPU here), paid while the stage opens the study."""
     import_optimizer_dependencies()
     optuna.storages.RDBStorage("sqlite://")  # imports and sets up SQLAlchemy's ORM and alembic, in memory
-    load_splits(open_store(spec.store_uri).local_path(spec.data.uri), spec.data.spec)  # kept for every trial
+    load_splits(spec.store.local_path(spec.data.uri), spec.data.spec)  # kept for every trial
     if spec.parent_run is None:
         return None
     tracker = Tracker(spec.parent_run.tracking_uri, spec.parent_run.experiment_id)
@@ -192,7 +192,7 @@ def _objective(trial: optuna.Trial, spec: WorkerSpec, tracker: Tracker | None) -
         config = trial_config(spec, params)
         callbacks = [TrackingCallback(logger)] if logger else []
         trainer = build_trainer(config.model, config.optim, config.train, config.data.loader, spec.seed, spec.data,
-                                open_store(spec.store_uri), [*callbacks, pruning])  # fmt: skip
+                                spec.store, [*callbacks, pruning])  # fmt: skip
         fit = trainer.fit()
         if pruning.best is None or not math.isfinite(pruning.best):
             raise ValueError(f"{spec.hpo.metric} was {pruning.best} (diverged)")

@@ -141,10 +141,11 @@ BAD_CONFIGS = [
         r"config\.yaml: train\.device: 'gpu' is not one of auto, cpu, cuda, cuda:N, mps",
     ),
     (
-        "non-local store uri",
-        "store: {uri: 's3://bucket/artifacts'}",
+        "unsupported store uri",
+        "store: {uri: 'gs://bucket/artifacts'}",
         [],
-        r"config\.yaml: store\.uri: 's3://bucket/artifacts': only local folders are supported as artifact store",
+        r"config\.yaml: store\.uri: 'gs://bucket/artifacts': only local folders and s3://bucket\[/prefix\] are "
+        r"supported as artifact store",
     ),
     (
         "bad publish name",
@@ -254,7 +255,8 @@ def test_every_problem_is_reported_on_its_own_line(in_tmp: Path) -> None:
         "config.yaml: train.precision: 'fp8' is not one of fp32, bf16, fp16",
         "config.yaml: train.bach_size: unknown key; did you mean batch_size?",
         "config.yaml: train.device: 'gpu' is not one of auto, cpu, cuda, cuda:N, mps",
-        "config.yaml: store.uri: 'gs://bucket': only local folders are supported as artifact store",
+        "config.yaml: store.uri: 'gs://bucket': only local folders and s3://bucket[/prefix] are supported as artifact "
+        "store",
     }
     assert set(caught.value.problems) == expected
     assert len(caught.value.problems) == len(expected)

@@ -207,7 +207,14 @@ def test_the_mlflow_model_loads_and_predicts_like_the_published_weights(
     assert result.mlflow_model_uri is not None and result.registered_version == 1
     manifest = json.loads(published.store.local_path(result.manifest_uri).read_text())
     assert manifest["mlflow_run_id"] == run_id and manifest["mlflow_model_uri"] == result.mlflow_model_uri
-    assert manifest["registered_model"] == {"name": "tiny-wine", "version": 1}
+    assert manifest["registered_model"] == {
+        "name": "tiny-wine",
+        "version": 1,
+        "aliases": ["candidate", "champion"],  # the first version: no champion before it
+        "champion_metric": "accuracy",
+        "champion_decision": "promoted",
+        "champion_reason": result.champion_reason,
+    }
 
     import mlflow.pyfunc
 

@@ -1,0 +1,235 @@
+"""The registry's candidate/champion aliases: every published version becomes the candidate, the champion
+moves only to a version that beats it on the same test data, and the decision is recorded with both figures
+(version tags, publish run tags, manifest). MLflow runs on a throwaway SQLite file."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from core.config import Config, PublishConfig, config_from_dict
+from core.data.spec import TEST_METRICS
+from core.errors import ConfigError
+from core.evaluate import evaluate
+from core.prepare_data import prepare_data
+from core.publish import publish
+from core.records import (
+    CompressedVariant,
+    CompressResult,
+    EvaluateResult,
+    PrepareDataResult,
+    PublishResult,
+    TrainResult,
+)
+from core.serving.registry import champion_metric, judge, record, served_metrics
+from core.storage.store import LocalStore
+from core.storage.tracking import Tracker, fluent_tracking_uri
+from core.train import train
+from tests.conftest import tiny_raw
+
+NAME = "tiny-wine"
+
+
+@dataclass(frozen=True)
+class Trained:
+    """The tiny wine MLP trained and evaluated once for the module; publishes vary only its figures."""
+
+    config: Config
+    store: LocalStore
+    data: PrepareDataResult
+    trained: TrainResult
+    evaluated: EvaluateResult
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
+    cfg = config_from_dict(tiny_raw(publish={"name": NAME, "registered_model_name": NAME}))
+    store = LocalStore(tmp_path_factory.mktemp("registry") / "artifacts")
+    data = prepare_data(cfg.data, cfg.seed, store)
+    done = train(cfg.model, cfg.optim, cfg.train, cfg.data.loader, cfg.seed, data, store, "train")
+    evaluated = evaluate(cfg.evaluate, cfg.model, cfg.train, cfg.data.loader, cfg.seed, data, done, store, "eval")
+    return Trained(cfg, store, data, done, evaluated)
+
+
+@dataclass
+class Registry:
+    """A fresh tracking database, and publishes into it, each under its own publish run."""
+
+    uri: str
+    tracker: Tracker
+    parent: str
+    trained: Trained
+    published: int = 0
+
+    @property
+    def client(self) -> MlflowClient:
+        return MlflowClient(tracking_uri=self.uri)
+
+    def publish(self, accuracy: float, data: PrepareDataResult | None = None) -> tuple[PublishResult, str]:
+        """Publish the trained model as if its test accuracy were `accuracy`; the result and its run id."""
+        t = self.trained
+        evaluated = t.evaluated.model_copy(update={"metrics": {**t.evaluated.metrics, "accuracy": accuracy}})
+        run_id = self.tracker.start_stage_run(self.parent, "publish")
+        self.published += 1
+        key = f"published/{self.published}"
+        result = publish(t.config, data or t.data, t.trained, evaluated, t.store, key, self.uri, run_id)
+        return result, run_id
+
+    def tags(self, version: int) -> dict[str, str]:
+        return self.client.get_model_version(NAME, str(version)).tags
+
+    def holder(self, alias: str) -> int:
+        return int(self.client.get_model_version_by_alias(NAME, alias).version)
+
+    def manifest(self, result: PublishResult) -> dict[str, Any]:
+        return json.loads(self.trained.store.local_path(result.manifest_uri).read_text())
+
+
+@pytest.fixture
+def registry(trained: Trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Registry:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker.for_experiment(uri, "registry-tests")
+    return Registry(uri, tracker, tracker.open_pipeline_run(trained.config.sha256(), "registry"), trained)
+
+
+# ---------------------------------------------------------------------------- through publish
+def test_candidate_always_champion_only_when_beaten_and_it_loads_by_alias(registry: Registry) -> None:
+    first, run1 = registry.publish(0.8)
+    assert (first.registered_model, first.registered_version) == (NAME, 1)
+    assert first.aliases == ["candidate", "champion"] and first.champion_decision == "promoted"
+    assert "no champion yet" in (first.champion_reason or "")
+    tags = registry.tags(1)
+    assert tags["trainflow.manifest_uri"] == first.manifest_uri
+    assert tags["trainflow.data_fingerprint"] == registry.trained.data.fingerprint
+    assert tags["trainflow.config_sha256"] == registry.trained.config.sha256()
+    assert tags["trainflow.variant"] == "fp32" and tags["trainflow.champion_metric"] == "accuracy"
+    assert float(tags["trainflow.metric.accuracy"]) == 0.8 and "trainflow.metric.f1_macro" in tags
+    assert registry.client.get_run(run1).data.tags["trainflow.aliases"] == "candidate,champion"
+
+    second, run2 = registry.publish(0.7)  # worse: candidate only
+    assert second.registered_version == 2 and second.aliases == ["candidate"]
+    assert (registry.holder("candidate"), registry.holder("champion")) == (2, 1)
+    tags = registry.tags(2)
+    assert tags["trainflow.champion_decision"] == "kept" == second.champion_decision
+    assert "0.7 (v2)" in tags["trainflow.champion_reason"] and "0.8 (champion v1)" in tags["trainflow.champion_reason"]
+    assert tags["trainflow.champion_reason"] == second.champion_reason
+    run_tags = registry.client.get_run(run2).data.tags
+    assert run_tags["trainflow.champion_decision"] == "kept" and run_tags["trainflow.registered_version"] == "2"
+    assert second.run_tags()["trainflow.champion_reason"] == second.champion_reason  # the pipeline's parent run
+    manifest = registry.manifest(second)["registered_model"]
+    assert manifest == {"name": NAME, "version": 2, "aliases": ["candidate"], "champion_metric": "accuracy",
+                        "champion_decision": "kept", "champion_reason": second.champion_reason}  # fmt: skip
+
+    third, _ = registry.publish(0.9)  # better: champion moves
+    assert third.aliases == ["candidate", "champion"] and third.champion_decision == "promoted"
+    assert "0.9 (v3) vs 0.8 (champion v1): beats" in (third.champion_reason or "")
+    assert (registry.holder("candidate"), registry.holder("champion")) == (3, 3)
+
+    import mlflow.pyfunc
+
+    data, store = registry.trained.data, registry.trained.store
+    raw = pd.read_pickle(store.local_path(data.preprocessor_uri))["examples"]
+    with fluent_tracking_uri(registry.uri):
+        served = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    out = served.predict(raw)
+    assert len(out) == len(raw) and set(out["label"]) <= set(data.spec.class_names)
+    np.testing.assert_allclose(out.filter(like="proba_").sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_a_champion_tested_on_other_data_is_not_compared(registry: Registry) -> None:
+    registry.publish(0.5)
+    other = registry.trained.data.model_copy(update={"fingerprint": "f" * 64})
+    result, _ = registry.publish(0.99, data=other)
+    assert result.aliases == ["candidate"] and result.champion_decision == "kept"
+    reason = result.champion_reason or ""
+    assert "tested on other data" in reason and "0.99 (v2)" in reason and "0.5 (champion v1)" in reason
+    assert registry.holder("champion") == 1
+    assert registry.tags(2)["trainflow.data_fingerprint"] == "f" * 64
+
+
+# ------------------------------------------------------------------------------ the rule alone
+def _version(client: MlflowClient, name: str) -> int:
+    """A registry version without a logged model (the rule reads only tags and aliases)."""
+    if not client.search_registered_models(f"name = '{name}'"):
+        client.create_registered_model(name)
+    return int(client.create_model_version(name, source="file:///nowhere").version)
+
+
+def _judge_and_record(client: MlflowClient, name: str, metrics: dict[str, float], task: str) -> tuple[int, str]:
+    metric, higher = champion_metric(PublishConfig(), task)  # type: ignore[arg-type]
+    version = _version(client, name)
+    decision = judge(client, name, version, champion_alias="champion", metric=metric, higher_is_better=higher,
+                     metrics=metrics, data_fingerprint="abc")  # fmt: skip
+    record(client, name, version, decision, alias="candidate", champion_alias="champion",
+           tags={"data_fingerprint": "abc"}, metrics=metrics)  # fmt: skip
+    return version, decision.name
+
+
+def test_perplexity_lower_is_better_for_a_language_model(tmp_path: Path) -> None:
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    lm = EvaluateResult(metrics={"loss": 1.6, "perplexity": 5.0, "bits_per_byte": 2.3}, n_test=10,
+                        latency_ms_p50=1, latency_ms_p95=1, throughput_per_s=1, n_parameters=1, size_bytes=1,
+                        plot_uris=[])  # fmt: skip
+    assert champion_metric(PublishConfig(), "language_modeling") == ("perplexity", False)
+    _, figures = served_metrics(lm, None)
+    assert _judge_and_record(client, "gpt", figures, "language_modeling") == (1, "promoted")
+    assert _judge_and_record(client, "gpt", {**figures, "perplexity": 6.0}, "language_modeling") == (2, "kept")
+    assert _judge_and_record(client, "gpt", {**figures, "perplexity": 4.0}, "language_modeling") == (3, "promoted")
+    assert int(client.get_model_version_by_alias("gpt", "champion").version) == 3
+    assert "lower is better" in client.get_model_version("gpt", "3").tags["trainflow.champion_reason"]
+
+
+def test_the_served_figures_are_the_recommended_variants_when_compress_ran(trained: Trained) -> None:
+    variants = [
+        CompressedVariant(name="fp32", base="fp32", format="torch", runtime="torch", status="ok",
+                          metrics={"accuracy": 0.9}),
+        CompressedVariant(name="fp32+onnx_int8", base="fp32", format="onnx_int8", runtime="onnxruntime",
+                          status="ok", metrics={"accuracy": 0.85}),
+    ]  # fmt: skip
+    compressed = CompressResult(variants=variants, task="classification", recommended="fp32+onnx_int8", reason="",
+                                threads=1, serving_batch=1, table_uri="", csv_uri="", plot_uri="")  # fmt: skip
+    assert served_metrics(trained.evaluated, compressed) == ("fp32+onnx_int8", {"accuracy": 0.85})
+    assert served_metrics(trained.evaluated, None) == ("fp32", trained.evaluated.metrics)
+
+
+# ---------------------------------------------------------------------------------- the config
+@pytest.mark.parametrize(
+    ("publish", "message"),
+    [
+        ({"champion_metric": "perplexity"}, "c.yaml: publish.champion_metric: 'perplexity' is not a test metric "
+         "of classification; available: accuracy, precision_macro, recall_macro, f1_macro, loss"),
+        ({"champion_alias": "latest"}, "c.yaml: publish.champion_alias: 'latest' is reserved"),
+        ({"alias": "champion"}, "c.yaml: publish: alias and champion_alias are both 'champion'"),
+    ],
+    ids=["metric-of-another-task", "reserved-alias", "same-alias-twice"],
+)  # fmt: skip
+def test_a_bad_registry_setting_is_one_config_line(publish: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config_from_dict(tiny_raw(publish=publish), source="c.yaml")
+    (line,) = caught.value.problems
+    assert line.startswith(message), line
+
+
+def test_the_metric_table_matches_what_the_evaluate_stage_reports(trained: Trained) -> None:
+    from core.compression.measure import HeldOut, task_metrics
+
+    assert sorted(TEST_METRICS["classification"]) == sorted(trained.evaluated.metrics)
+    text = HeldOut(x=np.zeros((2, 4), np.int64), y=np.zeros((2, 4), np.int64), task="language_modeling")
+    assert sorted(TEST_METRICS["language_modeling"]) == sorted(task_metrics(lambda x: np.zeros((*x.shape, 3)), text))
+    with pytest.raises(ConfigError, match=r"^publish\.champion_metric: 'accuracy' is not a test metric"):
+        champion_metric(PublishConfig(champion_metric="accuracy"), "language_modeling")
+
+
+def test_an_old_publish_record_still_validates() -> None:
+    old = {"objects": [], "manifest_uri": "file:///m.json", "mlflow_model_uri": None, "registered_version": None}
+    result = PublishResult.model_validate(old)
+    assert (result.registered_model, result.aliases, result.champion_decision) == (None, [], None)
+    assert result.run_tags() == {}

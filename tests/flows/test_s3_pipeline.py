@@ -1,0 +1,87 @@
+"""The whole pipeline with `store.uri: s3://...` on moto's server (real HTTP on loopback): it completes,
+what it published in the bucket matches its manifest, and a second identical run is all cached."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from core.config import StoreConfig
+from core.publish import verify_manifest
+from core.storage.store import open_store
+from tests.flows.test_pipeline import STAGES, Project
+from tests.s3_server import new_bucket, s3_client, s3_endpoint  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+BUCKET, PREFIX = "trainflow-pipeline", "team/runs"
+
+
+class S3Project(Project):
+    """The Project of test_pipeline.py with its store in a bucket and the store's cache in its folder."""
+
+    def __init__(self, root: Path, endpoint: str):
+        super().__init__(root)
+        self.store = {"uri": f"s3://{BUCKET}/{PREFIX}", "endpoint_url": endpoint, "cache_dir": str(root / "cache"),
+                      "multipart_threshold_mb": 5}  # fmt: skip
+        raw = yaml.safe_load(self.config.read_text()) | {"store": self.store}
+        self.config.write_text(yaml.safe_dump(raw))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str) -> S3Project:  # noqa: F811
+    new_bucket(s3_endpoint, BUCKET)
+    return S3Project(tmp_path_factory.mktemp("s3-pipeline"), s3_endpoint)
+
+
+@pytest.fixture(scope="module")
+def first(project: S3Project) -> dict[str, Any]:
+    return project.run()
+
+
+def test_the_pipeline_runs_on_an_s3_store(project: S3Project, first: dict[str, Any]) -> None:
+    assert list(first["stages"]) == STAGES
+    assert not any(stage["cached"] for stage in first["stages"].values())
+    assert first["store_uri"] == f"s3://{BUCKET}/{PREFIX}"
+    for uri in (first["stages"]["prepare_data"]["uri"], first["stages"]["train"]["checkpoint_uri"]):
+        assert uri.startswith(f"s3://{BUCKET}/{PREFIX}/")
+    assert not (project.root / "artifacts").exists(), "nothing went to a local store"
+
+
+def test_the_objects_in_the_bucket_match_the_published_manifest(
+    project: S3Project,
+    first: dict[str, Any],
+    s3_endpoint: str,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    client = s3_client(s3_endpoint)
+    listed = client.list_objects_v2(Bucket=BUCKET, Prefix=f"{PREFIX}/")["Contents"]
+    sizes = {o["Key"]: o["Size"] for o in listed}
+    publish = first["stages"]["publish"]
+    manifest_key = publish["manifest_uri"].removeprefix(f"s3://{BUCKET}/")
+    folder = manifest_key.rsplit("/", 1)[0]
+    manifest = yaml.safe_load(client.get_object(Bucket=BUCKET, Key=manifest_key)["Body"].read())
+    assert manifest["files"]
+    for entry in manifest["files"]:
+        key = f"{folder}/{entry['path']}"
+        head = client.head_object(Bucket=BUCKET, Key=key)
+        assert (sizes[key], head["Metadata"]["sha256"]) == (entry["bytes"], entry["sha256"])
+    for o in publish["objects"]:
+        key = o["uri"].removeprefix(f"s3://{BUCKET}/")
+        assert (sizes[key], client.head_object(Bucket=BUCKET, Key=key)["Metadata"]["sha256"]) == (
+            o["bytes"],
+            o["sha256"],
+        )
+    assert all("sha256" in client.head_object(Bucket=BUCKET, Key=key)["Metadata"] for key in sizes)
+
+    elsewhere = open_store(StoreConfig(**project.store | {"cache_dir": str(tmp_path / "fresh-cache")}))
+    assert verify_manifest(publish["manifest_uri"], elsewhere) == []  # downloaded into an empty cache, re-hashed
+    assert (tmp_path / "fresh-cache" / "s3" / BUCKET / folder / "model.pt").is_file()
+
+
+def test_a_second_identical_run_reuses_every_stage(project: S3Project, first: dict[str, Any]) -> None:
+    second = project.run(out="out2")
+    assert [name for name, stage in second["stages"].items() if stage["cached"]] == STAGES
+    assert second["stages"]["publish"]["manifest_uri"] == first["stages"]["publish"]["manifest_uri"]
