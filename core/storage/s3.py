@@ -288,6 +288,38 @@ class S3Store:
         st = path.stat()
         self._hashes[path] = ((st.st_size, st.st_mtime_ns, st.st_ino), digest)
 
+    # ---- listing (checkpoints)
+    def list_keys(self, prefix_key: str) -> list[str]:
+        """Store keys of the objects under the key folder `prefix_key` (e.g. a stage's checkpoints), sorted.
+
+        Raises:
+            StoreError: the listing failed.
+        """
+        folder = f"{self._object_key(prefix_key.rstrip('/'))}/"
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        keys: list[str] = []
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=folder):
+                keys += [o["Key"][strip:] for o in page.get("Contents", [])]
+        except Exception as exc:
+            raise StoreError(
+                f"{self.uri_for(prefix_key)}: listing failed: {describe(exc, self.bucket, self._endpoint)}"
+            ) from None
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        """Delete the object `key` (no error when it is absent) and its cached copy.
+
+        Raises:
+            StoreError: the request failed.
+        """
+        uri = self.uri_for(key)
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._object_key(key))
+        except Exception as exc:
+            raise StoreError(f"{uri}: delete failed: {describe(exc, self.bucket, self._endpoint)}") from None
+        self._cached(key).unlink(missing_ok=True)
+
 
 class _Mismatch(Exception):
     """A transfer finished but its result does not match what was sent or recorded (worth another try)."""

@@ -4,10 +4,17 @@ A periodic checkpoint holds everything `Trainer.fit` needs to continue as if nev
 model, optimizer, scheduler, scaler, RNG states, progress (epoch, step, data position) and the
 callbacks' states (the best weights so far among them), plus the resolved config and tracking
 run id. `best.pt` holds the weights of the best evaluation, `model.pt` those the stage hands on.
+
+With a remote store (`uploads` given), each file is written locally first, then uploaded in the
+background under the same key folder; after each periodic checkpoint's upload the index
+`checkpoints.json` (its name, step, sha256) is written, then older checkpoints are pruned locally and in
+the store (`keep_last`, counted among those uploaded). The index therefore never names a missing object,
+and a machine without the local folder resumes from it (`fetch_latest_checkpoint`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -19,6 +26,8 @@ import torch
 
 from core.config import CheckpointConfig, EarlyStoppingConfig
 from core.errors import TrainingError
+from core.storage.store import ArtifactStore, sha256_file
+from core.storage.uploads import BackgroundUploads, ListingStore
 from core.training.callbacks import Callback, is_improvement, monitored_value
 from core.training.state import FitResult
 
@@ -28,7 +37,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _PERIODIC = re.compile(r"^step-(\d+)\.pt$")
-BEST, FINAL = "best.pt", "model.pt"
+BEST, FINAL, INDEX = "best.pt", "model.pt", "checkpoints.json"
+EXCEPTION_WAIT_S = 30.0  # when fit fails, pending uploads get this long to finish (a resume needs them)
 
 
 def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
@@ -70,6 +80,32 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def fetch_latest_checkpoint(store: ArtifactStore, store_key: str) -> Path | None:
+    """Download the checkpoint the store's index names into the local folder (the store's cache), or None
+    when the store has no index for `store_key`.
+
+    Raises:
+        StoreError: the index or the checkpoint cannot be read.
+        TrainingError: the downloaded checkpoint is not the one the index names.
+    """
+    index_uri = store.uri_for(f"{store_key}/{INDEX}")
+    if not store.exists(index_uri):
+        return None
+    index = json.loads(store.local_path(index_uri).read_text())
+    uri = store.uri_for(f"{store_key}/{index['latest']}")
+    path = store.local_path(uri)
+    if sha256_file(path) != index["sha256"]:
+        raise TrainingError(f"{uri}: content differs from the sha256 in {index_uri}; set train.resume=false")
+    log.info("no local checkpoint: downloaded %s (step %d) to resume from", uri, index["step"])
+    return path
+
+
+def _older(paths: list[Path], step: int, keep_last: int) -> list[Path]:
+    """Those of `paths` (periodic checkpoints, oldest first) at or before `step`, but the last `keep_last`."""
+    upto = [p for p in paths if int(_PERIODIC.match(p.name).group(1)) <= step]  # type: ignore[union-attr]
+    return upto[:-keep_last]
+
+
 class ModelCheckpoint(Callback):
     """Periodic checkpoints for resume, and the weights of the best evaluation.
 
@@ -80,8 +116,18 @@ class ModelCheckpoint(Callback):
     weights are loaded and the weights the stage hands on are written to `model.pt`.
     """
 
-    def __init__(self, folder: Path, cfg: CheckpointConfig, monitor: EarlyStoppingConfig, extra: dict[str, Any]):
+    def __init__(
+        self,
+        folder: Path,
+        cfg: CheckpointConfig,
+        monitor: EarlyStoppingConfig,
+        extra: dict[str, Any],
+        uploads: BackgroundUploads | None = None,
+        store_key: str = "",
+    ):
+        """`uploads`: background uploads to a remote store, under `store_key` (None: the folder is final)."""
         self.folder, self.cfg, self.monitor, self.extra = folder, cfg, monitor, extra
+        self.uploads, self.store_key = uploads, store_key
         self.best: float | None = None
         self.best_metrics: dict[str, float] = {}
         self.best_step: int | None = None
@@ -107,18 +153,62 @@ class ModelCheckpoint(Callback):
         if self.best_weights is not None:
             best = {"model": self.best_weights, "step": self.best_step, "metrics": self.best_metrics}
             save_checkpoint(best, self.folder / BEST)
+            self._upload(BEST)
             if self.monitor.restore_best:
                 trainer.model.load_state_dict(self.best_weights)
                 log.info("restored the weights of step %s (%s=%.5g)", self.best_step, self.monitor.monitor, self.best)
         save_checkpoint({"model": trainer.model.state_dict(), "step": trainer.state.step}, self.folder / FINAL)
+        self._upload(FINAL)
+        if self.uploads is not None:
+            self.uploads.close()  # the stage returns only once everything is in the store; a failure raises
+
+    def on_exception(self, trainer: Trainer, exc: BaseException) -> None:
+        if self.uploads is None:
+            return
+        try:
+            if not self.uploads.close(EXCEPTION_WAIT_S):
+                log.warning("checkpoint uploads still running %.0f s after the failure: abandoned", EXCEPTION_WAIT_S)
+        except TrainingError as failure:  # the exception leaving fit is the one to report
+            log.warning("%s", failure)
 
     def save(self, trainer: Trainer) -> Path:
-        path = self.folder / f"step-{trainer.state.step:09d}.pt"
+        """Write a periodic checkpoint; with a store to upload to, queue its upload (blocks while the queue is full)."""
+        step = trainer.state.step
+        path = self.folder / f"step-{step:09d}.pt"
         save_checkpoint(trainer.checkpoint_state() | self.extra, path)
-        self._saved_step, self._saved_at = trainer.state.step, time.monotonic()
-        for old in periodic_checkpoints(self.folder)[: -self.cfg.keep_last]:
-            old.unlink(missing_ok=True)
+        self._saved_step, self._saved_at = step, time.monotonic()
+        if self.uploads is None:
+            for old in periodic_checkpoints(self.folder)[: -self.cfg.keep_last]:
+                old.unlink(missing_ok=True)
+        else:
+            self.uploads.submit(lambda: self._publish(path, step), self.uploads.store.uri_for(self._key(path.name)))
         return path
+
+    def _upload(self, name: str) -> None:
+        if self.uploads is not None:
+            self.uploads.put_file(self.folder / name, self._key(name))
+
+    def _publish(self, path: Path, step: int) -> None:
+        """Upload job of a periodic checkpoint (worker thread): the file, then the index naming it, then
+        prune older ones, locally and in the store; pruning in the store is best effort."""
+        assert self.uploads is not None
+        store = self.uploads.store
+        store.put_file(path, self._key(path.name))
+        index = {"latest": path.name, "step": step, "sha256": sha256_file(path)}
+        store.put_bytes(json.dumps(index).encode(), self._key(INDEX))
+        for old in _older(periodic_checkpoints(self.folder), step, self.cfg.keep_last):
+            old.unlink(missing_ok=True)
+        if isinstance(store, ListingStore):
+            names = [k.rsplit("/", 1)[-1] for k in store.list_keys(self.store_key)]
+            stored = [Path(n) for n in names if _PERIODIC.match(n)]
+            for old in _older(sorted(stored), step, self.cfg.keep_last):
+                try:
+                    store.delete(self._key(old.name))
+                except Exception as exc:  # a leftover old checkpoint costs storage, not correctness
+                    log.warning("%s: not pruned (%s)", self._key(old.name), exc)
+
+    def _key(self, name: str) -> str:
+        return f"{self.store_key}/{name}"
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best, "best_metrics": self.best_metrics, "best_step": self.best_step,

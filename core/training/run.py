@@ -1,6 +1,10 @@
 """Fit in a store folder: the callback stack (tracking, early stopping, checkpoint, progress), resume
 from the folder's latest checkpoint or clear old ones, fit, and hand on the final weights.
 
+With a remote store (S3), checkpoints are uploaded in the background as they are written (see
+checkpoint.py), the last upload awaited before `fit_in_folder` returns; a run whose local folder is gone
+(another machine, a wiped cache) resumes from the checkpoint the store's index names.
+
 Shared by the train stage and the compress stage (fine-tuning a pruned model, training a
 distillation student), so each gets early stopping, checkpoints and crash-safe resume the same way.
 """
@@ -18,13 +22,16 @@ from torch import nn
 from core.config import LoaderConfig, ModelConfig, OptimConfig, TrainConfig
 from core.errors import TrainingError
 from core.records import PrepareDataResult
-from core.storage.store import ArtifactStore
+from core.storage.store import ArtifactStore, LocalStore
+from core.storage.uploads import BackgroundUploads, ListingStore
 from core.training.builder import build_trainer
 from core.training.callbacks import Callback, EarlyStopping, MetricLogger, ProgressBar, TrackingCallback
 from core.training.checkpoint import (
     BEST,
     FINAL,
+    INDEX,
     ModelCheckpoint,
+    fetch_latest_checkpoint,
     latest_checkpoint,
     load_checkpoint,
     periodic_checkpoints,
@@ -80,8 +87,14 @@ def fit_in_folder(
     sections = {"model": model_cfg, "optim": optim_cfg, "train": train_cfg, "loader": loader_cfg}
     config = {name: section.model_dump(mode="json") for name, section in sections.items()} | {"seed": seed}
     config |= dict(extra_config or {})
+    remote = not isinstance(store, LocalStore)  # a local store's folder is the final place: nothing to upload
     checkpoint = ModelCheckpoint(
-        folder, train_cfg.checkpoint, train_cfg.early_stopping, {"config": config, "run_id": run_id}
+        folder,
+        train_cfg.checkpoint,
+        train_cfg.early_stopping,
+        {"config": config, "run_id": run_id},
+        uploads=BackgroundUploads(store) if remote else None,
+        store_key=store_key,
     )
     stack: list[Callback] = [TrackingCallback(logger)] if logger else []
     stack += [EarlyStopping(train_cfg.early_stopping)] if train_cfg.early_stopping.enabled else []
@@ -90,8 +103,8 @@ def fit_in_folder(
         model_cfg, optim_cfg, train_cfg, loader_cfg, seed, data, store, stack, model=model, loss=loss
     )
 
-    resumed_from = _resume(trainer, folder, train_cfg.resume, config)
-    fit = trainer.fit()
+    resumed_from = _resume(trainer, folder, train_cfg.resume, config, store if remote else None, store_key)
+    fit = trainer.fit()  # with a remote store, model.pt is already uploaded: put_file below only checks it
     return FolderFit(
         fit=fit,
         checkpoint=checkpoint,
@@ -102,15 +115,25 @@ def fit_in_folder(
     )
 
 
-def _resume(trainer: Trainer, folder: Path, resume: bool, config: dict[str, Any]) -> int | None:
-    """Restore the last checkpoint (resume on), or clear old ones so they cannot mix with a fresh run."""
+def _resume(
+    trainer: Trainer,
+    folder: Path,
+    resume: bool,
+    config: dict[str, Any],
+    remote: ArtifactStore | None = None,
+    store_key: str = "",
+) -> int | None:
+    """Restore the last checkpoint (resume on): the local folder's, else (a `remote` store) the one the
+    store's index names, downloaded. Resume off: clear old ones, in the store too, so they cannot mix
+    with a fresh run."""
     latest = latest_checkpoint(folder)
-    if latest is None:
-        return None
     if not resume:
-        for path in [*periodic_checkpoints(folder), folder / BEST, folder / FINAL]:
-            path.unlink(missing_ok=True)
-        log.info("train.resume=false: starting over, old checkpoints in %s removed", folder)
+        if latest is not None or remote is not None:
+            _clear(folder, remote, store_key)
+        return None
+    if latest is None and remote is not None:
+        latest = fetch_latest_checkpoint(remote, store_key)
+    if latest is None:
         return None
     payload = load_checkpoint(latest)
     for key, saved, current in _differences(payload.get("config", {}), config):
@@ -127,6 +150,20 @@ def _resume(trainer: Trainer, folder: Path, resume: bool, config: dict[str, Any]
         "resuming from %s: epoch %d, batch %d, step %d", latest.name, state.epoch, state.batch_in_epoch, state.step
     )
     return state.step
+
+
+def _clear(folder: Path, remote: ArtifactStore | None, store_key: str) -> None:
+    """Remove the checkpoints of an earlier run, locally and (a listing store) in the store, index first."""
+    names = [p.name for p in periodic_checkpoints(folder)] + [BEST, FINAL, INDEX]
+    for name in names:
+        (folder / name).unlink(missing_ok=True)
+    if isinstance(remote, ListingStore):
+        stored = {k.rsplit("/", 1)[-1] for k in remote.list_keys(store_key)}
+        for name in [n for n in (INDEX, BEST, FINAL) if n in stored] + sorted(
+            n for n in stored if n.startswith("step-")
+        ):
+            remote.delete(f"{store_key}/{name}")
+    log.info("train.resume=false: starting over, old checkpoints in %s removed", folder)
 
 
 def _differences(saved: Any, current: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
