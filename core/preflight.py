@@ -7,8 +7,6 @@ check imports what it needs where it runs: a digits config is checked without ei
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from core.config import Config, SklearnDataConfig, SyntheticDataConfig, TableDataConfig, TextDataConfig
 from core.data.spec import DataSpec, check_metric, planned_rank, planned_task
 from core.errors import DataError
@@ -73,15 +71,14 @@ def _check_data(config: Config) -> None:
         from core.data.preprocess import check_table
         from core.data.sources import RawTable, load_source
 
-        raw = load_source(data, config.seed)
+        raw = load_source(data, config.seed, config.store)
         assert isinstance(raw, RawTable)
         check_table(raw, data.val_fraction, data.test_fraction, config.seed)
     elif isinstance(data, TextDataConfig):
-        from core.data.sources import check_readable, load_text
+        from core.data.sources import data_file, load_text
 
-        if data.path is not None:
-            check_readable(Path(data.path), "data.path")
-            size = Path(data.path).stat().st_size
+        if data.path is not None:  # an s3:// object is fetched (once) here: it exists and is readable
+            size = data_file(data.path, config.store).stat().st_size
         else:
             size = len(load_text(None).data)
         smallest = int(size * min(data.val_fraction, data.test_fraction))

@@ -16,7 +16,7 @@ import hashlib
 import json
 import logging
 
-from core.config import DataConfig, TextDataConfig
+from core.config import DataConfig, StoreConfig, TextDataConfig
 from core.data.prepared import SPLITS, splits_to_npz
 from core.data.preprocess import split_table, split_text
 from core.data.sources import RawText, load_source
@@ -29,13 +29,14 @@ log = logging.getLogger(__name__)
 PREPARE_VERSION = 2  # bump when the preprocessing changes what it writes (2: preprocessor.pkl)
 
 
-def prepare_data(cfg: DataConfig, seed: int, store: ArtifactStore) -> PrepareDataResult:
+def prepare_data(cfg: DataConfig, seed: int, store: ArtifactStore, s3: StoreConfig | None = None) -> PrepareDataResult:
     """Prepare the train/val/test arrays for `cfg`, re-using the store's copy when the fingerprint matches.
+    `s3`: S3 settings for an s3:// `data.path` (the `store` section; default: an S3 store's own).
 
     Raises:
         DataError: the source is missing, empty or cannot be encoded (the message names file and column).
     """
-    raw = load_source(cfg, seed)
+    raw = load_source(cfg, seed, s3 if s3 is not None else getattr(store, "settings", None))
     settings = cfg.model_dump(mode="json", exclude={"loader"})
     split_seed = None if isinstance(raw, RawText) else seed  # text splits are contiguous: no seed involved
     identity = {"content": raw.content_sha256, "settings": settings, "seed": split_seed, "version": PREPARE_VERSION}

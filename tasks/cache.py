@@ -2,8 +2,9 @@
 
 The key is `core.records.stage_key` over the task's inputs (every argument but `ctx`) and the
 code version. Records are JSON files in `<store>/.cache/prefect/`, beside the artifacts they
-point to (an s3:// store keeps them in its local cache folder: this machine's records, S3's artifacts);
-a record whose artifacts are gone is evicted before the lookup, so the stage re-runs.
+point to: a folder for a local store, objects in the bucket for an s3:// store (`tasks.store_results`),
+so any machine pointed at the same store reuses them. A record whose artifacts are gone is deleted
+before the lookup, so the stage re-runs.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 from prefect.filesystems import LocalFileSystem
 
-from core.config import StoreConfig
+from core.config import Config, StoreConfig
 from core.records import StageResult, stage_key
 from core.storage.store import ArtifactStore, open_store
+from tasks.store_results import RECORDS, StoreResultStorage, saved_result_storage
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +35,23 @@ class StageCachePolicy(CachePolicy):
     def compute_key(
         self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
     ) -> str:
-        key = stage_key(self.stage, {k: v for k, v in inputs.items() if k not in UNKEYED})
+        key = stage_key(self.stage, keyed(inputs))
         _evict_if_stale(task_ctx, key, inputs["ctx"].store)
         return key
+
+
+def keyed(inputs: dict[str, Any]) -> dict[str, Any]:
+    """The inputs that make a stage's cache key: all but the run context, with `store.cache_dir` of a whole
+    config blanked (a machine's local folder, not what the stage computes), so machines sharing a store
+    share its records."""
+    out = {}
+    for name, value in inputs.items():
+        if name in UNKEYED:
+            continue
+        if isinstance(value, Config):
+            value = value.model_copy(update={"store": value.store.model_copy(update={"cache_dir": ""})})
+        out[name] = value
+    return out
 
 
 def stage_cache(stage: str) -> dict[str, Any]:
@@ -48,17 +64,19 @@ def stage_cache(stage: str) -> dict[str, Any]:
     }
 
 
-def result_storage(store: StoreConfig) -> Path:
-    """Where stage records are persisted: inside a local store, beside the artifacts they point into; for an
-    s3:// store in its local cache folder (records stay on this machine, their artifacts are in S3)."""
-    return open_store(store).workdir(".cache/prefect")
+def result_storage(store: StoreConfig) -> Path | StoreResultStorage:
+    """Where stage records are persisted: in the store, beside the artifacts they point into (a folder
+    inside a local store; objects under `<prefix>/.cache/prefect/` for an s3:// store)."""
+    if store.uri.startswith("s3://"):
+        return saved_result_storage(store)
+    return open_store(store).workdir(RECORDS)
 
 
 def current_stage_key(stage: str) -> str:
     """The running task's cache key, to name the store folder of its outputs."""
     ctx = TaskRunContext.get()
     assert ctx is not None and ctx.parameters is not None, "only inside a stage task"
-    return stage_key(stage, {k: v for k, v in ctx.parameters.items() if k not in UNKEYED})
+    return stage_key(stage, keyed(ctx.parameters))
 
 
 def stage_store(store: StoreConfig, stage: str, folder: str | None = None) -> tuple[ArtifactStore, str]:
@@ -79,6 +97,11 @@ def _evict_if_stale(task_ctx: TaskRunContext, key: str, settings: StoreConfig) -
         )
     except Exception as exc:  # an unreadable record (older code, corrupt file) is as good as none
         missing = [f"record unreadable: {exc}"]
-    if missing and isinstance(results.result_storage, LocalFileSystem):
-        log.warning("%s: cached result points to missing artifacts (%s); recomputing", key, missing[0])
-        Path(results.result_storage.basepath, key).unlink(missing_ok=True)
+    if not missing:
+        return
+    log.warning("%s: cached result points to missing artifacts (%s); recomputing", key, missing[0])
+    storage = results.result_storage
+    if isinstance(storage, StoreResultStorage):
+        storage.delete_path(key)
+    elif isinstance(storage, LocalFileSystem):
+        Path(storage.basepath, key).unlink(missing_ok=True)

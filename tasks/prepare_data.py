@@ -16,6 +16,6 @@ from tasks.context import StageContext, log_result, stage_run
 def prepare_data_task(data_cfg: DataConfig, seed: int, ctx: StageContext) -> PrepareDataResult:
     """Load, split, preprocess and cache the data."""
     with stage_run(ctx, "prepare_data", {"data": data_cfg.model_dump(mode="json"), "seed": seed}) as run:
-        result = prepare_data(data_cfg, seed, open_store(ctx.store))
+        result = prepare_data(data_cfg, seed, open_store(ctx.store), ctx.store)
         log_result(run, result)
     return result

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Discriminator, Field, Tag, model_validator
+from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from core.config.base import Section
 
@@ -48,6 +48,17 @@ class _DataCommon(Section):
         return self
 
 
+def _check_s3_path(value: str | None) -> str | None:
+    """An s3:// data path must name an object (valid bucket and key); local paths pass unchanged."""
+    if value is not None and value.startswith("s3://"):
+        from core.storage.s3_data import data_uri_problem
+
+        problem = data_uri_problem(value)
+        if problem:
+            raise ValueError(problem)
+    return value
+
+
 class SklearnDataConfig(_DataCommon):
     source: Literal["sklearn"] = Field("sklearn", description="A dataset bundled with scikit-learn (no download).")
     name: Literal["digits", "wine", "breast_cancer", "iris"] = Field(
@@ -60,8 +71,11 @@ class SklearnDataConfig(_DataCommon):
 
 class TableDataConfig(_DataCommon):
     source: Literal["csv", "parquet"] = Field(description="A local table file with one row per sample.")
-    path: str = Field(description="Path of the .csv or .parquet file.")
+    path: str = Field(
+        description="Path of the .csv or .parquet file, or s3://bucket/key (fetched with the store section's S3 settings, cached by ETag)."
+    )
     target: str = Field(description="Column holding the class label; every other column is a feature.")
+    _s3_path = field_validator("path")(_check_s3_path)
     scale: Literal["standard", "none"] = Field(
         "standard",
         description="Standardise numeric columns with statistics fitted on the training split only; categorical columns are one-hot encoded, NaNs imputed.",
@@ -73,9 +87,11 @@ class TextDataConfig(_DataCommon):
         description="A UTF-8 text file, modelled as a sequence of bytes (vocabulary of 256)."
     )
     path: str | None = Field(
-        None, description="Path of the text file; null = the Python standard library's pydoc_data.topics text (466 KB)."
+        None,
+        description="Path of the text file, or s3://bucket/key; null = the Python standard library's pydoc_data.topics text (466 KB).",
     )
     seq_len: int = Field(64, ge=2, description="Context length in bytes of each training window.")
+    _s3_path = field_validator("path")(_check_s3_path)
 
 
 class SyntheticDataConfig(_DataCommon):

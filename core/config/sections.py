@@ -205,7 +205,7 @@ class StoreConfig(Section):
     cache_dir: str = Field(
         "./.trainflow-cache",
         min_length=1,
-        description="Local folder of an s3:// store: verified downloads, stage working files and checkpoints, the stage-cache records and the HPO study; relative to the working folder, like ./artifacts and mlflow.db.",
+        description="Local folder of an s3:// store: verified downloads, stage working files and checkpoints (uploaded as they are written), fetched s3:// datasets and the HPO study (tune.hpo.storage null); relative to the working folder, like ./artifacts and mlflow.db. The stage-cache records live in the bucket.",
     )
     multipart_threshold_mb: int = Field(
         16,

@@ -1,4 +1,8 @@
-"""Read a data source into memory: scikit-learn's bundled sets, CSV/Parquet tables, text, synthetic."""
+"""Read a data source into memory: scikit-learn's bundled sets, CSV/Parquet tables, text, synthetic.
+
+A `data.path` of `s3://bucket/key` is fetched into the store's cache folder first (`core.storage.s3_data`,
+re-used while the object's ETag and size hold), with the `store` section's S3 settings; the content hash
+(the data fingerprint) is taken of the bytes read, wherever they came from."""
 
 from __future__ import annotations
 
@@ -10,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core.config import SklearnDataConfig, SyntheticDataConfig, TableDataConfig, TextDataConfig
+from core.config import SklearnDataConfig, StoreConfig, SyntheticDataConfig, TableDataConfig, TextDataConfig
 from core.data.spec import IMAGE_SHAPES
 from core.errors import DataError
+from core.storage.s3_data import fetch_dataset, is_s3
 
 
 @dataclass(frozen=True)
@@ -33,14 +38,15 @@ class RawText:
     content_sha256: str
 
 
-def load_source(cfg: object, seed: int) -> RawTable | RawText:
-    """Load the configured source; raises DataError naming the file or column on bad data."""
+def load_source(cfg: object, seed: int, s3: StoreConfig | None = None) -> RawTable | RawText:
+    """Load the configured source; raises DataError naming the file or column on bad data. `s3`: the S3
+    settings for an s3:// `data.path` (the `store` section)."""
     if isinstance(cfg, SklearnDataConfig):
         return _load_sklearn(cfg.name)
     if isinstance(cfg, TableDataConfig):
-        return _load_table(Path(cfg.path), cfg.source, cfg.target)
+        return _load_table(cfg.path, cfg.source, cfg.target, s3)
     if isinstance(cfg, TextDataConfig):
-        return load_text(cfg.path)
+        return load_text(cfg.path, s3)
     if isinstance(cfg, SyntheticDataConfig):
         return _make_synthetic(cfg, seed)
     raise TypeError(f"unknown data config {type(cfg).__name__}")
@@ -61,18 +67,25 @@ def _load_sklearn(name: str) -> RawTable:
     return RawTable(f"sklearn:{name}", bunch.data, target, _frame_sha256(bunch.data, target), IMAGE_SHAPES.get(name))
 
 
-def _load_table(path: Path, fmt: str, target: str) -> RawTable:
-    check_readable(path, "data.path")
-    stat = path.stat()
-    return _read_table(str(path.resolve()), fmt, target, stat.st_mtime_ns, stat.st_size, str(path))
+def data_file(path: str, s3: StoreConfig | None = None, field: str = "data.path") -> Path:
+    """The local file of a data path: the file itself, checked readable, or the fetched copy of an s3:// object."""
+    if is_s3(path):
+        return fetch_dataset(path, s3, field)
+    check_readable(Path(path), field)
+    return Path(path)
+
+
+def _load_table(shown: str, fmt: str, target: str, s3: StoreConfig | None) -> RawTable:
+    local = data_file(shown, s3)
+    stat = local.stat()
+    return _read_table(str(local.resolve()), fmt, target, stat.st_mtime_ns, stat.st_size, shown)
 
 
 @functools.lru_cache(maxsize=1)
-def _read_table(resolved: str, fmt: str, target: str, mtime_ns: int, size: int, shown: str) -> RawTable:
+def _read_table(resolved: str, fmt: str, target: str, mtime_ns: int, size: int, path: str) -> RawTable:
     """Read once per process per file version: the preflight checks the content, prepare_data splits it."""
-    path = Path(shown)
     try:
-        frame = pd.read_csv(path) if fmt == "csv" else pd.read_parquet(path)
+        frame = pd.read_csv(resolved) if fmt == "csv" else pd.read_parquet(resolved)
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: file is empty") from None
     except Exception as exc:  # pandas/pyarrow raise many types for malformed files
@@ -88,19 +101,19 @@ def _read_table(resolved: str, fmt: str, target: str, mtime_ns: int, size: int, 
     if labels.isna().any():
         raise DataError(f"{path}: target column '{target}' has {int(labels.isna().sum())} missing labels")
     features = frame.drop(columns=[target])
-    return RawTable(shown, features, labels.astype(str), hashlib.sha256(Path(resolved).read_bytes()).hexdigest())
+    return RawTable(path, features, labels.astype(str), hashlib.sha256(Path(resolved).read_bytes()).hexdigest())
 
 
-def load_text(path: str | None) -> RawText:
-    """A UTF-8 text as bytes; default is the standard library's pydoc_data.topics corpus."""
+def load_text(path: str | None, s3: StoreConfig | None = None) -> RawText:
+    """A UTF-8 text as bytes (a local file or an s3:// object); default is the standard library's
+    pydoc_data.topics corpus."""
     if path is None:
         from pydoc_data.topics import topics
 
         data = "\n\n".join(topics[key] for key in sorted(topics)).encode("utf-8")
         return RawText("pydoc_data.topics", data, hashlib.sha256(data).hexdigest())
-    file = Path(path)
-    check_readable(file, "data.path")
-    data = file.read_bytes()
+    file = path
+    data = data_file(path, s3).read_bytes()
     if not data:
         raise DataError(f"{file}: file is empty")
     try:

@@ -3,6 +3,7 @@ what it published in the bucket matches its manifest, and a second identical run
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -85,3 +86,52 @@ def test_a_second_identical_run_reuses_every_stage(project: S3Project, first: di
     second = project.run(out="out2")
     assert [name for name, stage in second["stages"].items() if stage["cached"]] == STAGES
     assert second["stages"]["publish"]["manifest_uri"] == first["stages"]["publish"]["manifest_uri"]
+
+
+def test_a_second_machine_on_the_same_bucket_gets_cached_stages(
+    project: S3Project,
+    first: dict[str, Any],
+    s3_endpoint: str,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Empty working folder, empty store cache, fresh Prefect result location: the records in the bucket
+    alone make every stage `Cached` (same tracking server). A fresh MLflow database re-runs publish only
+    (its record names a registered model version that database lacks); a record whose artifact is gone
+    re-runs its stage, which reads its inputs into the empty cache through verified downloads."""
+    from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
+
+    client = s3_client(s3_endpoint)
+    records = client.list_objects_v2(Bucket=BUCKET, Prefix=f"{PREFIX}/.cache/prefect/")["Contents"]
+    assert len(records) >= len(STAGES)
+    shared = _machine(tmp_path / "shared", s3_endpoint, project.tracking_uri)
+    fresh = _machine(tmp_path / "fresh", s3_endpoint, None)
+    with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: tmp_path / "prefect-results"}):
+        second = shared.run()
+        assert [name for name, stage in second["stages"].items() if stage["cached"]] == STAGES
+        publish = second["stages"]["publish"]
+        assert publish["manifest_uri"] == first["stages"]["publish"]["manifest_uri"]
+        assert verify_manifest(publish["manifest_uri"], open_store(StoreConfig(**shared.store))) == []
+
+        own_db = fresh.run()
+        assert [name for name, stage in own_db["stages"].items() if not stage["cached"]] == ["publish"]
+        assert (
+            verify_manifest(own_db["stages"]["publish"]["manifest_uri"], open_store(StoreConfig(**fresh.store))) == []
+        )
+
+        checkpoint = second["stages"]["train"]["checkpoint_uri"].removeprefix(f"s3://{BUCKET}/")
+        client.delete_object(Bucket=BUCKET, Key=checkpoint)
+        shutil.rmtree(tmp_path / "shared" / "cache")
+        third = shared.run(out="out3")
+    assert not list((tmp_path / "prefect-results").rglob("*")), "records went to the bucket, not here"
+    assert not third["stages"]["train"]["cached"] and third["stages"]["prepare_data"]["cached"]
+    assert client.head_object(Bucket=BUCKET, Key=checkpoint)["ContentLength"] > 0
+
+
+def _machine(root: Path, endpoint: str, tracking_uri: str | None) -> S3Project:
+    """Another machine's working folder on the same bucket; its own MLflow database unless one is shared."""
+    root.mkdir()
+    machine = S3Project(root, endpoint)
+    if tracking_uri is not None:
+        raw = yaml.safe_load(machine.config.read_text())
+        machine.config.write_text(yaml.safe_dump(raw | {"tracking": raw["tracking"] | {"uri": tracking_uri}}))
+    return machine
