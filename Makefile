@@ -43,6 +43,7 @@ bench: $(VENV)/.installed-bench   # figures in README.md; run on an idle machine
 	$(PY) benchmarks/hpo.py
 	$(PY) benchmarks/cached_rerun.py
 	$(PY) benchmarks/compression.py
+	$(PY) benchmarks/storage.py
 
 clean:
 	rm -rf $(VENV) artifacts mlflow.db out .pytest_cache
