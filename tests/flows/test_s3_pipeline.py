@@ -27,7 +27,8 @@ class S3Project(Project):
         super().__init__(root)
         self.store = {"uri": f"s3://{BUCKET}/{PREFIX}", "endpoint_url": endpoint, "cache_dir": str(root / "cache"),
                       "multipart_threshold_mb": 5}  # fmt: skip
-        raw = yaml.safe_load(self.config.read_text()) | {"store": self.store}
+        raw = yaml.safe_load(self.config.read_text()) | {"store": self.store,
+                                                          "publish": {"registered_model_name": "s3-wine"}}  # fmt: skip
         self.config.write_text(yaml.safe_dump(raw))
 
 
@@ -49,6 +50,20 @@ def test_the_pipeline_runs_on_an_s3_store(project: S3Project, first: dict[str, A
     for uri in (first["stages"]["prepare_data"]["uri"], first["stages"]["train"]["checkpoint_uri"]):
         assert uri.startswith(f"s3://{BUCKET}/{PREFIX}/")
     assert not (project.root / "artifacts").exists(), "nothing went to a local store"
+
+
+def test_the_registered_version_has_its_aliases_and_points_at_the_s3_manifest(
+    project: S3Project, first: dict[str, Any]
+) -> None:
+    from mlflow import MlflowClient
+
+    published = first["stages"]["publish"]
+    client = MlflowClient(project.tracking_uri)
+    version = client.get_model_version("s3-wine", str(published["registered_version"]))
+    assert sorted(version.aliases) == ["candidate", "champion"] == sorted(published["aliases"])
+    assert version.tags["trainflow.manifest_uri"] == published["manifest_uri"]
+    assert published["manifest_uri"].startswith(f"s3://{BUCKET}/{PREFIX}/published/")
+    assert version.tags["trainflow.data_fingerprint"] == first["stages"]["prepare_data"]["fingerprint"]
 
 
 def test_the_objects_in_the_bucket_match_the_published_manifest(
