@@ -13,6 +13,7 @@ from typing import Any
 from prefect import flow
 
 from core.config import load_config
+from core.data.sources import data_version
 from core.tuning.apply import apply_tuning, hpo_search_plan, lr_range_test_plan, tuning_view
 from flows.pipeline_run import PipelineRun
 from tasks.compress import compress_task
@@ -31,7 +32,8 @@ def training_pipeline(
     """One YAML config in; a tuned, trained, evaluated and published model out. Returns summary.json's content."""
     config = load_config(config_path, overrides or [])
     with PipelineRun(config, run_name=Path(config_path).stem) as run:
-        data = run.stage(prepare_data_task, data_cfg=config.data, seed=config.seed)
+        data = run.stage(prepare_data_task, data_cfg=config.data, seed=config.seed,
+                         source_version=data_version(config.data, config.store))  # fmt: skip
         # The tuning stages see only the training settings that change their result (tuning_view).
         tuning = {"model_cfg": config.model, "optim_cfg": config.optim, "train_cfg": tuning_view(config.train),
                   "seed": config.seed, "data": data}  # fmt: skip

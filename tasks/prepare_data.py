@@ -13,8 +13,9 @@ from tasks.context import StageContext, log_result, stage_run
 
 
 @task(**stage_cache("prepare_data"))
-def prepare_data_task(data_cfg: DataConfig, seed: int, ctx: StageContext) -> PrepareDataResult:
-    """Load, split, preprocess and cache the data."""
+def prepare_data_task(data_cfg: DataConfig, seed: int, source_version: str, ctx: StageContext) -> PrepareDataResult:
+    """Load, split, preprocess and cache the data. `source_version` (`core.data.sources.data_version`) only
+    keys the cache: a data file changed in place re-runs the stage."""
     with stage_run(ctx, "prepare_data", {"data": data_cfg.model_dump(mode="json"), "seed": seed}) as run:
         result = prepare_data(data_cfg, seed, open_store(ctx.store), ctx.store)
         log_result(run, result)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +74,21 @@ def data_file(path: str, s3: StoreConfig | None = None, field: str = "data.path"
         return fetch_dataset(path, s3, field)
     check_readable(Path(path), field)
     return Path(path)
+
+
+def data_version(cfg: object, s3: StoreConfig | None = None) -> str:
+    """What a configured data file holds now, cheaply: size and modification time of a local file, the sha256
+    of an s3:// object's fetched copy; empty for bundled and generated data. Part of the prepare_data stage's
+    cache key, so a file rewritten in place (or an object replaced under the same URI) prepares again."""
+    path = getattr(cfg, "path", None)
+    if not isinstance(cfg, TableDataConfig | TextDataConfig) or path is None:
+        return ""
+    local = data_file(path, s3)
+    if is_s3(path):
+        meta = json.loads(local.with_name(f"{local.name}.s3meta.json").read_text(encoding="utf-8"))
+        return f"sha256:{meta['sha256']}"
+    stat = local.stat()
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def _load_table(shown: str, fmt: str, target: str, s3: StoreConfig | None) -> RawTable:

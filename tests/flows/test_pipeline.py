@@ -288,3 +288,24 @@ def test_tuning_stages_feed_training_and_nest_trials_in_mlflow(tmp_path: Path) -
     assert plots == {"plots/lr_range_test.png"}
     parent = client.get_run(summary["mlflow_run_id"])
     assert float(parent.data.params["tuned.optim.lr"]) == pytest.approx(summary["tuned"]["optim.lr"])
+
+
+def test_a_data_file_rewritten_in_place_prepares_again(tmp_path: Path) -> None:
+    """The config names the same path; what the file holds changed, so prepare_data must not be Cached."""
+    from sklearn.datasets import load_wine
+
+    table = load_wine(as_frame=True).frame
+    csv = tmp_path / "wine.csv"
+    table.to_csv(csv, index=False)
+    csv_project = Project(tmp_path, compress={"enabled": False})
+    raw = yaml.safe_load(csv_project.config.read_text())
+    raw["data"] = {"source": "csv", "path": str(csv), "target": "target"}
+    csv_project.config.write_text(yaml.safe_dump(raw))
+    first_run = csv_project.run(out="first")
+    table.loc[0, "alcohol"] += 1.0  # one value changed, same path and config
+    table.to_csv(csv, index=False)
+    second_run = csv_project.run(out="second")
+    assert not second_run["stages"]["prepare_data"]["cached"]
+    assert second_run["stages"]["prepare_data"]["fingerprint"] != first_run["stages"]["prepare_data"]["fingerprint"]
+    third_run = csv_project.run(out="third")
+    assert third_run["stages"]["prepare_data"]["cached"], "an unchanged file stays cached"
