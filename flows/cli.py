@@ -2,7 +2,7 @@
 
     trainflow validate CONFIG [--set section.key=value ...]
     trainflow run CONFIG [--set section.key=value ...] [--out DIR]
-    trainflow verify MANIFEST
+    trainflow verify MANIFEST [--config CONFIG]
 
 User errors (bad config, data, store) print one line and exit 2; nothing is written before the
 config has passed validation. Prefect and MLflow are imported only once it has.
@@ -70,11 +70,22 @@ def _verify(args: argparse.Namespace) -> int:
     from core.publish import verify_manifest
     from core.storage.store import open_store
 
-    path = Path(args.manifest).resolve()
-    if not path.is_file():
-        print(f"error: {args.manifest}: manifest not found", file=sys.stderr)
-        return EXIT_USER_ERROR
-    problems = verify_manifest(path.as_uri(), open_store(path.parent))
+    if str(args.manifest).startswith("s3://"):  # the bucket's settings (endpoint, region) from a config's store
+        from core.config import StoreConfig, load_config
+
+        settings = load_config(args.config).store if args.config else StoreConfig(uri="s3://placeholder")
+        bucket = str(args.manifest)[len("s3://") :].split("/", 1)[0]
+        store = open_store(settings.model_copy(update={"uri": f"s3://{bucket}"}))
+        if not store.exists(args.manifest):
+            print(f"error: {args.manifest}: manifest not found", file=sys.stderr)
+            return EXIT_USER_ERROR
+        problems = verify_manifest(args.manifest, store)
+    else:
+        path = Path(args.manifest).resolve()
+        if not path.is_file():
+            print(f"error: {args.manifest}: manifest not found", file=sys.stderr)
+            return EXIT_USER_ERROR
+        problems = verify_manifest(path.as_uri(), open_store(path.parent))
     for problem in problems:
         print(f"{args.manifest}: {problem}", file=sys.stderr)
     if not problems:
@@ -173,7 +184,8 @@ def _parser() -> argparse.ArgumentParser:
     run.set_defaults(command=_run)
 
     verify = commands.add_parser("verify", help="re-hash a published model folder against its manifest.json")
-    verify.add_argument("manifest", type=Path)
+    verify.add_argument("manifest", help="a manifest.json path, or its s3:// URI")
+    verify.add_argument("--config", help="for an s3:// manifest: the config whose store section reaches the bucket")
     verify.set_defaults(command=_verify)
     return parser
 

@@ -150,3 +150,15 @@ def _machine(root: Path, endpoint: str, tracking_uri: str | None) -> S3Project:
         raw = yaml.safe_load(machine.config.read_text())
         machine.config.write_text(yaml.safe_dump(raw | {"tracking": raw["tracking"] | {"uri": tracking_uri}}))
     return machine
+
+
+def test_the_verify_command_checks_a_manifest_in_the_bucket(
+    project: S3Project, first: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from flows.cli import main
+
+    manifest = first["stages"]["publish"]["manifest_uri"]
+    assert main(["verify", manifest, "--config", str(project.config)]) == 0
+    assert capsys.readouterr().out.strip() == f"{manifest}: every file matches its sha256 and size"
+    assert main(["verify", manifest.replace("manifest.json", "missing.json"), "--config", str(project.config)]) == 2
+    assert "manifest not found" in capsys.readouterr().err
