@@ -17,7 +17,7 @@ from core.config import Config
 from core.preflight import preflight
 from core.records import StageResult
 from core.storage.store import resolved, write_atomic
-from core.storage.tracking import Tracker, flatten, tracking_uri
+from core.storage.tracking import Tracker, flatten
 from core.storage.version import code_version, git_commit
 from tasks.cache import result_storage
 from tasks.context import StageContext, stage_run
@@ -37,7 +37,7 @@ class PipelineRun:
     def __enter__(self) -> PipelineRun:
         config = self.config
         preflight(config)
-        self.tracker = Tracker.for_experiment(tracking_uri(config.tracking.uri), config.tracking.experiment)
+        self.tracker = Tracker.for_config(config)
         self.run_id = self.tracker.open_pipeline_run(config.sha256(), self.run_name)
         logger = self.tracker.logger(self.run_id)
         logger.log_params(flatten(config.model_dump(mode="json")))

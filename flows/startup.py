@@ -57,8 +57,8 @@ def warm_up(config: Config) -> None:
     """First-use costs a run would otherwise pay inside its stages, paid while the server boots: the import
     of torch._dynamo that torch defers to the first optimizer it builds (about 1.3 s here), and the tracking
     database's schema check and experiment."""
-    from core.storage.tracking import Tracker, tracking_uri
+    from core.storage.tracking import Tracker
     from core.training.optim import import_optimizer_dependencies
 
     import_optimizer_dependencies()
-    Tracker.for_experiment(tracking_uri(config.tracking.uri), config.tracking.experiment)
+    Tracker.for_config(config)

@@ -180,6 +180,19 @@ class TrackingConfig(Section):
         description="MLflow tracking URI; the MLFLOW_TRACKING_URI environment variable wins when set.",
     )
     experiment: str = Field("trainflow", min_length=1, description="MLflow experiment holding the pipeline runs.")
+    artifact_location: str | None = Field(
+        None,
+        min_length=1,
+        description="Artifact location given to a NEW MLflow experiment, e.g. s3://bucket/mlflow (an existing experiment keeps its own; a warning says so); null = beside an SQLite database, else the server's default. For s3:// with store.endpoint_url set, MLFLOW_S3_ENDPOINT_URL is set to it unless already set; credentials come from boto3's chain.",
+    )
+
+    @field_validator("artifact_location")
+    @classmethod
+    def _valid_bucket(cls, value: str | None) -> str | None:
+        if value is not None and value.startswith("s3://"):
+            bucket, prefix = split_s3_uri(value)  # its ValueError names the problem
+            return f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
+        return value
 
 
 class StoreConfig(Section):

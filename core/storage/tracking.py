@@ -16,11 +16,14 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from core.errors import TrackingError
 from core.storage.store import folder_problem
+
+if TYPE_CHECKING:
+    from core.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,25 @@ def fluent_tracking_uri(uri: str) -> Iterator[None]:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
             os.environ["MLFLOW_TRACKING_URI"] = saved_env
+
+
+_S3_ENDPOINT_ENV = "MLFLOW_S3_ENDPOINT_URL"  # read by mlflow.store.artifact.s3_artifact_repo._get_s3_client
+_endpoint_we_set: str | None = None
+
+
+def point_mlflow_s3_at(endpoint_url: str | None) -> None:
+    """Make MLflow's S3 artifact repository use `endpoint_url` (store.endpoint_url) for this process, through
+    MLFLOW_S3_ENDPOINT_URL: only when the user has not set that variable (a value set here earlier may change).
+    Credentials are never written: boto3's chain supplies them to MLflow as to the store."""
+    global _endpoint_we_set
+    current = os.environ.get(_S3_ENDPOINT_ENV)
+    if current and current != _endpoint_we_set:
+        return  # the user's own setting wins
+    if endpoint_url:
+        os.environ[_S3_ENDPOINT_ENV] = endpoint_url
+    else:
+        os.environ.pop(_S3_ENDPOINT_ENV, None)
+    _endpoint_we_set = endpoint_url
 
 
 def _artifacts_beside(uri: str) -> str | None:
@@ -98,15 +120,29 @@ class Tracker:
         self.client = MlflowClient(tracking_uri=uri)
 
     @classmethod
-    def for_experiment(cls, uri: str, name: str) -> Tracker:
-        """Connect, creating the experiment on first use. With an SQLite database its artifacts go beside
-        the database file (`mlruns/` next to `mlflow.db`), not into whatever folder the run started in."""
+    def for_config(cls, config: Config) -> Tracker:
+        """The pipeline's tracker: `tracking.uri` (MLFLOW_TRACKING_URI wins), its experiment, and
+        `tracking.artifact_location` for a new experiment, an s3:// one reached through `store.endpoint_url`."""
+        location = config.tracking.artifact_location
+        if location is not None and location.startswith("s3://"):
+            point_mlflow_s3_at(config.store.endpoint_url)
+        return cls.for_experiment(tracking_uri(config.tracking.uri), config.tracking.experiment, location)
+
+    @classmethod
+    def for_experiment(cls, uri: str, name: str, artifact_location: str | None = None) -> Tracker:
+        """Connect, creating the experiment on first use with its artifacts at `artifact_location`; when None
+        and the database is SQLite, beside the database file (`mlruns/` next to `mlflow.db`), not in whatever
+        folder the run started in. An existing experiment keeps its own location."""
         tracker = cls(uri, "")
         found = tracker.client.get_experiment_by_name(name)
         if found:
             tracker.experiment_id = found.experiment_id
+            if artifact_location and found.artifact_location.rstrip("/") != artifact_location.rstrip("/"):
+                log.warning("tracking.artifact_location %s not applied: experiment %r exists and keeps its artifact "
+                            "location %s", artifact_location, name, found.artifact_location)  # fmt: skip
         else:
-            tracker.experiment_id = tracker.client.create_experiment(name, artifact_location=_artifacts_beside(uri))
+            location = artifact_location or _artifacts_beside(uri)
+            tracker.experiment_id = tracker.client.create_experiment(name, artifact_location=location)
         return tracker
 
     def open_pipeline_run(self, config_sha256: str, run_name: str) -> str:
