@@ -24,7 +24,7 @@ from core.records import EvaluateResult, PrepareDataResult, TrainResult
 from core.storage.store import ArtifactStore
 from core.training.builder import prepared_loaders
 from core.training.checkpoint import load_checkpoint
-from core.training.metrics import eval_pass, perplexity
+from core.training.metrics import classification_metrics, eval_pass, perplexity
 from core.training.precision import autocast_context, resolve_device
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def evaluate(
     result = eval_pass(model, loaders.test, device, autocast, collect=task == "classification")
     plots: list[str] = []
     if task == "classification":
-        metrics = _classification_metrics(result.targets, result.predictions, result.loss)
+        metrics = classification_metrics(result.targets, result.predictions, result.loss)
         png = _confusion_matrix_png(result.targets, result.predictions, data.spec.class_names)
         plots.append(store.put_bytes(png, f"{store_key}/confusion_matrix.png"))
     else:
@@ -78,19 +78,6 @@ def evaluate(
         size_bytes=_serialized_size(model),
         plot_uris=plots,
     )
-
-
-def _classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, loss: float) -> dict[str, float]:
-    from sklearn.metrics import accuracy_score, precision_recall_fscore_support
-
-    precision, recall, f1, _ = precision_recall_fscore_support(y_true, y_pred, average="macro", zero_division=0)
-    return {
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        "precision_macro": float(precision),
-        "recall_macro": float(recall),
-        "f1_macro": float(f1),
-        "loss": loss,
-    }
 
 
 def _confusion_matrix_png(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str]) -> bytes:

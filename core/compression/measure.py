@@ -20,6 +20,7 @@ import numpy as np
 
 from core.data.prepared import ArraySplits
 from core.data.spec import Task
+from core.training.metrics import classification_metrics, perplexity
 
 Predict = Callable[[np.ndarray], np.ndarray]
 
@@ -71,18 +72,8 @@ def task_metrics(predict: Predict, test: HeldOut, batch_size: int = 256) -> dict
     log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
     loss = float(-log_probs[np.arange(len(targets)), targets].mean())
     if test.task == "language_modeling":
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "bits_per_byte": loss / math.log(2)}
-    from sklearn.metrics import accuracy_score, precision_recall_fscore_support
-
-    predicted = logits.argmax(axis=1)
-    precision, recall, f1, _ = precision_recall_fscore_support(targets, predicted, average="macro", zero_division=0)
-    return {
-        "accuracy": float(accuracy_score(targets, predicted)),
-        "precision_macro": float(precision),
-        "recall_macro": float(recall),
-        "f1_macro": float(f1),
-        "loss": loss,
-    }
+        return {"loss": loss, "perplexity": perplexity(loss), "bits_per_byte": loss / math.log(2)}
+    return classification_metrics(targets, logits.argmax(axis=1), loss)
 
 
 @dataclass(frozen=True)

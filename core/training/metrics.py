@@ -80,3 +80,18 @@ def pass_metrics(result: EvalPass, task: Task, prefix: str) -> dict[str, float]:
 def perplexity(loss: float) -> float:
     """exp(loss), capped at e^50: past that the figure only says the model diverged (and math.exp overflows)."""
     return math.exp(min(loss, 50.0))
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, loss: float) -> dict[str, float]:
+    """The test metrics of a classifier: accuracy, macro precision/recall/F1 (a class never predicted counts 0),
+    and the given loss. The evaluate stage and every compressed variant are judged by these."""
+    from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+
+    precision, recall, f1, _ = precision_recall_fscore_support(y_true, y_pred, average="macro", zero_division=0)
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "precision_macro": float(precision),
+        "recall_macro": float(recall),
+        "f1_macro": float(f1),
+        "loss": loss,
+    }

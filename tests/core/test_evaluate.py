@@ -21,13 +21,14 @@ from torch import nn
 from core.config import Config, config_from_dict
 from core.data.loaders import TokenWindows
 from core.data.prepared import load_splits
-from core.evaluate import _classification_metrics, _latencies_ms, _serialized_size, _throughput, evaluate
+from core.evaluate import _latencies_ms, _serialized_size, _throughput, evaluate
 from core.models import build_model
 from core.prepare_data import prepare_data
 from core.records import EvaluateResult, PrepareDataResult, TrainResult
 from core.storage.store import LocalStore
 from core.train import train
 from core.training.checkpoint import load_checkpoint
+from core.training.metrics import classification_metrics
 from tests.conftest import tiny_raw
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -86,7 +87,7 @@ def text(tmp_path_factory: pytest.TempPathFactory) -> Trained:
 def test_classification_metrics_on_known_predictions_with_a_class_never_predicted() -> None:
     y_true = np.array([0, 0, 1, 1, 2, 2, 2, 3])
     y_pred = np.array([0, 1, 1, 1, 2, 0, 2, 1])  # class 3 is never predicted: its precision counts as 0
-    metrics = _classification_metrics(y_true, y_pred, loss=0.25)
+    metrics = classification_metrics(y_true, y_pred, loss=0.25)
     # By hand: precision (1/2, 2/4, 2/2, 0), recall (1/2, 2/2, 2/3, 0/1), F1 (1/2, 2/3, 4/5, 0)
     assert metrics == pytest.approx(
         {"accuracy": 5 / 8, "precision_macro": 0.5, "recall_macro": 13 / 24, "f1_macro": 59 / 120, "loss": 0.25}
@@ -100,7 +101,7 @@ def test_classification_metrics_on_known_predictions_with_a_class_never_predicte
 
 def test_classification_metrics_of_perfect_predictions_are_one() -> None:
     y = np.array([2, 0, 1, 1, 0, 2])
-    assert _classification_metrics(y, y.copy(), loss=0.0) == {
+    assert classification_metrics(y, y.copy(), loss=0.0) == {
         "accuracy": 1.0,
         "precision_macro": 1.0,
         "recall_macro": 1.0,
