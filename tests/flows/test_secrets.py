@@ -58,6 +58,11 @@ def test_no_credential_is_written_anywhere(
     assert prefect_db.is_file(), prefect_db
     folders.append(prefect_db.parent)  # the DB and its -wal/-shm files
 
+    control = tmp_path / "control.bin"  # the scan itself must find a planted secret, or it proves nothing
+    control.write_bytes(b"header " + SECRET.encode() + b" trailer")
+    assert _holders(tmp_path, SECRET.encode()) == [str(control)]
+    control.unlink()
+
     client = s3_client(s3_endpoint)
     objects = [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET)["Contents"]]
     assert any("/.cache/prefect/" in key for key in objects), "the stage records are in the bucket"
