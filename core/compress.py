@@ -113,6 +113,10 @@ def compress(
             log.warning("compress: variant %s failed: %s", name, _one_line(exc))
             failed.append(_failed(name, base_name, fmt, _one_line(exc)))
 
+    kept = {c.path for c in candidates}
+    for leftover in folder.glob("*.onnx"):  # an fp32 export made only to be quantized is not a variant
+        if leftover not in kept:
+            leftover.unlink()
     variants = sorted(_measure(candidates, test, cfg, store, store_key) + failed, key=lambda v: order.index(v.name))
     m = cfg.measure
     recommended, reason = recommend(variants, data.spec.task, cfg.tolerance.accuracy_drop,

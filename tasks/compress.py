@@ -12,7 +12,7 @@ from core.compress import TrainingSetup, compress
 from core.config import CompressConfig, LoaderConfig, ModelConfig, OptimConfig, TrainConfig
 from core.records import CompressedVariant, CompressResult, PrepareDataResult, TrainResult
 from core.serving.mlflow_model import log_onnx_model
-from core.storage.store import open_store
+from core.storage.store import ArtifactStore
 from core.storage.tracking import MlflowMetricLogger, Tracker
 from tasks.cache import stage_cache, stage_store
 from tasks.context import StageContext, log_result, stage_run
@@ -41,7 +41,7 @@ def compress_task(
 
         result = compress(compress_cfg, model_cfg, setup, data, trained, store, key, logger_for)
         for variant in result.variants:
-            _log_variant(ctx, tracker, run.run_id, variant, variant.name == result.recommended, data)
+            _log_variant(ctx, store, tracker, run.run_id, variant, variant.name == result.recommended, data)
         for uri in (result.table_uri, result.csv_uri, result.plot_uri):
             run.log_artifact(store.local_path(uri), "comparison")
         run.set_tags({"trainflow.recommended": result.recommended, "trainflow.recommended_reason": result.reason})
@@ -65,6 +65,7 @@ def _child_run(tracker: Tracker, parent_run_id: str, name: str) -> Iterator[Mlfl
 
 def _log_variant(
     ctx: StageContext,
+    store: ArtifactStore,
     tracker: Tracker,
     parent_run_id: str,
     variant: CompressedVariant,
@@ -85,7 +86,6 @@ def _log_variant(
             logger.log_metrics(numbers, step=0)
         logger.log_dict(variant.model_dump(mode="json"), "variant.json")
         if variant.uri and variant.uri.endswith(".onnx"):
-            store = open_store(ctx.store)
             name = variant.name.replace("+", "-")
             uri = log_onnx_model(store.local_path(variant.uri), data, store, name=name, tracking_uri=ctx.tracking_uri,
                                  run_id=logger.run_id)  # fmt: skip

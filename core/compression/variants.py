@@ -6,7 +6,7 @@ files are run from disk), so the table describes the files that ship.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from core.compression.measure import Candidate, Predict
-from core.compression.onnx_export import OrtPredictor, export_onnx
+from core.compression.onnx_export import ExportInfo, OrtPredictor, export_onnx
 from core.compression.pruning import sparsity_report
 from core.compression.quantization import (
     onnx_int8_report,
@@ -46,6 +46,7 @@ class BuildContext:
     onnx_int8: str  # dynamic | static
     half: str  # bf16 | fp16
     device: torch.device  # where half precision runs
+    exports: dict[str, ExportInfo] = field(default_factory=dict)  # base name -> its fp32 ONNX export, made once
 
 
 def torch_predict(model: nn.Module, device: torch.device | None = None, dtype: torch.dtype | None = None) -> Predict:
@@ -78,14 +79,13 @@ def build_variant(base: Base, fmt: str, ctx: BuildContext) -> Candidate:
         return Candidate(name, base.name, fmt, "torch", torch_predict(base.model), path, params, sparsity,
                          base.note or "eager PyTorch", dict(base.details or {}))  # fmt: skip
     if fmt == "onnx":
-        info = export_onnx(base.model, ctx.example, stem.with_suffix(".onnx"))
+        info = _fp32_onnx(base, ctx)
         note = f"ONNX Runtime fp32 ({info.exporter} exporter)"
         details = {"exporter": info.exporter, "fallback_reason": info.fallback_reason}
         predict = OrtPredictor(info.path, ctx.threads)
         return Candidate(name, base.name, fmt, "onnxruntime", predict, info.path, params, sparsity, note, details)
     if fmt == "onnx_int8":
-        fp32 = stem.parent / f"{stem.name}.fp32.onnx"
-        info = export_onnx(base.model, ctx.example, fp32)
+        info = _fp32_onnx(base, ctx)  # the base+onnx variant's file: exported once for both formats
         path = stem.with_suffix(".onnx")
         if ctx.onnx_int8 == "static":
             calibration = ctx.calibration.astype(ctx.example.numpy().dtype)
@@ -94,7 +94,6 @@ def build_variant(base: Base, fmt: str, ctx: BuildContext) -> Candidate:
         else:
             quantize_onnx_dynamic(info.path, path)
             note = "ONNX Runtime int8, dynamic (int8 weights, activations quantized per call)"
-        fp32.unlink(missing_ok=True)
         report = onnx_int8_report(path)
         return Candidate(name, base.name, fmt, "onnxruntime", OrtPredictor(path, ctx.threads), path, params, sparsity,
                          note, {"int8": report, "exporter": info.exporter})  # fmt: skip
@@ -115,3 +114,11 @@ def build_variant(base: Base, fmt: str, ctx: BuildContext) -> Candidate:
         return Candidate(name, base.name, fmt, f"torch-{ctx.device.type}", torch_predict(half, ctx.device), path,
                          params, sparsity, note)  # fmt: skip
     raise ValueError(f"unknown format {fmt!r}")
+
+
+def _fp32_onnx(base: Base, ctx: BuildContext) -> ExportInfo:
+    """The base's fp32 ONNX export at the `<base>+onnx` variant's path, made once per base (an export takes
+    about a second): the onnx variant is that file, the onnx_int8 variant quantizes it."""
+    if base.name not in ctx.exports:
+        ctx.exports[base.name] = export_onnx(base.model, ctx.example, ctx.folder / f"{base.name}__onnx.onnx")
+    return ctx.exports[base.name]
