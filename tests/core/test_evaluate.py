@@ -8,8 +8,6 @@ import io
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,56 +16,22 @@ import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 from torch import nn
 
-from core.config import Config, config_from_dict
+from core.config import config_from_dict
 from core.data.loaders import TokenWindows
-from core.data.prepared import load_splits
 from core.evaluate import _latencies_ms, _serialized_size, _throughput, evaluate
-from core.models import build_model
-from core.prepare_data import prepare_data
-from core.records import EvaluateResult, PrepareDataResult, TrainResult
-from core.storage.store import LocalStore
-from core.train import train
 from core.training.checkpoint import load_checkpoint
 from core.training.metrics import classification_metrics
 from tests.conftest import tiny_raw
+from tests.core.trained_support import Trained, train_and_evaluate
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CPU = torch.device("cpu")
 
 
-@dataclass(frozen=True)
-class Trained:
-    config: Config
-    store: LocalStore
-    data: PrepareDataResult
-    trained: TrainResult
-    evaluated: EvaluateResult
-
-    def model(self) -> nn.Module:
-        """The trained weights in a fresh model, in eval mode."""
-        model = build_model(self.config.model, self.data.spec)
-        model.load_state_dict(load_checkpoint(self.store.local_path(self.trained.checkpoint_uri))["model"])
-        return model.eval()
-
-    def test_split(self) -> tuple[np.ndarray, np.ndarray | None]:
-        splits = load_splits(self.store.local_path(self.data.uri), self.data.spec)
-        return splits.x["test"], splits.y.get("test")
-
-
-def _train_and_evaluate(root: Path, config: Config) -> Trained:
-    store = LocalStore(root / "artifacts")
-    data = prepare_data(config.data, config.seed, store)
-    args = (config.model, config.optim, config.train, config.data.loader, config.seed, data, store)
-    trained = train(*args, "train")
-    cfg = config
-    evaluated = evaluate(cfg.evaluate, cfg.model, cfg.train, cfg.data.loader, cfg.seed, data, trained, store, "eval")
-    return Trained(config, store, data, trained, evaluated)
-
-
 @pytest.fixture(scope="module")
 def wine(tmp_path_factory: pytest.TempPathFactory) -> Trained:
     """The tiny wine MLP, trained and evaluated once for the module."""
-    return _train_and_evaluate(tmp_path_factory.mktemp("wine"), config_from_dict(tiny_raw()))
+    return train_and_evaluate(tmp_path_factory.mktemp("wine"), config_from_dict(tiny_raw()))
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +44,7 @@ def text(tmp_path_factory: pytest.TempPathFactory) -> Trained:
     raw = tiny_raw(train={"max_epochs": 1})
     raw["data"] = {"source": "text", "path": str(root / "corpus.txt"), "seq_len": 16}
     raw["model"] = {"name": "gpt", "n_layer": 1, "n_head": 2, "n_embd": 16}
-    return _train_and_evaluate(root, config_from_dict(raw))
+    return train_and_evaluate(root, config_from_dict(raw))
 
 
 # --------------------------------------------------------------------------- metric arithmetic

@@ -14,11 +14,9 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from core.config import Config, PublishConfig, config_from_dict
+from core.config import PublishConfig, config_from_dict
 from core.data.spec import TEST_METRICS
 from core.errors import ConfigError
-from core.evaluate import evaluate
-from core.prepare_data import prepare_data
 from core.publish import publish
 from core.records import (
     CompressedVariant,
@@ -26,36 +24,20 @@ from core.records import (
     EvaluateResult,
     PrepareDataResult,
     PublishResult,
-    TrainResult,
 )
 from core.serving.registry import champion_metric, judge, record, served_metrics
-from core.storage.store import LocalStore
 from core.storage.tracking import Tracker, fluent_tracking_uri
-from core.train import train
 from tests.conftest import tiny_raw
+from tests.core.trained_support import Trained, train_and_evaluate
 
 NAME = "tiny-wine"
 
 
-@dataclass(frozen=True)
-class Trained:
-    """The tiny wine MLP trained and evaluated once for the module; publishes vary only its figures."""
-
-    config: Config
-    store: LocalStore
-    data: PrepareDataResult
-    trained: TrainResult
-    evaluated: EvaluateResult
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
+    """The tiny wine MLP trained and evaluated once for the module; publishes vary only its figures."""
     cfg = config_from_dict(tiny_raw(publish={"name": NAME, "registered_model_name": NAME}))
-    store = LocalStore(tmp_path_factory.mktemp("registry") / "artifacts")
-    data = prepare_data(cfg.data, cfg.seed, store)
-    done = train(cfg.model, cfg.optim, cfg.train, cfg.data.loader, cfg.seed, data, store, "train")
-    evaluated = evaluate(cfg.evaluate, cfg.model, cfg.train, cfg.data.loader, cfg.seed, data, done, store, "eval")
-    return Trained(cfg, store, data, done, evaluated)
+    return train_and_evaluate(tmp_path_factory.mktemp("registry"), cfg)
 
 
 @dataclass
