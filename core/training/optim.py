@@ -10,6 +10,7 @@ from torch import nn
 
 from core.config import OptimConfig
 from core.errors import ConfigError
+from core.training.large_batch import LAMB, LARS
 
 
 def import_optimizer_dependencies() -> None:
@@ -20,24 +21,33 @@ def import_optimizer_dependencies() -> None:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float | None = None) -> torch.optim.Optimizer:
-    """AdamW or SGD; parameters with fewer than 2 dims (norm scales, biases) get no weight decay.
+    """AdamW, SGD, LARS or LAMB; parameters with fewer than 2 dims (norm scales, biases) get no weight decay,
+    and under LARS/LAMB no trust ratio either.
 
-    `lr` overrides `cfg.lr` (the LR range test sweeps it).
+    `lr` overrides `cfg.lr` (the LR range test sweeps it). AdamW is fused when every parameter is on CUDA:
+    one kernel for all tensors, and GradScaler's inf check skips its step on the device.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
+    if cfg.name in ("lars", "lamb"):
+        groups[1]["trust_adaptation"] = False
     groups = [g for g in groups if g["params"]]
     lr = cfg.lr if lr is None else lr
     if lr == "auto":
         raise ConfigError(
             "optim.lr: 'auto' must be resolved by the LR range test before training (core/tuning/apply.py)"
         )
+    if cfg.name == "lars":
+        return LARS(groups, lr=lr, momentum=cfg.momentum, trust_coefficient=cfg.trust_coefficient)
+    if cfg.name == "lamb":
+        return LAMB(groups, lr=lr, betas=cfg.betas, eps=cfg.eps)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-    return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.eps)
+    fused = True if params and all(p.is_cuda for p in params) else None
+    return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
 
 
 def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
