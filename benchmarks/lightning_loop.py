@@ -25,7 +25,7 @@ from core.storage.store import ArtifactStore
 from core.training.builder import prepared_loaders
 from core.training.optim import build_optimizer, build_scheduler
 from core.training.seed import seed_everything
-from core.training.trainer import step_budget
+from core.training.steps import step_budget
 
 
 class LitModule(L.LightningModule):

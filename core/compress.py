@@ -152,12 +152,14 @@ class _Fitter:
         **options: object,
     ) -> tuple[torch.nn.Module, dict[str, object]]:  # fmt: skip
         s = self.setup
-        train_cfg = s.train.model_copy(update={"max_epochs": epochs, "max_steps": None})
+        train_cfg = s.train.model_copy(
+            update={"max_epochs": epochs, "max_steps": None, "distributed": s.train.distributed.on_this_machine()}
+        )
         run = fit_in_folder(model_cfg or self.model_cfg, s.optim, train_cfg, s.loader, s.seed, self.data, self.store,
                             f"{self.store_key}/{name}", logger=self.logger_for(name), model=model, **options)  # type: ignore[arg-type]  # fmt: skip
-        trained = run.trainer.model.to("cpu").eval()
+        trained = run.model.to("cpu").eval()
         facts = {"epochs": run.fit.epochs_run, "steps": run.fit.steps, "stop_reason": run.fit.stop_reason.value,
-                 "resumed_from_step": run.resumed_from, "best_val": run.checkpoint.best_metrics}  # fmt: skip
+                 "resumed_from_step": run.resumed_from, "best_val": run.best_metrics}  # fmt: skip
         return trained, facts
 
 
@@ -168,7 +170,7 @@ class _KeepZeros(Callback):
         self.masks = {n: p != 0 for n, p in model.named_parameters() if n.endswith("weight") and p.dim() > 1}
 
     def on_step_end(self, trainer: Trainer) -> None:
-        self.apply(trainer.model)
+        self.apply(trainer.module)
 
     def apply(self, model: torch.nn.Module) -> None:
         with torch.no_grad():

@@ -49,7 +49,8 @@ def evaluate(
     model.load_state_dict(load_checkpoint(weights)["model"])
     model.eval()
     task = data.spec.task
-    loaders = prepared_loaders(data, store, train_cfg.batch_size, loader_cfg, seed)
+    batch = train_cfg.batch_size if isinstance(train_cfg.batch_size, int) else trained.micro_batch_size or 64
+    loaders = prepared_loaders(data, store, batch, loader_cfg, seed)
 
     result = eval_pass(model, loaders.test, device, autocast, collect=task == "classification")
     plots: list[str] = []

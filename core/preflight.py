@@ -34,6 +34,10 @@ def preflight(config: Config) -> None:
         from core.training.precision import check_precision, resolve_device
 
         check_precision(resolve_device(config.train.device), config.train.precision)
+    if config.train.distributed.enabled:  # devices, backend, rendezvous host, strategy: before any stage
+        from core.training.distributed import check_distributed
+
+        check_distributed(config.train)
     if config.compress.enabled and _compress_needs_model(config):
         from core.compression.plan import check_compress
 

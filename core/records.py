@@ -108,7 +108,9 @@ class TrainResult(StageResult):
     best_step: int | None
     best_metrics: dict[str, float]
     samples_per_s: float
-    effective_batch_size: int
+    effective_batch_size: int  # micro-batch x accumulation x processes
+    micro_batch_size: int = 0  # per process, as training ended (train.batch_size: auto resolved; split after an OOM)
+    world_size: int = 1
     nonfinite_steps: int
     n_parameters: int
     resumed_from_step: int | None

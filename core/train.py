@@ -41,20 +41,22 @@ def train(
     done = fit_in_folder(
         model_cfg, optim_cfg, train_cfg, loader_cfg, seed, data, store, store_key, logger, run_id, callbacks
     )
-    fit, trainer, checkpoint = done.fit, done.trainer, done.checkpoint
+    fit = done.fit
     return TrainResult(
         epochs_run=fit.epochs_run,
         steps=fit.steps,
         stopped_early=fit.stop_reason is StopReason.EARLY_STOPPING,
         stop_reason=fit.stop_reason.value,
         stop_message=fit.stop_message,
-        best_val_loss=checkpoint.best_metrics.get("val/loss", float("nan")),
-        best_step=checkpoint.best_step,
-        best_metrics=checkpoint.best_metrics,
+        best_val_loss=done.best_metrics.get("val/loss", float("nan")),
+        best_step=done.best_step,
+        best_metrics=done.best_metrics,
         samples_per_s=fit.samples_per_s,
-        effective_batch_size=trainer.describe()["effective_batch_size"],
+        effective_batch_size=done.facts["effective_batch_size"],
+        micro_batch_size=done.facts["micro_batch_size"],
+        world_size=done.facts["world_size"],
         nonfinite_steps=fit.nonfinite_steps,
-        n_parameters=sum(p.numel() for p in trainer.model.parameters()),
+        n_parameters=done.facts["n_parameters"],
         resumed_from_step=done.resumed_from,
         checkpoint_uri=done.weights_uri,
         mlflow_run_id=run_id,

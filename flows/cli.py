@@ -3,6 +3,7 @@
     trainflow validate CONFIG [--set section.key=value ...]
     trainflow run CONFIG [--set section.key=value ...] [--out DIR]
     trainflow verify MANIFEST [--config CONFIG]
+    trainflow train CONFIG --node-rank N [--set section.key=value ...]
 
 User errors (bad config, data, store) print one line and exit 2; nothing is written before the
 config has passed validation. Prefect and MLflow are imported only once it has.
@@ -63,6 +64,25 @@ def _run(args: argparse.Namespace) -> int:
 
     summary = training_pipeline(str(args.config), list(args.overrides), str(args.out))
     _print_summary(summary, Path(args.out))
+    return 0
+
+
+def _join_train(args: argparse.Namespace) -> int:
+    """Another machine of a multi-node run: its ranks join node 0's train stage (`trainflow run` there)."""
+    from core.config import load_config
+    from core.errors import ConfigError
+
+    config = load_config(args.config, [*args.overrides, f"train.distributed.node_rank={args.node_rank}"])
+    if args.node_rank == 0 or config.train.distributed.nnodes < 2:
+        raise ConfigError(
+            "--node-rank: node 0 runs the pipeline (trainflow run CONFIG); other machines join with "
+            f"--node-rank 1..nnodes-1 (train.distributed.nnodes is {config.train.distributed.nnodes})"
+        )
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from core.training.launch import join_training
+
+    join_training(config.train)
+    print(f"node {args.node_rank}: training done (node 0 records the results)")
     return 0
 
 
@@ -182,6 +202,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", **overrides)
     run.add_argument("--out", type=Path, default=Path("out"), help="folder for summary.json (default: out)")
     run.set_defaults(command=_run)
+
+    train = commands.add_parser("train", help="on machine N > 0 of a multi-node run: join node 0's train stage")
+    train.add_argument("config", type=Path)
+    train.add_argument("--node-rank", type=int, required=True, help="this machine's index, 1 .. nnodes-1")
+    train.add_argument("--set", **overrides)
+    train.set_defaults(command=_join_train)
 
     verify = commands.add_parser("verify", help="re-hash a published model folder against its manifest.json")
     verify.add_argument("manifest", help="a manifest.json path, or its s3:// URI")

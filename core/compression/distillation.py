@@ -9,7 +9,7 @@ Recipe (what the compress stage does; no `distill()` function is needed):
     done = core.training.run.fit_in_folder(                      # the student is built from student_cfg
         student_cfg, optim, train, loader, seed, data, store, "<run>/compress/distilled",
         loss=DistillationLoss(teacher, alpha=0.5, temperature=4.0))
-    done.weights_uri, done.fit, done.checkpoint.best_metrics     # val/* on the task loss
+    done.weights_uri, done.fit, done.best_metrics     # val/* on the task loss
 
 The trainer's validation keeps the task loss, so the student's val/loss compares with the teacher's.
 """

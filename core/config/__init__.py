@@ -19,6 +19,7 @@ from core.config.data import (
     TableDataConfig,
     TextDataConfig,
 )
+from core.config.distributed import DistributedConfig
 from core.config.model import CNNConfig, FactoryModelConfig, GPTConfig, MLPConfig, ModelConfig
 from core.config.schema import Config, config_from_dict, load_config
 from core.config.sections import (
@@ -43,7 +44,7 @@ from core.config.tune import (
 
 __all__ = [
     "CNNConfig", "CategoricalParam", "CheckpointConfig", "CompressConfig", "Config", "DataConfig",
-    "DistillationConfig", "EarlyStoppingConfig", "EvaluateConfig", "FactoryModelConfig", "FloatParam", "GPTConfig",
+    "DistillationConfig", "DistributedConfig", "EarlyStoppingConfig", "EvaluateConfig", "FactoryModelConfig", "FloatParam", "GPTConfig",
     "HPOConfig", "IntParam", "LRRangeTestConfig", "LoaderConfig", "MLPConfig", "MeasureConfig", "ModelConfig",
     "OptimConfig", "ParamSpec", "PublishConfig", "QuantizationConfig", "SklearnDataConfig", "StoreConfig",
     "StructuredPruningConfig", "SyntheticDataConfig", "TableDataConfig", "TextDataConfig", "TrackingConfig",

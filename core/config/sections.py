@@ -10,23 +10,28 @@ from urllib.parse import urlparse
 from pydantic import Field, field_validator, model_validator
 
 from core.config.base import Section
+from core.config.distributed import DistributedConfig
 from core.storage.s3_names import split_s3_uri
 
 
 # --------------------------------------------------------------------------------------- optim
 class OptimConfig(Section):
-    name: Literal["adamw", "sgd"] = Field(
-        "adamw", description="Optimizer; weight decay is decoupled and never applied to norms or biases."
+    name: Literal["adamw", "sgd", "lars", "lamb"] = Field(
+        "adamw",
+        description="Optimizer; weight decay is decoupled and never applied to norms or biases. lars/lamb: layer-wise trust ratios for large effective batches (see train.distributed).",
     )
     lr: Annotated[float, Field(gt=0, le=10)] | Literal["auto"] = Field(
         "auto",
         description="Peak learning rate, reached after warmup; auto = the LR range test's suggestion (tune.lr_range_test).",
     )
     weight_decay: float = Field(0.01, ge=0, description="Decoupled weight decay on weight matrices only.")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW moment decay rates.")
-    eps: float = Field(1e-8, gt=0, description="AdamW denominator epsilon.")
-    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW and LAMB moment decay rates.")
+    eps: float = Field(1e-8, gt=0, description="AdamW and LAMB denominator epsilon.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD and LARS momentum.")
     nesterov: bool = Field(False, description="SGD Nesterov momentum.")
+    trust_coefficient: float = Field(
+        0.001, gt=0, le=1, description="LARS trust coefficient (eta): scales each layer's ||w|| / ||g|| trust ratio."
+    )
     schedule: Literal["cosine", "linear", "constant"] = Field(
         "cosine", description="LR decay after warmup, down to min_lr_ratio * lr at the last step."
     )
@@ -71,10 +76,9 @@ class TrainConfig(Section):
     max_steps: int | None = Field(
         None, ge=1, description="Stop after this many optimizer steps, if sooner than max_epochs."
     )
-    batch_size: int = Field(
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         64,
-        ge=1,
-        description="Micro-batch size per device; the effective batch is batch_size x grad_accum_steps x world size.",
+        description="Micro-batch size per device; the effective batch is batch_size x grad_accum_steps x world size. auto = the largest that fits the device (doubling, then binary search, as Lightning's scale_batch_size), searched once and recorded in the store. A CUDA out-of-memory error during training splits the micro-batch and multiplies grad_accum_steps alike, so the effective batch and the update stay the same.",
     )
     grad_accum_steps: int = Field(
         1,
@@ -115,6 +119,14 @@ class TrainConfig(Section):
         True, description="Continue from the last checkpoint of an interrupted run of the same config."
     )
     progress_bar: bool = Field(True, description="Show a progress bar when stderr is a terminal.")
+    compile: bool = Field(
+        False,
+        description="torch.compile the model (inductor); if compiling fails, a warning and eager mode. Pays a compile once per process (tens of seconds), repaid on long GPU runs.",
+    )
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig,
+        description="Data-parallel training on several processes or machines (DDP or FSDP) through torch's elastic launcher.",
+    )
 
     @field_validator("device")
     @classmethod

@@ -193,6 +193,15 @@ class MlflowMetricLogger:
         self._writer: threading.Thread | None = None
         self._error: BaseException | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (for a launched rank) as where to log: the rank opens its own client on the same run."""
+        return {"tracking_uri": self.client.tracking_uri, "run_id": self.run_id, "interval": self.write_interval_s}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.__init__(MlflowClient(tracking_uri=state["tracking_uri"]), state["run_id"], state["interval"])  # type: ignore[misc]
+
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 

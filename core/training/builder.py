@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 from core.config import LoaderConfig, ModelConfig, OptimConfig, TrainConfig
@@ -18,10 +19,14 @@ from core.models import build_model
 from core.records import PrepareDataResult
 from core.storage.store import ArtifactStore
 from core.training.callbacks import Callback
+from core.training.distributed import SINGLE, Rank
+from core.training.flops import model_flops_per_token
 from core.training.optim import build_optimizer, build_scheduler
+from core.training.parallel import enable_fast_matmul, uses_channels_last, wrap_model
 from core.training.precision import resolve_device
 from core.training.seed import seed_everything
-from core.training.trainer import LossFn, Trainer, step_budget
+from core.training.steps import step_budget
+from core.training.trainer import LossFn, Trainer
 
 
 def build_trainer(
@@ -36,6 +41,8 @@ def build_trainer(
     lr: float | None = None,
     model: nn.Module | None = None,
     loss: LossFn | None = None,
+    rank: Rank = SINGLE,
+    device: torch.device | None = None,
 ) -> Trainer:
     """Seeded model, optimizer (at `lr` if given, else `optim.lr`), LR schedule and loaders in a Trainer.
 
@@ -43,24 +50,70 @@ def build_trainer(
         model: a pre-built model to train instead of `build_model(model_cfg, spec)` (a pruned model whose
             shapes no longer match `model_cfg`, a distillation student); moved to the device.
         loss: the training loss hook (default: cross-entropy); see `Trainer`.
+        rank: this process's place among data-parallel ranks: loaders hold its shard, the model is wrapped
+            (DDP/FSDP) and the LR scaled by `train.distributed.lr_scaling`.
+        device: this rank's device (default: `train.device` resolved).
 
     Raises:
         ConfigError: a setting does not fit this data or machine (before any compute).
     """
-    device = resolve_device(train_cfg.device)
+    device = resolve_device(train_cfg.device) if device is None else device
     check_metric(train_cfg.early_stopping.monitor, data.spec.task, "train.early_stopping.monitor")
-    seed_everything(seed)
-    loaders = prepared_loaders(data, store, train_cfg.batch_size, loader_cfg, seed, pin=device.type == "cuda")
-    model = (build_model(model_cfg, data.spec) if model is None else model).to(device)
-    optimizer = build_optimizer(model, optim_cfg, lr)
+    seed_everything(seed)  # the same on every rank: every replica starts from the same weights
+    module = (build_model(model_cfg, data.spec) if model is None else model).to(device)
+    if train_cfg.batch_size == "auto":
+        train_cfg = train_cfg.model_copy(update={"batch_size": auto_batch_size(module, optim_cfg, train_cfg, model_cfg,
+                                                                               data, store, rank, device)})  # fmt: skip
+    loaders = prepared_loaders(data, store, int(train_cfg.batch_size), loader_cfg, seed, device.type == "cuda", rank)
+    channels_last = uses_channels_last(module, device)
+    if channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    enable_fast_matmul(device)
+    wrapped = wrap_model(module, train_cfg, rank, device)
+    if rank.distributed and train_cfg.distributed.lr_scale() != 1.0:
+        lr = (optim_cfg.lr if lr is None else lr) * train_cfg.distributed.lr_scale()  # type: ignore[operator]
+    optimizer = build_optimizer(wrapped, optim_cfg, lr)
     _, total_steps = step_budget(len(loaders.train), train_cfg)
     scheduler = build_scheduler(optimizer, optim_cfg, total_steps)
-    return Trainer(model, optimizer, scheduler, loaders, train_cfg, device, data.spec.task, callbacks, loss=loss)
+    flops = model_flops_per_token(module, data.spec.seq_len) if data.spec.seq_len else None
+    trainer = Trainer(wrapped, optimizer, scheduler, loaders, train_cfg, device, data.spec.task, callbacks, rank,
+                      loss, module, flops)  # fmt: skip
+    if channels_last:
+        trainer.input_format = torch.channels_last
+    return trainer
 
 
 def prepared_loaders(
-    data: PrepareDataResult, store: ArtifactStore, batch_size: int, cfg: LoaderConfig, seed: int, pin: bool = False
+    data: PrepareDataResult,
+    store: ArtifactStore,
+    batch_size: int,
+    cfg: LoaderConfig,
+    seed: int,
+    pin: bool = False,
+    rank: Rank = SINGLE,
 ) -> Loaders:
-    """Train/val/test loaders over a prepared_data record's arrays (`pin` only where `loader.pin_memory` allows)."""
+    """Train/val/test loaders over a prepared_data record's arrays (`pin` only where `loader.pin_memory` allows);
+    train and val hold `rank`'s shard."""
     splits = load_splits(store.local_path(data.uri), data.spec)
-    return build_loaders(splits, data.spec.seq_len, batch_size, cfg, seed, pin and cfg.pin_memory)
+    return build_loaders(
+        splits, data.spec.seq_len, batch_size, cfg, seed, pin and cfg.pin_memory, rank.rank, rank.world_size
+    )
+
+
+def auto_batch_size(
+    module: nn.Module, optim_cfg: OptimConfig, train_cfg: TrainConfig, model_cfg: ModelConfig,
+    data: PrepareDataResult, store: ArtifactStore, rank: Rank = SINGLE, device: torch.device | None = None,
+) -> int:  # fmt: skip
+    """`train.batch_size: auto` resolved: the recorded search result, else a search on the main rank's device
+    (the other ranks receive it)."""
+    from core.training.batch_size import fingerprint, search_batch_size
+    from core.training.distributed import broadcast_object
+
+    device = resolve_device(train_cfg.device) if device is None else device
+    found = None
+    if rank.is_main:
+        train = prepared_loaders(data, store, 1, LoaderConfig(), 0).train.dataset
+        key = fingerprint(model_cfg, optim_cfg, train_cfg, data.spec.input_shape, device)
+        found = search_batch_size(module, optim_cfg, train_cfg, train, device, store, key)
+        found = max(1, min(found, len(train) // rank.world_size))  # type: ignore[arg-type]
+    return broadcast_object(found, device, rank.main) if rank.distributed else found  # type: ignore[return-value]

@@ -47,6 +47,9 @@ class Callback:
     def on_exception(self, trainer: Trainer, exc: BaseException) -> None:
         """Called when fit is left by an exception (which is re-raised afterwards)."""
 
+    def on_micro_batch_split(self, trainer: Trainer) -> None:
+        """Called after a CUDA out-of-memory error split the micro-batch (`trainer.state.micro_batch`)."""
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -126,6 +129,11 @@ class TrackingCallback(Callback):
 
     def on_exception(self, trainer: Trainer, exc: BaseException) -> None:
         self.logger.flush()
+
+    def on_micro_batch_split(self, trainer: Trainer) -> None:
+        s = trainer.state
+        metrics = {"train/micro_batch_size": s.micro_batch, "train/grad_accum_steps": s.grad_accum}
+        self.logger.log_metrics(metrics, s.step)
 
 
 class ProgressBar(Callback):

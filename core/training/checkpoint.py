@@ -143,7 +143,7 @@ class ModelCheckpoint(Callback):
         current = monitored_value(metrics, self.monitor.monitor, "train.early_stopping.monitor")
         if is_improvement(current, self.best, self.monitor.mode, 0.0):
             self.best, self.best_metrics, self.best_step = current, dict(metrics), trainer.state.step
-            self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in trainer.model.state_dict().items()}
+            self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in trainer.module.state_dict().items()}
         if self.cfg.every_steps is None and time.monotonic() - self._saved_at >= self.cfg.min_interval_s:
             self.save(trainer)
 
@@ -155,9 +155,9 @@ class ModelCheckpoint(Callback):
             save_checkpoint(best, self.folder / BEST)
             self._upload(BEST)
             if self.monitor.restore_best:
-                trainer.model.load_state_dict(self.best_weights)
+                trainer.module.load_state_dict(self.best_weights)
                 log.info("restored the weights of step %s (%s=%.5g)", self.best_step, self.monitor.monitor, self.best)
-        save_checkpoint({"model": trainer.model.state_dict(), "step": trainer.state.step}, self.folder / FINAL)
+        save_checkpoint({"model": trainer.module.state_dict(), "step": trainer.state.step}, self.folder / FINAL)
         self._upload(FINAL)
         if self.uploads is not None:
             self.uploads.close()  # the stage returns only once everything is in the store; a failure raises

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from core.config import LoaderConfig, ModelConfig, OptimConfig, TrainConfig
@@ -36,6 +37,7 @@ from core.training.checkpoint import (
     load_checkpoint,
     periodic_checkpoints,
 )
+from core.training.distributed import SINGLE, Rank
 from core.training.state import FitResult
 from core.training.trainer import LossFn, Trainer
 
@@ -47,11 +49,33 @@ class FolderFit:
     """What `fit_in_folder` leaves: the loop's facts, the best evaluation, and the weights handed on."""
 
     fit: FitResult  # stop reason and message, epochs, steps, samples/s, non-finite steps
-    checkpoint: ModelCheckpoint  # best_metrics, best_step: the best evaluation of the monitored metric
+    best_metrics: dict[str, float]  # the best evaluation of the monitored metric
+    best_step: int | None
     resumed_from: int | None  # the step resumed from; None: started fresh
     weights_uri: str  # `<store_key>/model.pt` in the store: the best weights when restore_best is on
     weights_path: Path  # the same file on this machine
-    trainer: Trainer  # its model holds the weights handed on; `describe()` gives the run facts
+    facts: dict[str, Any]  # `Trainer.describe()`: effective batch, world size, parameters, ...
+    model: nn.Module  # holds the weights handed on (on CPU after a multi-process fit)
+
+
+@dataclass(frozen=True)
+class FitJob:
+    """Everything a fit needs; picklable, so launched ranks receive it."""
+
+    model_cfg: ModelConfig
+    optim_cfg: OptimConfig
+    train_cfg: TrainConfig
+    loader_cfg: LoaderConfig
+    seed: int
+    data: PrepareDataResult
+    store: ArtifactStore
+    store_key: str
+    logger: MetricLogger | None = None
+    run_id: str | None = None
+    callbacks: Sequence[Callback] = ()
+    model: nn.Module | None = None
+    loss: LossFn | None = None
+    extra_config: Mapping[str, Any] | None = None
 
 
 def fit_in_folder(
@@ -70,7 +94,8 @@ def fit_in_folder(
     loss: LossFn | None = None,
     extra_config: Mapping[str, Any] | None = None,
 ) -> FolderFit:
-    """Fit with checkpoints in `<store>/<store_key>/`, resuming there after a crash (`train.resume`).
+    """Fit with checkpoints in `<store>/<store_key>/`, resuming there after a crash (`train.resume`);
+    on `train.distributed`'s ranks when it asks for more than one process (see `core.training.launch`).
 
     Args:
         model: a pre-built model (pruned, or a student) instead of one built from `model_cfg`; to resume,
@@ -78,41 +103,54 @@ def fit_in_folder(
         loss: the training loss hook (e.g. `core.compression.distillation.DistillationLoss`).
         extra_config: more sections (e.g. the compress section) recorded in checkpoints beside model,
             optim, train, loader and seed; on resume, each difference is logged with the value that wins.
+        logger, callbacks: used by the main rank only (they travel to it pickled).
 
     Raises:
         ConfigError: a setting does not fit this data or machine (checked before any training step).
-        TrainingError: training diverged, or the checkpoint to resume from cannot be loaded into the model.
+        TrainingError: training diverged, a rank failed, or the checkpoint to resume from cannot be loaded.
     """
-    folder = store.workdir(store_key)
-    sections = {"model": model_cfg, "optim": optim_cfg, "train": train_cfg, "loader": loader_cfg}
-    config = {name: section.model_dump(mode="json") for name, section in sections.items()} | {"seed": seed}
-    config |= dict(extra_config or {})
-    remote = not isinstance(store, LocalStore)  # a local store's folder is the final place: nothing to upload
+    job = FitJob(model_cfg, optim_cfg, train_cfg, loader_cfg, seed, data, store, store_key, logger, run_id,
+                 callbacks, model, loss, extra_config)  # fmt: skip
+    if train_cfg.distributed.enabled:
+        from core.training.launch import launch_fit
+
+        return launch_fit(job)
+    return fit_rank(job)
+
+
+def fit_rank(job: FitJob, rank: Rank = SINGLE, device: torch.device | None = None) -> FolderFit:
+    """The fit as one rank runs it: the main rank logs, checkpoints and writes the weights; every rank
+    resumes from the main rank's checkpoint."""
+    folder = job.store.workdir(job.store_key)
+    train_cfg = job.train_cfg
+    sections = {"model": job.model_cfg, "optim": job.optim_cfg, "train": train_cfg, "loader": job.loader_cfg}
+    config = {name: section.model_dump(mode="json") for name, section in sections.items()} | {"seed": job.seed}
+    config |= dict(job.extra_config or {})
+    remote = not isinstance(job.store, LocalStore)  # a local store's folder is the final place: nothing to upload
     checkpoint = ModelCheckpoint(
         folder,
         train_cfg.checkpoint,
         train_cfg.early_stopping,
-        {"config": config, "run_id": run_id},
-        uploads=BackgroundUploads(store) if remote else None,
-        store_key=store_key,
+        {"config": config, "run_id": job.run_id},
+        uploads=BackgroundUploads(job.store) if remote and rank.is_main else None,
+        store_key=job.store_key,
     )
-    stack: list[Callback] = [TrackingCallback(logger)] if logger else []
+    stack: list[Callback] = [TrackingCallback(job.logger)] if job.logger and rank.is_main else []
     stack += [EarlyStopping(train_cfg.early_stopping)] if train_cfg.early_stopping.enabled else []
-    stack += [checkpoint, ProgressBar(train_cfg.progress_bar), *callbacks]
-    trainer = build_trainer(
-        model_cfg, optim_cfg, train_cfg, loader_cfg, seed, data, store, stack, model=model, loss=loss
-    )
+    stack += [checkpoint, ProgressBar(train_cfg.progress_bar), *job.callbacks] if rank.is_main else []
+    trainer = build_trainer(job.model_cfg, job.optim_cfg, train_cfg, job.loader_cfg, job.seed, job.data, job.store,
+                            stack, model=job.model, loss=job.loss, rank=rank, device=device)  # fmt: skip
+    main_store, resumed_from = job.store if remote and rank.is_main else None, None
+    if rank.is_main:
+        resumed_from = _resume(trainer, folder, train_cfg.resume, config, main_store, job.store_key)
+    if rank.distributed:
+        from core.training.launch import share_resumed_state
 
-    resumed_from = _resume(trainer, folder, train_cfg.resume, config, store if remote else None, store_key)
+        resumed_from = share_resumed_state(trainer, rank, resumed_from if rank.is_main else None)
     fit = trainer.fit()  # with a remote store, model.pt is already uploaded: put_file below only checks it
-    return FolderFit(
-        fit=fit,
-        checkpoint=checkpoint,
-        resumed_from=resumed_from,
-        weights_uri=store.put_file(folder / FINAL, f"{store_key}/{FINAL}"),
-        weights_path=folder / FINAL,
-        trainer=trainer,
-    )
+    weights_uri = job.store.put_file(folder / FINAL, f"{job.store_key}/{FINAL}") if rank.is_main else ""
+    return FolderFit(fit, checkpoint.best_metrics, checkpoint.best_step, resumed_from, weights_uri,
+                     folder / FINAL, trainer.describe(), trainer.module)  # fmt: skip
 
 
 def _resume(

@@ -21,7 +21,9 @@ class TrainState:
     """Progress, saved in every checkpoint. (epoch, batch_in_epoch) is the next batch to train on."""
 
     epoch: int = 0
-    batch_in_epoch: int = 0  # micro-batches of `epoch` already consumed: the data position
+    batch_in_epoch: int = 0  # micro-batches of `epoch` already consumed (by each rank): the data position
+    micro_batch: int = 0  # samples per micro-batch and rank now (0: train.batch_size); smaller after an OOM split
+    grad_accum: int = 0  # micro-batches per optimizer step now (0: train.grad_accum_steps)
     step: int = 0  # optimizer steps taken, skipped non-finite steps included
     samples_seen: int = 0
     nonfinite_in_row: int = 0
@@ -35,7 +37,7 @@ class TrainState:
 class StepOutput:
     loss: torch.Tensor  # mean loss over the step's targets (on device: reading it syncs)
     grad_norm: torch.Tensor  # global norm before clipping
-    finite: bool
+    finite: bool | torch.Tensor  # a 0-dim bool tensor when the check is deferred to the logging interval
 
 
 @dataclass(frozen=True)

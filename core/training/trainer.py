@@ -9,15 +9,20 @@ Order of events in `fit`:
 Each micro-batch's training loss comes from the `loss` hook (default `task_loss`: cross-entropy).
 Callbacks run in the order given; the stage passes tracking, early stopping, checkpoint, progress,
 so at each evaluation the checkpoint is written after the early-stopping decision it must hold.
+
+Data-parallel (`rank` given, model wrapped in DDP/FSDP): each rank steps on its share of every global
+micro-batch; logged training metrics and validation are reduced over ranks, so every rank sees the
+same numbers and takes the same early-stopping decision. A CUDA out-of-memory error in a step splits
+the micro-batch and multiplies accumulation alike, then re-reads the step's data: same update.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
-import resource
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict
 from typing import Any
@@ -27,13 +32,16 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from core.config import TrainConfig
-from core.data.loaders import Batch, Loaders
+from core.data.loaders import Batch, Loaders, rebatched
 from core.errors import TrainingError
 from core.training.callbacks import Callback
-from core.training.metrics import eval_pass, loss_fn, pass_metrics
+from core.training.distributed import SINGLE, Rank, all_reduce_sum
+from core.training.metrics import EvalPass, eval_pass, loss_fn, pass_metrics
 from core.training.precision import autocast_context, grad_scaler
 from core.training.seed import rng_state, set_rng_state
 from core.training.state import FitResult, StepOutput, StopReason, TrainState
+from core.training.steps import split_factor, step_budget, step_windows
+from core.training.window import LogWindow
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +56,8 @@ def task_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tenso
 
 class Trainer:
     """Fits `model` with `loss` (default `task_loss`; distillation passes its own); validation always
-    reports the task loss, so val/loss compares across students and teachers."""
+    reports the task loss, so val/loss compares across students and teachers. `model` may be wrapped
+    (DDP, FSDP, torch.compile); `module` is the plain model whose state is saved."""
 
     def __init__(
         self,
@@ -60,20 +69,28 @@ class Trainer:
         device: torch.device,
         task: str,
         callbacks: Sequence[Callback] = (),
-        world_size: int = 1,
+        rank: Rank = SINGLE,
         loss: LossFn | None = None,
+        module: nn.Module | None = None,
+        flops_per_token: float | None = None,
     ):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.module = module if module is not None else getattr(model, "module", model)
         self.loss: LossFn = task_loss if loss is None else loss
         self.loaders, self.cfg, self.device, self.task = loaders, cfg, device, task
-        self.callbacks, self.world_size = list(callbacks), world_size
+        self.callbacks, self.rank = list(callbacks), rank
         self.autocast: AbstractContextManager[object] = autocast_context(device, cfg.precision)
         self.scaler = grad_scaler(device, cfg.precision)
-        self.state = TrainState()
+        self.state = TrainState(micro_batch=cfg.batch_size, grad_accum=cfg.grad_accum_steps)  # type: ignore[arg-type]
         self.steps_per_epoch, self.total_steps = step_budget(len(loaders.train), cfg)
         self.last_metrics: dict[str, float] = {}
         self.eval_seconds = 0.0  # spent in validation during fit()
-        self._reset_window()
+        self.input_format = torch.preserve_format  # torch.channels_last for a channels-last CNN on CUDA
+        self.mfu_factor = _mfu_factor(flops_per_token, device)  # the GPT on a GPU of known peak: MFU is logged
+        # a fused optimizer skips a non-finite step on the device: no host sync, checked when metrics are logged
+        self.deferred_finite_check = bool(getattr(optimizer, "defaults", {}).get("fused"))
+        self._compile_pending = hasattr(model, "_orig_mod")  # torch.compile: the first step may fail to compile
+        self.window = LogWindow(self.state.samples_seen)
 
     # ------------------------------------------------------------------------------- the step
     def train_step(self, window: Sequence[Batch]) -> StepOutput:
@@ -87,7 +104,8 @@ class Trainer:
         n_targets = sum(y.numel() for _, y in window)
         loss: torch.Tensor | None = None
         for i, (x, y) in enumerate(window):
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            x = x.to(self.device, non_blocking=True, memory_format=self.input_format)
+            y = y.to(self.device, non_blocking=True)
             with self._gradient_sync(last=i == len(window) - 1), self.autocast:
                 micro_loss = loss_of(model, x, y)
             if len(window) > 1:  # one micro-batch is the whole window: no weighting op on the hot path
@@ -97,9 +115,16 @@ class Trainer:
         assert loss is not None, "a window holds at least one micro-batch"
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.grad_clip_norm or math.inf)
-        finite = bool(torch.isfinite(loss if scaler.is_enabled() else grad_norm))  # the step's one host sync
-        if finite or scaler.is_enabled():
-            scaler.step(optimizer)  # an enabled (fp16) scaler itself skips steps with inf/NaN gradients
+        finite_t = torch.isfinite(loss if scaler.is_enabled() else grad_norm)
+        if self.deferred_finite_check:
+            if not scaler.is_enabled():  # an enabled scaler hands its own found_inf to a fused optimizer
+                optimizer.found_inf = (~finite_t).float()  # type: ignore[attr-defined]
+            scaler.step(optimizer)
+            finite: bool | torch.Tensor = finite_t
+        else:
+            finite = bool(finite_t)  # the step's one host sync (non-fused optimizers)
+            if finite or scaler.is_enabled():
+                scaler.step(optimizer)  # an enabled (fp16) scaler itself skips steps with inf/NaN gradients
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
@@ -110,8 +135,8 @@ class Trainer:
         """Train until max_epochs, max_steps or a callback's stop request; resumes from `self.state`."""
         s, cfg = self.state, self.cfg
         log.info("effective batch %d = %d per micro-batch x %d accumulation x %d processes; %d steps",
-                 cfg.batch_size * cfg.grad_accum_steps * self.world_size, cfg.batch_size, cfg.grad_accum_steps,
-                 self.world_size, self.total_steps)  # fmt: skip
+                 self.effective_batch_size, s.micro_batch, s.grad_accum, self.rank.world_size,
+                 self.total_steps)  # fmt: skip
         self._call("on_fit_start")
         self._fit_started, self._fit_samples, self.eval_seconds = time.perf_counter(), s.samples_seen, 0.0
         self.model.train()
@@ -120,12 +145,9 @@ class Trainer:
                 if s.epoch >= cfg.max_epochs:
                     self.request_stop(StopReason.MAX_EPOCHS, f"reached train.max_epochs={cfg.max_epochs}")
                     break
-                self.loaders.sampler.set_epoch(s.epoch, start=s.batch_in_epoch * cfg.batch_size)
-                for window in step_windows(self.loaders.train, cfg.grad_accum_steps):
-                    self._run_step(window)
-                    if s.stop_reason is not None:
-                        break
-                else:
+                start = s.batch_in_epoch * s.micro_batch * self.rank.world_size
+                self.loaders.sampler.set_epoch(s.epoch, start=start)
+                if self._run_epoch():
                     s.epoch, s.batch_in_epoch = s.epoch + 1, 0
                     if cfg.eval_every_steps is None:
                         self.validate()
@@ -140,7 +162,7 @@ class Trainer:
             stop_message=s.stop_message,
             epochs_run=s.epoch + (1 if s.batch_in_epoch else 0),
             steps=s.step,
-            samples_per_s=(s.samples_seen - self._fit_samples) / max(train_seconds, 1e-9),
+            samples_per_s=(s.samples_seen - self._fit_samples) * self.rank.world_size / max(train_seconds, 1e-9),
             nonfinite_steps=s.nonfinite_total,
             last_metrics=self.last_metrics,
         )
@@ -148,17 +170,27 @@ class Trainer:
         self._call("on_fit_end", result)
         return result
 
-    def _run_step(self, window: list[Batch]) -> None:
+    def _run_epoch(self) -> bool:
+        """Steps over the rest of the epoch; True when its data ran out, False on a stop request or when
+        the micro-batch was split (the epoch is then re-read from the same position)."""
+        for window in step_windows(self.loaders.train, self.state.grad_accum, self.window.data_wait):
+            if not self._run_step(window) or self.state.stop_reason is not None:
+                return False
+        return True
+
+    def _run_step(self, window: list[Batch]) -> bool:
         s, cfg = self.state, self.cfg
-        out = self.train_step(window)
+        try:
+            out = self._guarded_step(window)
+        except torch.cuda.OutOfMemoryError as exc:
+            self.split_micro_batch(exc)
+            return False
         s.step += 1
         s.batch_in_epoch += len(window)
-        samples = sum(len(y) for _, y in window)
-        s.samples_seen += samples
-        self._window_losses.append(out.loss)
-        self._window_norms.append(out.grad_norm)
-        self._window_targets += sum(y.numel() for _, y in window)
-        self._check_finite(out)
+        s.samples_seen += sum(len(y) for _, y in window)
+        self.window.add(out, window)
+        if isinstance(out.finite, bool):
+            self._check_finite(out.finite)
         if s.step % cfg.log_every_steps == 0:
             self._call("on_log", self.collect_train_metrics())
         if cfg.max_steps is not None and s.step >= cfg.max_steps:
@@ -166,11 +198,65 @@ class Trainer:
         if cfg.eval_every_steps is not None and s.step % cfg.eval_every_steps == 0:
             self.validate()
         self._call("on_step_end")
+        return True
+
+    def _guarded_step(self, window: list[Batch]) -> StepOutput:
+        """The step; a torch.compile'd model that fails its first step falls back to eager, with a warning."""
+        if not self._compile_pending:
+            return self.train_step(window)
+        try:
+            out = self.train_step(window)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as exc:
+            log.warning("train.compile: compiling failed (%s: %s); training in eager mode",
+                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")  # fmt: skip
+            self.model = self.model._orig_mod  # type: ignore[assignment]
+            self.optimizer.zero_grad(set_to_none=True)
+            out = self.train_step(window)
+        self._compile_pending = False
+        return out
+
+    def split_micro_batch(self, exc: BaseException) -> None:
+        """After a CUDA out-of-memory error inside a step (before its update): micro-batch / k and
+        accumulation x k for the smallest k dividing it; the step is re-run on the same samples."""
+        s = self.state
+        factor = split_factor(s.micro_batch)
+        if self.rank.distributed or factor is None:
+            why = "a micro-batch of 1 cannot be split" if factor is None else "ranks cannot split in step"
+            raise TrainingError(
+                f"train: CUDA out of memory at micro-batch {s.micro_batch} ({why}); set a smaller train.batch_size, "
+                "or train.batch_size: auto"
+            ) from exc
+        self.optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        s.micro_batch, s.grad_accum, s.batch_in_epoch = (
+            s.micro_batch // factor,
+            s.grad_accum * factor,
+            s.batch_in_epoch * factor,
+        )
+        self.loaders.train = rebatched(self.loaders.train, s.micro_batch)
+        self.loaders.val = rebatched(self.loaders.val, s.micro_batch)  # evaluation at the size that fits
+        log.warning("step %d: CUDA out of memory; micro-batch now %d x %d accumulation (effective batch %d kept)",
+                    s.step + 1, s.micro_batch, s.grad_accum, self.effective_batch_size)  # fmt: skip
+        self._call("on_micro_batch_split")
 
     def validate(self) -> dict[str, float]:
-        """Evaluate on the validation split and notify callbacks (early stopping, checkpoint, ...)."""
+        """Evaluate on the validation split (each rank its shard, reduced) and notify callbacks."""
         started = time.perf_counter()
-        metrics = pass_metrics(eval_pass(self.model, self.loaders.val, self.device, self.autocast), self.task, "val")
+        result = eval_pass(self.model, self.loaders.val, self.device, self.autocast)
+        if self.rank.distributed:
+            totals = all_reduce_sum(
+                torch.tensor(
+                    [result.loss * result.n_targets, result.n_targets, result.correct],
+                    dtype=torch.float64,
+                    device=self.device,
+                )
+            ).tolist()
+            result = EvalPass(loss=totals[0] / max(totals[1], 1), n_targets=int(totals[1]), correct=int(totals[2]))
+        metrics = pass_metrics(result, self.task, "val")
         self.eval_seconds += time.perf_counter() - started
         self.state.last_eval_step, self.last_metrics = self.state.step, metrics
         self._call("on_eval_end", metrics)
@@ -182,37 +268,35 @@ class Trainer:
             self.state.stop_reason, self.state.stop_message = reason.value, message
 
     # ---------------------------------------------------------------------- metrics and state
+    @property
+    def effective_batch_size(self) -> int:
+        return self.state.micro_batch * self.state.grad_accum * self.rank.world_size
+
     def collect_train_metrics(self) -> dict[str, float]:
-        """Training metrics averaged since the last call; the only place the loop reads device values."""
-        now = time.perf_counter()
-        seconds = max(now - self._window_started, 1e-9)
-        lm = self.task == "language_modeling"
-        processed = self._window_targets if lm else self.state.samples_seen - self._window_samples
-        metrics = {
-            "train/loss": torch.stack(self._window_losses).mean().item(),  # on_log comes after >= 1 step
-            "train/grad_norm": torch.stack(self._window_norms).mean().item(),
-            "lr": self.scheduler.get_last_lr()[0],
-            "train/tokens_per_s" if lm else "train/samples_per_s": processed / seconds,
-            "train/peak_memory_mb": _peak_memory_mb(self.device),
-        }
-        self._reset_window(now)
-        return metrics
+        """Training metrics since the last call, averaged over ranks; the only place the loop reads device
+        values (and, with a fused optimizer, checks the window's non-finite steps)."""
+        for finite in self.window.deferred_finite():
+            self._check_finite(finite)
+        lm, lr = self.task == "language_modeling", self.scheduler.get_last_lr()[0]
+        metrics = self.window.metrics(self.state.samples_seen, lm, self.rank, self.device, lr, self.mfu_factor)
+        return metrics | {"train/micro_batch_size": float(self.state.micro_batch)}
 
     def describe(self) -> dict[str, Any]:
         """Run facts logged once at the start (as MLflow params)."""
-        cfg = self.cfg
         return {
-            "effective_batch_size": cfg.batch_size * cfg.grad_accum_steps * self.world_size,
-            "world_size": self.world_size,
+            "effective_batch_size": self.effective_batch_size,
+            "micro_batch_size": self.state.micro_batch,
+            "grad_accum_steps": self.state.grad_accum,
+            "world_size": self.rank.world_size,
             "steps_per_epoch": self.steps_per_epoch,
             "total_steps": self.total_steps,
             "device": str(self.device),
-            "n_parameters": sum(p.numel() for p in self.model.parameters()),
+            "n_parameters": sum(p.numel() for p in self.module.parameters()),
         }
 
     def checkpoint_state(self) -> dict[str, Any]:
         return {
-            "model": self.model.state_dict(),
+            "model": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -222,26 +306,31 @@ class Trainer:
         }
 
     def restore(self, payload: dict[str, Any]) -> None:
-        """Continue from a checkpoint as if training had never stopped."""
-        self.model.load_state_dict(payload["model"])
+        """Continue from a checkpoint as if training had never stopped (at its micro-batch size)."""
+        self.module.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
         self.scaler.load_state_dict(payload["scaler"])
         set_rng_state(payload["rng"])
+        micro, accum = self.state.micro_batch, self.state.grad_accum
         self.state = TrainState(**payload["state"])
+        self.state.micro_batch, self.state.grad_accum = self.state.micro_batch or micro, self.state.grad_accum or accum
+        if self.state.micro_batch != micro:
+            self.loaders.train = rebatched(self.loaders.train, self.state.micro_batch)
+            self.loaders.val = rebatched(self.loaders.val, self.state.micro_batch)
         for cb in self.callbacks:
             if cb.state_key in payload["callbacks"]:
                 cb.load_state_dict(payload["callbacks"][cb.state_key])
 
     # -------------------------------------------------------------------------------- helpers
-    def _check_finite(self, out: StepOutput) -> None:
+    def _check_finite(self, finite: bool) -> None:
         s = self.state
-        if out.finite:
+        if finite:
             s.nonfinite_in_row = 0
             return
         s.nonfinite_in_row += 1
         s.nonfinite_total += 1
-        log.warning("step %d: non-finite gradient norm, step skipped (%d in a row)", s.step, s.nonfinite_in_row)
+        log.warning("non-finite gradient norm, step skipped (%d in a row, up to step %d)", s.nonfinite_in_row, s.step)
         if s.nonfinite_in_row >= self.cfg.max_nonfinite_steps:
             raise TrainingError(
                 f"train: {s.nonfinite_in_row} optimizer steps in a row had non-finite gradients (last at step "
@@ -259,35 +348,9 @@ class Trainer:
         for cb in self.callbacks:
             getattr(cb, hook)(self, *args)
 
-    def _reset_window(self, now: float | None = None) -> None:
-        self._window_losses: list[torch.Tensor] = []  # per step, on device: stacked when logged, not per step
-        self._window_norms: list[torch.Tensor] = []
-        self._window_targets = 0
-        self._window_samples = self.state.samples_seen
-        self._window_started = time.perf_counter() if now is None else now
 
+def _mfu_factor(flops_per_token: float | None, device: torch.device) -> float | None:
+    from core.training.flops import peak_flops
 
-def step_budget(n_micro_batches: int, cfg: TrainConfig) -> tuple[int, int]:
-    """(optimizer steps per epoch, total optimizer steps) for an epoch of `n_micro_batches`: the one
-    place the loop's length is computed, so the LR schedule and the loop cannot disagree."""
-    steps_per_epoch = math.ceil(n_micro_batches / cfg.grad_accum_steps)  # a short last window is a step
-    total = cfg.max_epochs * steps_per_epoch
-    return steps_per_epoch, total if cfg.max_steps is None else min(cfg.max_steps, total)
-
-
-def step_windows(batches: Iterable[Batch], size: int) -> Iterator[list[Batch]]:
-    """Group micro-batches into optimizer-step windows; the epoch's last window may be shorter."""
-    window: list[Batch] = []
-    for batch in batches:
-        window.append(batch)
-        if len(window) == size:
-            yield window
-            window = []
-    if window:
-        yield window
-
-
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    peak = peak_flops(device) if flops_per_token is not None else None
+    return flops_per_token / peak if flops_per_token is not None and peak else None

@@ -19,7 +19,8 @@ import torch
 
 from core.data.loaders import Batch
 from core.training.seed import isolate_rng
-from core.training.trainer import Trainer, step_windows
+from core.training.steps import step_windows
+from core.training.trainer import Trainer
 
 RULES = ("valley", "steepest", "min_div_10")
 
@@ -36,7 +37,7 @@ def lr_sweep(
 ) -> LRCurve:
     """Run the range test with `trainer`'s step; every state it touches is restored on return."""
     saved = {
-        "model": copy.deepcopy(trainer.model.state_dict()),
+        "model": copy.deepcopy(trainer.module.state_dict()),
         "optimizer": copy.deepcopy(trainer.optimizer.state_dict()),
         "scheduler": trainer.scheduler,
         "scaler": copy.deepcopy(trainer.scaler.state_dict()),
@@ -66,7 +67,7 @@ def lr_sweep(
                     diverged = True
                     break
     finally:
-        trainer.model.load_state_dict(saved["model"])
+        trainer.module.load_state_dict(saved["model"])
         trainer.optimizer.load_state_dict(saved["optimizer"])
         trainer.scheduler = saved["scheduler"]
         trainer.scaler.load_state_dict(saved["scaler"])

@@ -47,3 +47,21 @@ class _Unexportable(nn.Module):
 
 def unexportable_net(spec: DataSpec) -> nn.Module:
     return _Unexportable(spec)
+
+
+class _MemoryLimited(TinyNet):
+    """A CPU stand-in for a GPU that runs out of memory: a forward over more than `max_batch` samples raises
+    torch.cuda.OutOfMemoryError, as CUDA's allocator would."""
+
+    def __init__(self, spec: DataSpec, hidden: int, max_batch: int):
+        super().__init__(spec, hidden)
+        self.max_batch = max_batch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > self.max_batch:
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (stand-in: {x.shape[0]} > {self.max_batch} samples)")
+        return super().forward(x)
+
+
+def memory_limited_net(spec: DataSpec, max_batch: int, hidden: int = 16) -> nn.Module:
+    return _MemoryLimited(spec, hidden, max_batch)

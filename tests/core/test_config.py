@@ -45,14 +45,14 @@ BAD_CONFIGS = [
         "optim: {zzz: 1}",
         [],
         r"config\.yaml: optim\.zzz: unknown key; allowed keys: betas, eps, lr, min_lr_ratio, momentum, name, "
-        r"nesterov, schedule, warmup_steps, weight_decay",
+        r"nesterov, schedule, trust_coefficient, warmup_steps, weight_decay",
     ),
     (
         "wrong type",
         "train: {batch_size: abc}",
         [],
         r"config\.yaml: train\.batch_size: 'abc': input should be a valid integer, unable to parse string as an "
-        r"integer",
+        r"integer \(or one of auto\)",
     ),
     (
         "section given as a scalar",
@@ -60,7 +60,12 @@ BAD_CONFIGS = [
         [],
         r"config\.yaml: data: 'digits': expected a section \(a mapping of keys to values\)",
     ),
-    ("out of range, >=", "train: {batch_size: 0}", [], r"config\.yaml: train\.batch_size: 0 must be >= 1"),
+    (
+        "out of range, >=",
+        "train: {batch_size: 0}",
+        [],
+        r"config\.yaml: train\.batch_size: 0 must be >= 1 \(or one of auto\)",
+    ),
     ("out of range, >", "optim: {lr: -0.5}", [], r"config\.yaml: optim\.lr: -0\.5 must be > 0\.0 \(or one of auto\)"),
     (
         "out of range in a list",
@@ -201,7 +206,8 @@ BAD_CONFIGS = [
         "--set bad value",
         "train: {batch_size: 32}",
         ["train.batch_size=lots"],
-        r"--set: train\.batch_size: 'lots': input should be a valid integer, unable to parse string as an integer",
+        r"--set: train\.batch_size: 'lots': input should be a valid integer, unable to parse string as an integer "
+        r"\(or one of auto\)",
     ),
     (
         "--set unknown key",
@@ -269,7 +275,7 @@ def test_file_and_set_problems_are_told_apart(in_tmp: Path) -> None:
         load_config("config.yaml", ["train.batch_size=0", "optim.lr=big"])
     assert set(caught.value.problems) == {
         "config.yaml: train.precision: 'fp8' is not one of fp32, bf16, fp16",
-        "--set: train.batch_size: 0 must be >= 1",
+        "--set: train.batch_size: 0 must be >= 1 (or one of auto)",
         "--set: optim.lr: 'big': input should be a valid number, unable to parse string as a number (or one of auto)",
     }
 

@@ -3,6 +3,7 @@ trained through the shared fit routine (early stopping, checkpoints, resume) on 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,14 +13,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.compression.distillation import DistillationLoss, count_parameters, student_config
-from core.config import CNNConfig, Config, FactoryModelConfig, GPTConfig, MLPConfig, config_from_dict
+from core.config import CNNConfig, Config, FactoryModelConfig, GPTConfig, LoaderConfig, MLPConfig, config_from_dict
 from core.data.spec import DataSpec
 from core.errors import ConfigError
 from core.models import build_model
 from core.prepare_data import prepare_data
 from core.records import PrepareDataResult
 from core.storage.store import LocalStore
-from core.training.builder import build_trainer
+from core.training.builder import build_trainer, prepared_loaders
 from core.training.callbacks import Callback
 from core.training.checkpoint import load_checkpoint, periodic_checkpoints
 from core.training.metrics import eval_pass, loss_fn, pass_metrics
@@ -159,9 +160,10 @@ def _student(
     return fit_in_folder(*args, callbacks=callbacks, model=student, loss=kd)
 
 
-def _test_accuracy(done: FolderFit) -> float:
-    t = done.trainer
-    return pass_metrics(eval_pass(t.model, t.loaders.test, t.device, t.autocast), "classification", "t")["t/accuracy"]
+def _test_accuracy(done: FolderFit, data: PrepareDataResult, store: LocalStore) -> float:
+    test = prepared_loaders(data, store, 64, LoaderConfig(), 0).test
+    result = eval_pass(done.model, test, torch.device("cpu"), contextlib.nullcontext())
+    return pass_metrics(result, "classification", "t")["t/accuracy"]
 
 
 def test_a_student_learns_at_least_as_well_with_its_teacher(store) -> None:
@@ -171,10 +173,10 @@ def test_a_student_learns_at_least_as_well_with_its_teacher(store) -> None:
     cfg, data = _digits(store, epochs=30)
     teacher = fit_in_folder(cfg.model, cfg.optim, cfg.train, cfg.data.loader, cfg.seed, data, store, "teacher")
     plain = _student(cfg, data, store, "plain", 0.125, None)  # hidden [8]: 626 parameters, the teacher 4,938
-    distilled = _student(cfg, data, store, "kd", 0.125, teacher.trainer.model)
-    assert plain.trainer.model.net[1].out_features == 8
-    assert _test_accuracy(distilled) >= _test_accuracy(plain) - 0.01
-    assert _test_accuracy(teacher) > _test_accuracy(plain)
+    distilled = _student(cfg, data, store, "kd", 0.125, teacher.model)
+    assert plain.model.net[1].out_features == 8
+    assert _test_accuracy(distilled, data, store) >= _test_accuracy(plain, data, store) - 0.01
+    assert _test_accuracy(teacher, data, store) > _test_accuracy(plain, data, store)
 
 
 def test_student_training_stops_early_and_hands_on_its_best_checkpoint(store) -> None:
@@ -185,10 +187,10 @@ def test_student_training_stops_early_and_hands_on_its_best_checkpoint(store) ->
     assert done.fit.epochs_run == 3  # the first evaluation sets the bar; no later one beats it by 10
     folder = store.root / "early"
     assert done.weights_uri == (folder / "model.pt").as_uri() and done.weights_path.is_file()
-    assert done.checkpoint.best_step == load_checkpoint(folder / "best.pt")["step"]  # best by val/loss, min_delta aside
+    assert done.best_step == load_checkpoint(folder / "best.pt")["step"]  # best by val/loss, min_delta aside
     handed_on, best = load_checkpoint(done.weights_path)["model"], load_checkpoint(folder / "best.pt")["model"]
     assert all(torch.equal(handed_on[name], tensor) for name, tensor in best.items()), "restore_best hands on the best"
-    assert set(done.checkpoint.best_metrics) == {"val/loss", "val/accuracy"}
+    assert set(done.best_metrics) == {"val/loss", "val/accuracy"}
 
 
 def test_a_crashed_student_run_resumes_to_the_weights_of_an_uninterrupted_one(store) -> None:
@@ -202,7 +204,7 @@ def test_a_crashed_student_run_resumes_to_the_weights_of_an_uninterrupted_one(st
     resumed = _student(cfg, data, store, "resumed", 0.1, teacher)  # the same pre-built student, fresh weights
     assert resumed.resumed_from == 16 and full.resumed_from is None
     assert resumed.fit.steps == full.fit.steps == 36
-    assert resumed.checkpoint.best_step == full.checkpoint.best_step
+    assert resumed.best_step == full.best_step
     reference = load_checkpoint(full.weights_path)["model"]
     for name, tensor in load_checkpoint(resumed.weights_path)["model"].items():
         torch.testing.assert_close(tensor, reference[name], rtol=0, atol=0)

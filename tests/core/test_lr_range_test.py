@@ -26,7 +26,8 @@ from core.records import LRRangeTestResult, PrepareDataResult
 from core.training.builder import build_trainer
 from core.training.metrics import eval_pass
 from core.training.seed import rng_state, set_rng_state
-from core.training.trainer import Trainer, step_windows
+from core.training.steps import step_windows
+from core.training.trainer import Trainer
 from core.tuning.lr_finder import RULES, LRCurve, lr_sweep, suggest_lr
 from tests.conftest import tiny_raw
 

@@ -1,0 +1,183 @@
+"""Data-parallel training through torch's elastic launcher on gloo (CPU): 2 ranks end with the weights of
+1 process on the same global batch, with and without accumulation, across an epoch boundary, and after a
+kill and resume mid-epoch; 2 "machines" of 1 process meeting by c10d rendezvous on loopback train the
+same as 1 machine of 2; a failing or killed rank fails the stage with its own error, quickly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from core.config import config_from_dict
+from core.errors import ConfigError, TrainingError
+from core.prepare_data import prepare_data
+from core.storage.store import LocalStore
+from core.training.callbacks import Callback
+from core.training.checkpoint import FINAL, load_checkpoint, periodic_checkpoints
+from core.training.run import fit_in_folder
+from tests.conftest import tiny_raw
+
+TOL = {"atol": 2e-6, "rtol": 1e-5}  # fp32: the sums run in another order across ranks
+
+
+def _cfg(world: int, batch: int, accum: int = 1, **train: Any) -> Any:
+    settings = {
+        "batch_size": batch, "grad_accum_steps": accum, "max_epochs": 3, "max_steps": 12, "log_every_steps": 4,
+        "early_stopping": {"enabled": False, "restore_best": False},
+        "distributed": {"nproc_per_node": world, "rdzv_endpoint": "localhost:0"} | train.pop("distributed", {}),
+    } | train  # fmt: skip
+    return config_from_dict(tiny_raw(train=settings))
+
+
+def _fit(cfg: Any, store: LocalStore, key: str) -> Any:
+    data = prepare_data(cfg.data, cfg.seed, store)
+    return fit_in_folder(cfg.model, cfg.optim, cfg.train, cfg.data.loader, cfg.seed, data, store, key)
+
+
+def _weights(store: LocalStore, key: str) -> dict[str, torch.Tensor]:
+    return load_checkpoint(store.workdir(key) / FINAL)["model"]
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], **TOL, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_two_gloo_ranks_end_with_the_weights_of_one_process(store: LocalStore, accum: int) -> None:
+    one = _fit(_cfg(1, 16, accum), store, f"one-{accum}")
+    two = _fit(_cfg(2, 8, accum), store, f"two-{accum}")
+    assert two.facts["world_size"] == 2 and two.facts["effective_batch_size"] == 16 * accum
+    assert one.fit.steps == two.fit.steps == 12
+    assert one.fit.epochs_run >= 2, "the run crosses an epoch boundary (a new shuffle, a short last batch)"
+    _assert_same(_weights(store, f"one-{accum}"), _weights(store, f"two-{accum}"))
+    _assert_same(one.model.state_dict(), two.model.state_dict())
+    assert two.best_metrics["val/loss"] == pytest.approx(one.best_metrics["val/loss"], rel=1e-5), "sharded val reduced"
+
+
+class KillAtStep(Callback):
+    """A callback (it travels to the main rank) that SIGKILLs its process when a step ends."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, trainer: Any) -> None:
+        if trainer.state.step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class FailOnRank:
+    """A loss hook (it travels to every rank) that fails on one rank at its n-th micro-batch: `raise` a
+    ValueError, or `kill` the process."""
+
+    def __init__(self, rank: int, at_call: int, how: str):
+        self.rank, self.at_call, self.how, self.calls = rank, at_call, how, 0
+
+    def __call__(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if int(os.environ.get("RANK", "0")) == self.rank and self.calls == self.at_call:
+            if self.how == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise ValueError(f"planted failure at micro-batch {self.calls}")
+        return torch.nn.functional.cross_entropy(model(x), y)
+
+
+def test_a_killed_main_rank_fails_the_stage_and_a_rerun_resumes_mid_epoch_to_the_same_weights(
+    store: LocalStore,
+) -> None:
+    checkpoints = {"checkpoint": {"every_steps": 3, "keep_last": 5}}
+    _fit(_cfg(2, 8, **checkpoints), store, "whole")
+    cfg = _cfg(2, 8, **checkpoints)
+    data = prepare_data(cfg.data, cfg.seed, store)
+    with pytest.raises(TrainingError, match=r"rank 0 failed: Signal 9 \(SIGKILL\)"):
+        fit_in_folder(cfg.model, cfg.optim, cfg.train, cfg.data.loader, cfg.seed, data, store, "killed",
+                      callbacks=[KillAtStep(11)])  # fmt: skip
+    saved = [int(p.stem.split("-")[1]) for p in periodic_checkpoints(store.workdir("killed"))]
+    assert saved == [3, 6, 9]
+    state = load_checkpoint(store.workdir("killed") / "step-000000009.pt")["state"]
+    assert 0 < state["batch_in_epoch"] < 8, "the checkpoint resumed from is mid-epoch"
+    resumed = _fit(cfg, store, "killed")
+    assert resumed.resumed_from == 9 and resumed.fit.steps == 12
+    _assert_same(_weights(store, "whole"), _weights(store, "killed"))
+
+
+@pytest.mark.parametrize("how", ["raise", "kill"])
+def test_a_failing_rank_brings_the_stage_down_with_its_error_without_hanging(store: LocalStore, how: str) -> None:
+    cfg = _cfg(2, 8, max_steps=200, max_epochs=50)
+    data = prepare_data(cfg.data, cfg.seed, store)
+    expected = r"rank 1 failed: ValueError: planted failure at micro-batch 5" if how == "raise" else (
+        r"rank 1 failed: Signal 9 \(SIGKILL\)")  # fmt: skip
+    started = time.monotonic()
+    with pytest.raises(TrainingError, match=expected):
+        fit_in_folder(cfg.model, cfg.optim, cfg.train, cfg.data.loader, cfg.seed, data, store, f"fail-{how}",
+                      loss=FailOnRank(1, 5, how))  # fmt: skip
+    assert time.monotonic() - started < 60, "rank 0 must not wait out the collective timeout"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_machines_of_one_process_train_as_one_machine_of_two(store: LocalStore, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import yaml
+
+    _fit(_cfg(2, 8), store, "one-machine")
+    endpoint = f"127.0.0.1:{_free_port()}"
+    nodes = {"nproc_per_node": 1, "nnodes": 2, "rdzv_endpoint": endpoint, "rdzv_timeout_s": 120}
+    cfg = _cfg(1, 8, distributed=nodes)
+    config_file = tmp_path / "two-nodes.yaml"
+    config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    other = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "train", str(config_file), "--node-rank", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        two = _fit(cfg, store, "two-machines")
+    finally:
+        out, _ = other.communicate(timeout=120)
+    assert other.returncode == 0, out
+    assert "node 1: training done" in out
+    assert two.facts["world_size"] == 2
+    _assert_same(_weights(store, "one-machine"), _weights(store, "two-machines"))
+
+
+@pytest.mark.parametrize(
+    ("distributed", "message"),
+    [
+        ({"backend": "nccl"}, r"train.distributed.backend: 'nccl' needs CUDA devices"),
+        (
+            {"rdzv_endpoint": "no-such-host.invalid:29400"},
+            r"train.distributed.rdzv_endpoint: host 'no-such-host.invalid'",
+        ),
+    ],
+)
+def test_a_launch_that_cannot_run_here_is_a_one_line_config_error(
+    store: LocalStore, distributed: dict[str, Any], message: str
+) -> None:
+    cfg = _cfg(2, 8, distributed=distributed)
+    data = prepare_data(cfg.data, cfg.seed, store)
+    with pytest.raises(ConfigError, match=message):
+        fit_in_folder(cfg.model, cfg.optim, cfg.train, cfg.data.loader, cfg.seed, data, store, "bad")
+    assert not periodic_checkpoints(store.workdir("bad"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: on CPU any number of gloo processes runs")
+def test_more_processes_than_gpus_is_a_config_error(store: LocalStore) -> None:
+    cfg = _cfg(torch.cuda.device_count() + 1, 8, device="cuda")
+    with pytest.raises(ConfigError, match=r"train.distributed.nproc_per_node: \d+ processes but this machine has"):
+        from core.training.distributed import check_distributed
+
+        check_distributed(cfg.train)
