@@ -37,7 +37,7 @@ def preflight(config: Config) -> None:
     if config.train.distributed.enabled:  # devices, backend, rendezvous host, strategy: before any stage
         from core.training.distributed import check_distributed
 
-        check_distributed(config.train)
+        check_distributed(config.train, config.store.uri)
     if config.compress.enabled and _compress_needs_model(config):
         from core.compression.plan import check_compress
 

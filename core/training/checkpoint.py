@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,7 @@ from core.errors import TrainingError
 from core.storage.store import ArtifactStore, sha256_file
 from core.storage.uploads import BackgroundUploads, ListingStore
 from core.training.callbacks import Callback, is_improvement, monitored_value
+from core.training.sharded import SHARDS_SUFFIX
 from core.training.state import FitResult
 
 if TYPE_CHECKING:
@@ -65,6 +67,12 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             f"{path}: checkpoint cannot be loaded ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
             "delete it to start this run over, or set train.resume=false"
         ) from None
+
+
+def remove_checkpoint(path: Path) -> None:
+    """A periodic checkpoint, and its shards folder if it has one."""
+    path.unlink(missing_ok=True)
+    shutil.rmtree(path.with_suffix(SHARDS_SUFFIX), ignore_errors=True)
 
 
 def periodic_checkpoints(folder: Path) -> list[Path]:
@@ -124,9 +132,13 @@ class ModelCheckpoint(Callback):
         extra: dict[str, Any],
         uploads: BackgroundUploads | None = None,
         store_key: str = "",
+        writer: bool = True,
     ):
-        """`uploads`: background uploads to a remote store, under `store_key` (None: the folder is final)."""
+        """`uploads`: background uploads to a remote store, under `store_key` (None: the folder is final).
+        `writer`: whether this rank writes files. Under FSDP every rank runs this callback (saving and
+        gathering weights are collectives) and only the main rank writes."""
         self.folder, self.cfg, self.monitor, self.extra = folder, cfg, monitor, extra
+        self.writer = writer
         self.uploads, self.store_key = uploads, store_key
         self.best: float | None = None
         self.best_metrics: dict[str, float] = {}
@@ -143,22 +155,27 @@ class ModelCheckpoint(Callback):
         current = monitored_value(metrics, self.monitor.monitor, "train.early_stopping.monitor")
         if is_improvement(current, self.best, self.monitor.mode, 0.0):
             self.best, self.best_metrics, self.best_step = current, dict(metrics), trainer.state.step
-            self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in trainer.module.state_dict().items()}
-        if self.cfg.every_steps is None and time.monotonic() - self._saved_at >= self.cfg.min_interval_s:
+            self.best_weights = trainer.full_state_dict()
+        due = self.cfg.every_steps is None and time.monotonic() - self._saved_at >= self.cfg.min_interval_s
+        if trainer.main_decides(due) if trainer.sharded else due:  # under FSDP every rank saves: one decision
             self.save(trainer)
 
     def on_fit_end(self, trainer: Trainer, result: FitResult) -> None:
         if self._saved_step != trainer.state.step:
             self.save(trainer)
-        if self.best_weights is not None:
+        restore = self.monitor.restore_best and self.best_step is not None
+        if self.writer and self.best_weights is not None:
             best = {"model": self.best_weights, "step": self.best_step, "metrics": self.best_metrics}
             save_checkpoint(best, self.folder / BEST)
             self._upload(BEST)
-            if self.monitor.restore_best:
-                trainer.module.load_state_dict(self.best_weights)
-                log.info("restored the weights of step %s (%s=%.5g)", self.best_step, self.monitor.monitor, self.best)
-        save_checkpoint({"model": trainer.module.state_dict(), "step": trainer.state.step}, self.folder / FINAL)
-        self._upload(FINAL)
+        if restore and not trainer.sharded:
+            trainer.module.load_state_dict(self.best_weights)  # type: ignore[arg-type]
+        if restore:
+            log.info("restored the weights of step %s (%s=%.5g)", self.best_step, self.monitor.monitor, self.best)
+        final = self.best_weights if restore and trainer.sharded else trainer.full_state_dict()  # full, even FSDP
+        if self.writer:
+            save_checkpoint({"model": final, "step": trainer.state.step}, self.folder / FINAL)
+            self._upload(FINAL)
         if self.uploads is not None:
             self.uploads.close()  # the stage returns only once everything is in the store; a failure raises
 
@@ -175,11 +192,14 @@ class ModelCheckpoint(Callback):
         """Write a periodic checkpoint; with a store to upload to, queue its upload (blocks while the queue is full)."""
         step = trainer.state.step
         path = self.folder / f"step-{step:09d}.pt"
-        save_checkpoint(trainer.checkpoint_state() | self.extra, path)
+        state = trainer.checkpoint_state(path.with_suffix(SHARDS_SUFFIX))  # FSDP: every rank writes its shards
         self._saved_step, self._saved_at = step, time.monotonic()
+        if not self.writer:
+            return path
+        save_checkpoint(state | self.extra, path)
         if self.uploads is None:
             for old in periodic_checkpoints(self.folder)[: -self.cfg.keep_last]:
-                old.unlink(missing_ok=True)
+                remove_checkpoint(old)
         else:
             self.uploads.submit(lambda: self._publish(path, step), self.uploads.store.uri_for(self._key(path.name)))
         return path

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from core.config import TrainConfig
 from core.config.distributed import DistributedConfig
 from core.errors import ConfigError, DataError, StoreError, TrainflowError, TrainingError
+from core.training.metrics import EvalPass
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -63,11 +64,16 @@ def backend_for(cfg: DistributedConfig, device_type: str) -> str:
     return cfg.backend if cfg.backend != "auto" else ("nccl" if device_type == "cuda" else "gloo")
 
 
-def check_distributed(train: TrainConfig) -> None:
+def check_distributed(train: TrainConfig, store_uri: str | None = None) -> None:
     """Before any work: the launch can run here (devices, backend, endpoint resolvable, strategy)."""
     cfg = train.distributed
     if not cfg.enabled:
         return
+    if cfg.strategy == "fsdp" and store_uri is not None and store_uri.startswith("s3://"):
+        raise ConfigError(
+            "train.distributed.strategy: fsdp writes sharded checkpoints from every rank into one folder; "
+            "use a local or shared-filesystem store.uri, not s3:// (or strategy: ddp)"
+        )
     from core.training.precision import resolve_device
 
     device = resolve_device(train.device)
@@ -186,3 +192,13 @@ def all_agree(flag: bool, device: torch.device) -> bool:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return bool(value.item() == 1.0)
+
+
+def reduced_eval(result: EvalPass, device: torch.device) -> EvalPass:
+    """One rank's evaluation pass over its shard, summed with the others': the pass over the whole split."""
+    totals = all_reduce_sum(
+        torch.tensor(
+            [result.loss * result.n_targets, result.n_targets, result.correct], dtype=torch.float64, device=device
+        )
+    ).tolist()
+    return EvalPass(loss=totals[0] / max(totals[1], 1), n_targets=int(totals[1]), correct=int(totals[2]))

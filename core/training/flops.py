@@ -116,3 +116,9 @@ def _unwrap(model: nn.Module) -> nn.Module:
         if not isinstance(inner, nn.Module):
             return model
         model = inner
+
+
+def mfu_factor(flops_per_token: float | None, device: torch.device) -> float | None:
+    """FLOPs per token / the device's peak FLOP/s, when both are known: tokens/s per device x this = MFU."""
+    peak = peak_flops(device) if flops_per_token is not None else None
+    return flops_per_token / peak if flops_per_token is not None and peak else None

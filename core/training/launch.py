@@ -17,10 +17,12 @@ from typing import Any
 import torch.distributed as dist
 
 from core.config import TrainConfig
+from core.errors import ConfigError
+from core.storage.store import ArtifactStore
 from core.training.checkpoint import latest_checkpoint, load_checkpoint
 from core.training.distributed import Rank, all_agree, broadcast_object, check_distributed, init_rank, launch
 from core.training.precision import resolve_device
-from core.training.run import FitJob, FolderFit, fit_rank
+from core.training.run import FitJob, FolderFit, checkpoint_to_resume, fit_rank, restore_checkpoint, resume_checkpoint
 from core.training.state import FitResult
 from core.training.trainer import Trainer
 
@@ -50,7 +52,7 @@ class Joining:
 def launch_fit(job: FitJob) -> FolderFit:
     """Run `job` on `train.distributed`'s ranks (this machine is node 0); the main rank's FolderFit, its
     model rebuilt here from the weights it wrote."""
-    check_distributed(job.train_cfg)
+    check_distributed(job.train_cfg, getattr(job.store, "uri", None))
     results = launch(job.train_cfg.distributed, rank_main, job, rendezvous_id(job.train_cfg))
     summary: FitSummary = next(r for r in results.values() if r is not None)
     model = job.model
@@ -98,8 +100,28 @@ def rank_main(job: FitJob | Joining) -> FitSummary | None:
         dist.destroy_process_group()
 
 
+def resume_ranks(
+    trainer: Trainer, rank: Rank, folder: Path, resume: bool, config: dict[str, Any], remote: ArtifactStore | None,
+    store_key: str,
+) -> int | None:  # fmt: skip
+    """Every rank continues from the checkpoint the main rank picks. DDP: the main rank restores it and the
+    others load the same file (or receive its state when they cannot read it); FSDP: each rank reads its
+    own shards (the folder must be shared)."""
+    if not trainer.sharded:
+        resumed = resume_checkpoint(trainer, folder, resume, config, remote, store_key) if rank.is_main else None
+        return share_resumed_state(trainer, rank, resumed)
+    path = checkpoint_to_resume(folder, resume, remote, store_key) if rank.is_main else None
+    shared = broadcast_object(str(path) if path else None, trainer.device, rank.main)
+    if shared is None:
+        return None
+    if not all_agree(Path(shared).exists(), trainer.device):
+        raise ConfigError(f"train.distributed.strategy: fsdp: {shared} is not readable on every rank; "
+                          "sharded checkpoints need a folder all ranks share")  # fmt: skip
+    return restore_checkpoint(trainer, load_checkpoint(Path(shared)), Path(shared))
+
+
 def share_resumed_state(trainer: Trainer, rank: Rank, resumed_from: int | None) -> int | None:
-    """Every rank continues from the main rank's checkpoint: each loads the file itself when every rank can
+    """DDP: the other ranks take the main rank's restored state: each loads the file itself when every rank can
     read it (one machine, a shared folder), else the main rank's state is broadcast."""
     path = latest_checkpoint(trainer_folder(trainer)) if rank.is_main and resumed_from is not None else None
     path = broadcast_object(str(path) if path else None, trainer.device, rank.main)

@@ -36,6 +36,7 @@ from core.training.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     periodic_checkpoints,
+    remove_checkpoint,
 )
 from core.training.distributed import SINGLE, Rank
 from core.training.state import FitResult
@@ -134,26 +135,29 @@ def fit_rank(job: FitJob, rank: Rank = SINGLE, device: torch.device | None = Non
         {"config": config, "run_id": job.run_id},
         uploads=BackgroundUploads(job.store) if remote and rank.is_main else None,
         store_key=job.store_key,
+        writer=rank.is_main,
     )
+    fsdp = rank.distributed and train_cfg.distributed.strategy == "fsdp"  # saving is a collective: on every rank
     stack: list[Callback] = [TrackingCallback(job.logger)] if job.logger and rank.is_main else []
     stack += [EarlyStopping(train_cfg.early_stopping)] if train_cfg.early_stopping.enabled else []
-    stack += [checkpoint, ProgressBar(train_cfg.progress_bar), *job.callbacks] if rank.is_main else []
+    stack += [checkpoint] if rank.is_main or fsdp else []
+    stack += [ProgressBar(train_cfg.progress_bar), *job.callbacks] if rank.is_main else []
     trainer = build_trainer(job.model_cfg, job.optim_cfg, train_cfg, job.loader_cfg, job.seed, job.data, job.store,
                             stack, model=job.model, loss=job.loss, rank=rank, device=device)  # fmt: skip
-    main_store, resumed_from = job.store if remote and rank.is_main else None, None
-    if rank.is_main:
-        resumed_from = _resume(trainer, folder, train_cfg.resume, config, main_store, job.store_key)
+    main_store = job.store if remote and rank.is_main else None
     if rank.distributed:
-        from core.training.launch import share_resumed_state
+        from core.training.launch import resume_ranks
 
-        resumed_from = share_resumed_state(trainer, rank, resumed_from if rank.is_main else None)
+        resumed_from = resume_ranks(trainer, rank, folder, train_cfg.resume, config, main_store, job.store_key)
+    else:
+        resumed_from = resume_checkpoint(trainer, folder, train_cfg.resume, config, main_store, job.store_key)
     fit = trainer.fit()  # with a remote store, model.pt is already uploaded: put_file below only checks it
     weights_uri = job.store.put_file(folder / FINAL, f"{job.store_key}/{FINAL}") if rank.is_main else ""
     return FolderFit(fit, checkpoint.best_metrics, checkpoint.best_step, resumed_from, weights_uri,
                      folder / FINAL, trainer.describe(), trainer.module)  # fmt: skip
 
 
-def _resume(
+def resume_checkpoint(
     trainer: Trainer,
     folder: Path,
     resume: bool,
@@ -161,9 +165,19 @@ def _resume(
     remote: ArtifactStore | None = None,
     store_key: str = "",
 ) -> int | None:
-    """Restore the last checkpoint (resume on): the local folder's, else (a `remote` store) the one the
-    store's index names, downloaded. Resume off: clear old ones, in the store too, so they cannot mix
-    with a fresh run."""
+    """Restore the checkpoint `checkpoint_to_resume` picks; the step resumed from, or None."""
+    latest = checkpoint_to_resume(folder, resume, remote, store_key)
+    if latest is None:
+        return None
+    payload = load_checkpoint(latest)
+    for key, saved, current in _differences(payload.get("config", {}), config):
+        log.info("resume: %s is %r in the checkpoint and %r in the config; the config value wins", key, saved, current)
+    return restore_checkpoint(trainer, payload, latest)
+
+
+def checkpoint_to_resume(folder: Path, resume: bool, remote: ArtifactStore | None, store_key: str) -> Path | None:
+    """The last checkpoint (resume on): the local folder's, else (a `remote` store) the one the store's index
+    names, downloaded. Resume off: clear old ones, in the store too, so they cannot mix with a fresh run."""
     latest = latest_checkpoint(folder)
     if not resume:
         if latest is not None or remote is not None:
@@ -171,29 +185,28 @@ def _resume(
         return None
     if latest is None and remote is not None:
         latest = fetch_latest_checkpoint(remote, store_key)
-    if latest is None:
-        return None
-    payload = load_checkpoint(latest)
-    for key, saved, current in _differences(payload.get("config", {}), config):
-        log.info("resume: %s is %r in the checkpoint and %r in the config; the config value wins", key, saved, current)
+    return latest
+
+
+def restore_checkpoint(trainer: Trainer, payload: dict[str, Any], path: Path) -> int:
+    """`trainer.restore` with a one-line error when the checkpoint was written for another model."""
     try:
-        trainer.restore(payload)
+        trainer.restore(payload, path.parent)
     except RuntimeError as exc:  # load_state_dict: missing/unexpected keys or shapes (another model)
         raise TrainingError(
-            f"{latest}: checkpoint does not fit this model ({str(exc).splitlines()[0]}); pass the model it was "
+            f"{path}: checkpoint does not fit this model ({str(exc).splitlines()[0]}); pass the model it was "
             "written for, delete the checkpoint to start over, or set train.resume=false"
         ) from None
     state = trainer.state
-    log.info(
-        "resuming from %s: epoch %d, batch %d, step %d", latest.name, state.epoch, state.batch_in_epoch, state.step
-    )
+    log.info("resuming from %s: epoch %d, batch %d, step %d", path.name, state.epoch, state.batch_in_epoch, state.step)
     return state.step
 
 
 def _clear(folder: Path, remote: ArtifactStore | None, store_key: str) -> None:
     """Remove the checkpoints of an earlier run, locally and (a listing store) in the store, index first."""
-    names = [p.name for p in periodic_checkpoints(folder)] + [BEST, FINAL, INDEX]
-    for name in names:
+    for path in periodic_checkpoints(folder):
+        remove_checkpoint(path)
+    for name in (BEST, FINAL, INDEX):
         (folder / name).unlink(missing_ok=True)
     if isinstance(remote, ListingStore):
         stored = {k.rsplit("/", 1)[-1] for k in remote.list_keys(store_key)}

@@ -18,13 +18,13 @@ the micro-batch and multiplies accumulation alike, then re-reads the step's data
 
 from __future__ import annotations
 
-import gc
 import logging
 import math
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,14 +33,16 @@ from torch.nn.parallel import DistributedDataParallel
 
 from core.config import TrainConfig
 from core.data.loaders import Batch, Loaders, rebatched
-from core.errors import TrainingError
 from core.training.callbacks import Callback
-from core.training.distributed import SINGLE, Rank, all_reduce_sum
-from core.training.metrics import EvalPass, eval_pass, loss_fn, pass_metrics
+from core.training.distributed import SINGLE, Rank, broadcast_object, reduced_eval
+from core.training.flops import mfu_factor
+from core.training.metrics import eval_pass, loss_fn, pass_metrics
 from core.training.precision import autocast_context, grad_scaler
+from core.training.recovery import count_nonfinite, first_compiled_step, split_micro_batch
 from core.training.seed import rng_state, set_rng_state
+from core.training.sharded import full_state_dict, is_sharded, load_shards, save_shards
 from core.training.state import FitResult, StepOutput, StopReason, TrainState
-from core.training.steps import split_factor, step_budget, step_windows
+from core.training.steps import step_budget, step_windows
 from core.training.window import LogWindow
 
 log = logging.getLogger(__name__)
@@ -86,9 +88,10 @@ class Trainer:
         self.last_metrics: dict[str, float] = {}
         self.eval_seconds = 0.0  # spent in validation during fit()
         self.input_format = torch.preserve_format  # torch.channels_last for a channels-last CNN on CUDA
-        self.mfu_factor = _mfu_factor(flops_per_token, device)  # the GPT on a GPU of known peak: MFU is logged
+        self.mfu_factor = mfu_factor(flops_per_token, device)  # the GPT on a GPU of known peak: MFU is logged
         # a fused optimizer skips a non-finite step on the device: no host sync, checked when metrics are logged
         self.deferred_finite_check = bool(getattr(optimizer, "defaults", {}).get("fused"))
+        self.sharded = is_sharded(self.module)  # FSDP: weights and optimizer state split over the ranks
         self._compile_pending = hasattr(model, "_orig_mod")  # torch.compile: the first step may fail to compile
         self.window = LogWindow(self.state.samples_seen)
 
@@ -115,6 +118,8 @@ class Trainer:
         assert loss is not None, "a window holds at least one micro-batch"
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.grad_clip_norm or math.inf)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a replicated DTensor
+            grad_norm = grad_norm.full_tensor()
         finite_t = torch.isfinite(loss if scaler.is_enabled() else grad_norm)
         if self.deferred_finite_check:
             if not scaler.is_enabled():  # an enabled scaler hands its own found_inf to a fused optimizer
@@ -204,43 +209,13 @@ class Trainer:
         """The step; a torch.compile'd model that fails its first step falls back to eager, with a warning."""
         if not self._compile_pending:
             return self.train_step(window)
-        try:
-            out = self.train_step(window)
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except Exception as exc:
-            log.warning("train.compile: compiling failed (%s: %s); training in eager mode",
-                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")  # fmt: skip
-            self.model = self.model._orig_mod  # type: ignore[assignment]
-            self.optimizer.zero_grad(set_to_none=True)
-            out = self.train_step(window)
         self._compile_pending = False
-        return out
+        return first_compiled_step(self, window)
 
     def split_micro_batch(self, exc: BaseException) -> None:
         """After a CUDA out-of-memory error inside a step (before its update): micro-batch / k and
         accumulation x k for the smallest k dividing it; the step is re-run on the same samples."""
-        s = self.state
-        factor = split_factor(s.micro_batch)
-        if self.rank.distributed or factor is None:
-            why = "a micro-batch of 1 cannot be split" if factor is None else "ranks cannot split in step"
-            raise TrainingError(
-                f"train: CUDA out of memory at micro-batch {s.micro_batch} ({why}); set a smaller train.batch_size, "
-                "or train.batch_size: auto"
-            ) from exc
-        self.optimizer.zero_grad(set_to_none=True)
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        s.micro_batch, s.grad_accum, s.batch_in_epoch = (
-            s.micro_batch // factor,
-            s.grad_accum * factor,
-            s.batch_in_epoch * factor,
-        )
-        self.loaders.train = rebatched(self.loaders.train, s.micro_batch)
-        self.loaders.val = rebatched(self.loaders.val, s.micro_batch)  # evaluation at the size that fits
-        log.warning("step %d: CUDA out of memory; micro-batch now %d x %d accumulation (effective batch %d kept)",
-                    s.step + 1, s.micro_batch, s.grad_accum, self.effective_batch_size)  # fmt: skip
+        split_micro_batch(self, exc)
         self._call("on_micro_batch_split")
 
     def validate(self) -> dict[str, float]:
@@ -248,14 +223,7 @@ class Trainer:
         started = time.perf_counter()
         result = eval_pass(self.model, self.loaders.val, self.device, self.autocast)
         if self.rank.distributed:
-            totals = all_reduce_sum(
-                torch.tensor(
-                    [result.loss * result.n_targets, result.n_targets, result.correct],
-                    dtype=torch.float64,
-                    device=self.device,
-                )
-            ).tolist()
-            result = EvalPass(loss=totals[0] / max(totals[1], 1), n_targets=int(totals[1]), correct=int(totals[2]))
+            result = reduced_eval(result, self.device)
         metrics = pass_metrics(result, self.task, "val")
         self.eval_seconds += time.perf_counter() - started
         self.state.last_eval_step, self.last_metrics = self.state.step, metrics
@@ -271,6 +239,16 @@ class Trainer:
     @property
     def effective_batch_size(self) -> int:
         return self.state.micro_batch * self.state.grad_accum * self.rank.world_size
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The plain weights on CPU, on the main rank (None elsewhere); collective under FSDP."""
+        return full_state_dict(self.module, self.rank.is_main)
+
+    def main_decides(self, flag: bool) -> bool:
+        """The main rank's `flag` on every rank (a time-based decision that collectives must share)."""
+        if not self.rank.distributed:
+            return flag
+        return bool(broadcast_object(flag, self.device, self.rank.main))
 
     def collect_train_metrics(self) -> dict[str, float]:
         """Training metrics since the last call, averaged over ranks; the only place the loop reads device
@@ -294,10 +272,16 @@ class Trainer:
             "n_parameters": sum(p.numel() for p in self.module.parameters()),
         }
 
-    def checkpoint_state(self) -> dict[str, Any]:
+    def checkpoint_state(self, shards: Path | None = None) -> dict[str, Any]:
+        """Everything `restore` needs. Under FSDP (collective) the weights and optimizer state go to `shards`,
+        each rank its own, and the returned dict names that folder instead of holding them."""
+        if self.sharded:
+            assert shards is not None, "a sharded model saves its state into a shards folder"
+            save_shards(self.module, self.optimizer, shards)
         return {
-            "model": self.module.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": None if self.sharded else self.module.state_dict(),
+            "optimizer": None if self.sharded else self.optimizer.state_dict(),
+            "shards": shards.name if self.sharded and shards is not None else None,
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
@@ -305,10 +289,15 @@ class Trainer:
             "callbacks": {cb.state_key: cb.state_dict() for cb in self.callbacks},
         }
 
-    def restore(self, payload: dict[str, Any]) -> None:
-        """Continue from a checkpoint as if training had never stopped (at its micro-batch size)."""
-        self.module.load_state_dict(payload["model"])
-        self.optimizer.load_state_dict(payload["optimizer"])
+    def restore(self, payload: dict[str, Any], folder: Path | None = None) -> None:
+        """Continue from a checkpoint as if training had never stopped (at its micro-batch size); a sharded
+        one's weights from its shards folder in `folder` (collective)."""
+        if payload.get("shards"):
+            assert folder is not None, "a sharded checkpoint's weights are in its folder"
+            load_shards(self.module, self.optimizer, folder / payload["shards"])
+        else:
+            self.module.load_state_dict(payload["model"])
+            self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
         self.scaler.load_state_dict(payload["scaler"])
         set_rng_state(payload["rng"])
@@ -324,33 +313,16 @@ class Trainer:
 
     # -------------------------------------------------------------------------------- helpers
     def _check_finite(self, finite: bool) -> None:
-        s = self.state
-        if finite:
-            s.nonfinite_in_row = 0
-            return
-        s.nonfinite_in_row += 1
-        s.nonfinite_total += 1
-        log.warning("non-finite gradient norm, step skipped (%d in a row, up to step %d)", s.nonfinite_in_row, s.step)
-        if s.nonfinite_in_row >= self.cfg.max_nonfinite_steps:
-            raise TrainingError(
-                f"train: {s.nonfinite_in_row} optimizer steps in a row had non-finite gradients (last at step "
-                f"{s.step}, lr {self.scheduler.get_last_lr()[0]:.3g}); lower optim.lr, set train.grad_clip_norm "
-                f"or use fp32 (limit: train.max_nonfinite_steps={self.cfg.max_nonfinite_steps})"
-            )
+        count_nonfinite(self, finite)
 
     def _gradient_sync(self, last: bool) -> AbstractContextManager[object]:
-        # Under DDP only the last micro-batch of a window all-reduces gradients.
+        # Under DDP/FSDP only the last micro-batch of a window all-reduces (reduce-scatters) gradients.
         if not last and isinstance(self.model, DistributedDataParallel):
             return self.model.no_sync()
+        if self.sharded and self.rank.distributed:
+            self.module.set_requires_gradient_sync(last)  # type: ignore[operator]
         return nullcontext()
 
     def _call(self, hook: str, *args: Any) -> None:
         for cb in self.callbacks:
             getattr(cb, hook)(self, *args)
-
-
-def _mfu_factor(flops_per_token: float | None, device: torch.device) -> float | None:
-    from core.training.flops import peak_flops
-
-    peak = peak_flops(device) if flops_per_token is not None else None
-    return flops_per_token / peak if flops_per_token is not None and peak else None

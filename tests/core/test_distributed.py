@@ -181,3 +181,40 @@ def test_more_processes_than_gpus_is_a_config_error(store: LocalStore) -> None:
         from core.training.distributed import check_distributed
 
         check_distributed(cfg.train)
+
+
+def test_fsdp_on_two_ranks_trains_as_one_process_and_publishes_a_full_state_dict(store: LocalStore) -> None:
+    fsdp = {"strategy": "fsdp"}
+    one = _fit(_cfg(1, 16, 2), store, "fsdp-one")
+    two = _fit(_cfg(2, 8, 2, distributed=fsdp), store, "fsdp-two")
+    assert two.facts["world_size"] == 2
+    weights = _weights(store, "fsdp-two")
+    assert all(type(t) is torch.Tensor for t in weights.values()), "plain tensors, not DTensor shards"
+    _assert_same(_weights(store, "fsdp-one"), weights)
+    _assert_same(one.model.state_dict(), two.model.state_dict())
+
+
+def test_fsdp_checkpoints_are_sharded_and_resume_after_a_kill(store: LocalStore) -> None:
+    settings = {"checkpoint": {"every_steps": 3, "keep_last": 2}, "distributed": {"strategy": "fsdp"}}
+    _fit(_cfg(2, 8, **settings), store, "fsdp-whole")
+    cfg = _cfg(2, 8, **settings)
+    data = prepare_data(cfg.data, cfg.seed, store)
+    with pytest.raises(TrainingError, match=r"rank 0 failed: Signal 9"):
+        fit_in_folder(cfg.model, cfg.optim, cfg.train, cfg.data.loader, cfg.seed, data, store, "fsdp-killed",
+                      callbacks=[KillAtStep(8)])  # fmt: skip
+    folder = store.workdir("fsdp-killed")
+    assert [p.name for p in periodic_checkpoints(folder)] == ["step-000000003.pt", "step-000000006.pt"]
+    shards = folder / "step-000000006.shards"
+    assert shards.is_dir() and len(list(shards.glob("*.distcp"))) == 2, "one shard file per rank"
+    assert load_checkpoint(folder / "step-000000006.pt")["model"] is None, "the weights live in the shards"
+    resumed = _fit(cfg, store, "fsdp-killed")
+    assert resumed.resumed_from == 6
+    _assert_same(_weights(store, "fsdp-whole"), _weights(store, "fsdp-killed"))
+
+
+def test_fsdp_with_an_s3_store_is_a_one_line_config_error() -> None:
+    from core.training.distributed import check_distributed
+
+    cfg = _cfg(2, 8, distributed={"strategy": "fsdp"})
+    with pytest.raises(ConfigError, match=r"^train.distributed.strategy: fsdp writes sharded checkpoints .* not s3://"):
+        check_distributed(cfg.train, "s3://bucket/prefix")
