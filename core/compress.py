@@ -166,6 +166,8 @@ class _Fitter:
 class _KeepZeros(Callback):
     """Fine-tuning a magnitude-pruned model: the pruned weights stay zero after every optimizer step."""
 
+    every_rank = True  # data-parallel: every replica keeps its zeros
+
     def __init__(self, model: torch.nn.Module):
         self.masks = {n: p != 0 for n, p in model.named_parameters() if n.endswith("weight") and p.dim() > 1}
 

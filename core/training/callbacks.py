@@ -22,7 +22,12 @@ log = logging.getLogger(__name__)
 
 
 class Callback:
-    """Base class: every hook is a no-op; override the ones you need."""
+    """Base class: every hook is a no-op; override the ones you need.
+
+    Data-parallel, a callback runs on the main rank only (logging, checkpoints), unless `every_rank` is
+    true: one that changes the model (keeping pruned weights at zero) must act on every replica."""
+
+    every_rank = False
 
     @property
     def state_key(self) -> str:

@@ -85,7 +85,8 @@ def rank_main(job: FitJob | Joining) -> FitSummary | None:
         received = broadcast_object(job if isinstance(job, FitJob) else None, device, src=rank.main)
         assert received is not None, "the main rank holds the job"
         if not rank.is_main:
-            received = dataclasses.replace(received, logger=None, callbacks=())
+            every_rank = tuple(cb for cb in received.callbacks if cb.every_rank)
+            received = dataclasses.replace(received, logger=None, callbacks=every_rank)
         if rank.local_rank != 0 or not isinstance(job, FitJob):  # one progress bar per machine at most
             received = dataclasses.replace(
                 received, train_cfg=received.train_cfg.model_copy(update={"progress_bar": False})

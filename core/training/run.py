@@ -141,7 +141,8 @@ def fit_rank(job: FitJob, rank: Rank = SINGLE, device: torch.device | None = Non
     stack: list[Callback] = [TrackingCallback(job.logger)] if job.logger and rank.is_main else []
     stack += [EarlyStopping(train_cfg.early_stopping)] if train_cfg.early_stopping.enabled else []
     stack += [checkpoint] if rank.is_main or fsdp else []
-    stack += [ProgressBar(train_cfg.progress_bar), *job.callbacks] if rank.is_main else []
+    stack += [ProgressBar(train_cfg.progress_bar)] if rank.is_main else []
+    stack += job.callbacks  # the main rank's, or (other ranks) those that act on every replica
     trainer = build_trainer(job.model_cfg, job.optim_cfg, train_cfg, job.loader_cfg, job.seed, job.data, job.store,
                             stack, model=job.model, loss=job.loss, rank=rank, device=device)  # fmt: skip
     main_store = job.store if remote and rank.is_main else None

@@ -218,3 +218,24 @@ def test_fsdp_with_an_s3_store_is_a_one_line_config_error() -> None:
     cfg = _cfg(2, 8, distributed={"strategy": "fsdp"})
     with pytest.raises(ConfigError, match=r"^train.distributed.strategy: fsdp writes sharded checkpoints .* not s3://"):
         check_distributed(cfg.train, "s3://bucket/prefix")
+
+
+def test_a_distillation_student_trains_on_two_ranks_as_on_one_process(store: LocalStore) -> None:
+    from core.compression.distillation import DistillationLoss, student_config
+    from core.models import build_model
+    from core.training.seed import seed_everything
+
+    cfg = _cfg(1, 16)
+    data = prepare_data(cfg.data, cfg.seed, store)
+    teacher = fit_in_folder(cfg.model, cfg.optim, cfg.train, cfg.data.loader, cfg.seed, data, store, "teacher").model
+    student_cfg = student_config(cfg.model, 0.5)
+    done = {}
+    for world, batch in ((1, 16), (2, 8)):
+        seed_everything(cfg.seed)
+        student = build_model(student_cfg, data.spec)
+        train = _cfg(world, batch).train
+        done[world] = fit_in_folder(student_cfg, cfg.optim, train, cfg.data.loader, cfg.seed, data, store,
+                                    f"student-{world}", model=student,
+                                    loss=DistillationLoss(teacher, alpha=0.5, temperature=4.0))  # fmt: skip
+    assert done[2].facts["world_size"] == 2
+    _assert_same(_weights(store, "student-1"), _weights(store, "student-2"))
