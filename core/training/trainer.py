@@ -144,6 +144,7 @@ class Trainer:
                  self.total_steps)  # fmt: skip
         self._call("on_fit_start")
         self._fit_started, self._fit_samples, self.eval_seconds = time.perf_counter(), s.samples_seen, 0.0
+        self.window.reset(s.samples_seen)  # the first window starts now, after any resume
         self.model.train()
         try:
             while s.stop_reason is None:
@@ -156,6 +157,8 @@ class Trainer:
                     s.epoch, s.batch_in_epoch = s.epoch + 1, 0
                     if cfg.eval_every_steps is None:
                         self.validate()
+            for finite in self.window.deferred_finite():  # steps skipped since the last log point
+                self._check_finite(finite)
             if s.last_eval_step != s.step:
                 self.validate()
         except BaseException as exc:
@@ -226,6 +229,7 @@ class Trainer:
             result = reduced_eval(result, self.device)
         metrics = pass_metrics(result, self.task, "val")
         self.eval_seconds += time.perf_counter() - started
+        self.window.excluded_seconds += time.perf_counter() - started
         self.state.last_eval_step, self.last_metrics = self.state.step, metrics
         self._call("on_eval_end", metrics)
         return metrics

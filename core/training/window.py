@@ -26,6 +26,7 @@ class LogWindow:
         self.finite: list[torch.Tensor] = []  # deferred non-finite checks (fused optimizer)
         self.targets, self.samples_at_start = 0, samples_seen
         self.started = time.perf_counter() if now is None else now
+        self.excluded_seconds = 0.0  # validation inside the window: not training time
         self.data_wait.seconds = 0.0
 
     def add(self, out: StepOutput, window: list[Batch]) -> None:
@@ -36,8 +37,9 @@ class LogWindow:
             self.finite.append(out.finite)
 
     def deferred_finite(self) -> list[bool]:
-        """The deferred flags, oldest first (one host sync for the whole window)."""
-        return torch.stack(self.finite).tolist() if self.finite else []
+        """The deferred flags not read yet, oldest first (one host sync for all of them)."""
+        flags, self.finite = self.finite, []
+        return torch.stack(flags).tolist() if flags else []
 
     def metrics(
         self, samples_seen: int, lm: bool, rank: Rank, device: torch.device, lr: float, mfu_factor: float | None
@@ -46,7 +48,7 @@ class LogWindow:
 
         `mfu_factor`: model FLOPs per token / the device's peak FLOP/s, when both are known (MFU)."""
         now = time.perf_counter()
-        seconds = max(now - self.started, 1e-9)
+        seconds = max(now - self.started - self.excluded_seconds, 1e-9)
         processed = self.targets if lm else samples_seen - self.samples_at_start
         loss, processed_all = torch.stack(self.losses).mean(), float(processed)  # >= 1 step since the last
         if rank.distributed:
