@@ -124,7 +124,7 @@ PREFLIGHT_CASES = [
         {"table.csv": _table},
         MLP_ON.format(path="table.csv"),
         ["run", "--set", "train.batch_size=0"],
-        [r"--set: train\.batch_size: 0 must be >= 1"],
+        [r"--set: train\.batch_size: 0 must be >= 1 \(or one of auto\)"],
     ),
     (
         "run: csv file missing",

@@ -118,12 +118,19 @@ def launch(cfg: DistributedConfig, entrypoint: Callable[[T], Any], job: T, run_i
     )
     log.info("launching %d x %d ranks (rendezvous %s, node %d)", cfg.nnodes, cfg.nproc_per_node,
              cfg.rdzv_endpoint, cfg.node_rank)  # fmt: skip
+    for name in ("torch.distributed.elastic.multiprocessing.api", "torch.distributed.elastic.agent.server.api"):
+        logging.getLogger(name).addFilter(_QUIET)  # the same filter object: added once
     try:
         return elastic_launch(config, entrypoint)(job)
     except ChildFailedError as exc:
         rank, failure = exc.get_first_failure()
         raise rank_error(rank, failure.message) from None
     except Exception as exc:  # rendezvous: no peer joined in time, endpoint unreachable, port taken
+        if type(exc).__name__ == "RendezvousTimeoutError":
+            raise TrainingError(
+                f"train.distributed.rdzv_endpoint: not all {cfg.nnodes} machines met at {cfg.rdzv_endpoint} within "
+                f"rdzv_timeout_s={cfg.rdzv_timeout_s} s; is node 0 running and is the endpoint reachable from here?"
+            ) from None
         if type(exc).__module__.startswith("torch.distributed"):
             raise TrainingError(
                 f"train.distributed: rendezvous at {cfg.rdzv_endpoint} failed ({type(exc).__name__}: "
@@ -132,9 +139,19 @@ def launch(cfg: DistributedConfig, entrypoint: Callable[[T], Any], job: T, run_i
         raise
 
 
+class _QuietUserErrors(logging.Filter):
+    """The launcher logs a failed rank's traceback; for one of our user errors the one-line message the
+    stage raises says it all (a bug keeps its traceback)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not any(f"core.errors.{name}:" in text or f"{name}: " in text for name in _OUR_ERRORS)
+
+
 _OUR_ERRORS: dict[str, type[TrainflowError]] = {
     cls.__name__: cls for cls in (ConfigError, DataError, StoreError, TrainingError)
 }
+_QUIET = _QuietUserErrors()
 
 
 def rank_error(rank: int, message: Any) -> TrainflowError:

@@ -239,3 +239,26 @@ def test_a_distillation_student_trains_on_two_ranks_as_on_one_process(store: Loc
                                     loss=DistillationLoss(teacher, alpha=0.5, temperature=4.0))  # fmt: skip
     assert done[2].facts["world_size"] == 2
     _assert_same(_weights(store, "student-1"), _weights(store, "student-2"))
+
+
+def test_a_machine_that_finds_no_peers_fails_with_one_line_and_exit_2(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import yaml
+
+    nodes = {"nproc_per_node": 1, "nnodes": 2, "rdzv_endpoint": f"127.0.0.1:{_free_port()}", "rdzv_timeout_s": 3}
+    config_file = tmp_path / "alone.yaml"
+    config_file.write_text(yaml.safe_dump(_cfg(1, 8, distributed=nodes).model_dump(mode="json")))
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "train", str(config_file), "--node-rank", "1"],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: train.distributed.rdzv_endpoint: not all 2 machines met at "
+        f"{nodes['rdzv_endpoint']} within rdzv_timeout_s=3 s; is node 0 running and is the endpoint reachable "
+        "from here?"
+    ]
+    assert "Traceback" not in done.stderr
+    assert time.monotonic() - started < 60
