@@ -170,6 +170,9 @@ def init_rank(cfg: DistributedConfig, device_type: str) -> tuple[Rank, torch.dev
     rank's device (cuda:LOCAL_RANK on GPUs); agree on the main rank (node_rank 0, local rank 0)."""
     global_rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     device = torch.device("cpu")
+    if device_type == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # elastic_launch sets none: share the cores
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     if device_type == "cuda":
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
