@@ -44,6 +44,7 @@ bench: $(VENV)/.installed-bench   # figures in README.md; run on an idle machine
 	$(PY) benchmarks/cached_rerun.py
 	$(PY) benchmarks/compression.py
 	$(PY) benchmarks/storage.py
+	$(PY) benchmarks/ddp_scaling.py
 
 clean:
 	rm -rf $(VENV) artifacts mlflow.db out .pytest_cache
