@@ -87,10 +87,6 @@ def rank_main(job: FitJob | Joining) -> FitSummary | None:
         if not rank.is_main:
             every_rank = tuple(cb for cb in received.callbacks if cb.every_rank)
             received = dataclasses.replace(received, logger=None, callbacks=every_rank)
-        if rank.local_rank != 0 or not isinstance(job, FitJob):  # one progress bar per machine at most
-            received = dataclasses.replace(
-                received, train_cfg=received.train_cfg.model_copy(update={"progress_bar": False})
-            )
         done = fit_rank(received, rank, device)
         if not rank.is_main:
             return None
