@@ -28,10 +28,15 @@ TOL = {"atol": 2e-6, "rtol": 1e-5}  # fp32: the sums run in another order across
 
 
 def _cfg(world: int, batch: int, accum: int = 1, **train: Any) -> Any:
+    ranks = {
+        "nproc_per_node": world,
+        "rdzv_endpoint": "localhost:0",
+        "collective_timeout_s": 60,
+    }  # a hang fails in 1 min
     settings = {
         "batch_size": batch, "grad_accum_steps": accum, "max_epochs": 3, "max_steps": 12, "log_every_steps": 4,
         "early_stopping": {"enabled": False, "restore_best": False},
-        "distributed": {"nproc_per_node": world, "rdzv_endpoint": "localhost:0"} | train.pop("distributed", {}),
+        "distributed": ranks | train.pop("distributed", {}),
     } | train  # fmt: skip
     return config_from_dict(tiny_raw(train=settings))
 
