@@ -29,6 +29,14 @@ def _grads(group: dict[str, Any]) -> Iterable[tuple[Tensor, Tensor]]:
         yield p, p.grad
 
 
+def _loss_of(closure: Callable[[], float] | None) -> float | None:
+    """The optimizer protocol's closure: re-evaluates the loss (with gradients) when given."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class LARS(torch.optim.Optimizer):
     """SGD with momentum and a layer-wise trust ratio (You, Gitman, Ginsburg 2017, arXiv:1708.03888).
 
@@ -66,10 +74,7 @@ class LARS(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """One update of every parameter with a gradient; returns `closure()`'s loss if given."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _loss_of(closure)
         for group in self.param_groups:
             lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
             for p, g in _grads(group):
@@ -125,10 +130,7 @@ class LAMB(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """One update of every parameter with a gradient; returns `closure()`'s loss if given."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _loss_of(closure)
         for group in self.param_groups:
             (beta1, beta2), eps, wd = group["betas"], group["eps"], group["weight_decay"]
             for p, g in _grads(group):

@@ -1,55 +1,35 @@
-"""Trainer features beyond the plain loop: the deferred non-finite check of a fused optimizer, torch.compile
-with its eager fallback, the loader-wait fraction, LR scaling over ranks, and the CUDA-only switches
-(channels-last, TF32) staying off on CPU."""
+"""Trainer features beyond the plain loop: the deferred non-finite check of a fused optimizer, and
+torch.compile with its eager fallback. (The loader-wait fraction, LR scaling and the CUDA-only switches:
+test_trainer_scaling.py.)"""
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import math
-import os
-import time
-from collections.abc import Iterable, Iterator
-from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from core.config import TrainConfig, config_from_dict
-from core.config.distributed import DistributedConfig
 from core.data.loaders import ArrayDataset, Batch, EpochSampler, Loaders
 from core.errors import TrainingError
-from core.models import build_model
 from core.prepare_data import prepare_data
 from core.storage.store import LocalStore
 from core.training.builder import build_trainer
 from core.training.callbacks import Callback
-from core.training.checkpoint import FINAL, load_checkpoint, periodic_checkpoints
-from core.training.parallel import uses_channels_last
-from core.training.run import fit_in_folder
 from core.training.state import StopReason
 from core.training.trainer import Trainer
 from tests.conftest import tiny_raw
+from tests.core.test_trainer import _mlp, _problem
 
 LR = 0.01
 
 
 # ----------------------------------------------------------------------------------- helpers
-def _problem(n: int = 64, features: int = 10, classes: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, features, generator=g), torch.randint(0, classes, (n,), generator=g)
-
-
-def _mlp(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(10, 32), nn.LayerNorm(32), nn.GELU(), nn.Linear(32, 3))
-
-
 def _trainer(
     model: nn.Module,
     data: ArrayDataset,
@@ -263,167 +243,3 @@ def test_compile_true_through_build_trainer_compiles_and_trains_on_cpu(
     assert "compiling failed" not in caplog.text
     _assert_params(weights[0], weights[1], atol=1e-5)
     assert metrics[1]["val/loss"] == pytest.approx(metrics[0]["val/loss"], rel=1e-4)
-
-
-# ---------------------------------------------------------------------- data wait fraction
-class SlowDataset(ArrayDataset):
-    """An ArrayDataset whose batch fetch takes `delay_s` (a slow disk or decoder)."""
-
-    def __init__(self, x: np.ndarray, y: np.ndarray, delay_s: float):
-        super().__init__(x, y)
-        self.delay_s = delay_s
-
-    def __getitems__(self, indices: list[int]) -> Batch:
-        if self.delay_s:  # sleep(0) would yield the CPU: on a busy machine, a wait of its own
-            time.sleep(self.delay_s)
-        return super().__getitems__(indices)
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Timing tests on one intra-op thread: on a busy machine, spinning OpenMP workers distort short timings."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _wait_fractions(delay_s: float, sleep_before_fit: float = 0.0) -> list[float]:
-    """train/data_wait_fraction at each log of a 1-epoch fit (8 steps, a log every 4) whose loader takes `delay_s`
-    per batch; the model is wide enough that a step's compute dwarfs an in-memory batch fetch."""
-    x, y = _problem(256)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(10, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 3))
-    recorder = Recorder()
-    trainer = _trainer(model, SlowDataset(x.numpy(), y.numpy(), delay_s), callbacks=[recorder], batch_size=32,
-                       max_epochs=1, log_every_steps=4)  # fmt: skip
-    time.sleep(sleep_before_fit)
-    trainer.fit()
-    fractions = [m["train/data_wait_fraction"] for _, m in recorder.logs]
-    assert len(fractions) == 2 and all(0.0 <= f <= 1.0 for f in fractions), fractions
-    return fractions
-
-
-@pytest.mark.usefixtures("one_thread")
-def test_data_wait_fraction_is_large_with_a_slow_loader_and_small_without() -> None:
-    slow = _wait_fractions(delay_s=0.06)
-    fast = _wait_fractions(delay_s=0.0)
-    assert min(slow) > 0.5, slow
-    assert max(fast) < 0.3, fast
-
-
-@pytest.mark.usefixtures("one_thread")
-def test_time_before_fit_does_not_dilute_the_first_windows_wait_fraction() -> None:
-    slow = _wait_fractions(delay_s=0.06, sleep_before_fit=1.0)  # e.g. a checkpoint restore, MLflow params
-    assert slow[0] > 0.5, slow
-
-
-@pytest.mark.usefixtures("one_thread")
-def test_throughput_after_a_resume_counts_only_the_new_samples() -> None:
-    x, y = _problem(128)
-    data = SlowDataset(x.numpy(), y.numpy(), 0.05)  # the loader sets the pace: every window takes the same time
-    crash = StateAt(step=6)  # a periodic checkpoint mid-run, and the process dies
-    settings = {"batch_size": 16, "max_steps": 12, "log_every_steps": 2, "max_epochs": 3, "eval_every_steps": 100}
-    _trainer(_mlp(), data, callbacks=[crash], **settings).fit()  # eval only at the end: windows are all training
-    recorder = Recorder()
-    resumed = _trainer(_mlp(), data, callbacks=[recorder], **settings)
-    resumed.restore(crash.payload)
-    resumed.fit()
-    rates = [m["train/samples_per_s"] for _, m in recorder.logs]
-    assert len(rates) == 3
-    assert rates[0] < 1.5 * rates[1], f"first window after resume: {rates}"
-
-
-# ------------------------------------------------------------------------------- LR scaling
-@pytest.mark.parametrize(
-    ("scaling", "nproc", "nnodes", "tuned", "factor"),
-    [
-        ("linear", 2, 1, 1, 2.0),
-        ("sqrt", 2, 1, 1, math.sqrt(2)),
-        ("none", 2, 1, 1, 1.0),
-        ("linear", 2, 2, 1, 4.0),
-        ("linear", 2, 1, 2, 1.0),
-        ("sqrt", 1, 1, 1, 1.0),
-    ],
-)
-def test_lr_scale_follows_the_world_size(scaling: str, nproc: int, nnodes: int, tuned: int, factor: float) -> None:
-    cfg = DistributedConfig(nproc_per_node=nproc, nnodes=nnodes, lr_scaling=scaling, tuned_world_size=tuned,
-                            rdzv_endpoint="localhost:29400")  # fmt: skip
-    assert cfg.lr_scale() == pytest.approx(factor)
-
-
-class JsonLinesLogger:
-    """A MetricLogger (picklable: it travels to the main rank) that appends to a file, with the rank."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def log_params(self, params: dict[str, Any]) -> None:
-        self._write({"params": params})
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self._write({"step": step, "metrics": metrics})
-
-    def flush(self) -> None:
-        pass
-
-    def _write(self, entry: dict[str, Any]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(entry | {"rank": os.environ.get("RANK")}) + "\n")
-
-
-def test_linear_lr_scaling_on_two_ranks_trains_at_twice_the_lr(store: LocalStore, tmp_path: Path) -> None:
-    def cfg(world: int, batch: int, lr: float, scaling: str) -> Any:
-        distributed = {
-            "nproc_per_node": world,
-            "rdzv_endpoint": "localhost:0",
-            "lr_scaling": scaling,
-            "collective_timeout_s": 30,
-        }
-        return config_from_dict(tiny_raw(
-            optim={"lr": lr, "schedule": "constant"},
-            train={"batch_size": batch, "max_epochs": 2, "max_steps": 8, "log_every_steps": 4,
-                   "checkpoint": {"every_steps": 8}, "early_stopping": {"enabled": False, "restore_best": False},
-                   "distributed": distributed},
-        ))  # fmt: skip
-
-    def fit(c: Any, key: str, logger: Any = None) -> Any:
-        data = prepare_data(c.data, c.seed, store)
-        return fit_in_folder(c.model, c.optim, c.train, c.data.loader, c.seed, data, store, key, logger=logger)
-
-    log_file = tmp_path / "metrics.jsonl"
-    two = fit(cfg(2, 8, LR, "linear"), "two", JsonLinesLogger(log_file))
-    fit(cfg(1, 16, 2 * LR, "none"), "one")  # one process at 2 x lr on the same global batches
-    assert two.facts["world_size"] == 2 and two.facts["effective_batch_size"] == 16
-    payload = load_checkpoint(periodic_checkpoints(store.workdir("two"))[-1])
-    assert [g["lr"] for g in payload["optimizer"]["param_groups"]] == pytest.approx([2 * LR] * 2)
-    assert payload["scheduler"]["base_lrs"] == pytest.approx([2 * LR] * 2)
-    entries = [json.loads(line) for line in log_file.read_text().splitlines()]
-    train_logs = [e for e in entries if "train/loss" in e.get("metrics", {})]
-    assert [e["step"] for e in train_logs] == [4, 8], "logged once per log point, by the main rank only"
-    assert {e["rank"] for e in entries} == {"0"}
-    assert all(e["metrics"]["lr"] == pytest.approx(2 * LR) for e in train_logs)
-    # rank 1 at another lr would drift from rank 0 and change the averaged gradients: the weights tell
-    for name, tensor in load_checkpoint(store.workdir("one") / FINAL)["model"].items():
-        torch.testing.assert_close(load_checkpoint(store.workdir("two") / FINAL)["model"][name], tensor,
-                                   atol=2e-6, rtol=1e-5)  # fmt: skip
-
-
-# ------------------------------------------------------------------ CUDA-only switches on CPU
-def test_channels_last_and_tf32_stay_off_on_cpu(store: LocalStore) -> None:
-    raw = tiny_raw(data={"name": "digits"}, train={"device": "cpu", "batch_size": 8})
-    cfg = config_from_dict(raw | {"model": {"name": "cnn", "channels": [8, 16]}})
-    data = prepare_data(cfg.data, cfg.seed, store)
-    cnn = build_model(cfg.model, data.spec)
-    assert not uses_channels_last(cnn, torch.device("cpu"))
-    assert uses_channels_last(cnn, torch.device("cuda")), "a CNN on CUDA would go channels-last"
-    assert not uses_channels_last(_mlp(), torch.device("cuda")), "no convolution, no channels-last"
-    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    trainer = build_trainer(cfg.model, cfg.optim, cfg.train, cfg.data.loader, cfg.seed, data, store)
-    assert trainer.input_format == torch.preserve_format
-    convs = [m for m in trainer.module.modules() if isinstance(m, nn.Conv2d)]
-    assert convs and all(m.weight.is_contiguous() for m in convs), "weights stay in the default layout"
-    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == tf32
-    assert trainer.train_step([next(iter(trainer.loaders.train))]).finite
