@@ -10,9 +10,10 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from core.config import LoaderConfig, ModelConfig, OptimConfig, TrainConfig
-from core.data.loaders import Loaders, build_loaders
+from core.data.loaders import Batch, Loaders, build_loaders, rebatched
 from core.data.prepared import load_splits
 from core.data.spec import check_metric
 from core.models import build_model
@@ -61,10 +62,17 @@ def build_trainer(
     check_metric(train_cfg.early_stopping.monitor, data.spec.task, "train.early_stopping.monitor")
     seed_everything(seed)  # the same on every rank: every replica starts from the same weights
     module = (build_model(model_cfg, data.spec) if model is None else model).to(device)
-    if train_cfg.batch_size == "auto":
-        train_cfg = train_cfg.model_copy(update={"batch_size": auto_batch_size(module, optim_cfg, train_cfg, model_cfg,
-                                                                               data, store, rank, device)})  # fmt: skip
-    loaders = prepared_loaders(data, store, int(train_cfg.batch_size), loader_cfg, seed, device.type == "cuda", rank)
+    auto = train_cfg.batch_size == "auto"
+    loaders = prepared_loaders(data, store, 1 if auto else int(train_cfg.batch_size), loader_cfg, seed,
+                               device.type == "cuda", rank)  # fmt: skip
+    if auto:  # the search trains on the loaded split; the loaders then take the size found
+        found = auto_batch_size(
+            module, optim_cfg, train_cfg, model_cfg, data, store, loaders.train.dataset, rank, device
+        )
+        train_cfg = train_cfg.model_copy(update={"batch_size": found})
+        loaders.train, loaders.val, loaders.test = (
+            rebatched(d, found) for d in (loaders.train, loaders.val, loaders.test)
+        )
     channels_last = uses_channels_last(module, device)
     if channels_last:
         module = module.to(memory_format=torch.channels_last)
@@ -102,17 +110,17 @@ def prepared_loaders(
 
 def auto_batch_size(
     module: nn.Module, optim_cfg: OptimConfig, train_cfg: TrainConfig, model_cfg: ModelConfig,
-    data: PrepareDataResult, store: ArtifactStore, rank: Rank = SINGLE, device: torch.device | None = None,
+    data: PrepareDataResult, store: ArtifactStore, train: Dataset[Batch], rank: Rank = SINGLE,
+    device: torch.device | None = None,
 ) -> int:  # fmt: skip
-    """`train.batch_size: auto` resolved: the recorded search result, else a search on the main rank's device
-    (the other ranks receive it)."""
+    """`train.batch_size: auto` resolved: the recorded search result, else a search over `train` (the whole
+    training split) on the main rank's device; the other ranks receive it."""
     from core.training.batch_size import fingerprint, search_batch_size
     from core.training.distributed import broadcast_object
 
     device = resolve_device(train_cfg.device) if device is None else device
     found = None
     if rank.is_main:
-        train = prepared_loaders(data, store, 1, LoaderConfig(), 0).train.dataset
         key = fingerprint(model_cfg, optim_cfg, train_cfg, data.spec.input_shape, device)
         found = search_batch_size(module, optim_cfg, train_cfg, train, device, store, key)
         found = max(1, min(found, len(train) // rank.world_size))  # type: ignore[arg-type]

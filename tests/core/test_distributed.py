@@ -95,16 +95,21 @@ class FailOnRank:
         return torch.nn.functional.cross_entropy(model(x), y)
 
 
+def _kill_main_rank_at(step: int, cfg: Any, store: LocalStore, key: str) -> None:
+    """Fit `cfg` on its ranks with the main rank SIGKILLed when `step` ends: the stage fails with that rank's signal."""
+    data = prepare_data(cfg.data, cfg.seed, store)
+    with pytest.raises(TrainingError, match=r"rank 0 failed: Signal 9 \(SIGKILL\)"):
+        fit_in_folder(cfg.model, cfg.optim, cfg.train, cfg.data.loader, cfg.seed, data, store, key,
+                      callbacks=[KillAtStep(step)])  # fmt: skip
+
+
 def test_a_killed_main_rank_fails_the_stage_and_a_rerun_resumes_mid_epoch_to_the_same_weights(
     store: LocalStore,
 ) -> None:
     checkpoints = {"checkpoint": {"every_steps": 3, "keep_last": 5}}
     _fit(_cfg(2, 8, **checkpoints), store, "whole")
     cfg = _cfg(2, 8, **checkpoints)
-    data = prepare_data(cfg.data, cfg.seed, store)
-    with pytest.raises(TrainingError, match=r"rank 0 failed: Signal 9 \(SIGKILL\)"):
-        fit_in_folder(cfg.model, cfg.optim, cfg.train, cfg.data.loader, cfg.seed, data, store, "killed",
-                      callbacks=[KillAtStep(11)])  # fmt: skip
+    _kill_main_rank_at(11, cfg, store, "killed")
     saved = [int(p.stem.split("-")[1]) for p in periodic_checkpoints(store.workdir("killed"))]
     assert saved == [3, 6, 9]
     state = load_checkpoint(store.workdir("killed") / "step-000000009.pt")["state"]
@@ -203,10 +208,7 @@ def test_fsdp_checkpoints_are_sharded_and_resume_after_a_kill(store: LocalStore)
     settings = {"checkpoint": {"every_steps": 3, "keep_last": 2}, "distributed": {"strategy": "fsdp"}}
     _fit(_cfg(2, 8, **settings), store, "fsdp-whole")
     cfg = _cfg(2, 8, **settings)
-    data = prepare_data(cfg.data, cfg.seed, store)
-    with pytest.raises(TrainingError, match=r"rank 0 failed: Signal 9"):
-        fit_in_folder(cfg.model, cfg.optim, cfg.train, cfg.data.loader, cfg.seed, data, store, "fsdp-killed",
-                      callbacks=[KillAtStep(8)])  # fmt: skip
+    _kill_main_rank_at(8, cfg, store, "fsdp-killed")
     folder = store.workdir("fsdp-killed")
     assert [p.name for p in periodic_checkpoints(folder)] == ["step-000000003.pt", "step-000000006.pt"]
     shards = folder / "step-000000006.shards"
