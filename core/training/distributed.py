@@ -123,7 +123,7 @@ def launch(cfg: DistributedConfig, entrypoint: Callable[[T], Any], job: T, run_i
     try:
         return elastic_launch(config, entrypoint)(job)
     except ChildFailedError as exc:
-        rank, failure = exc.get_first_failure()
+        rank, failure = root_failure(exc.failures)
         raise rank_error(rank, failure.message) from None
     except Exception as exc:  # rendezvous: no peer joined in time, endpoint unreachable, port taken
         if type(exc).__name__ == "RendezvousTimeoutError":
@@ -152,6 +152,20 @@ _OUR_ERRORS: dict[str, type[TrainflowError]] = {
     cls.__name__: cls for cls in (ConfigError, DataError, StoreError, TrainingError)
 }
 _QUIET = _QuietUserErrors()
+
+
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote process exited", "Broken pipe")
+
+
+def root_failure(failures: dict[int, Any]) -> tuple[int, Any]:
+    """The failed rank that caused the others to fail: not one whose error only says a peer went away
+    (gloo/NCCL), then the earliest."""
+
+    def symptom(item: tuple[int, Any]) -> tuple[bool, float]:
+        text = str(item[1].message)
+        return any(mark in text for mark in _PEER_GONE), item[1].timestamp
+
+    return min(failures.items(), key=symptom)
 
 
 def rank_error(rank: int, message: Any) -> TrainflowError:

@@ -269,3 +269,20 @@ def test_a_machine_that_finds_no_peers_fails_with_one_line_and_exit_2(tmp_path: 
     ]
     assert "Traceback" not in done.stderr
     assert time.monotonic() - started < 60
+
+
+def test_the_rank_that_failed_first_is_reported_not_the_peer_that_lost_it() -> None:
+    from types import SimpleNamespace
+
+    from core.training.distributed import root_failure
+
+    failures = {
+        0: SimpleNamespace(
+            message={"message": "RuntimeError: [gloo/pair.cc:553] Connection closed by peer"}, timestamp=1
+        ),
+        1: SimpleNamespace(message={"message": "ValueError: planted"}, timestamp=2),
+    }
+    assert root_failure(failures)[0] == 1
+    failures[1].message = {"message": "ValueError: planted"}
+    failures[0].message = {"message": "TrainingError: diverged"}
+    assert root_failure(failures)[0] == 0, "otherwise the earliest"
