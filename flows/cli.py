@@ -4,6 +4,7 @@
     trainflow run CONFIG [--set section.key=value ...] [--out DIR]
     trainflow verify MANIFEST [--config CONFIG]
     trainflow train CONFIG --node-rank N [--set section.key=value ...]
+    trainflow serve | emit-dataset-updated | ui | compare ...   (flows/operate.py)
 
 User errors (bad config, data, store) print one line and exit 2; nothing is written before the
 config has passed validation. Prefect and MLflow are imported only once it has.
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import TrainflowError
+from flows.operate import add_commands as add_operating_commands
 
 EXIT_USER_ERROR = 2
 
@@ -213,6 +215,7 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("manifest", help="a manifest.json path, or its s3:// URI")
     verify.add_argument("--config", help="for an s3:// manifest: the config whose store section reaches the bucket")
     verify.set_defaults(command=_verify)
+    add_operating_commands(commands, overrides)
     return parser
 
 

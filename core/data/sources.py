@@ -68,6 +68,29 @@ def _load_sklearn(name: str) -> RawTable:
     return RawTable(f"sklearn:{name}", bunch.data, target, _frame_sha256(bunch.data, target), IMAGE_SHAPES.get(name))
 
 
+def dataset_uri(cfg: object) -> str:
+    """The one name of a configured dataset, wherever it is written: an s3:// URI as given, a local file as an
+    absolute file:// URI, `sklearn:<name>`, `text:pydoc` for the bundled text, `synthetic` for generated data.
+    The dataset event (`trainflow emit-dataset-updated URI`) and MLflow's dataset inputs use it."""
+    path = getattr(cfg, "path", None)
+    if isinstance(cfg, SklearnDataConfig):
+        return f"sklearn:{cfg.name}"
+    if isinstance(cfg, SyntheticDataConfig):
+        return "synthetic"
+    if path is None:
+        return "text:pydoc"
+    return normalized_dataset_uri(path)
+
+
+def normalized_dataset_uri(uri: str) -> str:
+    """`data/x.csv`, `./data/x.csv` and `file:///abs/data/x.csv` name one file; s3:// and scheme:name stay."""
+    if uri.startswith("file://"):
+        return Path(uri.removeprefix("file://")).resolve().as_uri()
+    if "://" in uri or (":" in uri and not Path(uri).exists() and "/" not in uri.split(":", 1)[0]):
+        return uri
+    return Path(uri).resolve().as_uri()
+
+
 def data_file(path: str, s3: StoreConfig | None = None, field: str = "data.path") -> Path:
     """The local file of a data path: the file itself, checked readable, or the fetched copy of an s3:// object."""
     if is_s3(path):
