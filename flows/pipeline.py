@@ -7,7 +7,6 @@ Run it with `trainflow run configs/digits.yaml`, or serve it from `deployments/`
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from prefect import flow
@@ -31,7 +30,7 @@ def training_pipeline(
 ) -> dict[str, Any]:
     """One YAML config in; a tuned, trained, evaluated and published model out. Returns summary.json's content."""
     config = load_config(config_path, overrides or [])
-    with PipelineRun(config, run_name=Path(config_path).stem) as run:
+    with PipelineRun(config, config_path, out_dir) as run:
         data = run.stage(prepare_data_task, data_cfg=config.data, seed=config.seed,
                          source_version=data_version(config.data, config.store))  # fmt: skip
         # The tuning stages see only the training settings that change their result (tuning_view).
@@ -51,4 +50,4 @@ def training_pipeline(
                                   train_cfg=tuned.train, loader_cfg=tuned.data.loader, seed=tuned.seed, data=data,
                                   trained=trained)  # fmt: skip
         run.stage(publish_task, config=tuned, data=data, trained=trained, evaluated=evaluated, compressed=compressed)
-    return run.write_summary(out_dir)
+    return run.summary()

@@ -15,7 +15,9 @@ from prefect.runtime import flow_run
 
 from core.config import Config
 from core.preflight import preflight
-from core.records import StageResult
+from core.records import PrepareDataResult, StageResult
+from core.report import write_report
+from core.storage.run_meta import log_dataset_input, source_tags
 from core.storage.store import resolved, write_atomic
 from core.storage.tracking import Tracker, flatten
 from core.storage.version import code_version, git_commit
@@ -28,8 +30,10 @@ log = logging.getLogger(__name__)
 
 
 class PipelineRun:
-    def __init__(self, config: Config, run_name: str):
-        self.config, self.run_name = config, run_name
+    def __init__(self, config: Config, config_path: str, out_dir: str | None = None):
+        self.config, self.config_path = config, config_path
+        self.run_name = Path(config_path).stem
+        self.out_dir = Path(out_dir) if out_dir is not None else None
         self.stages: dict[str, dict[str, Any]] = {}
         self.skipped: dict[str, str] = {}  # stage -> why it did not run
         self.changes: dict[str, Any] = {}  # what the tuning stages set (dotted path -> value)
@@ -46,6 +50,7 @@ class PipelineRun:
                 "mlflow.source.git.commit": git_commit() or "unknown",
                 "trainflow.code_version": code_version(),
                 "trainflow.prefect_flow_run_id": flow_run.id or "",
+                **source_tags(self.config_path),
             }
         )
         logger.log_dict(config.model_dump(mode="json"), "config.yaml")
@@ -65,6 +70,8 @@ class PipelineRun:
         record: R = state.result()  # re-raises the stage's exception
         cached = state.name == "Cached"
         self.tracker.logger(self.run_id).set_tags(record.run_tags())
+        if isinstance(record, PrepareDataResult):  # the runs table's Dataset column
+            log_dataset_input(self.tracker.client, self.run_id, record)
         if cached:  # still visible in MLflow: a child run pointing at the cached record
             with stage_run(self.ctx, task.name, {}) as run:
                 run.set_tags({"trainflow.cached": "true"})
@@ -104,16 +111,14 @@ class PipelineRun:
             "skipped": self.skipped,
         }
 
-    def write_summary(self, out_dir: str | None) -> dict[str, Any]:
-        summary = self.summary()
-        if out_dir is not None:
-            write_atomic(Path(out_dir) / "summary.json", json.dumps(summary, indent=2).encode())
-        return summary
-
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if kind is None:
             logger = self.tracker.logger(self.run_id)
-            logger.log_dict(self.summary(), "summary.json")
+            summary = self.summary()
+            logger.log_dict(summary, "summary.json")
+            if self.out_dir is not None:
+                write_atomic(self.out_dir / "summary.json", json.dumps(summary, indent=2).encode())
+            write_report(summary, self.config, self.out_dir, self.tracker.client, self.run_id)
             cached = ",".join(name for name, info in self.stages.items() if info["cached"])
             logger.set_tags({"trainflow.cached_stages": cached, "trainflow.skipped_stages": ",".join(self.skipped)})
             self.tracker.end_run(self.run_id)
