@@ -39,6 +39,7 @@ from core.training.checkpoint import (
     remove_checkpoint,
 )
 from core.training.distributed import SINGLE, Rank
+from core.training.interrupt import CheckpointOnSignal
 from core.training.state import FitResult
 from core.training.trainer import LossFn, Trainer
 
@@ -141,6 +142,7 @@ def fit_rank(job: FitJob, rank: Rank = SINGLE, device: torch.device | None = Non
     stack: list[Callback] = [TrackingCallback(job.logger)] if job.logger and rank.is_main else []
     stack += [EarlyStopping(train_cfg.early_stopping)] if train_cfg.early_stopping.enabled else []
     stack += [checkpoint] if rank.is_main or fsdp else []
+    stack += [CheckpointOnSignal(checkpoint)] if not rank.distributed else []  # cancelled: checkpoint, then stop
     stack += [ProgressBar(train_cfg.progress_bar)] if rank.is_main else []
     stack += job.callbacks  # the main rank's, or (other ranks) those that act on every replica
     trainer = build_trainer(job.model_cfg, job.optim_cfg, train_cfg, job.loader_cfg, job.seed, job.data, job.store,

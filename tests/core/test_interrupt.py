@@ -1,0 +1,79 @@
+"""A signal during a fit (a cancelled flow run's SIGTERM, Ctrl-C) leaves a checkpoint at the end of the step,
+then takes its usual course; a re-run resumes from it to the weights of an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+from core.config import config_from_dict
+from core.prepare_data import prepare_data
+from core.train import train
+from core.training.callbacks import Callback
+from core.training.checkpoint import load_checkpoint, periodic_checkpoints
+from core.training.trainer import Trainer
+from tests.conftest import tiny_raw
+
+
+class _Signal(Callback):
+    """Sends `signum` to this process at the end of step `step` (a real signal, delivered by the OS)."""
+
+    def __init__(self, step: int, signum: int):
+        self.step, self.signum = step, signum
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        if trainer.state.step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+class _Cancelled(BaseException):
+    """Stands for Prefect's TerminationSignal: what the handler in place before the fit raises."""
+
+
+@pytest.fixture
+def prefect_like_sigterm() -> Iterator[None]:
+    def handler(signum: int, frame: Any) -> None:
+        raise _Cancelled
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+def _setup(store) -> tuple[Any, ...]:
+    raw = tiny_raw(model={"dropout": 0.2}, train={"max_epochs": 4, "checkpoint": {"every_steps": 1000},
+                                                  "early_stopping": {"patience": 100}})  # fmt: skip
+    cfg = config_from_dict(raw)
+    data = prepare_data(cfg.data, cfg.seed, store)
+    return cfg.model, cfg.optim, cfg.train, cfg.data.loader, cfg.seed, data, store
+
+
+@pytest.mark.parametrize(("signum", "raised"), [(signal.SIGTERM, _Cancelled), (signal.SIGINT, KeyboardInterrupt)])
+def test_a_signal_checkpoints_the_step_then_stops_and_the_rerun_resumes_exactly(
+    store, prefect_like_sigterm: None, signum: int, raised: type[BaseException]
+) -> None:
+    args = _setup(store)
+    full = train(*args, "full")
+    with pytest.raises(raised):
+        train(*args, "stopped", callbacks=[_Signal(step=13, signum=signum)])
+    # the signal arrives during step 13's callbacks; the checkpoint is written at the end of the next step
+    assert [p.name for p in periodic_checkpoints(store.root / "stopped")] == ["step-000000014.pt"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
+    resumed = train(*args, "stopped")
+    assert resumed.resumed_from_step == 14
+    assert resumed.steps == full.steps
+    weights = load_checkpoint(store.root / "full" / "model.pt")["model"]
+    for name, tensor in load_checkpoint(store.root / "stopped" / "model.pt")["model"].items():
+        torch.testing.assert_close(tensor, weights[name], rtol=0, atol=0)
+
+
+def test_without_a_signal_the_handlers_are_left_as_they_were(store, prefect_like_sigterm: None) -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    train(*_setup(store), "plain")
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
