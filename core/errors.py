@@ -31,3 +31,11 @@ class TrackingError(TrainflowError):
 
 class TrainingError(TrainflowError):
     """Training cannot go on: diverged, or a checkpoint that must be resumed cannot be loaded."""
+
+
+class StageNotCachedError(TrainflowError):
+    """A flow that only re-uses a stage's cached result (compress-publish) found none for its inputs."""
+
+
+class StageTimeoutError(TrainflowError):
+    """A stage ran longer than its `timeouts.<stage>` limit."""

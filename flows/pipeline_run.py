@@ -14,13 +14,15 @@ from prefect import Task
 from prefect.runtime import flow_run
 
 from core.config import Config
+from core.errors import StageTimeoutError
 from core.preflight import preflight
-from core.records import PrepareDataResult, StageResult
+from core.records import CompressResult, HPOSearchResult, PrepareDataResult, StageResult
 from core.report import write_report
 from core.storage.run_meta import log_dataset_input, source_tags
 from core.storage.store import resolved, write_atomic
 from core.storage.tracking import Tracker, flatten
 from core.storage.version import code_version, git_commit
+from tasks.artifacts import compression_table, hpo_trials_table, mlflow_run_link, run_summary
 from tasks.cache import result_storage
 from tasks.context import StageContext, stage_run
 from tasks.skipped import skipped_stage
@@ -30,8 +32,11 @@ log = logging.getLogger(__name__)
 
 
 class PipelineRun:
-    def __init__(self, config: Config, config_path: str, out_dir: str | None = None):
-        self.config, self.config_path = config, config_path
+    def __init__(
+        self, config: Config, config_path: str, out_dir: str | None = None, reuse_only: frozenset[str] = frozenset()
+    ):
+        """`reuse_only`: stages this flow takes from the cache only; with no cached record for them it fails."""
+        self.config, self.config_path, self.reuse_only = config, config_path, reuse_only
         self.run_name = Path(config_path).stem
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.stages: dict[str, dict[str, Any]] = {}
@@ -59,6 +64,8 @@ class PipelineRun:
             tracking_uri=self.tracker.uri,
             experiment_id=self.tracker.experiment_id,
             parent_run_id=self.run_id,
+            name=self.run_name,
+            reuse_only=self.reuse_only,
         )
         self._storage = result_storage(self.ctx.store)
         return self
@@ -66,19 +73,36 @@ class PipelineRun:
     def stage(self, task: Task[..., R], **inputs: Any) -> R:
         """Run one stage task (or take its cached record) and note its time and cache status."""
         started = time.perf_counter()
-        state = task.with_options(result_storage=self._storage)(**inputs, ctx=self.ctx, return_state=True)
+        limit = self.config.timeouts.for_stage(task.name)
+        state = task.with_options(result_storage=self._storage, timeout_seconds=limit)(
+            **inputs, ctx=self.ctx, return_state=True
+        )
+        if state.name == "TimedOut":
+            raise StageTimeoutError(
+                f"{task.name}: stopped after {limit:g} s, the limit timeouts.{task.name} sets; raise it (or set it to "
+                "null) and re-run: finished stages are re-used" + (", training resumes from its last checkpoint"
+                                                                   if task.name == "train" else "")
+            )  # fmt: skip
         record: R = state.result()  # re-raises the stage's exception
         cached = state.name == "Cached"
+        self._show(record)
         self.tracker.logger(self.run_id).set_tags(record.run_tags())
         if isinstance(record, PrepareDataResult):  # the runs table's Dataset column
             log_dataset_input(self.tracker.client, self.run_id, record)
         if cached:  # still visible in MLflow: a child run pointing at the cached record
-            with stage_run(self.ctx, task.name, {}) as run:
+            with stage_run(self.ctx.model_copy(update={"reuse_only": frozenset()}), task.name, {}) as run:
                 run.set_tags({"trainflow.cached": "true"})
                 run.log_dict(record.model_dump(mode="json"), "result.json")
         self.stages[task.name] = {"seconds": round(time.perf_counter() - started, 3), "cached": cached,
                                   **record.model_dump(mode="json")}  # fmt: skip
         return record
+
+    def _show(self, record: StageResult) -> None:
+        """Table artifacts of this flow run, for cached records too: the HPO trials, the compression comparison."""
+        if isinstance(record, HPOSearchResult):
+            _best_effort(hpo_trials_table, record, self.run_name)
+        elif isinstance(record, CompressResult):
+            _best_effort(compression_table, record, self.run_name)
 
     def stage_if(self, plan: tuple[bool, str], task: Task[..., R], **inputs: Any) -> R | None:
         """Run the stage when `plan` says it is needed; otherwise show it as Skipped, with the reason."""
@@ -119,9 +143,19 @@ class PipelineRun:
             if self.out_dir is not None:
                 write_atomic(self.out_dir / "summary.json", json.dumps(summary, indent=2).encode())
             write_report(summary, self.config, self.out_dir, self.tracker.client, self.run_id)
+            link = mlflow_run_link(self.ctx.tracking_uri, self.ctx.experiment_id, self.run_id)
+            _best_effort(run_summary, summary, self.run_name, link)
             cached = ",".join(name for name, info in self.stages.items() if info["cached"])
             logger.set_tags({"trainflow.cached_stages": cached, "trainflow.skipped_stages": ",".join(self.skipped)})
             self.tracker.end_run(self.run_id)
         elif hasattr(self, "run_id"):
             self.tracker.client.set_tag(self.run_id, "trainflow.error", f"{kind.__name__}: {exc}"[:5000])
             self.tracker.end_run(self.run_id, "FAILED" if issubclass(kind, Exception) else "KILLED")
+
+
+def _best_effort(show: Any, *args: Any) -> None:
+    """A Prefect artifact is for the UI: failing to make one is logged, never a failed run."""
+    try:
+        show(*args)
+    except Exception as exc:
+        log.warning("Prefect artifact %s not created (%s: %s)", show.__name__, type(exc).__name__, exc)

@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from core.config import StoreConfig
+from core.errors import StageNotCachedError
 from core.records import StageResult
 from core.storage.tracking import MlflowMetricLogger, Tracker, flatten
 
@@ -20,6 +21,8 @@ class StageContext(BaseModel):
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
+    name: str = "pipeline"  # the config's name (file stem): Prefect artifact keys, messages
+    reuse_only: frozenset[str] = frozenset()  # stages that may only come from the cache (compress-publish flow)
 
     @property
     def store_uri(self) -> str:
@@ -31,6 +34,11 @@ def stage_run(
     ctx: StageContext, stage: str, params: Mapping[str, Any], run_id: str | None = None
 ) -> Iterator[MlflowMetricLogger]:
     """The stage's MLflow child run: params logged first, ended FINISHED, or FAILED/KILLED with the error."""
+    if stage in ctx.reuse_only:
+        raise StageNotCachedError(
+            f"{stage}: no cached result for these inputs, and this flow only re-uses it; run the pipeline (or the "
+            f"train flow) for {ctx.name} first"
+        )
     tracker = Tracker(ctx.tracking_uri, ctx.experiment_id)
     run_id = tracker.start_stage_run(ctx.parent_run_id, stage, run_id)
     logger = tracker.logger(run_id)

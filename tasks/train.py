@@ -9,6 +9,7 @@ from prefect import task
 from core.config import LoaderConfig, ModelConfig, OptimConfig, TrainConfig
 from core.records import PrepareDataResult, TrainResult
 from core.train import train
+from tasks.artifacts import TrainingProgress
 from tasks.cache import stage_cache, stage_store
 from tasks.context import StageContext, log_result, stage_run
 
@@ -34,6 +35,6 @@ def train_task(
     with stage_run(ctx, "train", params, run_id=previous) as run:
         run_file.write_text(json.dumps({"run_id": run.run_id}))
         result = train(model_cfg, optim_cfg, train_cfg, loader_cfg, seed, data, store, key, logger=run,
-                       run_id=run.run_id)  # fmt: skip
+                       run_id=run.run_id, callbacks=[TrainingProgress(ctx.name)])  # fmt: skip
         log_result(run, result)
     return result

@@ -32,6 +32,7 @@ from core.config.sections import (
     TrackingConfig,
     TrainConfig,
 )
+from core.config.timeouts import TimeoutsConfig
 from core.config.tune import (
     CategoricalParam,
     FloatParam,
@@ -47,6 +48,6 @@ __all__ = [
     "DistillationConfig", "DistributedConfig", "EarlyStoppingConfig", "EvaluateConfig", "FactoryModelConfig", "FloatParam", "GPTConfig",
     "HPOConfig", "IntParam", "LRRangeTestConfig", "LoaderConfig", "MLPConfig", "MeasureConfig", "ModelConfig",
     "OptimConfig", "ParamSpec", "PublishConfig", "QuantizationConfig", "SklearnDataConfig", "StoreConfig",
-    "StructuredPruningConfig", "SyntheticDataConfig", "TableDataConfig", "TextDataConfig", "TrackingConfig",
+    "StructuredPruningConfig", "SyntheticDataConfig", "TableDataConfig", "TextDataConfig", "TimeoutsConfig", "TrackingConfig",
     "TrainConfig", "TuneConfig", "UnstructuredPruningConfig", "config_from_dict", "load_config",
 ]  # fmt: skip

@@ -23,6 +23,7 @@ from core.config.data import DataConfig
 from core.config.messages import format_validation_error
 from core.config.model import CNNConfig, ModelConfig
 from core.config.overrides import parse_override, set_path
+from core.config.timeouts import TimeoutsConfig
 from core.config.tune import TuneConfig, search_space_problems
 from core.errors import ConfigError
 
@@ -51,6 +52,9 @@ class Config(Section):
     )
     tracking: sections.TrackingConfig = Field(default_factory=sections.TrackingConfig, description="MLflow tracking.")
     store: sections.StoreConfig = Field(default_factory=sections.StoreConfig, description="Artifact store.")
+    timeouts: TimeoutsConfig = Field(
+        default_factory=TimeoutsConfig, description="Per-stage time limits in seconds (none by default)."
+    )
 
     def sha256(self) -> str:
         """Content hash of the resolved config (stable across key order and formatting)."""

@@ -1,0 +1,147 @@
+"""Prefect artifacts, what a run shows in the Prefect UI beside its DAG: the training's progress while it
+runs, the HPO trials and the compression comparison as tables, and a Markdown summary of the whole run that
+links its MLflow run and the published manifest.
+
+Keys are `<what>-<config name>` (lowercase, dashes), so each config's latest table is one click away under
+Artifacts, with every earlier run's version kept in its history.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from core.compression.report import COLUMNS, table_rows
+from core.records import CompressResult, HPOSearchResult
+from core.training.callbacks import Callback
+from core.training.state import FitResult
+
+log = logging.getLogger(__name__)
+
+
+def artifact_key(kind: str, name: str) -> str:
+    """A valid Prefect artifact key (lowercase letters, digits, dashes) for `kind` of config `name`."""
+    return re.sub(r"[^a-z0-9-]+", "-", f"{kind}-{name}".lower()).strip("-")
+
+
+class TrainingProgress(Callback):
+    """A progress artifact of the training (percent of the planned optimizer steps), updated at every log
+    point. Acts only inside a Prefect task run (not in launched ranks, which have no run context)."""
+
+    def __init__(self, name: str):
+        self.key = artifact_key("train-progress", name)
+        self.artifact_id: Any = None
+        self.total = 1
+
+    def on_fit_start(self, trainer: Any) -> None:
+        from prefect.artifacts import create_progress_artifact
+        from prefect.context import TaskRunContext
+
+        if TaskRunContext.get() is None:
+            return
+        self.total = max(1, trainer.total_steps)
+        self.artifact_id = create_progress_artifact(
+            self._percent(trainer.state.step), key=self.key, description="train: optimizer steps done of planned"
+        )
+
+    def on_log(self, trainer: Any, metrics: dict[str, float]) -> None:
+        self._update(trainer.state.step)
+
+    def on_fit_end(self, trainer: Any, result: FitResult) -> None:
+        self._update(self.total)  # early stopping ends the plan too
+
+    def _percent(self, step: int) -> float:
+        return round(min(100.0, 100.0 * step / self.total), 1)
+
+    def _update(self, step: int) -> None:
+        if self.artifact_id is None:
+            return
+        from prefect.artifacts import update_progress_artifact
+
+        try:
+            update_progress_artifact(self.artifact_id, self._percent(step))
+        except Exception as exc:  # the UI's progress bar is not worth a failed training
+            log.warning("train progress artifact not updated (%s)", exc)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"key": self.key, "artifact_id": None}  # a launched rank has no task run to report to
+
+
+def hpo_trials_table(record: HPOSearchResult, name: str) -> None:
+    """Every trial of the study: number, state, value, parameters, seconds."""
+    import optuna
+    from prefect.artifacts import create_table_artifact
+
+    study = optuna.load_study(study_name=record.study_name, storage=record.storage)
+    rows = []
+    for trial in study.trials:
+        seconds = (trial.datetime_complete - trial.datetime_start).total_seconds() if trial.datetime_complete else None
+        rows.append({
+            "trial": trial.number,
+            "state": trial.state.name.lower(),
+            record.metric: trial.value,
+            **{path: trial.params.get(path) for path in record.best_params},
+            "seconds": round(seconds, 2) if seconds is not None else None,
+            "best": "yes" if trial.number == record.best_trial else "",
+        })  # fmt: skip
+    create_table_artifact(
+        rows,
+        key=artifact_key("hpo-trials", name),
+        description=f"HPO trials of {name}: {record.n_complete} complete, {record.n_pruned} pruned, "
+        f"{record.n_failed} failed; best {record.metric} {record.best_value:.5g} ({record.direction}) "
+        f"in trial {record.best_trial}",
+    )
+
+
+def compression_table(record: CompressResult, name: str) -> None:
+    """The compression comparison, one row per variant, the recommended one marked."""
+    from prefect.artifacts import create_table_artifact
+
+    rows = table_rows(record.variants, record.task, record.recommended)
+    rows = [dict(zip(COLUMNS, [cell.replace("**", "") for cell in row], strict=True)) for row in rows]
+    create_table_artifact(
+        rows,
+        key=artifact_key("compression", name),
+        description=f"Compressed variants of {name}: recommended {record.recommended} ({record.reason}). "
+        f"Batch-1 latency at {record.threads} thread(s).",
+    )
+
+
+def run_summary(summary: dict[str, Any], name: str, mlflow_link: str) -> None:
+    """The whole run in Markdown: each stage's time and cache status, the test metrics, the recommended
+    variant, the published manifest and registered version, and where the MLflow run is."""
+    from prefect.artifacts import create_markdown_artifact
+
+    stages = summary["stages"]
+    lines = [f"# {name}: pipeline run", "", f"MLflow run: {mlflow_link}", "", "| stage | seconds | cached |",
+             "|---|---:|---|"]  # fmt: skip
+    for stage, info in stages.items():
+        lines.append(f"| {stage} | {info['seconds']:.1f} | {'yes' if info['cached'] else 'no'} |")
+    lines += [f"| {stage} | | skipped: {reason} |" for stage, reason in summary.get("skipped", {}).items()]
+    if summary.get("tuned"):
+        tuned = [f"`{path}` = {value:.4g}" if isinstance(value, float) else f"`{path}` = {value}"
+                 for path, value in summary["tuned"].items()]  # fmt: skip
+        lines += ["", "Tuned: " + ", ".join(tuned)]
+    if "evaluate" in stages:
+        metrics = ", ".join(f"{k} {v:.4f}" for k, v in stages["evaluate"]["metrics"].items())
+        lines += ["", f"Test: {metrics}; batch-1 latency p50 {stages['evaluate']['latency_ms_p50']:.2f} ms"]
+    if "compress" in stages:
+        lines += ["", f"Recommended variant: **{stages['compress']['recommended']}**: {stages['compress']['reason']}"]
+    if "publish" in stages:
+        published = stages["publish"]
+        lines += ["", f"Published manifest: `{published['manifest_uri']}`"]
+        if published.get("registered_model"):
+            aliases = ", ".join(published.get("aliases") or []) or "none"
+            lines += [f"Registered: `{published['registered_model']}` version {published['registered_version']} "
+                      f"(aliases: {aliases})"]  # fmt: skip
+    create_markdown_artifact("\n".join(lines) + "\n", key=artifact_key("run-summary", name),
+                             description=f"{name}: summary of the pipeline run")  # fmt: skip
+
+
+def mlflow_run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """A clickable link when MLflow is a server; otherwise the command that opens the UI on the database."""
+    if tracking_uri.startswith(("http://", "https://")):
+        url = f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+        return f"[{run_id}]({url})"
+    return f"`{run_id}` in `{tracking_uri}` (open it: `trainflow ui --tracking-uri {tracking_uri}`)"
