@@ -1,80 +1,80 @@
-"""A checkpoint on the way out: SIGTERM (a cancelled Prefect flow run, a stopped container, a pre-empted
-machine) or SIGINT (Ctrl-C) during a fit saves a checkpoint at the end of the current optimizer step,
-then the signal takes its usual course (Prefect's handler ends the run Cancelled; Ctrl-C raises
+"""A checkpoint on the way out. When SIGTERM (a cancelled Prefect flow run, a stopped container) or SIGINT
+(Ctrl-C) reaches a fit, the fit saves a checkpoint at the end of its current optimizer step and stops;
+then the signal's exception goes on as it would have (Prefect ends the run Cancelled, Ctrl-C is a
 KeyboardInterrupt). A re-run resumes from that step, to the weights of an uninterrupted run.
 
-Signal handlers belong to the main thread: a fit elsewhere (a Prefect task in a worker thread, a trial
-thread) keeps the periodic checkpoints only.
+How: the fit runs in a thread of its own while the main thread, where Python runs signal handlers, waits
+for it. The handlers stay whatever they were (Prefect checks that its own is installed before it
+acknowledges a cancel), and the exception they raise lands in the waiting main thread, never in the middle
+of a step: the main thread asks the fit to stop at the step's end and waits until it has.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
-import signal
 import threading
-from types import FrameType
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 from core.training.callbacks import Callback
-from core.training.state import FitResult
 
 if TYPE_CHECKING:
     from core.training.checkpoint import ModelCheckpoint
     from core.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
-SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+class FitStopped(BaseException):
+    """The fit stopped at a step's end because the process is being stopped (not an error of the fit)."""
 
 
-class CheckpointOnSignal(Callback):
+class CheckpointOnStop(Callback):
+    """Saves a checkpoint and stops the fit at the end of the step during which `request` was called."""
+
     def __init__(self, checkpoint: ModelCheckpoint):
         self.checkpoint = checkpoint
-        self.received: int | None = None
-        self._previous: dict[int, Any] = {}
+        self.requested = threading.Event()
 
-    def on_fit_start(self, trainer: Trainer) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for signum in SIGNALS:
-            self._previous[signum] = signal.getsignal(signum)
-            signal.signal(signum, self._note)
-
-    def _note(self, signum: int, frame: FrameType | None) -> None:
-        if self.received is not None:  # a second signal: no more waiting for the step to end
-            self._restore()
-            self._deliver(signum, frame)
-            return
-        self.received = signum
-        log.warning("%s received: checkpoint at the end of this step, then stop", signal.Signals(signum).name)
+    def request(self, reason: BaseException) -> None:
+        log.warning("%s: checkpoint at the end of this step, then stop", type(reason).__name__)
+        self.requested.set()
 
     def on_step_end(self, trainer: Trainer) -> None:
-        if self.received is None:
+        if not self.requested.is_set():
             return
-        signum, self.received = self.received, None
-        if self.checkpoint._saved_step != trainer.state.step:
-            path = self.checkpoint.save(trainer)
-            log.warning("checkpoint %s written at step %d; a re-run resumes from it", path.name, trainer.state.step)
-        self._restore()
-        self._deliver(signum, None)
+        step = trainer.state.step
+        if self.checkpoint._saved_step != step:
+            self.checkpoint.save(trainer)
+        log.warning("checkpoint of step %d written; re-run the same command to resume from it", step)
+        raise FitStopped(f"stopped at step {step}")
 
-    def on_fit_end(self, trainer: Trainer, result: FitResult) -> None:
-        self._restore()
 
-    def on_exception(self, trainer: Trainer, exc: BaseException) -> None:
-        self._restore()
+def fit_until_stopped(fit: Callable[[], T], stop: CheckpointOnStop) -> T:
+    """Run `fit` in a thread; a signal's exception in this (main) thread makes it checkpoint and stop first."""
+    outcome: dict[str, object] = {}
+    context = contextvars.copy_context()  # the Prefect task run, for the progress artifact
+    done = threading.Event()  # not Thread.join: on 3.11 a join cut short by a signal marks the thread as ended
 
-    def _restore(self) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous = {}
+    def target() -> None:
+        try:
+            outcome["result"] = context.run(fit)
+        except BaseException as exc:  # handed to the main thread below
+            outcome["error"] = exc
+        finally:
+            done.set()
 
-    def _deliver(self, signum: int, frame: FrameType | None) -> None:
-        """What the signal would have done without us: the previous handler, or the default action."""
-        handler = signal.getsignal(signum)  # restored: the handler in place before the fit
-        if callable(handler):
-            handler(signum, frame)
-        elif signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        else:
-            raise SystemExit(128 + signum)
+    threading.Thread(target=target, name="fit", daemon=True).start()
+    try:
+        done.wait()
+    except BaseException as exc:  # TerminationSignal, KeyboardInterrupt: raised by a signal handler here
+        stop.request(exc)
+        done.wait()  # a second signal ends the wait, and the process with it
+        if isinstance(outcome.get("error"), FitStopped | None):
+            raise
+        raise exc from outcome["error"]  # type: ignore[misc]
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome["result"]  # type: ignore[return-value]
