@@ -1,7 +1,7 @@
 """The `trainflow` command.
 
     trainflow validate CONFIG [--set section.key=value ...]
-    trainflow run CONFIG [--set section.key=value ...] [--out DIR]
+    trainflow run CONFIG [--set section.key=value ...] [--out DIR] [--flow pipeline|tune|train|compress-publish]
     trainflow verify MANIFEST [--config CONFIG]
     trainflow train CONFIG --node-rank N [--set section.key=value ...]
     trainflow serve | emit-dataset-updated | ui | compare ...   (flows/operate.py)
@@ -59,12 +59,12 @@ def _run(args: argparse.Namespace) -> int:
     from flows.startup import prefect_api_booting, warm_up  # imports prefect, which configures logging
 
     with prefect_api_booting():
-        from flows.pipeline import training_pipeline
+        from flows.pipeline import FLOWS
 
         warm_up(config)
     _quiet_user_errors()
 
-    summary = training_pipeline(str(args.config), list(args.overrides), str(args.out))
+    summary = FLOWS[args.flow](str(args.config), list(args.overrides), str(args.out))
     _print_summary(summary, Path(args.out))
     return 0
 
@@ -203,6 +203,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("config", type=Path)
     run.add_argument("--set", **overrides)
     run.add_argument("--out", type=Path, default=Path("out"), help="folder for summary.json (default: out)")
+    run.add_argument("--flow", choices=["pipeline", "tune", "train", "compress-publish"], default="pipeline",
+                     help="the whole pipeline (default), or a part of it on the same cache")  # fmt: skip
     run.set_defaults(command=_run)
 
     train = commands.add_parser("train", help="on machine N > 0 of a multi-node run: join node 0's train stage")

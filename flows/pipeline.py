@@ -1,8 +1,11 @@
-"""The training pipeline as a Prefect flow:
+"""The training pipeline as Prefect flows:
 prepare_data -> lr_range_test -> hpo_search -> train -> evaluate -> compress -> publish.
 
-Each line below is one stage: flows/pipeline.py -> tasks/<stage>.py -> core/<stage>.py.
-Run it with `trainflow run configs/digits.yaml`, or serve it from `deployments/`.
+Each line of `run_stages` is one stage: flows/pipeline.py -> tasks/<stage>.py -> core/<stage>.py.
+`training_pipeline` runs them all; the stand-alone flows run a part, on the same cache, so each re-uses
+what the others computed: `tune` (through the search), `train` (through evaluate), `compress_publish`
+(compress and publish a model already trained; it never trains). Run one with `trainflow run CONFIG`,
+or serve them from `deployments/` (`trainflow serve`).
 """
 
 from __future__ import annotations
@@ -23,14 +26,16 @@ from tasks.prepare_data import prepare_data_task
 from tasks.publish import publish_task
 from tasks.train import train_task
 
+TRAINED = frozenset({"prepare_data", "lr_range_test", "hpo_search", "train", "evaluate"})
 
-@flow(name="training_pipeline", flow_run_name="{config_path}", validate_parameters=False)
-def training_pipeline(
-    config_path: str, overrides: list[str] | None = None, out_dir: str | None = None
-) -> dict[str, Any]:
-    """One YAML config in; a tuned, trained, evaluated and published model out. Returns summary.json's content."""
+
+def run_stages(
+    config_path: str, overrides: list[str] | None, out_dir: str | None, last: str = "publish",
+    reuse_only: frozenset[str] = frozenset(),
+) -> dict[str, Any]:  # fmt: skip
+    """The stages in order, up to `last` (hpo_search, evaluate or publish); summary.json's content."""
     config = load_config(config_path, overrides or [])
-    with PipelineRun(config, config_path, out_dir) as run:
+    with PipelineRun(config, config_path, out_dir, reuse_only) as run:
         data = run.stage(prepare_data_task, data_cfg=config.data, seed=config.seed,
                          source_version=data_version(config.data, config.store))  # fmt: skip
         # The tuning stages see only the training settings that change their result (tuning_view).
@@ -41,13 +46,57 @@ def training_pipeline(
         search = run.stage_if(hpo_search_plan(config), hpo_search_task, **tuning,
                               hpo_cfg=config.tune.hpo, data_cfg=config.data, lr_range=lr_range)  # fmt: skip
         tuned = run.tuned(apply_tuning(config, lr_range, search))
+        if last == "hpo_search":
+            return run.summary()
         trained = run.stage(train_task, model_cfg=tuned.model, optim_cfg=tuned.optim, train_cfg=tuned.train,
                             loader_cfg=tuned.data.loader, seed=tuned.seed, data=data)  # fmt: skip
         evaluated = run.stage(evaluate_task, evaluate_cfg=tuned.evaluate, model_cfg=tuned.model, train_cfg=tuned.train,
                               loader_cfg=tuned.data.loader, seed=tuned.seed, data=data, trained=trained)  # fmt: skip
+        if last == "evaluate":
+            return run.summary()
         compressed = run.stage_if((tuned.compress.enabled, "compress.enabled is false"), compress_task,
                                   compress_cfg=tuned.compress, model_cfg=tuned.model, optim_cfg=tuned.optim,
                                   train_cfg=tuned.train, loader_cfg=tuned.data.loader, seed=tuned.seed, data=data,
                                   trained=trained)  # fmt: skip
         run.stage(publish_task, config=tuned, data=data, trained=trained, evaluated=evaluated, compressed=compressed)
     return run.summary()
+
+
+FLOW = {"flow_run_name": "{config_path}", "validate_parameters": False}
+
+
+@flow(name="training_pipeline", **FLOW)
+def training_pipeline(
+    config_path: str, overrides: list[str] | None = None, out_dir: str | None = None
+) -> dict[str, Any]:
+    """One YAML config in; a tuned, trained, evaluated and published model out. Returns summary.json's content."""
+    return run_stages(config_path, overrides, out_dir)
+
+
+@flow(name="tune", **FLOW)
+def tune_flow(config_path: str, overrides: list[str] | None = None, out_dir: str | None = None) -> dict[str, Any]:
+    """Prepare the data, run the LR range test and the hyperparameter search; the tuned values in the summary."""
+    return run_stages(config_path, overrides, out_dir, last="hpo_search")
+
+
+@flow(name="train", **FLOW)
+def train_flow(config_path: str, overrides: list[str] | None = None, out_dir: str | None = None) -> dict[str, Any]:
+    """Tune (or re-use the tuning), train and evaluate; no compression, nothing published."""
+    return run_stages(config_path, overrides, out_dir, last="evaluate")
+
+
+@flow(name="compress_publish", **FLOW)
+def compress_publish_flow(
+    config_path: str, overrides: list[str] | None = None, out_dir: str | None = None
+) -> dict[str, Any]:
+    """Compress and publish the model the pipeline or the train flow trained for this config; it never trains:
+    without a cached trained model it fails, naming the stage."""
+    return run_stages(config_path, overrides, out_dir, reuse_only=TRAINED)
+
+
+FLOWS = {
+    "pipeline": training_pipeline,
+    "tune": tune_flow,
+    "train": train_flow,
+    "compress-publish": compress_publish_flow,
+}

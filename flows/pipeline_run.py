@@ -55,6 +55,7 @@ class PipelineRun:
                 "mlflow.source.git.commit": git_commit() or "unknown",
                 "trainflow.code_version": code_version(),
                 "trainflow.prefect_flow_run_id": flow_run.id or "",
+                "trainflow.flow": flow_run.flow_name or "",
                 **source_tags(self.config_path),
             }
         )

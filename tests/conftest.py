@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,3 +53,15 @@ def tiny_raw(**sections: Any) -> dict[str, Any]:
 @pytest.fixture
 def tiny_config() -> Config:
     return config_from_dict(tiny_raw())
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """One Prefect test server for the whole session (it takes ~18 s to start)."""
+    from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    # The harness does not isolate default result storage; our stages set theirs, other tasks must not leak.
+    settings = {PREFECT_RESULTS_LOCAL_STORAGE_PATH: tmp_path_factory.mktemp("prefect-results")}
+    with temporary_settings(settings), prefect_test_harness(server_startup_timeout=120):
+        yield

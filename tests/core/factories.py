@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 from torch import nn
@@ -65,3 +66,21 @@ class _MemoryLimited(TinyNet):
 
 def memory_limited_net(spec: DataSpec, max_batch: int, hidden: int = 16) -> nn.Module:
     return _MemoryLimited(spec, hidden, max_batch)
+
+
+class _Paced(TinyNet):
+    """TinyNet whose training forward takes at least `seconds`: a training that lasts a known wall time
+    however busy the machine is (the cancellation test needs it still running when the cancel lands)."""
+
+    def __init__(self, spec: DataSpec, hidden: int, seconds: float):
+        super().__init__(spec, hidden)
+        self.seconds = seconds
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            time.sleep(self.seconds)
+        return super().forward(x)
+
+
+def paced_net(spec: DataSpec, hidden: int = 8, seconds: float = 0.02) -> nn.Module:
+    return _Paced(spec, hidden, seconds)

@@ -1,0 +1,90 @@
+"""The deployments of a config: which flow, with which parameters, on which schedule and event.
+
+Each config gets one deployment per flow, named after the config file (`training_pipeline/digits`,
+`tune/digits`, ...). Its parameters are the config path, the `--set` overrides and an output folder.
+It runs on a cron schedule when given one, and whenever `trainflow.dataset.updated` names the dataset the
+config trains on. At most one run of a deployment is active at a time: the next one waits in
+AwaitingConcurrencySlot until the slot frees, it is never dropped (ENQUEUE).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from core.config import Config
+from core.data.sources import dataset_uri, normalized_dataset_uri
+from core.errors import ConfigError
+from core.storage.version import code_version
+
+DATASET_EVENT = "trainflow.dataset.updated"
+RESOURCE_PREFIX = "trainflow.dataset."
+
+
+def dataset_resource_id(uri: str) -> str:
+    """The Prefect resource the dataset event is about: one id per dataset, however its path was written."""
+    return RESOURCE_PREFIX + normalized_dataset_uri(uri)
+
+
+def dataset_trigger(config: Config) -> Any:
+    """Start a run when the event names this config's dataset."""
+    from prefect.events import DeploymentEventTrigger
+
+    uri = dataset_uri(config.data)
+    return DeploymentEventTrigger(
+        name=f"{DATASET_EVENT}: {uri}",
+        expect={DATASET_EVENT},
+        match={"prefect.resource.id": dataset_resource_id(uri)},
+    )
+
+
+def check_cron(cron: str, timezone: str) -> None:
+    """A cron string and time zone Prefect accepts, else a one-line error naming the option."""
+    from prefect.client.schemas.schedules import CronSchedule
+    from pydantic import ValidationError
+
+    try:
+        CronSchedule(cron=cron, timezone=timezone)
+    except ValidationError as exc:
+        reason = exc.errors()[0].get("msg", str(exc)).removeprefix("Value error, ")
+        raise ConfigError(f"--cron {cron!r} --timezone {timezone}: {reason}") from None
+
+
+def build_deployments(
+    configs: list[tuple[Path, Config]],
+    overrides: list[str],
+    flow: str,
+    cron: str | None,
+    timezone: str,
+    trigger: bool,
+    out_dir: Path,
+) -> list[Any]:
+    """RunnerDeployments of `flow` (a key of `flows.pipeline.FLOWS`) for each (config path, config)."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig
+    from prefect.deployments.runner import EntrypointType
+    from prefect.schedules import Cron
+
+    from flows.pipeline import FLOWS
+
+    names = [path.stem for path, _ in configs]
+    if len(set(names)) < len(names):
+        shared = ", ".join(sorted(names))
+        raise ConfigError(f"configs: two files share a name ({shared}); deployments are named after it")
+    deployments = []
+    for path, config in configs:
+        parameters = {"config_path": str(path.resolve()), "overrides": list(overrides),
+                      "out_dir": str((out_dir / path.stem).resolve())}  # fmt: skip
+        deployments.append(
+            FLOWS[flow].to_deployment(
+                name=path.stem,
+                parameters=parameters,
+                schedules=[Cron(cron, timezone=timezone)] if cron else None,
+                triggers=[dataset_trigger(config)] if trigger else None,
+                concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy="ENQUEUE"),
+                description=f"{FLOWS[flow].description or flow} Config: {path}.",
+                tags=["trainflow", path.stem],
+                version=code_version(),
+                entrypoint_type=EntrypointType.MODULE_PATH,  # runs from any folder: the package is installed
+            )
+        )
+    return deployments
