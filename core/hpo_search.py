@@ -218,12 +218,13 @@ def _history_png(study: optuna.Study) -> bytes:
     import matplotlib.pyplot as plt
     from optuna.visualization.matplotlib import plot_optimization_history
 
-    with warnings.catch_warnings():
+    # Optuna's plots switch matplotlib to its ggplot style for the whole process; keep that to this figure
+    with warnings.catch_warnings(), plt.style.context("default"):
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         axes = plot_optimization_history(study)
-    buffer = io.BytesIO()
-    axes.figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    plt.close(axes.figure)
+        buffer = io.BytesIO()
+        axes.figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+        plt.close(axes.figure)
     return buffer.getvalue()
 
 

@@ -42,6 +42,7 @@ class PipelineRun:
         self.stages: dict[str, dict[str, Any]] = {}
         self.skipped: dict[str, str] = {}  # stage -> why it did not run
         self.changes: dict[str, Any] = {}  # what the tuning stages set (dotted path -> value)
+        self.tuned_config = config  # the config with those values applied
 
     def __enter__(self) -> PipelineRun:
         config = self.config
@@ -118,7 +119,7 @@ class PipelineRun:
     def tuned(self, tuning: tuple[Config, dict[str, Any]]) -> Config:
         """Note the values the tuning stages set (summary.json `tuned`, MLflow params `tuned.*`)."""
         config, changes = tuning
-        self.changes = changes
+        self.changes, self.tuned_config = changes, config
         if changes:
             self.tracker.logger(self.run_id).log_params({f"tuned.{path}": value for path, value in changes.items()})
         return config
@@ -138,25 +139,31 @@ class PipelineRun:
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if kind is None:
-            logger = self.tracker.logger(self.run_id)
-            summary = self.summary()
-            logger.log_dict(summary, "summary.json")
-            if self.out_dir is not None:
-                write_atomic(self.out_dir / "summary.json", json.dumps(summary, indent=2).encode())
-            write_report(summary, self.config, self.out_dir, self.tracker.client, self.run_id)
-            link = mlflow_run_link(self.ctx.tracking_uri, self.ctx.experiment_id, self.run_id)
-            _best_effort(run_summary, summary, self.run_name, link)
-            cached = ",".join(name for name, info in self.stages.items() if info["cached"])
-            logger.set_tags({"trainflow.cached_stages": cached, "trainflow.skipped_stages": ",".join(self.skipped)})
-            self.tracker.end_run(self.run_id)
+            try:
+                self._finish()
+            finally:
+                self.tracker.end_run(self.run_id)
         elif hasattr(self, "run_id"):
             self.tracker.client.set_tag(self.run_id, "trainflow.error", f"{kind.__name__}: {exc}"[:5000])
             self.tracker.end_run(self.run_id, "FAILED" if issubclass(kind, Exception) else "KILLED")
 
+    def _finish(self) -> None:
+        """summary.json (output folder and MLflow), the run report, the Prefect summary artifact, the run's tags."""
+        logger = self.tracker.logger(self.run_id)
+        summary = self.summary()
+        cached = ",".join(name for name, info in self.stages.items() if info["cached"])
+        logger.set_tags({"trainflow.cached_stages": cached, "trainflow.skipped_stages": ",".join(self.skipped)})
+        logger.log_dict(summary, "summary.json")
+        if self.out_dir is not None:
+            write_atomic(self.out_dir / "summary.json", json.dumps(summary, indent=2).encode())
+        _best_effort(write_report, summary, self.tuned_config, self.out_dir, self.tracker.client, self.run_id)
+        link = mlflow_run_link(self.ctx.tracking_uri, self.ctx.experiment_id, self.run_id)
+        _best_effort(run_summary, summary, self.run_name, link)
 
-def _best_effort(show: Any, *args: Any) -> None:
-    """A Prefect artifact is for the UI: failing to make one is logged, never a failed run."""
+
+def _best_effort(make: Any, *args: Any) -> None:
+    """Reports and Prefect artifacts are for people to read: failing to make one is logged, never a failed run."""
     try:
-        show(*args)
+        make(*args)
     except Exception as exc:
-        log.warning("Prefect artifact %s not created (%s: %s)", show.__name__, type(exc).__name__, exc)
+        log.warning("%s failed (%s: %s)", make.__name__, type(exc).__name__, exc)

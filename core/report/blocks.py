@@ -1,0 +1,147 @@
+"""What a report is made of: sections of text, tables, images and code, independent of the output format,
+and `Sources`, which reads the run's artifacts and metrics and turns a missing one into a line of the report
+(and a warning) instead of a failed run."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from mlflow.exceptions import MlflowException
+
+from core.errors import TrainflowError
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+    from core.storage.store import ArtifactStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Text:
+    """A paragraph of plain text (escaped on output; `**bold**` is the only markup)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Table:
+    header: list[str]
+    rows: list[list[str]]
+
+
+@dataclass(frozen=True)
+class Image:
+    """A PNG: a file next to report.md, a base64 data URI in report.html. `name` is its unique file stem."""
+
+    name: str
+    png: bytes
+    caption: str
+
+
+@dataclass(frozen=True)
+class Code:
+    """A preformatted block: a fenced block in Markdown, a collapsed <details> block in HTML."""
+
+    title: str
+    text: str
+    language: str = ""
+
+
+Block = Text | Table | Image | Code
+
+
+@dataclass
+class Section:
+    title: str
+    blocks: list[Block] = field(default_factory=list)
+
+    def add(self, *blocks: Block) -> Section:
+        self.blocks.extend(blocks)
+        return self
+
+
+@dataclass(frozen=True)
+class Report:
+    title: str
+    sections: list[Section]
+
+    def images(self) -> list[Image]:
+        return [block for section in self.sections for block in section.blocks if isinstance(block, Image)]
+
+
+def facts(pairs: dict[str, Any]) -> Table:
+    """A two-column table of named values (None left out)."""
+    return Table(["", "value"], [[name, fmt(value)] for name, value in pairs.items() if value is not None])
+
+
+def fmt(value: Any) -> str:
+    """A value as report text: floats to 4 significant digits, containers as compact JSON."""
+    if isinstance(value, bool) or value is None:
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, dict | list | tuple):
+        return json.dumps(value, default=str)
+    return str(value)
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+class Sources:
+    """Reads the run's artifacts (through the store) and MLflow data; each failure becomes a report line.
+
+    A report is written after every stage succeeded, so an artifact that cannot be read (deleted, a lost
+    S3 object, a metric history the server will not give) is reported, never raised.
+    """
+
+    def __init__(self, store: ArtifactStore, client: MlflowClient):
+        self.store, self.client = store, client
+
+    def bytes(self, uri: str, what: str, section: Section) -> bytes | None:
+        try:
+            return self.store.local_path(uri).read_bytes()
+        except (OSError, TrainflowError) as exc:
+            return self.missing(section, what, uri, exc)
+
+    def png(self, uri: str, name: str, caption: str, section: Section) -> None:
+        """Add the store's PNG at `uri` to `section` as an image, or a line saying it is missing."""
+        data = self.bytes(uri, caption, section)
+        if data is None:
+            return
+        if not data.startswith(PNG_SIGNATURE):
+            self.missing(section, caption, uri, ValueError("not a PNG file"))
+            return
+        section.add(Image(name, data, caption))
+
+    def json(self, uri: str, what: str, section: Section) -> Any | None:
+        data = self.bytes(uri, what, section)
+        if data is None:
+            return None
+        try:
+            return json.loads(data)
+        except ValueError as exc:
+            return self.missing(section, what, uri, exc)
+
+    def metric_history(self, run_id: str, section: Section) -> dict[str, list[tuple[int, float]]]:
+        """Every metric of an MLflow run as (step, value) pairs in step order; {} (and a line) on failure."""
+        try:
+            keys = sorted(self.client.get_run(run_id).data.metrics)
+            history = {key: self.client.get_metric_history(run_id, key) for key in keys}
+        except MlflowException as exc:
+            self.missing(section, "the metric history", f"MLflow run {run_id}", exc)
+            return {}
+        return {key: sorted((m.step, m.value) for m in metrics) for key, metrics in history.items()}
+
+    @staticmethod
+    def missing(section: Section, what: str, where: str, exc: BaseException) -> None:
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        log.warning("report: %s: %s is missing (%s): %s", section.title, what, where, reason)
+        section.add(Text(f"missing: {what} ({where}): {reason}"))

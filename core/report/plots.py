@@ -1,0 +1,62 @@
+"""The report's own plots, only where the pipeline saved none: training curves from the MLflow metric
+history and the HPO parameter importances. PNG bytes, drawn with matplotlib's Agg backend."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+Series = dict[str, list[tuple[int, float]]]  # metric -> (step, value) pairs
+
+
+def training_curves_png(history: Series, panels: list[list[str]], best_step: int | None = None) -> bytes:
+    """One panel per group of metrics against the optimizer step; the best evaluation's step marked."""
+    plt = _pyplot()
+    panels = [[key for key in keys if history.get(key)] for keys in panels]
+    panels = [keys for keys in panels if keys]
+    with plt.style.context("default"):  # Optuna's plots switch the process-wide style to ggplot
+        figure, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False)
+        for ax, keys in zip(axes[0], panels, strict=True):
+            for key in keys:
+                steps, values = zip(*history[key], strict=True)
+                ax.plot(steps, values, marker="o" if len(steps) <= 30 else None, markersize=3, label=key)
+            if best_step is not None:
+                ax.axvline(best_step, color="grey", linestyle=":", linewidth=1, label="best step")
+            if keys == ["lr"]:
+                ax.set_yscale("log")
+            ax.set_xlabel("step")
+            ax.legend(fontsize=8)
+            ax.grid(alpha=0.3)
+        figure.tight_layout()
+        return _png(figure)
+
+
+def importances_png(importances: dict[str, float]) -> bytes:
+    """Horizontal bars, the most important parameter on top."""
+    plt = _pyplot()
+    ordered = sorted(importances.items(), key=lambda item: item[1])
+    with plt.style.context("default"):
+        figure, ax = plt.subplots(figsize=(6, 0.5 * len(ordered) + 1.2))
+        ax.barh([name for name, _ in ordered], [value for _, value in ordered], color="tab:blue")
+        ax.set_xlabel("importance")
+        ax.set_title("HPO parameter importances")
+        figure.tight_layout()
+        return _png(figure)
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(figure: Any) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    return buffer.getvalue()

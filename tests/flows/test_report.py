@@ -1,0 +1,237 @@
+"""The run report of a real tiny pipeline run (LR range test, a 3-trial search, every stage) on Prefect's test
+server with MLflow on a temporary SQLite file; and the renderer on its own."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mlflow import MlflowClient
+
+from core.config import config_from_dict, load_config
+from core.report import write_report
+from core.report.blocks import Report, Section
+from core.report.render import render_html, render_markdown
+from core.report.sections import config_section
+from core.storage.store import LocalStore
+from tests.conftest import tiny_raw
+from tests.flows.test_pipeline import Project
+
+PNG = b"\x89PNG\r\n\x1a\n"
+SPACE = {"optim.lr": {"type": "float", "log": True}, "model.dropout": {"type": "float", "low": 0.0, "high": 0.3}}
+
+
+@pytest.fixture(scope="module")
+def project(prefect_server: None, tmp_path_factory: pytest.TempPathFactory) -> Project:
+    return Project(
+        tmp_path_factory.mktemp("report"),
+        optim={"lr": "auto"},
+        tune={"lr_range_test": {"num_steps": 30},
+              "hpo": {"enabled": True, "n_trials": 3, "max_epochs_per_trial": 2, "space": SPACE}},
+        compress={"structured_pruning": {"enabled": False}, "distillation": {"enabled": False}},  # kept short
+        publish={"registered_model_name": "report-model"},
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def run(project: Project) -> dict[str, Any]:
+    return project.run()
+
+
+@pytest.fixture(scope="module")
+def markdown(project: Project, run: dict[str, Any]) -> str:
+    return (project.root / "out" / "report.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def page(project: Project, run: dict[str, Any]) -> str:
+    return (project.root / "out" / "report.html").read_text()
+
+
+def sections(markdown: str) -> dict[str, str]:
+    """The Markdown report's `## ` sections by title."""
+    parts = re.split(r"^## (.+)$", markdown, flags=re.MULTILINE)
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
+
+
+def table(text: str, first_column: str) -> list[list[str]]:
+    """The body rows of the Markdown table whose header starts with `first_column`."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_column} |"))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split(" | ")])
+    return rows
+
+
+class Links(HTMLParser):
+    """Every src and href attribute of an HTML page, by tag."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.links: list[tuple[str, str, str]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.links += [(tag, name, value or "") for name, value in attrs if name in ("src", "href")]
+
+
+def test_the_report_is_in_the_output_folder_and_the_mlflow_parent_run(
+    project: Project, run: dict[str, Any], tmp_path: Path
+) -> None:
+    out = project.root / "out"
+    client = MlflowClient(project.tracking_uri)
+    logged = {a.path for a in client.list_artifacts(run["mlflow_run_id"], "report")}
+    assert {"report/report.md", "report/report.html", "report/report_files"} <= logged
+    images = {Path(a.path).name for a in client.list_artifacts(run["mlflow_run_id"], "report/report_files")}
+    assert images == {p.name for p in (out / "report_files").iterdir()}
+    for name in ("report.md", "report.html"):
+        downloaded = client.download_artifacts(run["mlflow_run_id"], f"report/{name}", str(tmp_path))
+        assert Path(downloaded).read_bytes() == (out / name).read_bytes()
+
+
+def test_the_html_page_is_self_contained(page: str) -> None:
+    parser = Links()
+    parser.feed(page)
+    images = [value for tag, name, value in parser.links if tag == "img"]
+    assert len(images) >= 5  # LR curve, HPO history, training curves, confusion matrix, Pareto plot
+    for src in images:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.removeprefix("data:image/png;base64,"), validate=True).startswith(PNG)
+    others = [(tag, value) for tag, name, value in parser.links if tag != "img"]
+    assert all(tag == "a" and value.startswith("#") for tag, value in others), others
+    assert "<script" not in page and "<link" not in page
+
+
+def test_the_markdown_images_are_files_beside_it(project: Project, markdown: str) -> None:
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
+    assert len(links) >= 5
+    for link in links:
+        assert link.startswith("report_files/")
+        assert (project.root / "out" / link).read_bytes().startswith(PNG)
+
+
+def test_the_sections_show_this_run(project: Project, run: dict[str, Any], markdown: str, page: str) -> None:
+    stages, by_title = run["stages"], sections(markdown)
+    assert list(by_title) == ["Run", "Config", "Data", "LR range test", "Hyperparameter search", "Training",
+                              "Evaluation", "Compression", "Publish"]  # fmt: skip
+    assert run["mlflow_run_id"] in by_title["Run"] and run["prefect_flow_run_id"] in by_title["Run"]
+    assert run["config_sha256"] in by_title["Run"]
+    assert table(by_title["Run"], "stage")[1][:2] == ["lr_range_test", "ran"]
+
+    lr = run["tuned"]["optim.lr"]
+    assert ["optim.lr", f"{lr:.4g}"] in table(by_title["Config"], "path")
+    assert f"lr: {lr}" in by_title["Config"]  # the YAML block has the tuned value applied
+    data, lr_range = stages["prepare_data"], stages["lr_range_test"]
+    assert f"{data['n_train']:,} / {data['n_val']:,} / {data['n_test']:,}" in by_title["Data"]
+    assert data["fingerprint"] in by_title["Data"]
+    assert f"Suggested lr ({lr_range['rule']}): {lr_range['suggested_lr']:.4g}" in by_title["LR range test"]
+
+    hpo = by_title["Hyperparameter search"]
+    assert "3 trials:" in hpo
+    trials = table(hpo, "trial")
+    assert [row[0] for row in trials] == ["0", "1", "2"]
+    assert {row[1] for row in trials} <= {"COMPLETE", "PRUNED"}
+    assert "hpo_history.png" in hpo and ("hpo_importances.png" in hpo) == bool(stages["hpo_search"]["importances"])
+
+    assert f"{stages['train']['epochs_run']} epoch(s)" in by_title["Training"]
+    assert "training_curves.png" in by_title["Training"]
+    accuracy = stages["evaluate"]["metrics"]["accuracy"]
+    assert ["accuracy", f"{accuracy:.4g}"] in table(by_title["Evaluation"], "test metric")
+    assert f"Recommended: **{stages['compress']['recommended']}**." in by_title["Compression"]
+    assert len(table(by_title["Compression"], "variant")) == len(stages["compress"]["variants"])
+
+    store = LocalStore(project.root / "artifacts")
+    manifest = json.loads(store.local_path(stages["publish"]["manifest_uri"]).read_text())
+    weights = next(f for f in manifest["files"] if f["path"] == "model.pt")
+    assert weights["sha256"] in by_title["Publish"] and weights["sha256"] in page
+    version = stages["publish"]["registered_version"]
+    assert f"Registered as report-model version {version}" in by_title["Publish"]
+    assert f"Champion: {stages['publish']['champion_decision']}." in by_title["Publish"]
+
+
+def test_a_skipped_stage_says_why_and_cached_ones_say_so(project: Project, run: dict[str, Any]) -> None:
+    again = project.run("compress.enabled=false", out="no-compress")
+    assert again["skipped"] == {"compress": "compress.enabled is false"}
+    by_title = sections((project.root / "no-compress" / "report.md").read_text())
+    assert by_title["Compression"].strip() == "skipped: compress.enabled is false"
+    status = {row[0]: (row[1], row[3]) for row in table(by_title["Run"], "stage")}
+    assert status["compress"] == ("skipped", "compress.enabled is false")
+    assert status["train"] == ("cached", "") and status["publish"] == ("ran", "")
+    assert by_title["Training"].lstrip().startswith("cached:")
+    assert not (project.root / "no-compress" / "report_files" / "compress_pareto.png").exists()
+
+
+def test_missing_artifacts_are_reported_not_raised(project: Project, run: dict[str, Any], tmp_path: Path) -> None:
+    """Without out_dir the report goes to MLflow only; here to a fresh run, so the run's own report stays."""
+    summary = json.loads(json.dumps(run))
+    compress, lr_range = summary["stages"]["compress"], summary["stages"]["lr_range_test"]
+    compress["plot_uri"] = compress["plot_uri"] + ".gone"
+    (tmp_path / "curve.json").write_text("not json")
+    lr_range["curve_uri"] = (tmp_path / "curve.json").as_uri()
+    summary["stages"]["train"]["mlflow_run_id"] = "0" * 32
+    client = MlflowClient(project.tracking_uri)
+    scratch = client.create_run(client.get_run(run["mlflow_run_id"]).info.experiment_id).info.run_id
+
+    assert write_report(summary, load_config(project.config), None, client, scratch) is None
+
+    markdown = Path(client.download_artifacts(scratch, "report/report.md", str(tmp_path))).read_text()
+    by_title = sections(markdown)
+    assert f"missing: Compression: quality against batch-1 latency ({compress['plot_uri']})" in by_title["Compression"]
+    assert "missing: the LR curve" in by_title["LR range test"] and "lr_range_test.png" in by_title["LR range test"]
+    assert "missing: the metric history" in by_title["Training"] and "training_curves.png" not in markdown
+    images = {Path(a.path).name for a in client.list_artifacts(scratch, "report/report_files")}
+    assert "compress_pareto.png" not in images and "lr_range_test.png" in images
+
+
+def test_a_flow_that_ends_early_reports_the_stages_it_ran(
+    project: Project, run: dict[str, Any], tmp_path: Path
+) -> None:
+    """The tune flow ends after hpo_search: the later sections say they were not run, and nothing fails."""
+    summary = json.loads(json.dumps(run))
+    for stage in ("train", "evaluate", "compress", "publish"):
+        del summary["stages"][stage]
+    client = MlflowClient(project.tracking_uri)
+    scratch = client.create_run(client.get_run(run["mlflow_run_id"]).info.experiment_id).info.run_id
+
+    paths = write_report(summary, load_config(project.config), tmp_path, client, scratch)
+
+    assert paths is not None
+    markdown, page = paths
+    by_title = sections(markdown.read_text())
+    assert by_title["Publish"].strip() == "not run: this flow run ended before publish."
+    assert ["train", "not run", "", ""] in table(by_title["Run"], "stage")
+    assert "hpo_history.png" in by_title["Hyperparameter search"]
+    assert sorted(p.name for p in (tmp_path / "report_files").iterdir()) == sorted(
+        ["lr_range_test.png", "hpo_history.png"]
+        + (["hpo_importances.png"] if run["stages"]["hpo_search"]["importances"] else [])
+    )
+    assert page.is_file()
+
+
+def test_values_are_escaped_in_html_and_markdown() -> None:
+    evil = "<script>alert(1)</script>"
+    config = config_from_dict(tiny_raw())
+    report = Report("Run report: <b>x</b>", [config_section({"publish.registered_model_name": evil}, config),
+                                             Section("Notes")])  # fmt: skip
+    page = render_html(report)
+    assert "<script" not in page and "<b>" not in page
+    assert page.count("&lt;script&gt;alert(1)&lt;/script&gt;") == 2  # the tuned values table and the YAML block
+    markdown = render_markdown(report, "report_files")
+    assert "\\<script>alert(1)\\</script>" in markdown  # shown as text, not raw HTML
+    assert f"registered_model_name: {evil}" in markdown  # as written inside the fenced YAML block
+
+
+def test_passwords_in_config_urls_are_masked() -> None:
+    raw = tiny_raw(
+        tracking={"uri": "http://me:secret@mlflow:5000"}, tune={"hpo": {"storage": "postgresql://me:pw@db/x"}}
+    )
+    text = render_markdown(Report("r", [config_section({}, config_from_dict(raw))]), "report_files")
+    assert "secret" not in text and ":pw@" not in text
+    assert "uri: http://me:***@mlflow:5000" in text and "storage: postgresql://me:***@db/x" in text
