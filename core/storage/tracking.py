@@ -28,6 +28,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PIPELINE_TAG, STAGE_TAG, CONFIG_TAG = "trainflow.pipeline", "trainflow.stage", "trainflow.config_sha256"
+# The experiment's kind as MLflow 3's UI records it (its kind selector writes this tag): a UI that reads it opens
+# the runs table, not the GenAI view (traces, token usage). MLflow 3.17's UI goes by its own "GenAI | Model
+# training" switch instead (remembered per browser; `?workflowType=machine_learning` in the URL sets it).
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
 def tracking_uri(configured: str) -> str:
@@ -132,17 +136,22 @@ class Tracker:
     def for_experiment(cls, uri: str, name: str, artifact_location: str | None = None) -> Tracker:
         """Connect, creating the experiment on first use with its artifacts at `artifact_location`; when None
         and the database is SQLite, beside the database file (`mlruns/` next to `mlflow.db`), not in whatever
-        folder the run started in. An existing experiment keeps its own location."""
+        folder the run started in. An existing experiment keeps its own location, and its kind when it has one
+        (EXPERIMENT_KIND is set on one that has none)."""
         tracker = cls(uri, "")
         found = tracker.client.get_experiment_by_name(name)
         if found:
             tracker.experiment_id = found.experiment_id
+            if EXPERIMENT_KIND[0] not in found.tags:
+                tracker.client.set_experiment_tag(found.experiment_id, *EXPERIMENT_KIND)
             if artifact_location and found.artifact_location.rstrip("/") != artifact_location.rstrip("/"):
                 log.warning("tracking.artifact_location %s not applied: experiment %r exists and keeps its artifact "
                             "location %s", artifact_location, name, found.artifact_location)  # fmt: skip
         else:
             location = artifact_location or _artifacts_beside(uri)
-            tracker.experiment_id = tracker.client.create_experiment(name, artifact_location=location)
+            tracker.experiment_id = tracker.client.create_experiment(
+                name, artifact_location=location, tags=dict([EXPERIMENT_KIND])
+            )
         return tracker
 
     def open_pipeline_run(self, config_sha256: str, run_name: str) -> str:
