@@ -50,6 +50,14 @@ def check_cron(cron: str, timezone: str) -> None:
         raise ConfigError(f"--cron {cron!r} --timezone {timezone}: {reason}") from None
 
 
+def check_names(paths: list[Path]) -> None:
+    """Deployments are named after their config file: two files of one name cannot both be served."""
+    names = [path.stem for path in paths]
+    if len(set(names)) < len(names):
+        shared = ", ".join(sorted(str(path) for path in paths))
+        raise ConfigError(f"configs: two files share a name ({shared}); deployments are named after it")
+
+
 def build_deployments(
     configs: list[tuple[Path, Config]],
     overrides: list[str],
@@ -66,10 +74,7 @@ def build_deployments(
 
     from flows.pipeline import FLOWS
 
-    names = [path.stem for path, _ in configs]
-    if len(set(names)) < len(names):
-        shared = ", ".join(sorted(names))
-        raise ConfigError(f"configs: two files share a name ({shared}); deployments are named after it")
+    check_names([path for path, _ in configs])
     deployments = []
     for path, config in configs:
         parameters = {"config_path": str(path.resolve()), "overrides": list(overrides),

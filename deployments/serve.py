@@ -12,7 +12,7 @@ from pathlib import Path
 
 from core.config import load_config
 from core.errors import TrainflowError
-from deployments.definitions import build_deployments, check_cron
+from deployments.definitions import build_deployments, check_cron, check_names
 
 
 class PrefectServerError(TrainflowError):
@@ -50,6 +50,7 @@ def serve_configs(
     configs = [(path, load_config(path, overrides)) for path in paths]
     if cron is not None:
         check_cron(cron, timezone)
+    check_names(paths)
     url = require_prefect_server("serve")
     deployments = build_deployments(configs, overrides, flow, cron, timezone, trigger, out_dir)
     from prefect import serve

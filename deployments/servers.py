@@ -77,6 +77,7 @@ def run_ui(tracking_uri: str, prefect_port: int, mlflow_port: int) -> int:
                   "To make `trainflow run` report to these servers, run it where these are set:\n"
                   f"export PREFECT_API_URL={servers.prefect_api_url}\n"
                   f"export MLFLOW_TRACKING_URI={servers.mlflow_url}\n"
+                  "MLflow 3 opens on its GenAI side: pick 'Model training' in its sidebar for trainflow's runs.\n"
                   "Ctrl-C stops both.", flush=True)  # fmt: skip
             while not stop.wait(0.5):
                 failure = servers.exited()

@@ -154,10 +154,14 @@ def _print_summary(summary: dict[str, Any], out: Path) -> None:
         print(f"\ncompress: recommended {compressed['recommended']}: {compressed['reason']}")
         print(_compression_table(compressed))
     print(f"\nsummary:  {out / 'summary.json'}")
-    print(f"mlflow:   run {summary['mlflow_run_id']} in {summary['mlflow_tracking_uri']}")
-    print(f"          open the UI: {_tool('mlflow')} ui --backend-store-uri {summary['mlflow_tracking_uri']}")
+    if (out / "report.html").is_file():
+        print(f"report:   {out / 'report.html'} (and report.md)")
+    tracking = summary["mlflow_tracking_uri"]
+    print(f"mlflow:   run {summary['mlflow_run_id']} in {tracking}")
     print(f"prefect:  flow run {summary['prefect_flow_run_id']}")
-    print(f"          open the UI: {_tool('prefect')} server start")
+    if tracking.startswith("sqlite:"):
+        print(f"UIs:      {_tool('trainflow')} ui --tracking-uri {tracking}   (Prefect and MLflow, Ctrl-C stops both)")
+    print(f"compare:  {_tool('trainflow')} compare --experiment {summary['mlflow_experiment_name']}")
     published = stages.get("publish", {})
     if published:
         print(f"model:    {published['manifest_uri']}")

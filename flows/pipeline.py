@@ -35,7 +35,7 @@ def run_stages(
 ) -> dict[str, Any]:  # fmt: skip
     """The stages in order, up to `last` (hpo_search, evaluate or publish); summary.json's content."""
     config = load_config(config_path, overrides or [])
-    with PipelineRun(config, config_path, out_dir, reuse_only) as run:
+    with PipelineRun(config, config_path, out_dir, reuse_only, overrides) as run:
         data = run.stage(prepare_data_task, data_cfg=config.data, seed=config.seed,
                          source_version=data_version(config.data, config.store))  # fmt: skip
         # The tuning stages see only the training settings that change their result (tuning_view).

@@ -33,11 +33,17 @@ log = logging.getLogger(__name__)
 
 class PipelineRun:
     def __init__(
-        self, config: Config, config_path: str, out_dir: str | None = None, reuse_only: frozenset[str] = frozenset()
+        self,
+        config: Config,
+        config_path: str,
+        out_dir: str | None = None,
+        reuse_only: frozenset[str] = frozenset(),
+        overrides: list[str] | None = None,
     ):
         """`reuse_only`: stages this flow takes from the cache only; with no cached record for them it fails."""
         self.config, self.config_path, self.reuse_only = config, config_path, reuse_only
-        self.run_name = Path(config_path).stem
+        self.name = Path(config_path).stem  # the config's name: Prefect artifact keys
+        self.run_name = run_name(self.name, flow_run.flow_name, overrides or [])
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.stages: dict[str, dict[str, Any]] = {}
         self.skipped: dict[str, str] = {}  # stage -> why it did not run
@@ -66,7 +72,7 @@ class PipelineRun:
             tracking_uri=self.tracker.uri,
             experiment_id=self.tracker.experiment_id,
             parent_run_id=self.run_id,
-            name=self.run_name,
+            name=self.name,
             reuse_only=self.reuse_only,
         )
         self._storage = result_storage(self.ctx.store)
@@ -102,9 +108,9 @@ class PipelineRun:
     def _show(self, record: StageResult) -> None:
         """Table artifacts of this flow run, for cached records too: the HPO trials, the compression comparison."""
         if isinstance(record, HPOSearchResult):
-            _best_effort(hpo_trials_table, record, self.run_name)
+            _best_effort(hpo_trials_table, record, self.name)
         elif isinstance(record, CompressResult):
-            _best_effort(compression_table, record, self.run_name)
+            _best_effort(compression_table, record, self.name)
 
     def stage_if(self, plan: tuple[bool, str], task: Task[..., R], **inputs: Any) -> R | None:
         """Run the stage when `plan` says it is needed; otherwise show it as Skipped, with the reason."""
@@ -129,6 +135,7 @@ class PipelineRun:
             "mlflow_run_id": self.run_id,
             "mlflow_tracking_uri": self.ctx.tracking_uri,
             "mlflow_experiment_id": self.ctx.experiment_id,
+            "mlflow_experiment_name": self.config.tracking.experiment,
             "prefect_flow_run_id": flow_run.id,
             "config_sha256": self.config.sha256(),
             "store_uri": self.ctx.store_uri,
@@ -158,7 +165,14 @@ class PipelineRun:
             write_atomic(self.out_dir / "summary.json", json.dumps(summary, indent=2).encode())
         _best_effort(write_report, summary, self.tuned_config, self.out_dir, self.tracker.client, self.run_id)
         link = mlflow_run_link(self.ctx.tracking_uri, self.ctx.experiment_id, self.run_id)
-        _best_effort(run_summary, summary, self.run_name, link)
+        _best_effort(run_summary, summary, self.name, link)
+
+
+def run_name(config_name: str, flow_name: str | None, overrides: list[str]) -> str:
+    """The MLflow parent run's name: the config, the flow when it is not the whole pipeline, the overrides
+    (`digits`, `digits [tune]`, `digits optim.lr=0.05`), so runs tell themselves apart in MLflow's lists."""
+    flow = f" [{flow_name}]" if flow_name and flow_name != "training_pipeline" else ""
+    return f"{config_name}{flow}" + "".join(f" {item}" for item in overrides)
 
 
 def _best_effort(make: Any, *args: Any) -> None:

@@ -142,6 +142,7 @@ def run_summary(summary: dict[str, Any], name: str, mlflow_link: str) -> None:
 def mlflow_run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     """A clickable link when MLflow is a server; otherwise the command that opens the UI on the database."""
     if tracking_uri.startswith(("http://", "https://")):
-        url = f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+        # workflowType: MLflow 3's UI shows an experiment's runs under "Model training", not its GenAI view
+        url = f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
         return f"[{run_id}]({url})"
     return f"`{run_id}` in `{tracking_uri}` (open it: `trainflow ui --tracking-uri {tracking_uri}`)"

@@ -8,6 +8,7 @@ from prefect import task
 
 from core.config import LoaderConfig, ModelConfig, OptimConfig, TrainConfig
 from core.records import PrepareDataResult, TrainResult
+from core.storage.run_meta import log_dataset_input
 from core.train import train
 from tasks.artifacts import TrainingProgress
 from tasks.cache import stage_cache, stage_store
@@ -34,6 +35,7 @@ def train_task(
               "train": train_cfg.model_dump(mode="json"), "seed": seed}  # fmt: skip
     with stage_run(ctx, "train", params, run_id=previous) as run:
         run_file.write_text(json.dumps({"run_id": run.run_id}))
+        log_dataset_input(run.client, run.run_id, data)  # the Dataset column of the train run, too
         result = train(model_cfg, optim_cfg, train_cfg, loader_cfg, seed, data, store, key, logger=run,
                        run_id=run.run_id, callbacks=[TrainingProgress(ctx.name)])  # fmt: skip
         log_result(run, result)

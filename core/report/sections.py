@@ -33,7 +33,7 @@ def overview(summary: dict[str, Any], config: Config, run: Run) -> Section:
     started = datetime.fromtimestamp(run.info.start_time / 1000, tz=timezone.utc)
     section.add(
         facts({
-            "config": run.info.run_name,
+            "run": run.info.run_name,
             "flow": run.data.tags.get("trainflow.flow") or None,
             "published as": config.publish.name,
             "started": started.strftime("%Y-%m-%d %H:%M:%S UTC"),
