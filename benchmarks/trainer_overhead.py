@@ -132,7 +132,7 @@ def _loop_row(row: Row, root: Path, rounds: int, quick: bool) -> str:
     store, epochs = LocalStore(root / "artifacts"), (1 if quick else row.epochs)
     cfg = _config(row, epochs, 0, root)
     data = prepare_data(cfg.data, cfg.seed, store)
-    tracker = Tracker.for_experiment(cfg.tracking.uri, cfg.tracking.experiment)
+    tracker = Tracker.for_experiment(cfg.tracking.uri, cfg.tracking.experiment or "trainflow")
     parent = tracker.client.create_run(tracker.experiment_id, run_name="trainer_overhead").info.run_id
     ctx = StageContext(store=StoreConfig(uri=store.uri), tracking_uri=tracker.uri, experiment_id=tracker.experiment_id,
                        parent_run_id=parent)  # fmt: skip

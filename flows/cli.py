@@ -61,7 +61,7 @@ def _run(args: argparse.Namespace) -> int:
     with prefect_api_booting():
         from flows.pipeline import FLOWS
 
-        warm_up(config)
+        warm_up(config, Path(args.config).stem)
     _quiet_user_errors()
 
     summary = FLOWS[args.flow](str(args.config), list(args.overrides), str(args.out))

@@ -53,7 +53,7 @@ class PipelineRun:
     def __enter__(self) -> PipelineRun:
         config = self.config
         preflight(config)
-        self.tracker = Tracker.for_config(config)
+        self.tracker = Tracker.for_config(config, self.name)
         self.run_id = self.tracker.open_pipeline_run(config.sha256(), self.run_name)
         logger = self.tracker.logger(self.run_id)
         logger.log_params(flatten(config.model_dump(mode="json")))
@@ -135,7 +135,7 @@ class PipelineRun:
             "mlflow_run_id": self.run_id,
             "mlflow_tracking_uri": self.ctx.tracking_uri,
             "mlflow_experiment_id": self.ctx.experiment_id,
-            "mlflow_experiment_name": self.config.tracking.experiment,
+            "mlflow_experiment_name": self.config.tracking.experiment or self.name,
             "prefect_flow_run_id": flow_run.id,
             "config_sha256": self.config.sha256(),
             "store_uri": self.ctx.store_uri,

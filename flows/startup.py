@@ -53,7 +53,7 @@ def _temporary_server() -> Any | None:
     return SubprocessASGIServer()
 
 
-def warm_up(config: Config) -> None:
+def warm_up(config: Config, config_name: str) -> None:
     """First-use costs a run would otherwise pay inside its stages, paid while the server boots: the import
     of torch._dynamo that torch defers to the first optimizer it builds (about 1.3 s here), and the tracking
     database's schema check and experiment."""
@@ -61,4 +61,4 @@ def warm_up(config: Config) -> None:
     from core.training.optim import import_optimizer_dependencies
 
     import_optimizer_dependencies()
-    Tracker.for_config(config)
+    Tracker.for_config(config, config_name)

@@ -49,7 +49,8 @@ class TrainingProgress(Callback):
         self._update(trainer.state.step)
 
     def on_fit_end(self, trainer: Any, result: FitResult) -> None:
-        self._update(self.total)  # early stopping ends the plan too
+        if self.artifact_id is not None:
+            self._update(self.total)  # early stopping ends the plan too
 
     def _percent(self, step: int) -> float:
         return round(min(100.0, 100.0 * step / self.total), 1)
@@ -65,7 +66,7 @@ class TrainingProgress(Callback):
             log.warning("train progress artifact not updated (%s)", exc)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"key": self.key, "artifact_id": None}  # a launched rank has no task run to report to
+        return {"key": self.key, "artifact_id": None, "total": 1}  # a launched rank has no task run to report to
 
 
 def hpo_trials_table(record: HPOSearchResult, name: str) -> None:

@@ -87,9 +87,6 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(f"{path}: the file is empty; a config needs at least a data section (see configs/)")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level, found {type(raw).__name__}")
-    tracking = raw.get("tracking")
-    if tracking is None or (isinstance(tracking, dict) and "experiment" not in tracking):
-        raw["tracking"] = {**(tracking or {}), "experiment": path.stem}  # one MLflow experiment per config name
     return config_from_dict(raw, overrides, source=str(path))
 
 

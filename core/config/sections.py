@@ -191,10 +191,10 @@ class TrackingConfig(Section):
         "sqlite:///mlflow.db",
         description="MLflow tracking URI; the MLFLOW_TRACKING_URI environment variable wins when set.",
     )
-    experiment: str = Field(
-        "trainflow",
+    experiment: str | None = Field(
+        None,
         min_length=1,
-        description="MLflow experiment holding the pipeline runs; when a config file leaves it out, the file's name (configs/digits.yaml -> digits): one experiment per config, so MLflow's compare view lines up runs of the same pipeline.",
+        description="MLflow experiment holding the pipeline runs; null (the default) = the config file's name (configs/digits.yaml -> digits): one experiment per config, so MLflow's compare view lines up runs of the same pipeline.",
     )
     artifact_location: str | None = Field(
         None,

@@ -124,13 +124,14 @@ class Tracker:
         self.client = MlflowClient(tracking_uri=uri)
 
     @classmethod
-    def for_config(cls, config: Config) -> Tracker:
+    def for_config(cls, config: Config, config_name: str = "trainflow") -> Tracker:
         """The pipeline's tracker: `tracking.uri` (MLFLOW_TRACKING_URI wins), its experiment, and
         `tracking.artifact_location` for a new experiment, an s3:// one reached through `store.endpoint_url`."""
         location = config.tracking.artifact_location
         if location is not None and location.startswith("s3://"):
             point_mlflow_s3_at(config.store.endpoint_url)
-        return cls.for_experiment(tracking_uri(config.tracking.uri), config.tracking.experiment, location)
+        name = config.tracking.experiment or config_name  # default: one experiment per config file
+        return cls.for_experiment(tracking_uri(config.tracking.uri), name, location)
 
     @classmethod
     def for_experiment(cls, uri: str, name: str, artifact_location: str | None = None) -> Tracker:

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -120,6 +122,7 @@ def launch(cfg: DistributedConfig, entrypoint: Callable[[T], Any], job: T, run_i
              cfg.rdzv_endpoint, cfg.node_rank)  # fmt: skip
     for name in ("torch.distributed.elastic.multiprocessing.api", "torch.distributed.elastic.agent.server.api"):
         logging.getLogger(name).addFilter(_QUIET)  # the same filter object: added once
+    handlers = _signal_handlers()  # the launcher installs its own for SIGTERM, SIGINT, ... and leaves them
     try:
         return elastic_launch(config, entrypoint)(job)
     except ChildFailedError as exc:
@@ -137,6 +140,18 @@ def launch(cfg: DistributedConfig, entrypoint: Callable[[T], Any], job: T, run_i
                 f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})"
             ) from None
         raise
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+def _signal_handlers() -> dict[int, Any]:
+    """The handlers in place now (Prefect's cancel handler, Python's Ctrl-C), to put back after a launch."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    names = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
+    found = {sig: signal.getsignal(sig) for name in names if (sig := getattr(signal, name, None)) is not None}
+    return {sig: handler for sig, handler in found.items() if handler is not None}  # None: not set from Python
 
 
 class _QuietUserErrors(logging.Filter):

@@ -37,12 +37,16 @@ class _Cancelled(BaseException):
 
 @pytest.fixture
 def prefect_like_sigterm() -> Iterator[None]:
+    """SIGTERM raises as Prefect's handler does; SIGINT is Python's own (another test's library may have left
+    its handler there)."""
+
     def handler(signum: int, frame: Any) -> None:
         raise _Cancelled
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = signal.signal(signal.SIGTERM, handler), signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
-    signal.signal(signal.SIGTERM, previous)
+    signal.signal(signal.SIGTERM, previous[0])
+    signal.signal(signal.SIGINT, previous[1])
 
 
 def _setup(store) -> tuple[Any, ...]:
@@ -80,3 +84,15 @@ def test_without_a_signal_nothing_changes(store, prefect_like_sigterm: None) -> 
     assert result.stop_reason == "max_epochs"
     assert signal.getsignal(signal.SIGTERM) is before
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_launch_of_ranks_puts_the_signal_handlers_back(store, prefect_like_sigterm: None) -> None:
+    """torch's elastic launcher installs its own SIGTERM/SIGINT handlers; after a launch ours are back, so a
+    later cancel still reaches Prefect's handler."""
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    model, optim, train_cfg, loader, seed, data, _ = _setup(store)
+    two_ranks = train_cfg.model_copy(update={"max_epochs": 1, "distributed": train_cfg.distributed.model_copy(
+        update={"nproc_per_node": 2, "backend": "gloo", "rdzv_endpoint": "localhost:0"})})  # fmt: skip
+    result = train(model, optim, two_ranks, loader, seed, data, store, "ranks")
+    assert result.world_size == 2
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before

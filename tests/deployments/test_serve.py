@@ -52,7 +52,7 @@ def _write_config(root: Path, name: str, sections: dict[str, Any]) -> Path:
         | {"model": sections.get("model")}
         | {
             "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": name},
-            "store": {"uri": str(root / "artifacts")},
+            "store": {"uri": str(root / f"artifacts-{name}")},
         }
     )
     raw["model"] = raw["model"] or tiny_raw()["model"]
@@ -189,7 +189,7 @@ def test_cancelling_a_training_leaves_a_checkpoint_the_rerun_resumes_to_the_same
         client.set_flow_run_state(run.id, Cancelling(), force=True)
     _wait("the run to be cancelled", lambda: _state(run.id) in ("Cancelled", "Completed", "Failed", "Crashed"))
     assert _state(run.id) == "Cancelled"
-    store = served.root / "artifacts" / "stages" / "train"
+    store = served.root / "artifacts-slow" / "stages" / "train"
     [folder] = list(store.iterdir())
     [checkpoint] = periodic_checkpoints(folder)  # written on the cancel's SIGTERM (every_steps is out of reach)
     step = load_checkpoint(checkpoint)["state"]["step"]

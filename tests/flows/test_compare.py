@@ -41,7 +41,7 @@ def _table(out: str) -> list[dict[str, str]]:
     """The table's rows as {column: cell}: cells are separated by two or more spaces."""
     lines = out.splitlines()
     header = re.split(r"\s{2,}", lines[1])
-    rows = [re.split(r"\s{2,}", line) for line in lines[2:] if re.match(r"config\s+[0-9a-f]{8}\s", line)]
+    rows = [re.split(r"\s{2,}", line) for line in lines[2:] if re.match(r"config( \S+)*\s{2,}[0-9a-f]{8}\s", line)]
     return [dict(zip(header, row, strict=True)) for row in rows]
 
 
