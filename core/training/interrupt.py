@@ -1,80 +1,118 @@
-"""A checkpoint on the way out. When SIGTERM (a cancelled Prefect flow run, a stopped container) or SIGINT
-(Ctrl-C) reaches a fit, the fit saves a checkpoint at the end of its current optimizer step and stops;
-then the signal's exception goes on as it would have (Prefect ends the run Cancelled, Ctrl-C is a
-KeyboardInterrupt). A re-run resumes from that step, to the weights of an uninterrupted run.
+"""A checkpoint on the way out, when SIGTERM (a cancelled Prefect flow run, a stopped container) or SIGINT
+(Ctrl-C) stops a fit; a re-run resumes from it to the weights of an uninterrupted run.
 
-How: the fit runs in a thread of its own while the main thread, where Python runs signal handlers, waits
-for it. The handlers stay whatever they were (Prefect checks that its own is installed before it
-acknowledges a cancel), and the exception they raise lands in the waiting main thread, never in the middle
-of a step: the main thread asks the fit to stop at the step's end and waits until it has.
+Two ways, by who handles the signal:
+- Python's or the OS's default handler: while the fit runs, ours notes the signal; at the end of the current
+  optimizer step a checkpoint is written, then the signal takes its usual course (KeyboardInterrupt, exit).
+- A handler that must stay in place (Prefect's: it acknowledges a cancel only while its own handler is
+  installed) raises in the middle of a step. When that lands while the step is still computing its
+  gradients, nothing a checkpoint holds has changed since the last step but the torch RNG (dropout): it is
+  put back to its state at that step's start and the checkpoint written. Landing inside the optimizer
+  update or an epoch's end (`Trainer.updating`), it leaves only the last periodic checkpoint.
+
+The fit stays on the calling thread: running it on a thread of its own (so handlers could wait in the main
+thread) halved CPU training speed here, two OpenMP thread pools on two cores.
 """
 
 from __future__ import annotations
 
-import contextvars
 import logging
+import signal
 import threading
-from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+import torch
 
 from core.training.callbacks import Callback
+from core.training.state import FitResult
 
 if TYPE_CHECKING:
     from core.training.checkpoint import ModelCheckpoint
     from core.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+KEPT_HANDLER_MODULES = ("prefect.",)  # handlers that must stay installed for their owner to work
 
 
-class FitStopped(BaseException):
-    """The fit stopped at a step's end because the process is being stopped (not an error of the fit)."""
-
-
-class CheckpointOnStop(Callback):
-    """Saves a checkpoint and stops the fit at the end of the step during which `request` was called."""
-
+class CheckpointOnSignal(Callback):
     def __init__(self, checkpoint: ModelCheckpoint):
         self.checkpoint = checkpoint
-        self.requested = threading.Event()
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+        self._rng: list[torch.Tensor] = []  # torch's RNG at the last step boundary
+        self._stopping = False  # the noted signal's checkpoint is written; it is being delivered
 
-    def request(self, reason: BaseException) -> None:
-        log.warning("%s: checkpoint at the end of this step, then stop", type(reason).__name__)
-        self.requested.set()
+    def on_fit_start(self, trainer: Trainer) -> None:
+        self._rng = _torch_rng()
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in SIGNALS:
+            current = signal.getsignal(signum)
+            if not getattr(current, "__module__", "").startswith(KEPT_HANDLER_MODULES):
+                self._previous[signum] = current
+                signal.signal(signum, self._note)
+
+    def _note(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is not None:  # a second signal: no more waiting for the step to end
+            self._restore()
+            _deliver(signum, frame)
+            return
+        self.received = signum
+        log.warning("%s received: checkpoint at the end of this step, then stop", signal.Signals(signum).name)
 
     def on_step_end(self, trainer: Trainer) -> None:
-        if not self.requested.is_set():
+        if self.received is None:
+            self._rng = _torch_rng()
             return
-        step = trainer.state.step
-        if self.checkpoint._saved_step != step:
-            self.checkpoint.save(trainer)
-        log.warning("checkpoint of step %d written; re-run the same command to resume from it", step)
-        raise FitStopped(f"stopped at step {step}")
+        signum, self.received = self.received, None
+        self._save(trainer)
+        self._restore()
+        self._stopping = True
+        _deliver(signum, None)
+
+    def on_exception(self, trainer: Trainer, exc: BaseException) -> None:
+        self._restore()
+        if isinstance(exc, Exception) or self._stopping or trainer.updating:
+            if not isinstance(exc, Exception) and trainer.updating and not self._stopping:
+                log.warning("%s during an optimizer update: the last periodic checkpoint stands", type(exc).__name__)
+            return  # an error, not a stop; or already saved at the step's end; or no consistent state
+        _set_torch_rng(self._rng)  # the gradients being computed are dropped: so are the draws they made
+        self._save(trainer)
+
+    def on_fit_end(self, trainer: Trainer, result: FitResult) -> None:
+        self._restore()
+
+    def _save(self, trainer: Trainer) -> None:
+        if self.checkpoint._saved_step != trainer.state.step:
+            path = self.checkpoint.save(trainer)
+            log.warning("stopped: checkpoint %s of step %d written; re-run to resume", path.name, trainer.state.step)
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
 
 
-def fit_until_stopped(fit: Callable[[], T], stop: CheckpointOnStop) -> T:
-    """Run `fit` in a thread; a signal's exception in this (main) thread makes it checkpoint and stop first."""
-    outcome: dict[str, object] = {}
-    context = contextvars.copy_context()  # the Prefect task run, for the progress artifact
-    done = threading.Event()  # not Thread.join: on 3.11 a join cut short by a signal marks the thread as ended
+def _deliver(signum: int, frame: FrameType | None) -> None:
+    """What the signal does without us: the handler now back in place, or the default action."""
+    handler = signal.getsignal(signum)
+    if callable(handler):
+        handler(signum, frame)
+    elif signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    else:
+        raise SystemExit(128 + signum)
 
-    def target() -> None:
-        try:
-            outcome["result"] = context.run(fit)
-        except BaseException as exc:  # handed to the main thread below
-            outcome["error"] = exc
-        finally:
-            done.set()
 
-    threading.Thread(target=target, name="fit", daemon=True).start()
-    try:
-        done.wait()
-    except BaseException as exc:  # TerminationSignal, KeyboardInterrupt: raised by a signal handler here
-        stop.request(exc)
-        done.wait()  # a second signal ends the wait, and the process with it
-        if isinstance(outcome.get("error"), FitStopped | None):
-            raise
-        raise exc from outcome["error"]  # type: ignore[misc]
-    if "error" in outcome:
-        raise outcome["error"]  # type: ignore[misc]
-    return outcome["result"]  # type: ignore[return-value]
+def _torch_rng() -> list[torch.Tensor]:
+    return [torch.get_rng_state(), *(torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])]
+
+
+def _set_torch_rng(states: list[torch.Tensor]) -> None:
+    if states:
+        torch.set_rng_state(states[0])
+        if len(states) > 1:
+            torch.cuda.set_rng_state_all(states[1:])

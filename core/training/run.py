@@ -12,7 +12,6 @@ distillation student), so each gets early stopping, checkpoints and crash-safe r
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +39,7 @@ from core.training.checkpoint import (
     remove_checkpoint,
 )
 from core.training.distributed import SINGLE, Rank
-from core.training.interrupt import CheckpointOnStop, fit_until_stopped
+from core.training.interrupt import CheckpointOnSignal
 from core.training.state import FitResult
 from core.training.trainer import LossFn, Trainer
 
@@ -142,10 +141,10 @@ def fit_rank(job: FitJob, rank: Rank = SINGLE, device: torch.device | None = Non
     fsdp = rank.distributed and train_cfg.distributed.strategy == "fsdp"  # saving is a collective: on every rank
     stack: list[Callback] = [TrackingCallback(job.logger)] if job.logger and rank.is_main else []
     stack += [EarlyStopping(train_cfg.early_stopping)] if train_cfg.early_stopping.enabled else []
+    # stopped by a signal (Prefect's cancel, Ctrl-C): a checkpoint first; before ModelCheckpoint, whose
+    # on_exception closes the uploads that checkpoint needs
+    stack += [CheckpointOnSignal(checkpoint)] if rank.is_main and not rank.distributed else []
     stack += [checkpoint] if rank.is_main or fsdp else []
-    stoppable = rank.is_main and not rank.distributed and threading.current_thread() is threading.main_thread()
-    on_stop = CheckpointOnStop(checkpoint)  # a signal (Prefect's cancel, Ctrl-C): checkpoint, then stop
-    stack += [on_stop] if stoppable else []
     stack += [ProgressBar(train_cfg.progress_bar)] if rank.is_main else []
     stack += job.callbacks  # the main rank's, or (other ranks) those that act on every replica
     trainer = build_trainer(job.model_cfg, job.optim_cfg, train_cfg, job.loader_cfg, job.seed, job.data, job.store,
@@ -157,8 +156,7 @@ def fit_rank(job: FitJob, rank: Rank = SINGLE, device: torch.device | None = Non
         resumed_from = resume_ranks(trainer, rank, folder, train_cfg.resume, config, main_store, job.store_key)
     else:
         resumed_from = resume_checkpoint(trainer, folder, train_cfg.resume, config, main_store, job.store_key)
-    # with a remote store, model.pt is already uploaded: put_file below only checks it
-    fit = fit_until_stopped(trainer.fit, on_stop) if stoppable else trainer.fit()
+    fit = trainer.fit()  # with a remote store, model.pt is already uploaded: put_file below only checks it
     weights_uri = job.store.put_file(folder / FINAL, f"{job.store_key}/{FINAL}") if rank.is_main else ""
     return FolderFit(fit, checkpoint.best_metrics, checkpoint.best_step, resumed_from, weights_uri,
                      folder / FINAL, trainer.describe(), trainer.module)  # fmt: skip

@@ -94,6 +94,7 @@ class Trainer:
         self.sharded = is_sharded(self.module)  # FSDP: weights and optimizer state split over the ranks
         self._compile_pending = hasattr(model, "_orig_mod")  # torch.compile: the first step may fail to compile
         self.window = LogWindow(self.state.samples_seen)
+        self.updating = False  # inside an optimizer update or an epoch's end: no consistent state to save
 
     # ------------------------------------------------------------------------------- the step
     def train_step(self, window: Sequence[Batch]) -> StepOutput:
@@ -116,6 +117,7 @@ class Trainer:
             scaler.scale(micro_loss).backward()
             loss = micro_loss.detach() if loss is None else loss + micro_loss.detach()
         assert loss is not None, "a window holds at least one micro-batch"
+        self.updating = True  # until the step's end: the weights, optimizer and progress change from here
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.grad_clip_norm or math.inf)
         if hasattr(grad_norm, "full_tensor"):  # FSDP: a replicated DTensor
@@ -154,9 +156,11 @@ class Trainer:
                 start = s.batch_in_epoch * s.micro_batch * self.rank.world_size
                 self.loaders.sampler.set_epoch(s.epoch, start=start)
                 if self._run_epoch():
+                    self.updating = True
                     s.epoch, s.batch_in_epoch = s.epoch + 1, 0
                     if cfg.eval_every_steps is None:
                         self.validate()
+                    self.updating = False
             for finite in self.window.deferred_finite():  # steps skipped since the last log point
                 self._check_finite(finite)
             if s.last_eval_step != s.step:
@@ -206,6 +210,7 @@ class Trainer:
         if cfg.eval_every_steps is not None and s.step % cfg.eval_every_steps == 0:
             self.validate()
         self._call("on_step_end")
+        self.updating = False
         return True
 
     def _guarded_step(self, window: list[Batch]) -> StepOutput:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import torch
@@ -84,3 +85,25 @@ class _Paced(TinyNet):
 
 def paced_net(spec: DataSpec, hidden: int = 8, seconds: float = 0.02) -> nn.Module:
     return _Paced(spec, hidden, seconds)
+
+
+class _Signalling(TinyNet):
+    """TinyNet with dropout that sends `signum` to this process from inside its `at`-th training forward: a
+    signal landing in the middle of a step, as a real one does."""
+
+    def __init__(self, spec: DataSpec, at: int, signum: int):
+        super().__init__(spec, 16)
+        self.net.insert(3, nn.Dropout(0.2))
+        self.at, self.signum, self.calls = at, signum, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)  # dropout has drawn from torch's RNG
+        if self.training:
+            self.calls += 1
+            if self.calls == self.at:
+                os.kill(os.getpid(), self.signum)
+        return out
+
+
+def signalling_net(spec: DataSpec, at: int = 0, signum: int = 15) -> nn.Module:
+    return _Signalling(spec, at, signum)
