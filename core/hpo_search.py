@@ -31,6 +31,7 @@ from core.errors import ConfigError, TrainingError
 from core.records import HPOSearchResult, LRRangeTestResult, PrepareDataResult
 from core.storage.store import ArtifactStore
 from core.storage.tracking import ParentRun
+from core.storage.uris import without_password
 from core.tuning.apply import lr_suggestion
 from core.tuning.hpo_worker import Claim, WorkerSpec, has_worked, new_claim, run_worker, serve, stop_if_idle
 from core.tuning.study import from_optuna, rdb_storage
@@ -103,7 +104,7 @@ def hpo_search(
     params = {path: from_optuna(value) for path, value in best.params.items()}
     return HPOSearchResult(
         study_name=name,
-        storage=_without_password(storage),
+        storage=without_password(storage),
         n_trials=len(trials),
         n_complete=len(complete),
         n_pruned=states.count(optuna.trial.TrialState.PRUNED),
@@ -226,13 +227,3 @@ def _history_png(study: optuna.Study) -> bytes:
         axes.figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
         plt.close(axes.figure)
     return buffer.getvalue()
-
-
-def _without_password(url: str) -> str:
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if not parts.password:
-        return url
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))

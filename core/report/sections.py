@@ -9,7 +9,6 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from pydantic import BaseModel
@@ -19,6 +18,7 @@ from core.errors import ConfigError
 from core.records import HPOSearchResult, LRRangeTestResult, PrepareDataResult
 from core.report.blocks import Code, Image, Section, Sources, Table, Text, facts, fmt
 from core.report.plots import importances_png
+from core.storage.uris import without_password
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -207,12 +207,3 @@ def stage_section(
     record = record_type.model_validate({k: v for k, v in info.items() if k not in ("seconds", "cached")})
     build(section, record)
     return section
-
-
-def without_password(uri: str) -> str:
-    """A URI fit to print: a password in it becomes ***."""
-    parts = urlsplit(uri)
-    if not parts.password:
-        return uri
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))

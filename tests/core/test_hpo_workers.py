@@ -17,6 +17,7 @@ import torch
 import core.hpo_search as hpo_search_module
 from core.storage.store import LocalStore
 from core.storage.tracking import ParentRun, Tracker
+from core.storage.uris import without_password
 from core.tuning.hpo_worker import WorkerSpec, has_worked, new_claim, run_worker, stop_if_idle, take_up_work
 from core.tuning.study import rdb_storage
 from tests.core.hpo_support import *  # noqa: F403  fixtures: one_torch_thread, tracker, tracking
@@ -113,7 +114,7 @@ def test_an_sqlite_study_commits_without_waiting_for_the_disk(tmp_path: Path) ->
     ],
 )
 def test_the_storage_is_shown_without_its_password(url: str, shown: str) -> None:
-    assert hpo_search_module._without_password(url) == shown
+    assert without_password(url) == shown
 
 
 @pytest.mark.parametrize(("sampler", "pruner"), [("tpe", "hyperband"), ("gp", "median"), ("random", "none")])
