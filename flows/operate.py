@@ -48,7 +48,9 @@ def add_commands(commands: Any, overrides: dict[str, Any]) -> None:
 
     compare = commands.add_parser("compare", help="compare recent pipeline runs recorded in MLflow")
     compare.add_argument("--experiment", help="MLflow experiment (default: the one with the latest pipeline run)")
-    compare.add_argument("--metric", help="the metric to rank by (default: the evaluate stage's first metric)")
+    compare.add_argument(
+        "--metric", help="the metric to rank by (default: test accuracy, or test perplexity for language models)"
+    )
     compare.add_argument("--last", type=int, default=10, help="how many recent runs (default: 10)")
     compare.add_argument("--plot", type=Path, help="also write a PNG plot of the metric per run here")
     compare.add_argument(
