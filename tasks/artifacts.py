@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from typing import Any
 
 from core.compression.report import COLUMNS, table_rows
@@ -26,13 +27,14 @@ def artifact_key(kind: str, name: str) -> str:
 
 
 class TrainingProgress(Callback):
-    """A progress artifact of the training (percent of the planned optimizer steps), updated at every log
-    point. Acts only inside a Prefect task run (not in launched ranks, which have no run context)."""
+    """A progress artifact of the training (percent of the planned optimizer steps), updated at log points at
+    most every `interval_s` (each update is a ~10 ms call to the Prefect API on the training's thread). Acts
+    only inside a Prefect task run (not in launched ranks, which have no run context)."""
 
-    def __init__(self, name: str):
-        self.key = artifact_key("train-progress", name)
+    def __init__(self, name: str, interval_s: float = 5.0):
+        self.key, self.interval_s = artifact_key("train-progress", name), interval_s
         self.artifact_id: Any = None
-        self.total = 1
+        self.total, self.updated_at = 1, 0.0
 
     def on_fit_start(self, trainer: Any) -> None:
         from prefect.artifacts import create_progress_artifact
@@ -41,12 +43,14 @@ class TrainingProgress(Callback):
         if TaskRunContext.get() is None:
             return
         self.total = max(1, trainer.total_steps)
+        self.updated_at = time.monotonic()
         self.artifact_id = create_progress_artifact(
             self._percent(trainer.state.step), key=self.key, description="train: optimizer steps done of planned"
         )
 
     def on_log(self, trainer: Any, metrics: dict[str, float]) -> None:
-        self._update(trainer.state.step)
+        if time.monotonic() - self.updated_at >= self.interval_s:
+            self._update(trainer.state.step)
 
     def on_fit_end(self, trainer: Any, result: FitResult) -> None:
         if self.artifact_id is not None:
@@ -60,13 +64,14 @@ class TrainingProgress(Callback):
             return
         from prefect.artifacts import update_progress_artifact
 
+        self.updated_at = time.monotonic()
         try:
             update_progress_artifact(self.artifact_id, self._percent(step))
         except Exception as exc:  # the UI's progress bar is not worth a failed training
             log.warning("train progress artifact not updated (%s)", exc)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"key": self.key, "artifact_id": None, "total": 1}  # a launched rank has no task run to report to
+        return {"key": self.key, "interval_s": self.interval_s, "artifact_id": None, "total": 1, "updated_at": 0.0}
 
 
 def hpo_trials_table(record: HPOSearchResult, name: str) -> None:

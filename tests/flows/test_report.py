@@ -235,3 +235,24 @@ def test_passwords_in_config_urls_are_masked() -> None:
     text = render_markdown(Report("r", [config_section({}, config_from_dict(raw))]), "report_files")
     assert "secret" not in text and ":pw@" not in text
     assert "uri: http://me:***@mlflow:5000" in text and "storage: postgresql://me:***@db/x" in text
+
+
+def test_the_flow_run_shows_its_prefect_artifacts(run: dict[str, Any]) -> None:
+    """Training progress (at 100% when done), the HPO trials and compression tables, the Markdown summary."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        only_this_run = ArtifactFilterFlowRunId(any_=[run["prefect_flow_run_id"]])
+        found = {a.key: a for a in client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=only_this_run))}
+    assert (found["train-progress-config"].type, float(found["train-progress-config"].data)) == ("progress", 100.0)
+    trials = json.loads(found["hpo-trials-config"].data)
+    assert [row["trial"] for row in trials] == [0, 1, 2]
+    assert [row["best"] for row in trials].count("yes") == 1
+    variants = [row["variant"] for row in json.loads(found["compression-config"].data)]
+    compressed = run["stages"]["compress"]
+    assert variants == [f"{v['name']} (recommended)" if v["name"] == compressed["recommended"] else v["name"]
+                        for v in compressed["variants"]]  # fmt: skip
+    summary = found["run-summary-config"].data
+    assert run["mlflow_run_id"] in summary and run["stages"]["publish"]["manifest_uri"] in summary
+    assert found["run-summary-config"].type == "markdown"
