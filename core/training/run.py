@@ -11,8 +11,10 @@ distillation student), so each gets early stopping, checkpoints and crash-safe r
 
 from __future__ import annotations
 
+import fcntl
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,11 +115,26 @@ def fit_in_folder(
     """
     job = FitJob(model_cfg, optim_cfg, train_cfg, loader_cfg, seed, data, store, store_key, logger, run_id,
                  callbacks, model, loss, extra_config)  # fmt: skip
-    if train_cfg.distributed.enabled:
-        from core.training.launch import launch_fit
+    with one_fit_at_a_time(store.workdir(store_key)):
+        if train_cfg.distributed.enabled:
+            from core.training.launch import launch_fit
 
-        return launch_fit(job)
-    return fit_rank(job)
+            return launch_fit(job)
+        return fit_rank(job)
+
+
+@contextmanager
+def one_fit_at_a_time(folder: Path) -> Iterator[None]:
+    """An exclusive lock on the fit's folder: a second run of the same config on this machine (another flow, a
+    second `trainflow run`, a scheduled run beside an event's) waits here, then resumes from what the first left,
+    instead of writing the same checkpoints at the same time."""
+    with open(folder / ".fit.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("%s: another run is training the same thing here; waiting until it ends", folder)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield  # released when the file closes
 
 
 def fit_rank(job: FitJob, rank: Rank = SINGLE, device: torch.device | None = None) -> FolderFit:
