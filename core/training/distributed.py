@@ -11,15 +11,20 @@ that rank's error. Across machines, a dead peer is noticed when a collective tim
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -123,11 +128,13 @@ def launch(cfg: DistributedConfig, entrypoint: Callable[[T], Any], job: T, run_i
     for name in ("torch.distributed.elastic.multiprocessing.api", "torch.distributed.elastic.agent.server.api"):
         logging.getLogger(name).addFilter(_QUIET)  # the same filter object: added once
     handlers = _signal_handlers()  # the launcher installs its own for SIGTERM, SIGINT, ... and leaves them
+    notes, noted_before = tempfile.mkdtemp(prefix="trainflow-ranks-"), os.environ.get(FAILURES_ENV)
+    os.environ[FAILURES_ENV] = notes  # the ranks inherit it
     try:
         return elastic_launch(config, entrypoint)(job)
     except ChildFailedError as exc:
-        rank, failure = root_failure(exc.failures)
-        raise rank_error(rank, failure.message) from None
+        rank, message = first_noted_failure(Path(notes)) or _as_pair(root_failure(exc.failures))
+        raise rank_error(rank, message) from None
     except Exception as exc:  # rendezvous: no peer joined in time, endpoint unreachable, port taken
         if type(exc).__name__ == "RendezvousTimeoutError":
             raise TrainingError(
@@ -143,6 +150,11 @@ def launch(cfg: DistributedConfig, entrypoint: Callable[[T], Any], job: T, run_i
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
+        shutil.rmtree(notes, ignore_errors=True)
+        if noted_before is None:
+            os.environ.pop(FAILURES_ENV, None)
+        else:
+            os.environ[FAILURES_ENV] = noted_before
 
 
 def _signal_handlers() -> dict[int, Any]:
@@ -169,6 +181,7 @@ _OUR_ERRORS: dict[str, type[TrainflowError]] = {
 _QUIET = _QuietUserErrors()
 
 
+FAILURES_ENV = "TRAINFLOW_RANK_FAILURES"  # the folder where failing ranks note their errors
 _PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote process exited", "Broken pipe")
 
 
@@ -181,6 +194,31 @@ def root_failure(failures: dict[int, Any]) -> tuple[int, Any]:
         return any(mark in text for mark in _PEER_GONE), item[1].timestamp
 
     return min(failures.items(), key=symptom)
+
+
+def note_rank_failure(rank: int, exc: BaseException) -> None:
+    """In a failing rank, before its process group closes: its error, where the launcher looks first. Once the
+    group closes, its peers fail too ("connection closed by peer"), and the launcher may see one of those
+    before this rank's own exit."""
+    folder = os.environ.get(FAILURES_ENV)
+    stopped = not isinstance(exc, Exception) or type(exc).__name__ == "SignalException"  # the launcher stopping it
+    if folder and not stopped:
+        note = {"message": f"{type(exc).__name__}: {exc}", "timestamp": time.time()}
+        (Path(folder) / f"rank-{rank}.json").write_text(json.dumps(note))
+
+
+def first_noted_failure(folder: Path) -> tuple[int, str] | None:
+    """(rank, message) of the earliest noted failure that is not a lost peer; None when there is none."""
+    notes = [
+        (int(path.stem.removeprefix("rank-")), json.loads(path.read_text())) for path in folder.glob("rank-*.json")
+    ]
+    causes = [(note["timestamp"], rank, note["message"]) for rank, note in notes
+              if not any(mark in note["message"] for mark in _PEER_GONE)]  # fmt: skip
+    return (min(causes)[1], min(causes)[2]) if causes else None
+
+
+def _as_pair(failure: tuple[int, Any]) -> tuple[int, Any]:
+    return failure[0], failure[1].message
 
 
 def rank_error(rank: int, message: Any) -> TrainflowError:

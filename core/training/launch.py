@@ -20,7 +20,15 @@ from core.config import TrainConfig
 from core.errors import ConfigError
 from core.storage.store import ArtifactStore
 from core.training.checkpoint import latest_checkpoint, load_checkpoint
-from core.training.distributed import Rank, all_agree, broadcast_object, check_distributed, init_rank, launch
+from core.training.distributed import (
+    Rank,
+    all_agree,
+    broadcast_object,
+    check_distributed,
+    init_rank,
+    launch,
+    note_rank_failure,
+)
 from core.training.precision import resolve_device
 from core.training.run import FitJob, FolderFit, checkpoint_to_resume, fit_rank, restore_checkpoint, resume_checkpoint
 from core.training.state import FitResult
@@ -93,6 +101,9 @@ def rank_main(job: FitJob | Joining) -> FitSummary | None:
         return FitSummary(fit=done.fit, best_metrics=done.best_metrics, best_step=done.best_step,
                           resumed_from=done.resumed_from, weights_uri=done.weights_uri, weights_path=done.weights_path,
                           facts=done.facts)  # fmt: skip
+    except BaseException as exc:
+        note_rank_failure(rank.rank, exc)  # before the group closes and its peers fail as well
+        raise
     finally:
         dist.destroy_process_group()
 

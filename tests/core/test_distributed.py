@@ -286,3 +286,19 @@ def test_the_rank_that_failed_first_is_reported_not_the_peer_that_lost_it() -> N
     failures[1].message = {"message": "ValueError: planted"}
     failures[0].message = {"message": "TrainingError: diverged"}
     assert root_failure(failures)[0] == 0, "otherwise the earliest"
+
+
+def test_a_failing_rank_notes_its_error_before_its_peers_lose_it(tmp_path, monkeypatch) -> None:
+    """The launcher may see only the peer that lost the connection (the failing rank still exiting): the failing
+    rank's own note, written before its process group closed, names it. A rank being stopped notes nothing."""
+    from core.training.distributed import FAILURES_ENV, first_noted_failure, note_rank_failure
+
+    monkeypatch.setenv(FAILURES_ENV, str(tmp_path))
+    assert first_noted_failure(tmp_path) is None
+    note_rank_failure(1, ValueError("planted"))
+    note_rank_failure(0, RuntimeError("[gloo/pair.cc:553] Connection closed by peer [127.0.0.1]:23967"))
+    note_rank_failure(2, KeyboardInterrupt())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank-0.json", "rank-1.json"]
+    assert first_noted_failure(tmp_path) == (1, "ValueError: planted")
+    (tmp_path / "rank-1.json").unlink()
+    assert first_noted_failure(tmp_path) is None  # then the launcher's own record decides (root_failure)
