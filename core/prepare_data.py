@@ -19,7 +19,7 @@ import logging
 from core.config import DataConfig, StoreConfig, TextDataConfig
 from core.data.prepared import SPLITS, splits_to_npz
 from core.data.preprocess import split_table, split_text
-from core.data.sources import RawText, load_source
+from core.data.sources import RawText, dataset_uri, load_source
 from core.data.spec import DataSpec
 from core.records import PrepareDataResult
 from core.storage.store import ArtifactStore
@@ -72,6 +72,7 @@ def prepare_data(cfg: DataConfig, seed: int, store: ArtifactStore, s3: StoreConf
         fingerprint=fingerprint,
         uri=uri,
         source=raw.name,
+        dataset_uri=dataset_uri(cfg),
         n_train=counts[0],
         n_val=counts[1],
         n_test=counts[2],

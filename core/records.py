@@ -47,7 +47,8 @@ def stage_key(stage: str, inputs: Mapping[str, Any]) -> str:
 class PrepareDataResult(StageResult):
     fingerprint: str  # content, settings and seed of the split: equal fingerprints, equal arrays
     uri: str  # .npz with x_train, y_train, x_val, ... (tokens only for text)
-    source: str
+    source: str  # the source as read: a file path as configured, sklearn:<name>, pydoc_data.topics, synthetic
+    dataset_uri: str = ""  # the dataset's one name (core.data.sources.dataset_uri): MLflow inputs, the data event
     n_train: int  # samples, or seq_len windows for text
     n_val: int
     n_test: int

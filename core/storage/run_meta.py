@@ -17,8 +17,6 @@ from core.records import PrepareDataResult
 DIGEST_LENGTH = 16
 # split -> the `mlflow.data.context` input tag
 SPLIT_CONTEXTS = {"train": "train", "val": "validation", "test": "testing"}
-# `PrepareDataResult.source` (core.data.sources' RawTable/RawText name) -> `dataset_uri`, where they differ
-_SOURCE_URIS = {"pydoc_data.topics": "text:pydoc", "synthetic": "synthetic"}
 _ROOT = Path(__file__).resolve().parents[2]  # the checkout holding this code
 
 
@@ -40,7 +38,7 @@ def log_dataset_input(client: Any, run_id: str, data: PrepareDataResult) -> None
     from mlflow.entities import Dataset, DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-    uri = source_uri(data.source)
+    uri = data.dataset_uri or normalized_dataset_uri(data.source)  # a record written before the field
     source_type = "s3" if uri.startswith("s3://") else "local" if uri.startswith("file://") else "code"
     rows = {"train": data.n_train, "val": data.n_val, "test": data.n_test}
     inputs = [
@@ -57,12 +55,6 @@ def log_dataset_input(client: Any, run_id: str, data: PrepareDataResult) -> None
         for split, context in SPLIT_CONTEXTS.items()
     ]
     client.log_inputs(run_id, datasets=inputs)
-
-
-def source_uri(source: str) -> str:
-    """`core.data.sources.dataset_uri` of a prepared source, from the record's `source` (the path as configured,
-    resolved against the current folder, `sklearn:<name>`, ...)."""
-    return _SOURCE_URIS.get(source) or normalized_dataset_uri(source)
 
 
 def _short_name(uri: str) -> str:
