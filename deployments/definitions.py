@@ -9,6 +9,7 @@ AwaitingConcurrencySlot until the slot frees, it is never dropped (ENQUEUE).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,35 +59,44 @@ def check_names(paths: list[Path]) -> None:
         raise ConfigError(f"configs: two files share a name ({shared}); deployments are named after it")
 
 
-def build_deployments(
-    configs: list[tuple[Path, Config]],
-    overrides: list[str],
-    flow: str,
-    cron: str | None,
-    timezone: str,
-    trigger: bool,
-    out_dir: Path,
-) -> list[Any]:
-    """RunnerDeployments of `flow` (a key of `flows.pipeline.FLOWS`) for each (config path, config)."""
+@dataclass(frozen=True)
+class ServeOptions:
+    """What every served config shares (`trainflow serve`'s options)."""
+
+    flow: str = "pipeline"  # a key of flows.pipeline.FLOWS
+    overrides: list[str] = field(default_factory=list)  # `--set` values, given to every run
+    cron: str | None = None
+    timezone: str = "UTC"
+    trigger: bool = True  # run on trainflow.dataset.updated about the config's dataset
+    out_dir: Path = Path("out")  # each config's runs write summary.json and the report to out_dir/<config name>
+
+    def check(self) -> None:
+        """One-line errors before anything is registered."""
+        if self.cron is not None:
+            check_cron(self.cron, self.timezone)
+
+
+def build_deployments(configs: list[tuple[Path, Config]], options: ServeOptions) -> list[Any]:
+    """RunnerDeployments of `options.flow` for each (config path, config)."""
     from prefect.client.schemas.objects import ConcurrencyLimitConfig
     from prefect.deployments.runner import EntrypointType
     from prefect.schedules import Cron
 
     from flows.pipeline import FLOWS
 
-    check_names([path for path, _ in configs])
+    flow, cron = FLOWS[options.flow], options.cron
     deployments = []
     for path, config in configs:
-        parameters = {"config_path": str(path.resolve()), "overrides": list(overrides),
-                      "out_dir": str((out_dir / path.stem).resolve())}  # fmt: skip
+        parameters = {"config_path": str(path.resolve()), "overrides": list(options.overrides),
+                      "out_dir": str((options.out_dir / path.stem).resolve())}  # fmt: skip
         deployments.append(
-            FLOWS[flow].to_deployment(
+            flow.to_deployment(
                 name=path.stem,
                 parameters=parameters,
-                schedules=[Cron(cron, timezone=timezone)] if cron else None,
-                triggers=[dataset_trigger(config)] if trigger else None,
+                schedules=[Cron(cron, timezone=options.timezone)] if cron else None,
+                triggers=[dataset_trigger(config)] if options.trigger else None,
                 concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy="ENQUEUE"),
-                description=f"{FLOWS[flow].description or flow} Config: {path}.",
+                description=f"{flow.description or options.flow} Config: {path}.",
                 tags=["trainflow", path.stem],
                 version=code_version(),
                 entrypoint_type=EntrypointType.MODULE_PATH,  # runs from any folder: the package is installed

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from core.config import load_config
 from core.errors import TrainflowError
-from deployments.definitions import build_deployments, check_cron, check_names
+from deployments.definitions import ServeOptions, build_deployments, check_names
 
 
 class PrefectServerError(TrainflowError):
@@ -37,28 +37,19 @@ def require_prefect_server(command: str) -> str:
     return url
 
 
-def serve_configs(
-    paths: list[Path],
-    overrides: list[str],
-    flow: str,
-    cron: str | None,
-    timezone: str,
-    trigger: bool,
-    out_dir: Path,
-) -> int:
-    """Validate every config and the schedule first (one-line errors), then serve until interrupted."""
-    configs = [(path, load_config(path, overrides)) for path in paths]
-    if cron is not None:
-        check_cron(cron, timezone)
+def serve_configs(paths: list[Path], options: ServeOptions) -> int:
+    """Validate every config, their names and the schedule first (one-line errors), then serve until interrupted."""
+    configs = [(path, load_config(path, options.overrides)) for path in paths]
+    options.check()
     check_names(paths)
     url = require_prefect_server("serve")
-    deployments = build_deployments(configs, overrides, flow, cron, timezone, trigger, out_dir)
+    deployments = build_deployments(configs, options)
     from prefect import serve
 
     for path, _ in configs:
-        when = [f"cron {cron} ({timezone})"] if cron else []
-        when += ["on trainflow.dataset.updated"] if trigger else []
-        print(f"{path.stem}: {flow} flow, {', '.join(when) or 'on demand only'}; one run at a time")
+        when = [f"cron {options.cron} ({options.timezone})"] if options.cron else []
+        when += ["on trainflow.dataset.updated"] if options.trigger else []
+        print(f"{path.stem}: {options.flow} flow, {', '.join(when) or 'on demand only'}; one run at a time")
     print(f"Prefect API {url}; Ctrl-C stops serving (the deployments stay, their runs wait)")
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "core,tasks,flows")
     serve(*deployments, pause_on_shutdown=False, print_starting_message=False)

@@ -64,12 +64,12 @@ def default_tracking_uri(given: str | None) -> str:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from deployments.definitions import ServeOptions
     from deployments.serve import serve_configs
 
-    return serve_configs(
-        args.configs, list(args.overrides), flow=args.flow, cron=args.cron, timezone=args.timezone,
-        trigger=not args.no_trigger, out_dir=args.out,
-    )  # fmt: skip
+    options = ServeOptions(flow=args.flow, overrides=list(args.overrides), cron=args.cron, timezone=args.timezone,
+                           trigger=not args.no_trigger, out_dir=args.out)  # fmt: skip
+    return serve_configs(args.configs, options)
 
 
 def _emit(args: argparse.Namespace) -> int:

@@ -135,7 +135,7 @@ class PipelineRun:
             "mlflow_run_id": self.run_id,
             "mlflow_tracking_uri": self.ctx.tracking_uri,
             "mlflow_experiment_id": self.ctx.experiment_id,
-            "mlflow_experiment_name": self.config.tracking.experiment or self.name,
+            "mlflow_experiment_name": self.tracker.experiment_name,
             "prefect_flow_run_id": flow_run.id,
             "config_sha256": self.config.sha256(),
             "store_uri": self.ctx.store_uri,

@@ -117,10 +117,10 @@ class ParentRun:
 class Tracker:
     """The pipeline's MLflow runs, addressed by id."""
 
-    def __init__(self, uri: str, experiment_id: str):
+    def __init__(self, uri: str, experiment_id: str, experiment_name: str | None = None):
         from mlflow import MlflowClient
 
-        self.uri, self.experiment_id = uri, experiment_id
+        self.uri, self.experiment_id, self.experiment_name = uri, experiment_id, experiment_name
         self.client = MlflowClient(tracking_uri=uri)
 
     @classmethod
@@ -139,7 +139,7 @@ class Tracker:
         and the database is SQLite, beside the database file (`mlruns/` next to `mlflow.db`), not in whatever
         folder the run started in. An existing experiment keeps its own location, and its kind when it has one
         (EXPERIMENT_KIND is set on one that has none)."""
-        tracker = cls(uri, "")
+        tracker = cls(uri, "", name)
         found = tracker.client.get_experiment_by_name(name)
         if found:
             tracker.experiment_id = found.experiment_id
