@@ -41,7 +41,7 @@ def main() -> None:
         env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
         env |= {"PREFECT_HOME": str(root / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                 "PYTHONPATH": str(REPO)}  # fmt: skip
-        trainflow = [sys.executable, "-m", "flows.cli", "run", str(REPO / "configs" / "digits.yaml"), "--out", "out"]
+        trainflow = [sys.executable, "-m", "trainflow", "run", str(REPO / "configs" / "digits.yaml"), "--out", "out"]
         floor = [sys.executable, str(REPO / "benchmarks" / "prefect_floor.py")]
         started = time.perf_counter()
         _run(trainflow, root, env)

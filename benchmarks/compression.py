@@ -35,12 +35,12 @@ from typing import Any
 
 from machine import cpu_model, load_average  # benchmarks/machine.py (scripts run from here)
 
-from core.compress import TrainingSetup, compress
-from core.config import config_from_dict
-from core.prepare_data import prepare_data
-from core.records import CompressResult
-from core.storage.store import LocalStore
-from core.train import train
+from trainflow.core.compress import TrainingSetup, compress
+from trainflow.core.config import config_from_dict
+from trainflow.core.prepare_data import prepare_data
+from trainflow.core.records import CompressResult
+from trainflow.core.storage.store import LocalStore
+from trainflow.core.train import train
 
 COMPRESS = {
     "distillation": {"width": 0.4},

@@ -45,14 +45,14 @@ from typing import Any
 import torch
 from machine import cpu_model, load_average  # benchmarks/machine.py (scripts run from here)
 
-from core.config import Config, config_from_dict
-from core.prepare_data import prepare_data
-from core.records import PrepareDataResult
-from core.storage.store import LocalStore
-from core.training.callbacks import Callback
-from core.training.checkpoint import FINAL, load_checkpoint
-from core.training.optim import import_optimizer_dependencies
-from core.training.run import fit_in_folder
+from trainflow.core.config import Config, config_from_dict
+from trainflow.core.prepare_data import prepare_data
+from trainflow.core.records import PrepareDataResult
+from trainflow.core.storage.store import LocalStore
+from trainflow.core.training.callbacks import Callback
+from trainflow.core.training.checkpoint import FINAL, load_checkpoint
+from trainflow.core.training.optim import import_optimizer_dependencies
+from trainflow.core.training.run import fit_in_folder
 
 SEQ_LEN, BATCH = 64, 32  # B: the micro-batch of each of the N processes; the 1-process side runs N*B
 MODELS = {
@@ -94,7 +94,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke test: 1 round, a tenth of the steps")
     args = parser.parse_args()
     rounds = 1 if args.quick else args.rounds
-    for name in ("core", "torch.distributed"):
+    for name in ("trainflow", "torch.distributed"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", module="torch.distributed")
     cuda = torch.cuda.is_available() and torch.cuda.device_count() >= 2

@@ -41,15 +41,15 @@ import torch
 from machine import cpu_model, load_average  # benchmarks/machine.py (scripts run from here)
 from torch import nn
 
-from core.config import GPTConfig, LoaderConfig, OptimConfig, TrainConfig
-from core.data.loaders import Loaders, build_loaders
-from core.data.prepared import ArraySplits
-from core.data.spec import DataSpec
-from core.models import build_model
-from core.training.callbacks import Callback
-from core.training.flops import mfu, model_flops_per_token, peak_flops
-from core.training.optim import build_optimizer, build_scheduler
-from core.training.trainer import LossFn, Trainer, task_loss
+from trainflow.core.config import GPTConfig, LoaderConfig, OptimConfig, TrainConfig
+from trainflow.core.data.loaders import Loaders, build_loaders
+from trainflow.core.data.prepared import ArraySplits
+from trainflow.core.data.spec import DataSpec
+from trainflow.core.models import build_model
+from trainflow.core.training.callbacks import Callback
+from trainflow.core.training.flops import mfu, model_flops_per_token, peak_flops
+from trainflow.core.training.optim import build_optimizer, build_scheduler
+from trainflow.core.training.trainer import LossFn, Trainer, task_loss
 
 MFU_GOAL, RATIO_GOAL, MFU_GOAL_GPUS = 0.45, 0.98, ("H100", "H200")
 OPTIM = OptimConfig(lr=6e-4, weight_decay=0.1, betas=(0.9, 0.95), schedule="constant")  # nanoGPT's GPT-2 values

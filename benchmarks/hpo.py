@@ -51,17 +51,17 @@ if __name__ == "__main__":  # Not in hpo_search's spawned workers, which re-impo
     import torch
     import yaml
 
-    from core.config import Config, config_from_dict
-    from core.errors import TrainflowError
-    from core.hpo_search import hpo_search
-    from core.lr_range_test import lr_range_test
-    from core.models import build_model
-    from core.prepare_data import prepare_data
-    from core.records import HPOSearchResult, PrepareDataResult
-    from core.storage.store import LocalStore
-    from core.storage.tracking import ParentRun, Tracker
-    from core.tuning.apply import tuning_view
-    from core.tuning.study import tpe_startup_trials
+    from trainflow.core.config import Config, config_from_dict
+    from trainflow.core.errors import TrainflowError
+    from trainflow.core.hpo_search import hpo_search
+    from trainflow.core.lr_range_test import lr_range_test
+    from trainflow.core.models import build_model
+    from trainflow.core.prepare_data import prepare_data
+    from trainflow.core.records import HPOSearchResult, PrepareDataResult
+    from trainflow.core.storage.store import LocalStore
+    from trainflow.core.storage.tracking import ParentRun, Tracker
+    from trainflow.core.tuning.apply import tuning_view
+    from trainflow.core.tuning.study import tpe_startup_trials
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
 TIME_GOAL = 0.60  # pipeline wall time / tpe wall time, means over seeds

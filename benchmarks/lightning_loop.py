@@ -17,15 +17,15 @@ from lightning.pytorch.loggers import MLFlowLogger
 from loops import Sample
 from torch import nn
 
-from core.config import Config
-from core.data.loaders import Batch
-from core.models import build_model
-from core.records import PrepareDataResult
-from core.storage.store import ArtifactStore
-from core.training.builder import prepared_loaders
-from core.training.optim import build_optimizer, build_scheduler
-from core.training.seed import seed_everything
-from core.training.steps import step_budget
+from trainflow.core.config import Config
+from trainflow.core.data.loaders import Batch
+from trainflow.core.models import build_model
+from trainflow.core.records import PrepareDataResult
+from trainflow.core.storage.store import ArtifactStore
+from trainflow.core.training.builder import prepared_loaders
+from trainflow.core.training.optim import build_optimizer, build_scheduler
+from trainflow.core.training.seed import seed_everything
+from trainflow.core.training.steps import step_budget
 
 
 class LitModule(L.LightningModule):

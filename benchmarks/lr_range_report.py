@@ -8,7 +8,7 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from core.tuning.lr_finder import RULES
+from trainflow.core.tuning.lr_finder import RULES
 
 LOSS_GOAL = 1.10  # rule's mean val loss / grid's best mean val loss
 COST_GOAL = 0.10  # range test seconds (the stage alone) / the whole grid's training seconds

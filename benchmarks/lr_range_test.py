@@ -44,17 +44,17 @@ import torch
 from lr_range_report import Outcome, Run, SeedResult, markdown, report_workload, verdict
 from machine import cpu_model, load_average  # benchmarks/machine.py (scripts run from here)
 
-import core.lr_range_test
-from core.config import Config, LRRangeTestConfig, config_from_dict
-from core.errors import TrainingError
-from core.lr_range_test import lr_range_test
-from core.prepare_data import prepare_data
-from core.records import PrepareDataResult
-from core.storage.store import LocalStore
-from core.training.builder import build_trainer
-from core.training.callbacks import Callback
-from core.tuning.apply import tuning_view
-from core.tuning.lr_finder import LRCurve, lr_sweep
+import trainflow.core.lr_range_test
+from trainflow.core.config import Config, LRRangeTestConfig, config_from_dict
+from trainflow.core.errors import TrainingError
+from trainflow.core.lr_range_test import lr_range_test
+from trainflow.core.prepare_data import prepare_data
+from trainflow.core.records import PrepareDataResult
+from trainflow.core.storage.store import LocalStore
+from trainflow.core.training.builder import build_trainer
+from trainflow.core.training.callbacks import Callback
+from trainflow.core.tuning.apply import tuning_view
+from trainflow.core.tuning.lr_finder import LRCurve, lr_sweep
 
 GRID = tuple(10 ** (k / 4) for k in range(-16, -3))  # quarter decades: 1e-4, 1.8e-4, 3.2e-4, 5.6e-4, ... 1e-1
 QUICK_GRID = (1e-3, 1e-2, 1e-1)
@@ -230,7 +230,7 @@ def _range_test(cfg: Config, data: PrepareDataResult, store: LocalStore, store_k
         return curve
 
     started = time.perf_counter()
-    with mock.patch.object(core.lr_range_test, "lr_sweep", timed_sweep):  # wraps the stage's own call, timed
+    with mock.patch.object(trainflow.core.lr_range_test, "lr_sweep", timed_sweep):  # wraps the stage's own call, timed
         result = lr_range_test(cfg.tune.lr_range_test, cfg.model, cfg.optim, tuning_view(cfg.train),
                                cfg.data.loader, cfg.seed, data, store, store_key)  # fmt: skip
     seconds = time.perf_counter() - started

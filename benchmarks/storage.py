@@ -34,14 +34,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core.config import StoreConfig, config_from_dict
-from core.prepare_data import prepare_data
-from core.storage import uploads as uploads_module
-from core.storage.store import ArtifactStore, LocalStore, open_store
-from core.train import train
-from core.training import run as run_module
-from core.training.callbacks import Callback
-from core.training.trainer import Trainer
+from trainflow.core.config import StoreConfig, config_from_dict
+from trainflow.core.prepare_data import prepare_data
+from trainflow.core.storage import uploads as uploads_module
+from trainflow.core.storage.store import ArtifactStore, LocalStore, open_store
+from trainflow.core.train import train
+from trainflow.core.training import run as run_module
+from trainflow.core.training.callbacks import Callback
+from trainflow.core.training.trainer import Trainer
 
 MB = 1_000_000
 RAW = {

@@ -44,14 +44,14 @@ import yaml
 from loops import Sample, bare_fit, bootstrap_interval, paired_interval, paired_ratio, speed_ratio
 from machine import cpu_model, load_average  # benchmarks/machine.py (scripts run from here)
 
-from core.config import Config, StoreConfig, config_from_dict
-from core.prepare_data import prepare_data
-from core.records import PrepareDataResult
-from core.storage.store import LocalStore
-from core.storage.tracking import Tracker
-from core.train import train
-from core.training.optim import import_optimizer_dependencies
-from tasks.context import StageContext, log_result, stage_run
+from trainflow.core.config import Config, StoreConfig, config_from_dict
+from trainflow.core.prepare_data import prepare_data
+from trainflow.core.records import PrepareDataResult
+from trainflow.core.storage.store import LocalStore
+from trainflow.core.storage.tracking import Tracker
+from trainflow.core.train import train
+from trainflow.core.training.optim import import_optimizer_dependencies
+from trainflow.tasks.context import StageContext, log_result, stage_run
 
 LOOP_GOAL, STAGE_GOALS = 0.95, {20: 0.85, 100: 0.97}
 DIGITS = {"data": {"source": "sklearn", "name": "digits"}, "model": {"name": "cnn"}}
@@ -88,7 +88,7 @@ def main() -> None:
 
     import_optimizer_dependencies()  # what the first optimizer would import inside a timed run
 
-    for name in ("mlflow", "alembic", "lightning", "lightning.pytorch", "prefect", "core", "tasks", "flows"):
+    for name in ("mlflow", "alembic", "lightning", "lightning.pytorch", "prefect", "trainflow"):
         logging.getLogger(name).setLevel(logging.WARNING)
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores, load average {load_average()}; python "
           f"{platform.python_version()}, torch {torch.__version__} ({default_threads} threads), mlflow "
@@ -171,7 +171,7 @@ def _samples(data: PrepareDataResult, cfg: Config) -> int:
 def _stage_row(row: Row, root: Path, rounds: int, quick: bool) -> str:
     from lightning_loop import lightning_fit
 
-    from flows.pipeline import training_pipeline
+    from trainflow.flows.pipeline import training_pipeline
 
     store, epochs = LocalStore(root / "artifacts"), (row.epochs // 10 if quick else row.epochs)
     print(f"\nstage row: {row.label}; {rounds} rounds after a warm-up, a new seed each")

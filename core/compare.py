@@ -17,8 +17,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from core.errors import TrackingError, TrainflowError
-from core.storage.tracking import PIPELINE_TAG, STAGE_TAG, check_reachable
+from trainflow.core.errors import TrackingError, TrainflowError
+from trainflow.core.storage.tracking import PIPELINE_TAG, STAGE_TAG, check_reachable
 
 DEFAULT_METRICS = ("test/accuracy", "test/perplexity")  # classification, language modelling
 KEY_METRICS = ("test/accuracy", "test/f1_macro", "test/perplexity", "test/loss")

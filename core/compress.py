@@ -25,23 +25,23 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from core.compression.distillation import DistillationLoss, student_config
-from core.compression.measure import Candidate, HeldOut, fixed_threads, held_out, measure_speed, task_metrics
-from core.compression.plan import check_student, plan_formats
-from core.compression.pruning import StructuredPruner, prune_unstructured
-from core.compression.report import csv_table, markdown_table, pareto_png, recommend, table_rows
-from core.compression.variants import Base, BuildContext, build_variant
-from core.config import CompressConfig, LoaderConfig, ModelConfig, OptimConfig, TrainConfig
-from core.data.prepared import load_splits
-from core.errors import ConfigError
-from core.models import build_model
-from core.records import CompressedVariant, CompressResult, PrepareDataResult, TrainResult
-from core.storage.store import ArtifactStore
-from core.training.callbacks import Callback, MetricLogger
-from core.training.checkpoint import load_checkpoint
-from core.training.precision import resolve_device
-from core.training.run import fit_in_folder
-from core.training.trainer import Trainer
+from trainflow.core.compression.distillation import DistillationLoss, student_config
+from trainflow.core.compression.measure import Candidate, HeldOut, fixed_threads, held_out, measure_speed, task_metrics
+from trainflow.core.compression.plan import check_student, plan_formats
+from trainflow.core.compression.pruning import StructuredPruner, prune_unstructured
+from trainflow.core.compression.report import csv_table, markdown_table, pareto_png, recommend, table_rows
+from trainflow.core.compression.variants import Base, BuildContext, build_variant
+from trainflow.core.config import CompressConfig, LoaderConfig, ModelConfig, OptimConfig, TrainConfig
+from trainflow.core.data.prepared import load_splits
+from trainflow.core.errors import ConfigError
+from trainflow.core.models import build_model
+from trainflow.core.records import CompressedVariant, CompressResult, PrepareDataResult, TrainResult
+from trainflow.core.storage.store import ArtifactStore
+from trainflow.core.training.callbacks import Callback, MetricLogger
+from trainflow.core.training.checkpoint import load_checkpoint
+from trainflow.core.training.precision import resolve_device
+from trainflow.core.training.run import fit_in_folder
+from trainflow.core.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
 

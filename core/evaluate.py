@@ -18,14 +18,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from core.config import EvaluateConfig, LoaderConfig, ModelConfig, TrainConfig
-from core.models import build_model
-from core.records import EvaluateResult, PrepareDataResult, TrainResult
-from core.storage.store import ArtifactStore
-from core.training.builder import prepared_loaders
-from core.training.checkpoint import load_checkpoint
-from core.training.metrics import classification_metrics, eval_pass, perplexity
-from core.training.precision import autocast_context, resolve_device
+from trainflow.core.config import EvaluateConfig, LoaderConfig, ModelConfig, TrainConfig
+from trainflow.core.models import build_model
+from trainflow.core.records import EvaluateResult, PrepareDataResult, TrainResult
+from trainflow.core.storage.store import ArtifactStore
+from trainflow.core.training.builder import prepared_loaders
+from trainflow.core.training.checkpoint import load_checkpoint
+from trainflow.core.training.metrics import classification_metrics, eval_pass, perplexity
+from trainflow.core.training.precision import autocast_context, resolve_device
 
 log = logging.getLogger(__name__)
 

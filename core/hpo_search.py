@@ -25,16 +25,16 @@ from typing import Any
 
 import optuna
 
-from core.config import DataConfig, FloatParam, HPOConfig, ModelConfig, OptimConfig, ParamSpec, TrainConfig
-from core.data.spec import check_metric
-from core.errors import ConfigError, TrainingError
-from core.records import HPOSearchResult, LRRangeTestResult, PrepareDataResult
-from core.storage.store import ArtifactStore
-from core.storage.tracking import ParentRun
-from core.storage.uris import without_password
-from core.tuning.apply import lr_suggestion
-from core.tuning.hpo_worker import Claim, WorkerSpec, has_worked, new_claim, run_worker, serve, stop_if_idle
-from core.tuning.study import from_optuna, rdb_storage
+from trainflow.core.config import DataConfig, FloatParam, HPOConfig, ModelConfig, OptimConfig, ParamSpec, TrainConfig
+from trainflow.core.data.spec import check_metric
+from trainflow.core.errors import ConfigError, TrainingError
+from trainflow.core.records import HPOSearchResult, LRRangeTestResult, PrepareDataResult
+from trainflow.core.storage.store import ArtifactStore
+from trainflow.core.storage.tracking import ParentRun
+from trainflow.core.storage.uris import without_password
+from trainflow.core.tuning.apply import lr_suggestion
+from trainflow.core.tuning.hpo_worker import Claim, WorkerSpec, has_worked, new_claim, run_worker, serve, stop_if_idle
+from trainflow.core.tuning.study import from_optuna, rdb_storage
 
 log = logging.getLogger(__name__)
 

@@ -11,11 +11,11 @@ import io
 import json
 import logging
 
-from core.config import LoaderConfig, LRRangeTestConfig, ModelConfig, OptimConfig, TrainConfig
-from core.records import LRRangeTestResult, PrepareDataResult
-from core.storage.store import ArtifactStore
-from core.training.builder import build_trainer
-from core.tuning.lr_finder import RULES, LRCurve, lr_sweep, suggest_lr
+from trainflow.core.config import LoaderConfig, LRRangeTestConfig, ModelConfig, OptimConfig, TrainConfig
+from trainflow.core.records import LRRangeTestResult, PrepareDataResult
+from trainflow.core.storage.store import ArtifactStore
+from trainflow.core.training.builder import build_trainer
+from trainflow.core.tuning.lr_finder import RULES, LRCurve, lr_sweep, suggest_lr
 
 log = logging.getLogger(__name__)
 

@@ -7,12 +7,12 @@ check imports what it needs where it runs: a digits config is checked without ei
 
 from __future__ import annotations
 
-from core.config import Config, SklearnDataConfig, SyntheticDataConfig, TableDataConfig, TextDataConfig
-from core.data.spec import DataSpec, check_metric, planned_rank, planned_task
-from core.errors import DataError
-from core.models import check_model_fits_data
-from core.storage.store import open_store
-from core.storage.tracking import check_reachable, tracking_uri
+from trainflow.core.config import Config, SklearnDataConfig, SyntheticDataConfig, TableDataConfig, TextDataConfig
+from trainflow.core.data.spec import DataSpec, check_metric, planned_rank, planned_task
+from trainflow.core.errors import DataError
+from trainflow.core.models import check_model_fits_data
+from trainflow.core.storage.store import open_store
+from trainflow.core.storage.tracking import check_reachable, tracking_uri
 
 
 def preflight(config: Config) -> None:
@@ -31,15 +31,15 @@ def preflight(config: Config) -> None:
     if config.tune.hpo.enabled:
         check_metric(config.tune.hpo.metric, task, "tune.hpo.metric")
     if config.train.device != "auto" or config.train.precision == "fp16":  # asks torch what this machine has
-        from core.training.precision import check_precision, resolve_device
+        from trainflow.core.training.precision import check_precision, resolve_device
 
         check_precision(resolve_device(config.train.device), config.train.precision)
     if config.train.distributed.enabled:  # devices, backend, rendezvous host, strategy: before any stage
-        from core.training.distributed import check_distributed
+        from trainflow.core.training.distributed import check_distributed
 
         check_distributed(config.train, config.store.uri)
     if config.compress.enabled and _compress_needs_model(config):
-        from core.compression.plan import check_compress
+        from trainflow.core.compression.plan import check_compress
 
         check_compress(config.compress, config.model, _nominal_spec(config))
     _check_data(config)
@@ -72,14 +72,14 @@ SKLEARN_SHAPES = {"digits": ((1, 8, 8), 10), "wine": ((13,), 3), "breast_cancer"
 def _check_data(config: Config) -> None:
     data = config.data
     if isinstance(data, TableDataConfig):
-        from core.data.preprocess import check_table
-        from core.data.sources import RawTable, load_source
+        from trainflow.core.data.preprocess import check_table
+        from trainflow.core.data.sources import RawTable, load_source
 
         raw = load_source(data, config.seed, config.store)
         assert isinstance(raw, RawTable)
         check_table(raw, data.val_fraction, data.test_fraction, config.seed)
     elif isinstance(data, TextDataConfig):
-        from core.data.sources import data_file, load_text
+        from trainflow.core.data.sources import data_file, load_text
 
         if data.path is not None:  # an s3:// object is fetched (once) here: it exists and is readable
             size = data_file(data.path, config.store).stat().st_size
@@ -92,6 +92,6 @@ def _check_data(config: Config) -> None:
                 f"({smallest} of {size} bytes); lower data.seq_len or use a larger text"
             )
     elif isinstance(data, SyntheticDataConfig):
-        from core.data.sources import check_synthetic
+        from trainflow.core.data.sources import check_synthetic
 
         check_synthetic(data)

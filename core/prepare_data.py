@@ -16,13 +16,13 @@ import hashlib
 import json
 import logging
 
-from core.config import DataConfig, StoreConfig, TextDataConfig
-from core.data.prepared import SPLITS, splits_to_npz
-from core.data.preprocess import split_table, split_text
-from core.data.sources import RawText, dataset_uri, load_source
-from core.data.spec import DataSpec
-from core.records import PrepareDataResult
-from core.storage.store import ArtifactStore
+from trainflow.core.config import DataConfig, StoreConfig, TextDataConfig
+from trainflow.core.data.prepared import SPLITS, splits_to_npz
+from trainflow.core.data.preprocess import split_table, split_text
+from trainflow.core.data.sources import RawText, dataset_uri, load_source
+from trainflow.core.data.spec import DataSpec
+from trainflow.core.records import PrepareDataResult
+from trainflow.core.storage.store import ArtifactStore
 
 log = logging.getLogger(__name__)
 

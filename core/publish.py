@@ -17,10 +17,10 @@ from urllib.parse import quote
 
 import yaml
 
-from core.config import Config
-from core.errors import StoreError
-from core.models import build_model
-from core.records import (
+from trainflow.core.config import Config
+from trainflow.core.errors import StoreError
+from trainflow.core.models import build_model
+from trainflow.core.records import (
     CompressResult,
     EvaluateResult,
     PrepareDataResult,
@@ -28,10 +28,10 @@ from core.records import (
     PublishResult,
     TrainResult,
 )
-from core.serving.registry import Decision, champion_metric, client_for, judge, record, served_metrics
-from core.storage.store import ArtifactStore, sha256_file
-from core.storage.version import code_version, git_commit
-from core.training.checkpoint import load_checkpoint
+from trainflow.core.serving.registry import Decision, champion_metric, client_for, judge, record, served_metrics
+from trainflow.core.storage.store import ArtifactStore, sha256_file
+from trainflow.core.storage.version import code_version, git_commit
+from trainflow.core.training.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -224,8 +224,8 @@ def log_mlflow_model(
     """
     import torch
 
-    from core.compression.quantization import save_torch_model
-    from core.serving.mlflow_model import log_serving_model
+    from trainflow.core.compression.quantization import save_torch_model
+    from trainflow.core.serving.mlflow_model import log_serving_model
 
     with tempfile.TemporaryDirectory() as tmp:
         if served_model is None:

@@ -18,8 +18,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 from pydantic_core import to_jsonable_python
 
-from core.data.spec import DataSpec
-from core.storage.version import code_version
+from trainflow.core.data.spec import DataSpec
+from trainflow.core.storage.version import code_version
 
 
 class StageResult(BaseModel):

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from core.config import LoaderConfig, ModelConfig, OptimConfig, TrainConfig
-from core.records import PrepareDataResult, TrainResult
-from core.storage.store import ArtifactStore
-from core.training.callbacks import Callback, MetricLogger
-from core.training.run import fit_in_folder
-from core.training.state import StopReason
+from trainflow.core.config import LoaderConfig, ModelConfig, OptimConfig, TrainConfig
+from trainflow.core.records import PrepareDataResult, TrainResult
+from trainflow.core.storage.store import ArtifactStore
+from trainflow.core.training.callbacks import Callback, MetricLogger
+from trainflow.core.training.run import fit_in_folder
+from trainflow.core.training.state import StopReason
 
 
 def train(

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.config import Config
-from core.data.sources import dataset_uri, normalized_dataset_uri
-from core.errors import ConfigError
-from core.storage.version import code_version
+from trainflow.core.config import Config
+from trainflow.core.data.sources import dataset_uri, normalized_dataset_uri
+from trainflow.core.errors import ConfigError
+from trainflow.core.storage.version import code_version
 
 DATASET_EVENT = "trainflow.dataset.updated"
 RESOURCE_PREFIX = "trainflow.dataset."
@@ -82,7 +82,7 @@ def build_deployments(configs: list[tuple[Path, Config]], options: ServeOptions)
     from prefect.deployments.runner import EntrypointType
     from prefect.schedules import Cron
 
-    from flows.pipeline import FLOWS
+    from trainflow.flows.pipeline import FLOWS
 
     flow, cron = FLOWS[options.flow], options.cron
     deployments = []

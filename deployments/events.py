@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from core.data.sources import normalized_dataset_uri
-from deployments.definitions import DATASET_EVENT, dataset_resource_id
-from deployments.serve import require_prefect_server
+from trainflow.core.data.sources import normalized_dataset_uri
+from trainflow.deployments.definitions import DATASET_EVENT, dataset_resource_id
+from trainflow.deployments.serve import require_prefect_server
 
 
 def emit_dataset_updated(uri: str) -> Any:

@@ -10,9 +10,9 @@ import os
 import urllib.request
 from pathlib import Path
 
-from core.config import load_config
-from core.errors import TrainflowError
-from deployments.definitions import ServeOptions, build_deployments, check_names
+from trainflow.core.config import load_config
+from trainflow.core.errors import TrainflowError
+from trainflow.deployments.definitions import ServeOptions, build_deployments, check_names
 
 
 class PrefectServerError(TrainflowError):
@@ -51,6 +51,6 @@ def serve_configs(paths: list[Path], options: ServeOptions) -> int:
         when += ["on trainflow.dataset.updated"] if options.trigger else []
         print(f"{path.stem}: {options.flow} flow, {', '.join(when) or 'on demand only'}; one run at a time")
     print(f"Prefect API {url}; Ctrl-C stops serving (the deployments stay, their runs wait)")
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "core,tasks,flows")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "trainflow")
     serve(*deployments, pause_on_shutdown=False, print_starting_message=False)
     return 0

@@ -26,8 +26,8 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.errors import TrainflowError
-from core.storage.tracking import _artifacts_beside
+from trainflow.core.errors import TrainflowError
+from trainflow.core.storage.tracking import _artifacts_beside
 
 HOST = "127.0.0.1"
 STARTUP_TIMEOUT_S = 120.0  # both answer after 6-15 s on 2 cores; a busy machine or a slow database takes longer

@@ -21,8 +21,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from core.errors import TrainflowError
-from flows.operate import add_commands as add_operating_commands
+from trainflow.core.errors import TrainflowError
+from trainflow.flows.operate import add_commands as add_operating_commands
 
 EXIT_USER_ERROR = 2
 
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from core.config import load_config
+    from trainflow.core.config import load_config
 
     config = load_config(args.config, args.overrides)
     print(f"{args.config}: valid (config sha256 {config.sha256()[:12]})")
@@ -49,17 +49,17 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from core.config import load_config
-    from core.preflight import preflight
+    from trainflow.core.config import load_config
+    from trainflow.core.preflight import preflight
 
     config = load_config(args.config, args.overrides)  # before anything is imported or written
     preflight(config)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "core,tasks,flows")
-    from flows.startup import prefect_api_booting, warm_up  # imports prefect, which configures logging
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "trainflow")
+    from trainflow.flows.startup import prefect_api_booting, warm_up  # imports prefect, which configures logging
 
     with prefect_api_booting():
-        from flows.pipeline import FLOWS
+        from trainflow.flows.pipeline import FLOWS
 
         warm_up(config, Path(args.config).stem)
     _quiet_user_errors()
@@ -71,8 +71,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def _join_train(args: argparse.Namespace) -> int:
     """Another machine of a multi-node run: its ranks join node 0's train stage (`trainflow run` there)."""
-    from core.config import load_config
-    from core.errors import ConfigError
+    from trainflow.core.config import load_config
+    from trainflow.core.errors import ConfigError
 
     config = load_config(args.config, [*args.overrides, f"train.distributed.node_rank={args.node_rank}"])
     if args.node_rank == 0 or config.train.distributed.nnodes < 2:
@@ -81,7 +81,7 @@ def _join_train(args: argparse.Namespace) -> int:
             f"--node-rank 1..nnodes-1 (train.distributed.nnodes is {config.train.distributed.nnodes})"
         )
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from core.training.launch import join_training
+    from trainflow.core.training.launch import join_training
 
     join_training(config.train)
     print(f"node {args.node_rank}: training done (node 0 records the results)")
@@ -89,11 +89,11 @@ def _join_train(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from core.publish import verify_manifest
-    from core.storage.store import open_store
+    from trainflow.core.publish import verify_manifest
+    from trainflow.core.storage.store import open_store
 
     if str(args.manifest).startswith("s3://"):  # the bucket's settings (endpoint, region) from a config's store
-        from core.config import StoreConfig, load_config
+        from trainflow.core.config import StoreConfig, load_config
 
         settings = load_config(args.config).store if args.config else StoreConfig(uri="s3://placeholder")
         bucket = str(args.manifest)[len("s3://") :].split("/", 1)[0]
@@ -128,7 +128,7 @@ def _quiet_user_errors() -> None:
     for logger in loggers:
         for handler in getattr(logger, "handlers", []):
             handler.addFilter(OneLineUserErrors())
-    for name in ("core", "tasks", "flows"):
+    for name in ("trainflow",):
         logging.getLogger(name).setLevel(logging.INFO)
 
 
@@ -168,8 +168,8 @@ def _print_summary(summary: dict[str, Any], out: Path) -> None:
 
 
 def _compression_table(compressed: dict[str, Any]) -> str:
-    from core.compression.report import table_rows, text_table
-    from core.records import CompressedVariant
+    from trainflow.core.compression.report import table_rows, text_table
+    from trainflow.core.records import CompressedVariant
 
     variants = [CompressedVariant.model_validate(v) for v in compressed["variants"]]
     rows = table_rows(variants, compressed["task"], compressed["recommended"])

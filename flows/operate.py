@@ -64,8 +64,8 @@ def default_tracking_uri(given: str | None) -> str:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from deployments.definitions import ServeOptions
-    from deployments.serve import serve_configs
+    from trainflow.deployments.definitions import ServeOptions
+    from trainflow.deployments.serve import serve_configs
 
     options = ServeOptions(flow=args.flow, overrides=list(args.overrides), cron=args.cron, timezone=args.timezone,
                            trigger=not args.no_trigger, out_dir=args.out)  # fmt: skip
@@ -73,7 +73,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _emit(args: argparse.Namespace) -> int:
-    from deployments.events import emit_dataset_updated
+    from trainflow.deployments.events import emit_dataset_updated
 
     event = emit_dataset_updated(args.uri)
     print(f"sent {event.event} for {args.uri} (event {event.id})")
@@ -81,13 +81,13 @@ def _emit(args: argparse.Namespace) -> int:
 
 
 def _ui(args: argparse.Namespace) -> int:
-    from deployments.servers import run_ui
+    from trainflow.deployments.servers import run_ui
 
     return run_ui(default_tracking_uri(args.tracking_uri), args.prefect_port, args.mlflow_port)
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from core.compare import compare_runs, plot_comparison
+    from trainflow.core.compare import compare_runs, plot_comparison
 
     comparison = compare_runs(default_tracking_uri(args.tracking_uri), args.experiment, args.metric, args.last)
     print(comparison.text())

@@ -14,17 +14,17 @@ from typing import Any
 
 from prefect import flow
 
-from core.config import load_config
-from core.data.sources import data_version
-from core.tuning.apply import apply_tuning, hpo_search_plan, lr_range_test_plan, tuning_view
-from flows.pipeline_run import PipelineRun
-from tasks.compress import compress_task
-from tasks.evaluate import evaluate_task
-from tasks.hpo_search import hpo_search_task
-from tasks.lr_range_test import lr_range_test_task
-from tasks.prepare_data import prepare_data_task
-from tasks.publish import publish_task
-from tasks.train import train_task
+from trainflow.core.config import load_config
+from trainflow.core.data.sources import data_version
+from trainflow.core.tuning.apply import apply_tuning, hpo_search_plan, lr_range_test_plan, tuning_view
+from trainflow.flows.pipeline_run import PipelineRun
+from trainflow.tasks.compress import compress_task
+from trainflow.tasks.evaluate import evaluate_task
+from trainflow.tasks.hpo_search import hpo_search_task
+from trainflow.tasks.lr_range_test import lr_range_test_task
+from trainflow.tasks.prepare_data import prepare_data_task
+from trainflow.tasks.publish import publish_task
+from trainflow.tasks.train import train_task
 
 TRAINED = frozenset({"prepare_data", "lr_range_test", "hpo_search", "train", "evaluate"})
 

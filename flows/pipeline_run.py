@@ -13,19 +13,19 @@ from typing import Any, TypeVar
 from prefect import Task
 from prefect.runtime import flow_run
 
-from core.config import Config
-from core.errors import StageTimeoutError
-from core.preflight import preflight
-from core.records import CompressResult, HPOSearchResult, PrepareDataResult, StageResult
-from core.report import write_report
-from core.storage.run_meta import log_dataset_input, source_tags
-from core.storage.store import resolved, write_atomic
-from core.storage.tracking import Tracker, flatten
-from core.storage.version import code_version, git_commit
-from tasks.artifacts import compression_table, hpo_trials_table, mlflow_run_link, run_summary
-from tasks.cache import result_storage
-from tasks.context import StageContext, stage_run
-from tasks.skipped import skipped_stage
+from trainflow.core.config import Config
+from trainflow.core.errors import StageTimeoutError
+from trainflow.core.preflight import preflight
+from trainflow.core.records import CompressResult, HPOSearchResult, PrepareDataResult, StageResult
+from trainflow.core.report import write_report
+from trainflow.core.storage.run_meta import log_dataset_input, source_tags
+from trainflow.core.storage.store import resolved, write_atomic
+from trainflow.core.storage.tracking import Tracker, flatten
+from trainflow.core.storage.version import code_version, git_commit
+from trainflow.tasks.artifacts import compression_table, hpo_trials_table, mlflow_run_link, run_summary
+from trainflow.tasks.cache import result_storage
+from trainflow.tasks.context import StageContext, stage_run
+from trainflow.tasks.skipped import skipped_stage
 
 R = TypeVar("R", bound=StageResult)
 log = logging.getLogger(__name__)

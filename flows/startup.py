@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from core.config import Config
+from trainflow.core.config import Config
 
 
 @contextmanager
@@ -57,8 +57,8 @@ def warm_up(config: Config, config_name: str) -> None:
     """First-use costs a run would otherwise pay inside its stages, paid while the server boots: the import
     of torch._dynamo that torch defers to the first optimizer it builds (about 1.3 s here), and the tracking
     database's schema check and experiment."""
-    from core.storage.tracking import Tracker
-    from core.training.optim import import_optimizer_dependencies
+    from trainflow.core.storage.tracking import Tracker
+    from trainflow.core.training.optim import import_optimizer_dependencies
 
     import_optimizer_dependencies()
     Tracker.for_config(config, config_name)

@@ -13,10 +13,10 @@ import re
 import time
 from typing import Any
 
-from core.compression.report import COLUMNS, table_rows
-from core.records import CompressResult, HPOSearchResult
-from core.training.callbacks import Callback
-from core.training.state import FitResult
+from trainflow.core.compression.report import COLUMNS, table_rows
+from trainflow.core.records import CompressResult, HPOSearchResult
+from trainflow.core.training.callbacks import Callback
+from trainflow.core.training.state import FitResult
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 from prefect.filesystems import LocalFileSystem
 
-from core.config import Config, StoreConfig
-from core.records import StageResult, stage_key
-from core.storage.store import ArtifactStore, open_store
-from tasks.store_results import RECORDS, StoreResultStorage, saved_result_storage
+from trainflow.core.config import Config, StoreConfig
+from trainflow.core.records import StageResult, stage_key
+from trainflow.core.storage.store import ArtifactStore, open_store
+from trainflow.tasks.store_results import RECORDS, StoreResultStorage, saved_result_storage
 
 log = logging.getLogger(__name__)
 

@@ -8,14 +8,14 @@ from contextlib import ExitStack, contextmanager
 
 from prefect import task
 
-from core.compress import TrainingSetup, compress
-from core.config import CompressConfig, LoaderConfig, ModelConfig, OptimConfig, TrainConfig
-from core.records import CompressedVariant, CompressResult, PrepareDataResult, TrainResult
-from core.serving.mlflow_model import log_onnx_model
-from core.storage.store import ArtifactStore
-from core.storage.tracking import MlflowMetricLogger, Tracker
-from tasks.cache import stage_cache, stage_store
-from tasks.context import StageContext, log_result, stage_run
+from trainflow.core.compress import TrainingSetup, compress
+from trainflow.core.config import CompressConfig, LoaderConfig, ModelConfig, OptimConfig, TrainConfig
+from trainflow.core.records import CompressedVariant, CompressResult, PrepareDataResult, TrainResult
+from trainflow.core.serving.mlflow_model import log_onnx_model
+from trainflow.core.storage.store import ArtifactStore
+from trainflow.core.storage.tracking import MlflowMetricLogger, Tracker
+from trainflow.tasks.cache import stage_cache, stage_store
+from trainflow.tasks.context import StageContext, log_result, stage_run
 
 
 @task(**stage_cache("compress"))

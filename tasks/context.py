@@ -9,10 +9,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from core.config import StoreConfig
-from core.errors import StageNotCachedError
-from core.records import StageResult
-from core.storage.tracking import MlflowMetricLogger, Tracker, flatten
+from trainflow.core.config import StoreConfig
+from trainflow.core.errors import StageNotCachedError
+from trainflow.core.records import StageResult
+from trainflow.core.storage.tracking import MlflowMetricLogger, Tracker, flatten
 
 
 class StageContext(BaseModel):

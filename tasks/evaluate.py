@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from prefect import task
 
-from core.config import EvaluateConfig, LoaderConfig, ModelConfig, TrainConfig
-from core.evaluate import evaluate
-from core.records import EvaluateResult, PrepareDataResult, TrainResult
-from tasks.cache import stage_cache, stage_store
-from tasks.context import StageContext, log_result, stage_run
+from trainflow.core.config import EvaluateConfig, LoaderConfig, ModelConfig, TrainConfig
+from trainflow.core.evaluate import evaluate
+from trainflow.core.records import EvaluateResult, PrepareDataResult, TrainResult
+from trainflow.tasks.cache import stage_cache, stage_store
+from trainflow.tasks.context import StageContext, log_result, stage_run
 
 
 @task(**stage_cache("evaluate"))

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from prefect import task
 
-from core.config import DataConfig, HPOConfig, ModelConfig, OptimConfig, TrainConfig
-from core.hpo_search import hpo_search
-from core.records import HPOSearchResult, LRRangeTestResult, PrepareDataResult
-from core.storage.tracking import ParentRun
-from tasks.cache import stage_cache, stage_store
-from tasks.context import StageContext, log_result, stage_run
+from trainflow.core.config import DataConfig, HPOConfig, ModelConfig, OptimConfig, TrainConfig
+from trainflow.core.hpo_search import hpo_search
+from trainflow.core.records import HPOSearchResult, LRRangeTestResult, PrepareDataResult
+from trainflow.core.storage.tracking import ParentRun
+from trainflow.tasks.cache import stage_cache, stage_store
+from trainflow.tasks.context import StageContext, log_result, stage_run
 
 
 @task(**stage_cache("hpo_search"))

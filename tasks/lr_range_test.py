@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from prefect import task
 
-from core.config import LoaderConfig, LRRangeTestConfig, ModelConfig, OptimConfig, TrainConfig
-from core.lr_range_test import lr_range_test
-from core.records import LRRangeTestResult, PrepareDataResult
-from tasks.cache import stage_cache, stage_store
-from tasks.context import StageContext, log_result, stage_run
+from trainflow.core.config import LoaderConfig, LRRangeTestConfig, ModelConfig, OptimConfig, TrainConfig
+from trainflow.core.lr_range_test import lr_range_test
+from trainflow.core.records import LRRangeTestResult, PrepareDataResult
+from trainflow.tasks.cache import stage_cache, stage_store
+from trainflow.tasks.context import StageContext, log_result, stage_run
 
 
 @task(**stage_cache("lr_range_test"))

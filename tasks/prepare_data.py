@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from prefect import task
 
-from core.config import DataConfig
-from core.prepare_data import prepare_data
-from core.records import PrepareDataResult
-from core.storage.store import open_store
-from tasks.cache import stage_cache
-from tasks.context import StageContext, log_result, stage_run
+from trainflow.core.config import DataConfig
+from trainflow.core.prepare_data import prepare_data
+from trainflow.core.records import PrepareDataResult
+from trainflow.core.storage.store import open_store
+from trainflow.tasks.cache import stage_cache
+from trainflow.tasks.context import StageContext, log_result, stage_run
 
 
 @task(**stage_cache("prepare_data"))

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from prefect import task
 
-from core.config import Config
-from core.publish import publish
-from core.records import CompressResult, EvaluateResult, PrepareDataResult, PublishResult, TrainResult
-from tasks.cache import stage_cache, stage_store
-from tasks.context import StageContext, stage_run
+from trainflow.core.config import Config
+from trainflow.core.publish import publish
+from trainflow.core.records import CompressResult, EvaluateResult, PrepareDataResult, PublishResult, TrainResult
+from trainflow.tasks.cache import stage_cache, stage_store
+from trainflow.tasks.context import StageContext, stage_run
 
 
 @task(retries=2, retry_delay_seconds=[2, 10], **stage_cache("publish"))

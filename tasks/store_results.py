@@ -22,10 +22,10 @@ import anyio.to_thread
 from prefect.filesystems import WritableFileSystem
 from pydantic import PrivateAttr
 
-from core.config import StoreConfig
-from core.errors import StoreError
-from core.storage.s3 import S3Store
-from core.storage.store import open_store
+from trainflow.core.config import StoreConfig
+from trainflow.core.errors import StoreError
+from trainflow.core.storage.s3 import S3Store
+from trainflow.core.storage.store import open_store
 
 log = logging.getLogger(__name__)
 

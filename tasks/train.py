@@ -6,13 +6,13 @@ import json
 
 from prefect import task
 
-from core.config import LoaderConfig, ModelConfig, OptimConfig, TrainConfig
-from core.records import PrepareDataResult, TrainResult
-from core.storage.run_meta import log_dataset_input
-from core.train import train
-from tasks.artifacts import TrainingProgress
-from tasks.cache import stage_cache, stage_store
-from tasks.context import StageContext, log_result, stage_run
+from trainflow.core.config import LoaderConfig, ModelConfig, OptimConfig, TrainConfig
+from trainflow.core.records import PrepareDataResult, TrainResult
+from trainflow.core.storage.run_meta import log_dataset_input
+from trainflow.core.train import train
+from trainflow.tasks.artifacts import TrainingProgress
+from trainflow.tasks.cache import stage_cache, stage_store
+from trainflow.tasks.context import StageContext, log_result, stage_run
 
 RUN_FILE = "mlflow_run.json"  # the child run id, so a resumed training logs into the same run
 

@@ -11,8 +11,8 @@ import pytest
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from core.config import Config, config_from_dict
-from core.storage.store import LocalStore
+from trainflow.core.config import Config, config_from_dict
+from trainflow.core.storage.store import LocalStore
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -6,6 +6,7 @@ the field or file, no traceback, and, when caught before the pipeline starts, no
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -18,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.config import load_config
+from trainflow.core.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 DIGITS = REPO / "configs" / "digits.yaml"
@@ -31,7 +32,7 @@ def trainflow(cwd: Path, *args: str, timeout_s: float = 120) -> subprocess.Compl
     env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args],
+        [sys.executable, "-m", "trainflow", *args],
         cwd=cwd,
         env=env,
         capture_output=True,
@@ -347,17 +348,30 @@ def test_user_error_inside_the_pipeline_is_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()  # no summary for a failed run
 
 
+SYS_MODULES_AT_EXIT = """
+import atexit, json, os, sys
+atexit.register(lambda: json.dump(sorted(sys.modules), open(os.environ["SYS_MODULES_FILE"], "w")))
+"""
+
+
 def test_a_run_on_prefects_temporary_server_ends_cleanly_and_a_rerun_is_cached(tmp_path: Path) -> None:
-    """The path `make demo` takes: no PREFECT_API_URL, so the CLI boots Prefect's temporary server while it
-    imports the pipeline, and leaves without the interpreter's teardown (flows/cli.py `_entry`)."""
+    """The path `make demo` takes: the installed `trainflow` command from a folder outside the checkout, no
+    PREFECT_API_URL, so the CLI boots Prefect's temporary server while it imports the pipeline, and leaves
+    without the interpreter's teardown (flows/cli.py `_entry`). Every module it loaded is `trainflow.*`: none
+    under the checkout's folder names (`core`, `tasks`, ...), which a missed `import core` would load."""
     (tmp_path / "config.yaml").write_text(WINE + "optim: {lr: 0.01}\ntrain: {max_epochs: 2}\n")
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(SYS_MODULES_AT_EXIT)
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
-    env |= {"PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    command = [sys.executable, "-m", "flows.cli", "run", "config.yaml"]
+    env |= {"PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PYTHONPATH": str(tmp_path / "hook"), "SYS_MODULES_FILE": str(tmp_path / "modules.json")}  # fmt: skip
+    command = [str(Path(sys.executable).with_name("trainflow")), "run", "config.yaml"]
     for attempt in ("first", "again"):
         done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
         assert done.returncode == 0, done.stderr[-3000:]
+        modules = json.loads((tmp_path / "modules.json").read_text())
+        assert {"trainflow.core.train", "trainflow.tasks.train", "trainflow.flows.pipeline"} <= set(modules)
+        assert [m for m in modules if m.split(".")[0] in ("core", "tasks", "flows", "deployments")] == []
         assert "Error logging to API" not in done.stderr, "logs were sent after the server stopped"
         summary = (tmp_path / "out" / "summary.json").read_text()
         stages = re.findall(r"^(\w+) +[\d.]+  (yes|no)$", done.stdout, re.MULTILINE)

@@ -19,7 +19,8 @@ PIPELINE = ["prepare_data", "lr_range_test", "hpo_search", "train", "evaluate", 
 
 
 def imported_modules(path: Path) -> set[str]:
-    """Every module `path` imports, at any depth (function-level imports included)."""
+    """Every module `path` imports, at any depth (function-level imports included), named as in the checkout
+    (`trainflow.core.x` -> `core.x`)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ImportFrom) and node.module:
@@ -27,7 +28,7 @@ def imported_modules(path: Path) -> set[str]:
             found |= {f"{node.module}.{alias.name}" for alias in node.names}
         elif isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
-    return found
+    return {name.removeprefix("trainflow.") for name in found}
 
 
 def test_the_stages_are_the_pipeline() -> None:

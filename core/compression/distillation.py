@@ -23,13 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.config import CNNConfig, FactoryModelConfig, GPTConfig, MLPConfig, ModelConfig
-from core.errors import ConfigError
-from core.models import build_model
-from core.training.metrics import loss_fn
+from trainflow.core.config import CNNConfig, FactoryModelConfig, GPTConfig, MLPConfig, ModelConfig
+from trainflow.core.errors import ConfigError
+from trainflow.core.models import build_model
+from trainflow.core.training.metrics import loss_fn
 
 if TYPE_CHECKING:
-    from core.data.spec import DataSpec
+    from trainflow.core.data.spec import DataSpec
 
 
 class DistillationLoss:

@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from core.data.prepared import ArraySplits
-from core.data.spec import Task
-from core.training.metrics import classification_metrics, perplexity
+from trainflow.core.data.prepared import ArraySplits
+from trainflow.core.data.spec import Task
+from trainflow.core.training.metrics import classification_metrics, perplexity
 
 Predict = Callable[[np.ndarray], np.ndarray]
 

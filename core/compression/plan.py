@@ -10,10 +10,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.config import CompressConfig, ModelConfig, TrainConfig
-from core.config.model import CNNConfig, FactoryModelConfig, GPTConfig, MLPConfig
-from core.data.spec import DataSpec
-from core.errors import ConfigError
+from trainflow.core.config import CompressConfig, ModelConfig, TrainConfig
+from trainflow.core.config.model import CNNConfig, FactoryModelConfig, GPTConfig, MLPConfig
+from trainflow.core.data.spec import DataSpec
+from trainflow.core.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class FormatPlan:
 
 def plan_formats(cfg: CompressConfig, model_cfg: ModelConfig, train_cfg: TrainConfig) -> FormatPlan:
     """Resolve the `auto` settings for this model and device."""
-    from core.training.precision import resolve_device
+    from trainflow.core.training.precision import resolve_device
 
     q = cfg.quantization
     onnx_int8 = q.onnx_int8 if q.onnx_int8 != "auto" else ("static" if isinstance(model_cfg, CNNConfig) else "dynamic")
@@ -67,7 +67,7 @@ def check_student(cfg: CompressConfig, model_cfg: ModelConfig, spec: DataSpec) -
     d = cfg.distillation
     if not d.enabled or (d.student is None and isinstance(model_cfg, FactoryModelConfig)):
         return
-    from core.compression.distillation import count_parameters, student_config
+    from trainflow.core.compression.distillation import count_parameters, student_config
 
     student = d.student or student_config(model_cfg, d.width)
     n_student, n_teacher = count_parameters(student, spec), count_parameters(model_cfg, spec)
@@ -82,8 +82,8 @@ def check_exports(model_cfg: ModelConfig, spec: DataSpec) -> None:
     """Static quantization needs an ONNX export: try it on a freshly built model, before any training."""
     import torch
 
-    from core.compression.onnx_export import ExportError, export_onnx
-    from core.models import build_model
+    from trainflow.core.compression.onnx_export import ExportError, export_onnx
+    from trainflow.core.models import build_model
 
     model = build_model(model_cfg, spec).eval()
     dtype = torch.int64 if spec.task == "language_modeling" else torch.float32

@@ -19,7 +19,7 @@ import torch_pruning as tp
 from torch import nn
 from torch.nn.utils import prune
 
-from core.models.gpt import FeedForward
+from trainflow.core.models.gpt import FeedForward
 
 _PRUNABLE = (nn.Linear, nn.Conv2d)
 # Module attributes that describe tensor shapes; `load_pruned` sets them so a module's repr and any

@@ -32,7 +32,7 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from torch import nn
 
-from core.compression.onnx_export import INPUT_NAME
+from trainflow.core.compression.onnx_export import INPUT_NAME
 
 QUANTIZED_ONNX_OPS = (
     "QLinearConv",

@@ -11,7 +11,7 @@ import csv
 import io
 from collections.abc import Sequence
 
-from core.records import CompressedVariant
+from trainflow.core.records import CompressedVariant
 
 BASELINE = "fp32"
 ORT_BASELINE = "fp32+onnx"

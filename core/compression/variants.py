@@ -13,10 +13,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from core.compression.measure import Candidate, Predict
-from core.compression.onnx_export import ExportInfo, OrtPredictor, export_onnx
-from core.compression.pruning import sparsity_report
-from core.compression.quantization import (
+from trainflow.core.compression.measure import Candidate, Predict
+from trainflow.core.compression.onnx_export import ExportInfo, OrtPredictor, export_onnx
+from trainflow.core.compression.pruning import sparsity_report
+from trainflow.core.compression.quantization import (
     onnx_int8_report,
     quantize_onnx_dynamic,
     quantize_onnx_static,

@@ -3,7 +3,7 @@
 Everything a caller needs is importable from here: `from core.config import Config, TrainConfig, load_config`.
 """
 
-from core.config.compress import (
+from trainflow.core.config.compress import (
     CompressConfig,
     DistillationConfig,
     MeasureConfig,
@@ -11,7 +11,7 @@ from core.config.compress import (
     StructuredPruningConfig,
     UnstructuredPruningConfig,
 )
-from core.config.data import (
+from trainflow.core.config.data import (
     DataConfig,
     LoaderConfig,
     SklearnDataConfig,
@@ -19,10 +19,10 @@ from core.config.data import (
     TableDataConfig,
     TextDataConfig,
 )
-from core.config.distributed import DistributedConfig
-from core.config.model import CNNConfig, FactoryModelConfig, GPTConfig, MLPConfig, ModelConfig
-from core.config.schema import Config, config_from_dict, load_config
-from core.config.sections import (
+from trainflow.core.config.distributed import DistributedConfig
+from trainflow.core.config.model import CNNConfig, FactoryModelConfig, GPTConfig, MLPConfig, ModelConfig
+from trainflow.core.config.schema import Config, config_from_dict, load_config
+from trainflow.core.config.sections import (
     CheckpointConfig,
     EarlyStoppingConfig,
     EvaluateConfig,
@@ -32,8 +32,8 @@ from core.config.sections import (
     TrackingConfig,
     TrainConfig,
 )
-from core.config.timeouts import TimeoutsConfig
-from core.config.tune import (
+from trainflow.core.config.timeouts import TimeoutsConfig
+from trainflow.core.config.tune import (
     CategoricalParam,
     FloatParam,
     HPOConfig,

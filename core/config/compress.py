@@ -11,8 +11,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from core.config.base import Section
-from core.config.model import ModelConfig
+from trainflow.core.config.base import Section
+from trainflow.core.config.model import ModelConfig
 
 # The variants a run can produce: a model ("base") in a runtime/format. `fp32` is the trained model.
 BASES = ("fp32", "pruned", "pruned_structured", "distilled")

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
-from core.config.base import Section
+from trainflow.core.config.base import Section
 
 
 class LoaderConfig(Section):
@@ -51,7 +51,7 @@ class _DataCommon(Section):
 def _check_s3_path(value: str | None) -> str | None:
     """An s3:// data path must name an object (valid bucket and key); local paths pass unchanged."""
     if value is not None and value.startswith("s3://"):
-        from core.storage.s3_data import data_uri_problem
+        from trainflow.core.storage.s3_data import data_uri_problem
 
         problem = data_uri_problem(value)
         if problem:

@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from core.config.base import Section
+from trainflow.core.config.base import Section
 
 
 class DistributedConfig(Section):

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
-from core.config.base import Section
+from trainflow.core.config.base import Section
 
 
 class MLPConfig(Section):

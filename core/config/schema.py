@@ -16,16 +16,16 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError
 
-from core.config import sections
-from core.config.base import Section
-from core.config.compress import CompressConfig
-from core.config.data import DataConfig
-from core.config.messages import format_validation_error
-from core.config.model import CNNConfig, ModelConfig
-from core.config.overrides import parse_override, set_path
-from core.config.timeouts import TimeoutsConfig
-from core.config.tune import TuneConfig, search_space_problems
-from core.errors import ConfigError
+from trainflow.core.config import sections
+from trainflow.core.config.base import Section
+from trainflow.core.config.compress import CompressConfig
+from trainflow.core.config.data import DataConfig
+from trainflow.core.config.messages import format_validation_error
+from trainflow.core.config.model import CNNConfig, ModelConfig
+from trainflow.core.config.overrides import parse_override, set_path
+from trainflow.core.config.timeouts import TimeoutsConfig
+from trainflow.core.config.tune import TuneConfig, search_space_problems
+from trainflow.core.errors import ConfigError
 
 
 # -------------------------------------------------------------------------------------- config
@@ -151,7 +151,7 @@ def _tuning_problems(config: Config) -> list[str]:
 def _publish_problems(config: Config) -> list[str]:
     """publish.champion_metric names a test metric of the task the data is prepared for (checked here, not
     after training)."""
-    from core.data.spec import check_test_metric, planned_task  # core.data.spec imports this package
+    from trainflow.core.data.spec import check_test_metric, planned_task  # core.data.spec imports this package
 
     if config.publish.champion_metric is None:
         return []

@@ -9,9 +9,9 @@ from urllib.parse import urlparse
 
 from pydantic import Field, field_validator, model_validator
 
-from core.config.base import Section
-from core.config.distributed import DistributedConfig
-from core.storage.s3_names import split_s3_uri
+from trainflow.core.config.base import Section
+from trainflow.core.config.distributed import DistributedConfig
+from trainflow.core.storage.s3_names import split_s3_uri
 
 
 # --------------------------------------------------------------------------------------- optim

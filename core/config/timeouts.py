@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from core.config.base import Section
+from trainflow.core.config.base import Section
 
 _LIMIT = {"default": None, "gt": 0}
 

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
-from core.config.base import Section
+from trainflow.core.config.base import Section
 
 
 class LRRangeTestConfig(Section):

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from core.config import LoaderConfig
-from core.data.prepared import ArraySplits
+from trainflow.core.config import LoaderConfig
+from trainflow.core.data.prepared import ArraySplits
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 

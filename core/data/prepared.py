@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.data.spec import DataSpec
+from trainflow.core.data.spec import DataSpec
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,9 @@ from sklearn.model_selection import train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
-from core.data.prepared import SPLITS, ArraySplits
-from core.data.sources import RawTable, RawText
-from core.errors import DataError
+from trainflow.core.data.prepared import SPLITS, ArraySplits
+from trainflow.core.data.sources import RawTable, RawText
+from trainflow.core.errors import DataError
 
 MAX_CATEGORIES = 64  # a non-numeric column with more distinct values is free text or an id, not a category
 N_EXAMPLES = 5  # raw test rows kept with the preprocessor: the served model's input example

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core.config import SklearnDataConfig, StoreConfig, SyntheticDataConfig, TableDataConfig, TextDataConfig
-from core.data.spec import IMAGE_SHAPES
-from core.errors import DataError
-from core.storage.s3_data import fetch_dataset, is_s3
+from trainflow.core.config import SklearnDataConfig, StoreConfig, SyntheticDataConfig, TableDataConfig, TextDataConfig
+from trainflow.core.data.spec import IMAGE_SHAPES
+from trainflow.core.errors import DataError
+from trainflow.core.storage.s3_data import fetch_dataset, is_s3
 
 
 @dataclass(frozen=True)

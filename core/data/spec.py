@@ -9,8 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from core.config import DataConfig, SklearnDataConfig, TextDataConfig
-from core.errors import ConfigError
+from trainflow.core.config import DataConfig, SklearnDataConfig, TextDataConfig
+from trainflow.core.errors import ConfigError
 
 Task = Literal["classification", "language_modeling"]
 IMAGE_SHAPES = {"digits": (1, 8, 8)}  # bundled image sets, as (C, H, W)

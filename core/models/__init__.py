@@ -11,9 +11,9 @@ import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from core.config import CNNConfig, FactoryModelConfig, GPTConfig, MLPConfig, ModelConfig
-from core.data.spec import DataSpec, Task
-from core.errors import ConfigError
+from trainflow.core.config import CNNConfig, FactoryModelConfig, GPTConfig, MLPConfig, ModelConfig
+from trainflow.core.data.spec import DataSpec, Task
+from trainflow.core.errors import ConfigError
 
 if TYPE_CHECKING:  # torch loads when a model is built, not when the preflight checks a config
     from torch import nn
@@ -54,15 +54,15 @@ def build_model(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
     if isinstance(cfg, FactoryModelConfig):
         return _from_factory(cfg, spec)
     if isinstance(cfg, MLPConfig):
-        from core.models.mlp import MLP
+        from trainflow.core.models.mlp import MLP
 
         return MLP(cfg, in_features=math.prod(spec.input_shape), n_classes=spec.n_classes)
     if isinstance(cfg, CNNConfig):
-        from core.models.cnn import ResNetCNN
+        from trainflow.core.models.cnn import ResNetCNN
 
         return ResNetCNN(cfg, in_channels=spec.input_shape[0], n_classes=spec.n_classes)
     if isinstance(cfg, GPTConfig):
-        from core.models.gpt import GPT
+        from trainflow.core.models.gpt import GPT
 
         return GPT(cfg, vocab_size=spec.n_classes, block_size=spec.input_shape[0])
     raise TypeError(f"unknown model config {type(cfg).__name__}")

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.config import CNNConfig
+from trainflow.core.config import CNNConfig
 
 
 class BasicBlock(nn.Module):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from core.config import GPTConfig
+from trainflow.core.config import GPTConfig
 
 
 def _norm(cfg: GPTConfig) -> nn.Module:

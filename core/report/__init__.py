@@ -13,12 +13,12 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from core.config import Config
-from core.report.blocks import Report, Sources
-from core.report.render import image_file, render_html, render_markdown
-from core.report.results import compress_section, evaluate_section, publish_section, train_section
-from core.report.sections import config_section, data_section, hpo_section, lr_range_test_section, overview
-from core.storage.store import open_store, resolved, write_atomic
+from trainflow.core.config import Config
+from trainflow.core.report.blocks import Report, Sources
+from trainflow.core.report.render import image_file, render_html, render_markdown
+from trainflow.core.report.results import compress_section, evaluate_section, publish_section, train_section
+from trainflow.core.report.sections import config_section, data_section, hpo_section, lr_range_test_section, overview
+from trainflow.core.storage.store import open_store, resolved, write_atomic
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

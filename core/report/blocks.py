@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING, Any
 
 from mlflow.exceptions import MlflowException
 
-from core.errors import TrainflowError
+from trainflow.core.errors import TrainflowError
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-    from core.storage.store import ArtifactStore
+    from trainflow.core.storage.store import ArtifactStore
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import base64
 import html
 import re
 
-from core.report.blocks import Block, Code, Image, Report, Table, Text
+from trainflow.core.report.blocks import Block, Code, Image, Report, Table, Text
 
 BOLD = re.compile(r"\*\*(.+?)\*\*")
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"

@@ -6,11 +6,11 @@ from __future__ import annotations
 from pathlib import PurePosixPath
 from typing import Any
 
-from core.compression.report import COLUMNS, table_rows
-from core.records import CompressResult, EvaluateResult, PublishResult, TrainResult
-from core.report.blocks import Image, Section, Sources, Table, Text, facts, fmt
-from core.report.plots import training_curves_png
-from core.report.sections import stage_section
+from trainflow.core.compression.report import COLUMNS, table_rows
+from trainflow.core.records import CompressResult, EvaluateResult, PublishResult, TrainResult
+from trainflow.core.report.blocks import Image, Section, Sources, Table, Text, facts, fmt
+from trainflow.core.report.plots import training_curves_png
+from trainflow.core.report.sections import stage_section
 
 
 def train_section(summary: dict[str, Any], sources: Sources) -> Section:

@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import yaml
 from pydantic import BaseModel
 
-from core.config import Config, config_from_dict
-from core.errors import ConfigError
-from core.records import HPOSearchResult, LRRangeTestResult, PrepareDataResult
-from core.report.blocks import Code, Image, Section, Sources, Table, Text, facts, fmt
-from core.report.plots import importances_png
-from core.storage.uris import without_password
+from trainflow.core.config import Config, config_from_dict
+from trainflow.core.errors import ConfigError
+from trainflow.core.records import HPOSearchResult, LRRangeTestResult, PrepareDataResult
+from trainflow.core.report.blocks import Code, Image, Section, Sources, Table, Text, facts, fmt
+from trainflow.core.report.plots import importances_png
+from trainflow.core.storage.uris import without_password
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -159,7 +159,7 @@ def _trial_rows(r: HPOSearchResult, storage: str, section: Section, sources: Sou
     import optuna
     from sqlalchemy.exc import SQLAlchemyError
 
-    from core.tuning.study import rdb_storage
+    from trainflow.core.tuning.study import rdb_storage
 
     try:
         if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_file():

@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from core.data.prepared import load_splits
-from core.records import PrepareDataResult
-from core.storage.store import ArtifactStore
-from core.storage.tracking import fluent_tracking_uri
+from trainflow.core.data.prepared import load_splits
+from trainflow.core.records import PrepareDataResult
+from trainflow.core.storage.store import ArtifactStore
+from trainflow.core.storage.tracking import fluent_tracking_uri
 
 if TYPE_CHECKING:
     import pandas as pd

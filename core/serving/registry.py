@@ -17,13 +17,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from core.data.spec import Task, check_test_metric
+from trainflow.core.data.spec import Task, check_test_metric
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-    from core.config import PublishConfig
-    from core.records import CompressResult, EvaluateResult
+    from trainflow.core.config import PublishConfig
+    from trainflow.core.records import CompressResult, EvaluateResult
 
 log = logging.getLogger(__name__)
 

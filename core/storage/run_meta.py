@@ -10,8 +10,8 @@ from functools import lru_cache
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from core.data.sources import normalized_dataset_uri
-from core.records import PrepareDataResult
+from trainflow.core.data.sources import normalized_dataset_uri
+from trainflow.core.records import PrepareDataResult
 
 # MLflow's own digests are 8 hex digits and it stores 36 at most; 16 is the store folder `data/<digest>/`.
 DIGEST_LENGTH = 16

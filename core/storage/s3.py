@@ -20,13 +20,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from core.errors import StoreError
-from core.storage.s3_errors import describe, is_retryable, is_unreachable
-from core.storage.s3_names import key_problem, split_s3_uri
-from core.storage.store import folder_problem, sha256_file, write_atomic
+from trainflow.core.errors import StoreError
+from trainflow.core.storage.s3_errors import describe, is_retryable, is_unreachable
+from trainflow.core.storage.s3_names import key_problem, split_s3_uri
+from trainflow.core.storage.store import folder_problem, sha256_file, write_atomic
 
 if TYPE_CHECKING:
-    from core.config.sections import StoreConfig
+    from trainflow.core.config.sections import StoreConfig
 
 log = logging.getLogger(__name__)
 

@@ -18,12 +18,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from core.config.sections import StoreConfig
-from core.errors import DataError, StoreError
-from core.storage.s3 import BACKOFF_S, FILE_ATTEMPTS, S3Store
-from core.storage.s3_errors import describe, is_retryable
-from core.storage.s3_names import key_problem, split_s3_uri
-from core.storage.store import sha256_file, write_atomic
+from trainflow.core.config.sections import StoreConfig
+from trainflow.core.errors import DataError, StoreError
+from trainflow.core.storage.s3 import BACKOFF_S, FILE_ATTEMPTS, S3Store
+from trainflow.core.storage.s3_errors import describe, is_retryable
+from trainflow.core.storage.s3_names import key_problem, split_s3_uri
+from trainflow.core.storage.store import sha256_file, write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import unquote, urlparse
 
-from core.errors import StoreError
+from trainflow.core.errors import StoreError
 
 if TYPE_CHECKING:
-    from core.config.sections import StoreConfig
+    from trainflow.core.config.sections import StoreConfig
 
 
 class ArtifactStore(Protocol):
@@ -95,8 +95,8 @@ def open_store(target: str | os.PathLike[str] | StoreConfig) -> ArtifactStore:
     else:
         uri, settings = target.uri, target
     if uri.startswith("s3://"):
-        from core.config.sections import StoreConfig
-        from core.storage.s3 import S3Store
+        from trainflow.core.config.sections import StoreConfig
+        from trainflow.core.storage.s3 import S3Store
 
         return S3Store(settings or StoreConfig(uri=uri))
     if "://" in uri and not uri.startswith("file://"):

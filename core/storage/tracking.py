@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from core.errors import TrackingError
-from core.storage.store import folder_problem
+from trainflow.core.errors import TrackingError
+from trainflow.core.storage.store import folder_problem
 
 if TYPE_CHECKING:
-    from core.config import Config
+    from trainflow.core.config import Config
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from core.errors import TrainingError
-from core.storage.store import ArtifactStore
+from trainflow.core.errors import TrainingError
+from trainflow.core.storage.store import ArtifactStore
 
 log = logging.getLogger(__name__)
 

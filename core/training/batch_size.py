@@ -22,14 +22,14 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from core.config import ModelConfig, OptimConfig, TrainConfig
-from core.data.loaders import Batch
-from core.errors import TrainingError
-from core.storage.store import ArtifactStore
-from core.training.metrics import loss_fn
-from core.training.optim import build_optimizer
-from core.training.precision import autocast_context
-from core.training.seed import isolate_rng
+from trainflow.core.config import ModelConfig, OptimConfig, TrainConfig
+from trainflow.core.data.loaders import Batch
+from trainflow.core.errors import TrainingError
+from trainflow.core.storage.store import ArtifactStore
+from trainflow.core.training.metrics import loss_fn
+from trainflow.core.training.optim import build_optimizer
+from trainflow.core.training.precision import autocast_context
+from trainflow.core.training.seed import isolate_rng
 
 log = logging.getLogger(__name__)
 RECORDS = "batch_size"  # store folder of the search records

@@ -12,22 +12,22 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from core.config import LoaderConfig, ModelConfig, OptimConfig, TrainConfig
-from core.data.loaders import Batch, Loaders, build_loaders, rebatched
-from core.data.prepared import load_splits
-from core.data.spec import check_metric
-from core.models import build_model
-from core.records import PrepareDataResult
-from core.storage.store import ArtifactStore
-from core.training.callbacks import Callback
-from core.training.distributed import SINGLE, Rank
-from core.training.flops import model_flops_per_token
-from core.training.optim import build_optimizer, build_scheduler
-from core.training.parallel import enable_fast_matmul, uses_channels_last, wrap_model
-from core.training.precision import resolve_device
-from core.training.seed import seed_everything
-from core.training.steps import step_budget
-from core.training.trainer import LossFn, Trainer
+from trainflow.core.config import LoaderConfig, ModelConfig, OptimConfig, TrainConfig
+from trainflow.core.data.loaders import Batch, Loaders, build_loaders, rebatched
+from trainflow.core.data.prepared import load_splits
+from trainflow.core.data.spec import check_metric
+from trainflow.core.models import build_model
+from trainflow.core.records import PrepareDataResult
+from trainflow.core.storage.store import ArtifactStore
+from trainflow.core.training.callbacks import Callback
+from trainflow.core.training.distributed import SINGLE, Rank
+from trainflow.core.training.flops import model_flops_per_token
+from trainflow.core.training.optim import build_optimizer, build_scheduler
+from trainflow.core.training.parallel import enable_fast_matmul, uses_channels_last, wrap_model
+from trainflow.core.training.precision import resolve_device
+from trainflow.core.training.seed import seed_everything
+from trainflow.core.training.steps import step_budget
+from trainflow.core.training.trainer import LossFn, Trainer
 
 
 def build_trainer(
@@ -115,8 +115,8 @@ def auto_batch_size(
 ) -> int:  # fmt: skip
     """`train.batch_size: auto` resolved: the recorded search result, else a search over `train` (the whole
     training split) on the main rank's device; the other ranks receive it."""
-    from core.training.batch_size import fingerprint, search_batch_size
-    from core.training.distributed import broadcast_object
+    from trainflow.core.training.batch_size import fingerprint, search_batch_size
+    from trainflow.core.training.distributed import broadcast_object
 
     device = resolve_device(train_cfg.device) if device is None else device
     found = None

@@ -11,12 +11,12 @@ import math
 import sys
 from typing import TYPE_CHECKING, Any, Protocol
 
-from core.config import EarlyStoppingConfig
-from core.errors import ConfigError
-from core.training.state import FitResult, StopReason
+from trainflow.core.config import EarlyStoppingConfig
+from trainflow.core.errors import ConfigError
+from trainflow.core.training.state import FitResult, StopReason
 
 if TYPE_CHECKING:
-    from core.training.trainer import Trainer
+    from trainflow.core.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
 

@@ -25,16 +25,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from core.config import CheckpointConfig, EarlyStoppingConfig
-from core.errors import TrainingError
-from core.storage.store import ArtifactStore, sha256_file
-from core.storage.uploads import BackgroundUploads, ListingStore
-from core.training.callbacks import Callback, is_improvement, monitored_value
-from core.training.sharded import SHARDS_SUFFIX
-from core.training.state import FitResult
+from trainflow.core.config import CheckpointConfig, EarlyStoppingConfig
+from trainflow.core.errors import TrainingError
+from trainflow.core.storage.store import ArtifactStore, sha256_file
+from trainflow.core.storage.uploads import BackgroundUploads, ListingStore
+from trainflow.core.training.callbacks import Callback, is_improvement, monitored_value
+from trainflow.core.training.sharded import SHARDS_SUFFIX
+from trainflow.core.training.state import FitResult
 
 if TYPE_CHECKING:
-    from core.training.trainer import Trainer
+    from trainflow.core.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
 

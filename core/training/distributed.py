@@ -30,10 +30,10 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from core.config import TrainConfig
-from core.config.distributed import DistributedConfig
-from core.errors import ConfigError, DataError, StoreError, TrainflowError, TrainingError
-from core.training.metrics import EvalPass
+from trainflow.core.config import TrainConfig
+from trainflow.core.config.distributed import DistributedConfig
+from trainflow.core.errors import ConfigError, DataError, StoreError, TrainflowError, TrainingError
+from trainflow.core.training.metrics import EvalPass
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -81,7 +81,7 @@ def check_distributed(train: TrainConfig, store_uri: str | None = None) -> None:
             "train.distributed.strategy: fsdp writes sharded checkpoints from every rank into one folder; "
             "use a local or shared-filesystem store.uri, not s3:// (or strategy: ddp)"
         )
-    from core.training.precision import resolve_device
+    from trainflow.core.training.precision import resolve_device
 
     device = resolve_device(train.device)
     backend_for(cfg, device.type)
@@ -172,7 +172,7 @@ class _QuietUserErrors(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()
-        return not any(f"core.errors.{name}:" in text or f"{name}: " in text for name in _OUR_ERRORS)
+        return not any(f"trainflow.core.errors.{name}:" in text or f"{name}: " in text for name in _OUR_ERRORS)
 
 
 _OUR_ERRORS: dict[str, type[TrainflowError]] = {

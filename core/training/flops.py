@@ -87,7 +87,7 @@ def gpt_flops_per_token(n_params: int, n_layer: int, n_embd: int, seq_len: int, 
 def model_flops_per_token(model: nn.Module, seq_len: int) -> float | None:
     """`gpt_flops_per_token` for our GPT (`core.models.gpt.GPT`, also inside torch.compile or DDP) at
     `seq_len`; None for any other model: MFU is reported for the GPT only."""
-    from core.models.gpt import GPT
+    from trainflow.core.models.gpt import GPT
 
     inner = _unwrap(model)
     if not isinstance(inner, GPT):

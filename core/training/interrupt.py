@@ -24,12 +24,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from core.training.callbacks import Callback
-from core.training.state import FitResult
+from trainflow.core.training.callbacks import Callback
+from trainflow.core.training.state import FitResult
 
 if TYPE_CHECKING:
-    from core.training.checkpoint import ModelCheckpoint
-    from core.training.trainer import Trainer
+    from trainflow.core.training.checkpoint import ModelCheckpoint
+    from trainflow.core.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
 

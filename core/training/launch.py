@@ -16,11 +16,11 @@ from typing import Any
 
 import torch.distributed as dist
 
-from core.config import TrainConfig
-from core.errors import ConfigError
-from core.storage.store import ArtifactStore
-from core.training.checkpoint import latest_checkpoint, load_checkpoint
-from core.training.distributed import (
+from trainflow.core.config import TrainConfig
+from trainflow.core.errors import ConfigError
+from trainflow.core.storage.store import ArtifactStore
+from trainflow.core.training.checkpoint import latest_checkpoint, load_checkpoint
+from trainflow.core.training.distributed import (
     Rank,
     all_agree,
     broadcast_object,
@@ -29,10 +29,17 @@ from core.training.distributed import (
     launch,
     note_rank_failure,
 )
-from core.training.precision import resolve_device
-from core.training.run import FitJob, FolderFit, checkpoint_to_resume, fit_rank, restore_checkpoint, resume_checkpoint
-from core.training.state import FitResult
-from core.training.trainer import Trainer
+from trainflow.core.training.precision import resolve_device
+from trainflow.core.training.run import (
+    FitJob,
+    FolderFit,
+    checkpoint_to_resume,
+    fit_rank,
+    restore_checkpoint,
+    resume_checkpoint,
+)
+from trainflow.core.training.state import FitResult
+from trainflow.core.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +72,7 @@ def launch_fit(job: FitJob) -> FolderFit:
     summary: FitSummary = next(r for r in results.values() if r is not None)
     model = job.model
     if model is None:
-        from core.models import build_model
+        from trainflow.core.models import build_model
 
         model = build_model(job.model_cfg, job.data.spec)
     model.load_state_dict(load_checkpoint(summary.weights_path)["model"])
@@ -146,6 +153,6 @@ def share_resumed_state(trainer: Trainer, rank: Rank, resumed_from: int | None) 
 
 
 def trainer_folder(trainer: Trainer) -> Path:
-    from core.training.checkpoint import ModelCheckpoint
+    from trainflow.core.training.checkpoint import ModelCheckpoint
 
     return next(cb.folder for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint))

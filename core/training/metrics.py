@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from core.data.loaders import Batch
-from core.data.spec import EVAL_METRICS, Task
+from trainflow.core.data.loaders import Batch
+from trainflow.core.data.spec import EVAL_METRICS, Task
 
 
 def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -8,9 +8,9 @@ import math
 import torch
 from torch import nn
 
-from core.config import OptimConfig
-from core.errors import ConfigError
-from core.training.large_batch import LAMB, LARS
+from trainflow.core.config import OptimConfig
+from trainflow.core.errors import ConfigError
+from trainflow.core.training.large_batch import LAMB, LARS
 
 
 def import_optimizer_dependencies() -> None:

@@ -8,8 +8,8 @@ import logging
 import torch
 from torch import nn
 
-from core.config import TrainConfig
-from core.training.distributed import Rank
+from trainflow.core.config import TrainConfig
+from trainflow.core.training.distributed import Rank
 
 log = logging.getLogger(__name__)
 

@@ -10,13 +10,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from core.data.loaders import Batch, rebatched
-from core.errors import TrainingError
-from core.training.state import StepOutput
-from core.training.steps import split_factor
+from trainflow.core.data.loaders import Batch, rebatched
+from trainflow.core.errors import TrainingError
+from trainflow.core.training.state import StepOutput
+from trainflow.core.training.steps import split_factor
 
 if TYPE_CHECKING:
-    from core.training.trainer import Trainer
+    from trainflow.core.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
 

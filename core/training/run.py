@@ -22,14 +22,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from core.config import LoaderConfig, ModelConfig, OptimConfig, TrainConfig
-from core.errors import TrainingError
-from core.records import PrepareDataResult
-from core.storage.store import ArtifactStore, LocalStore
-from core.storage.uploads import BackgroundUploads, ListingStore
-from core.training.builder import build_trainer
-from core.training.callbacks import Callback, EarlyStopping, MetricLogger, ProgressBar, TrackingCallback
-from core.training.checkpoint import (
+from trainflow.core.config import LoaderConfig, ModelConfig, OptimConfig, TrainConfig
+from trainflow.core.errors import TrainingError
+from trainflow.core.records import PrepareDataResult
+from trainflow.core.storage.store import ArtifactStore, LocalStore
+from trainflow.core.storage.uploads import BackgroundUploads, ListingStore
+from trainflow.core.training.builder import build_trainer
+from trainflow.core.training.callbacks import Callback, EarlyStopping, MetricLogger, ProgressBar, TrackingCallback
+from trainflow.core.training.checkpoint import (
     BEST,
     FINAL,
     INDEX,
@@ -40,10 +40,10 @@ from core.training.checkpoint import (
     periodic_checkpoints,
     remove_checkpoint,
 )
-from core.training.distributed import SINGLE, Rank
-from core.training.interrupt import CheckpointOnSignal
-from core.training.state import FitResult
-from core.training.trainer import LossFn, Trainer
+from trainflow.core.training.distributed import SINGLE, Rank
+from trainflow.core.training.interrupt import CheckpointOnSignal
+from trainflow.core.training.state import FitResult
+from trainflow.core.training.trainer import LossFn, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def fit_in_folder(
                  callbacks, model, loss, extra_config)  # fmt: skip
     with one_fit_at_a_time(store.workdir(store_key)):
         if train_cfg.distributed.enabled:
-            from core.training.launch import launch_fit
+            from trainflow.core.training.launch import launch_fit
 
             return launch_fit(job)
         return fit_rank(job)
@@ -168,7 +168,7 @@ def fit_rank(job: FitJob, rank: Rank = SINGLE, device: torch.device | None = Non
                             stack, model=job.model, loss=job.loss, rank=rank, device=device)  # fmt: skip
     main_store = job.store if remote and rank.is_main else None
     if rank.distributed:
-        from core.training.launch import resume_ranks
+        from trainflow.core.training.launch import resume_ranks
 
         resumed_from = resume_ranks(trainer, rank, folder, train_cfg.resume, config, main_store, job.store_key)
     else:

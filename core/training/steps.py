@@ -11,8 +11,8 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from core.config import TrainConfig
-from core.data.loaders import Batch
+from trainflow.core.config import TrainConfig
+from trainflow.core.data.loaders import Batch
 
 
 def step_budget(n_micro_batches: int, cfg: TrainConfig) -> tuple[int, int]:

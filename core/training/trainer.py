@@ -31,19 +31,19 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from core.config import TrainConfig
-from core.data.loaders import Batch, Loaders, rebatched
-from core.training.callbacks import Callback
-from core.training.distributed import SINGLE, Rank, broadcast_object, reduced_eval
-from core.training.flops import mfu_factor
-from core.training.metrics import eval_pass, loss_fn, pass_metrics
-from core.training.precision import autocast_context, grad_scaler
-from core.training.recovery import count_nonfinite, first_compiled_step, split_micro_batch
-from core.training.seed import rng_state, set_rng_state
-from core.training.sharded import full_state_dict, is_sharded, load_shards, save_shards
-from core.training.state import FitResult, StepOutput, StopReason, TrainState
-from core.training.steps import step_budget, step_windows
-from core.training.window import LogWindow
+from trainflow.core.config import TrainConfig
+from trainflow.core.data.loaders import Batch, Loaders, rebatched
+from trainflow.core.training.callbacks import Callback
+from trainflow.core.training.distributed import SINGLE, Rank, broadcast_object, reduced_eval
+from trainflow.core.training.flops import mfu_factor
+from trainflow.core.training.metrics import eval_pass, loss_fn, pass_metrics
+from trainflow.core.training.precision import autocast_context, grad_scaler
+from trainflow.core.training.recovery import count_nonfinite, first_compiled_step, split_micro_batch
+from trainflow.core.training.seed import rng_state, set_rng_state
+from trainflow.core.training.sharded import full_state_dict, is_sharded, load_shards, save_shards
+from trainflow.core.training.state import FitResult, StepOutput, StopReason, TrainState
+from trainflow.core.training.steps import step_budget, step_windows
+from trainflow.core.training.window import LogWindow
 
 log = logging.getLogger(__name__)
 

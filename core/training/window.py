@@ -7,10 +7,10 @@ import time
 
 import torch
 
-from core.data.loaders import Batch
-from core.training.distributed import Rank, all_reduce_sum
-from core.training.state import StepOutput
-from core.training.steps import DataWait, peak_memory_mb
+from trainflow.core.data.loaders import Batch
+from trainflow.core.training.distributed import Rank, all_reduce_sum
+from trainflow.core.training.state import StepOutput
+from trainflow.core.training.steps import DataWait, peak_memory_mb
 
 
 class LogWindow:

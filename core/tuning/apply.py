@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from core.config import Config, FloatParam, TrainConfig, config_from_dict
-from core.errors import TrainingError
-from core.records import HPOSearchResult, LRRangeTestResult
+from trainflow.core.config import Config, FloatParam, TrainConfig, config_from_dict
+from trainflow.core.errors import TrainingError
+from trainflow.core.records import HPOSearchResult, LRRangeTestResult
 
 
 def lr_range_test_plan(config: Config) -> tuple[bool, str]:

@@ -23,16 +23,16 @@ from typing import Any
 
 import optuna
 
-from core.config import CategoricalParam, Config, FloatParam, HPOConfig, ParamSpec, config_from_dict
-from core.data.prepared import load_splits
-from core.records import PrepareDataResult
-from core.storage.store import ArtifactStore
-from core.storage.tracking import MlflowMetricLogger, ParentRun, Tracker
-from core.training.builder import build_trainer
-from core.training.callbacks import Callback, TrackingCallback, is_improvement, monitored_value
-from core.training.optim import import_optimizer_dependencies
-from core.training.state import StopReason
-from core.tuning.study import from_optuna, make_pruner, make_sampler, optuna_choices, rdb_storage
+from trainflow.core.config import CategoricalParam, Config, FloatParam, HPOConfig, ParamSpec, config_from_dict
+from trainflow.core.data.prepared import load_splits
+from trainflow.core.records import PrepareDataResult
+from trainflow.core.storage.store import ArtifactStore
+from trainflow.core.storage.tracking import MlflowMetricLogger, ParentRun, Tracker
+from trainflow.core.training.builder import build_trainer
+from trainflow.core.training.callbacks import Callback, TrackingCallback, is_improvement, monitored_value
+from trainflow.core.training.optim import import_optimizer_dependencies
+from trainflow.core.training.state import StopReason
+from trainflow.core.tuning.study import from_optuna, make_pruner, make_sampler, optuna_choices, rdb_storage
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from core.data.loaders import Batch
-from core.training.seed import isolate_rng
-from core.training.steps import step_windows
-from core.training.trainer import Trainer
+from trainflow.core.data.loaders import Batch
+from trainflow.core.training.seed import isolate_rng
+from trainflow.core.training.steps import step_windows
+from trainflow.core.training.trainer import Trainer
 
 RULES = ("valley", "steepest", "min_div_10")
 

@@ -9,7 +9,7 @@ from typing import Any
 import optuna
 from sqlalchemy import event
 
-from core.config import CategoricalParam, HPOConfig, ParamSpec
+from trainflow.core.config import CategoricalParam, HPOConfig, ParamSpec
 
 
 def make_sampler(

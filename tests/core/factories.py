@@ -9,7 +9,7 @@ import time
 import torch
 from torch import nn
 
-from core.data.spec import DataSpec
+from trainflow.core.data.spec import DataSpec
 
 
 class TinyNet(nn.Module):

@@ -15,14 +15,14 @@ import pytest
 import torch
 from mlflow.entities import Run
 
-from core.config import Config, config_from_dict
-from core.hpo_search import hpo_search
-from core.prepare_data import prepare_data
-from core.records import HPOSearchResult, LRRangeTestResult
-from core.storage.store import LocalStore
-from core.storage.tracking import ParentRun, Tracker
-from core.tuning.apply import tuning_view
 from tests.conftest import tiny_raw
+from trainflow.core.config import Config, config_from_dict
+from trainflow.core.hpo_search import hpo_search
+from trainflow.core.prepare_data import prepare_data
+from trainflow.core.records import HPOSearchResult, LRRangeTestResult
+from trainflow.core.storage.store import LocalStore
+from trainflow.core.storage.tracking import ParentRun, Tracker
+from trainflow.core.tuning.apply import tuning_view
 
 __all__ = ["FLOAT", "KEY", "assert_runs_match_trials", "lr_range_record", "one_torch_thread", "parent_run", "search",
            "search_config", "study_of", "tracker", "tracking", "trial_runs"]  # fmt: skip

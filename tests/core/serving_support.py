@@ -13,16 +13,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from core.compression.quantization import save_torch_program
-from core.config import config_from_dict
-from core.data.prepared import load_splits
-from core.models import build_model
-from core.prepare_data import prepare_data
-from core.records import PrepareDataResult
-from core.serving.mlflow_model import ServingModelInfo, log_serving_model
-from core.storage.store import LocalStore
-from core.storage.tracking import Tracker, fluent_tracking_uri
 from tests.conftest import tiny_raw
+from trainflow.core.compression.quantization import save_torch_program
+from trainflow.core.config import config_from_dict
+from trainflow.core.data.prepared import load_splits
+from trainflow.core.models import build_model
+from trainflow.core.prepare_data import prepare_data
+from trainflow.core.records import PrepareDataResult
+from trainflow.core.serving.mlflow_model import ServingModelInfo, log_serving_model
+from trainflow.core.storage.store import LocalStore
+from trainflow.core.storage.tracking import Tracker, fluent_tracking_uri
 
 SEQ_LEN = 16
 PROMPTS = ["The ", "x", "def function(argument):\n    return"]  # short, one byte, longer than seq_len

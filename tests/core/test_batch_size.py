@@ -10,14 +10,14 @@ from typing import Any
 import pytest
 import torch
 
-from core.config import config_from_dict
-from core.errors import TrainingError
-from core.prepare_data import prepare_data
-from core.storage.store import LocalStore
-from core.train import train
-from core.training.batch_size import RECORDS, largest_fitting
-from core.training.checkpoint import FINAL, load_checkpoint
 from tests.conftest import tiny_raw
+from trainflow.core.config import config_from_dict
+from trainflow.core.errors import TrainingError
+from trainflow.core.prepare_data import prepare_data
+from trainflow.core.storage.store import LocalStore
+from trainflow.core.train import train
+from trainflow.core.training.batch_size import RECORDS, largest_fitting
+from trainflow.core.training.checkpoint import FINAL, load_checkpoint
 
 
 @pytest.mark.parametrize(("threshold", "limit"), [(1, 100), (2, 100), (37, 100), (64, 100), (100, 100), (500, 124)])

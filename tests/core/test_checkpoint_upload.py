@@ -12,18 +12,18 @@ from typing import Any
 
 import pytest
 
-from core.config import StoreConfig, config_from_dict
-from core.errors import TrainingError
-from core.prepare_data import prepare_data
-from core.storage.s3 import S3Store
-from core.storage.store import ArtifactStore, LocalStore, open_store
-from core.storage.uploads import BackgroundUploads
-from core.train import train
-from core.training.callbacks import Callback
-from core.training.checkpoint import ModelCheckpoint, periodic_checkpoints
-from core.training.trainer import Trainer
 from tests.conftest import tiny_raw
 from tests.s3_server import new_bucket, s3_client, s3_endpoint  # noqa: F401
+from trainflow.core.config import StoreConfig, config_from_dict
+from trainflow.core.errors import TrainingError
+from trainflow.core.prepare_data import prepare_data
+from trainflow.core.storage.s3 import S3Store
+from trainflow.core.storage.store import ArtifactStore, LocalStore, open_store
+from trainflow.core.storage.uploads import BackgroundUploads
+from trainflow.core.train import train
+from trainflow.core.training.callbacks import Callback
+from trainflow.core.training.checkpoint import ModelCheckpoint, periodic_checkpoints
+from trainflow.core.training.trainer import Trainer
 
 PREFIX = "runs"
 

@@ -9,19 +9,19 @@ from typing import Any
 import numpy as np
 import pytest
 
-from core.compress import TrainingSetup, compress
-from core.compression.measure import held_out, task_metrics
-from core.compression.onnx_export import OrtPredictor
-from core.compression.quantization import load_torch_model
-from core.config import Config, config_from_dict
-from core.data.prepared import load_splits
-from core.errors import ConfigError
-from core.preflight import preflight
-from core.prepare_data import prepare_data
-from core.records import CompressResult
-from core.storage.store import LocalStore
-from core.train import train
 from tests.conftest import tiny_raw
+from trainflow.core.compress import TrainingSetup, compress
+from trainflow.core.compression.measure import held_out, task_metrics
+from trainflow.core.compression.onnx_export import OrtPredictor
+from trainflow.core.compression.quantization import load_torch_model
+from trainflow.core.config import Config, config_from_dict
+from trainflow.core.data.prepared import load_splits
+from trainflow.core.errors import ConfigError
+from trainflow.core.preflight import preflight
+from trainflow.core.prepare_data import prepare_data
+from trainflow.core.records import CompressResult
+from trainflow.core.storage.store import LocalStore
+from trainflow.core.train import train
 
 LIGHT = {"measure": {"latency_calls": 20, "warmup": 2, "rounds": 2, "serving_batch": 32, "throughput_calls": 2},
          "structured_pruning": {"finetune_epochs": 2}, "distillation": {"max_epochs": 4}}  # fmt: skip
@@ -96,7 +96,7 @@ def test_each_saved_variant_loads_and_gives_the_metrics_in_the_table(compressed)
 
 
 def test_a_variant_that_fails_is_reported_and_the_others_go_on(store: LocalStore, monkeypatch) -> None:
-    import core.compression.variants as variants
+    import trainflow.core.compression.variants as variants
 
     real = variants.quantize_onnx_dynamic
 

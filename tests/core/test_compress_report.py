@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from core.compression.measure import Candidate, HeldOut, measure_speed, task_metrics
-from core.compression.report import csv_table, markdown_table, pareto_png, recommend, table_rows, text_table
-from core.records import CompressedVariant
+from trainflow.core.compression.measure import Candidate, HeldOut, measure_speed, task_metrics
+from trainflow.core.compression.report import csv_table, markdown_table, pareto_png, recommend, table_rows, text_table
+from trainflow.core.records import CompressedVariant
 
 
 def _variant(name: str, accuracy: float, p50: float, size: int, status: str = "ok") -> CompressedVariant:

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from core.config import config_from_dict, load_config
-from core.config.overrides import parse_override
-from core.errors import ConfigError
+from trainflow.core.config import config_from_dict, load_config
+from trainflow.core.config.overrides import parse_override
+from trainflow.core.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 DATA = {"data": {"source": "sklearn", "name": "wine"}}  # every config must name its data

@@ -11,10 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.errors import DataError
-from core.prepare_data import prepare_data
-from core.storage.store import LocalStore
 from tests.core.test_prepare_data import data_config
+from trainflow.core.errors import DataError
+from trainflow.core.prepare_data import prepare_data
+from trainflow.core.storage.store import LocalStore
 
 
 def _csv(text: str, name: str = "data.csv") -> Callable[[Path], Path]:

@@ -12,23 +12,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.compression.distillation import DistillationLoss, count_parameters, student_config
-from core.config import CNNConfig, Config, FactoryModelConfig, GPTConfig, LoaderConfig, MLPConfig, config_from_dict
-from core.data.spec import DataSpec
-from core.errors import ConfigError
-from core.models import build_model
-from core.prepare_data import prepare_data
-from core.records import PrepareDataResult
-from core.storage.store import LocalStore
-from core.training.builder import build_trainer, prepared_loaders
-from core.training.callbacks import Callback
-from core.training.checkpoint import load_checkpoint, periodic_checkpoints
-from core.training.metrics import eval_pass, loss_fn, pass_metrics
-from core.training.run import FolderFit, fit_in_folder
-from core.training.seed import seed_everything
-from core.training.state import StopReason
 from tests.conftest import tiny_raw
 from tests.core.test_trainer import _CrashAt
+from trainflow.core.compression.distillation import DistillationLoss, count_parameters, student_config
+from trainflow.core.config import (
+    CNNConfig,
+    Config,
+    FactoryModelConfig,
+    GPTConfig,
+    LoaderConfig,
+    MLPConfig,
+    config_from_dict,
+)
+from trainflow.core.data.spec import DataSpec
+from trainflow.core.errors import ConfigError
+from trainflow.core.models import build_model
+from trainflow.core.prepare_data import prepare_data
+from trainflow.core.records import PrepareDataResult
+from trainflow.core.storage.store import LocalStore
+from trainflow.core.training.builder import build_trainer, prepared_loaders
+from trainflow.core.training.callbacks import Callback
+from trainflow.core.training.checkpoint import load_checkpoint, periodic_checkpoints
+from trainflow.core.training.metrics import eval_pass, loss_fn, pass_metrics
+from trainflow.core.training.run import FolderFit, fit_in_folder
+from trainflow.core.training.seed import seed_everything
+from trainflow.core.training.state import StopReason
 
 TABULAR = DataSpec(task="classification", input_shape=(13,), n_classes=3)
 IMAGES = DataSpec(task="classification", input_shape=(1, 8, 8), n_classes=10)

@@ -15,14 +15,14 @@ from typing import Any
 import pytest
 import torch
 
-from core.config import config_from_dict
-from core.errors import ConfigError, TrainingError
-from core.prepare_data import prepare_data
-from core.storage.store import LocalStore
-from core.training.callbacks import Callback
-from core.training.checkpoint import FINAL, load_checkpoint, periodic_checkpoints
-from core.training.run import fit_in_folder
 from tests.conftest import tiny_raw
+from trainflow.core.config import config_from_dict
+from trainflow.core.errors import ConfigError, TrainingError
+from trainflow.core.prepare_data import prepare_data
+from trainflow.core.storage.store import LocalStore
+from trainflow.core.training.callbacks import Callback
+from trainflow.core.training.checkpoint import FINAL, load_checkpoint, periodic_checkpoints
+from trainflow.core.training.run import fit_in_folder
 
 TOL = {"atol": 2e-6, "rtol": 1e-5}  # fp32: the sums run in another order across ranks
 
@@ -151,7 +151,7 @@ def test_two_machines_of_one_process_train_as_one_machine_of_two(store: LocalSto
     config_file = tmp_path / "two-nodes.yaml"
     config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     other = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "train", str(config_file), "--node-rank", "1"],
+        [sys.executable, "-m", "trainflow", "train", str(config_file), "--node-rank", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
@@ -188,7 +188,7 @@ def test_a_launch_that_cannot_run_here_is_a_one_line_config_error(
 def test_more_processes_than_gpus_is_a_config_error(store: LocalStore) -> None:
     cfg = _cfg(torch.cuda.device_count() + 1, 8, device="cuda")
     with pytest.raises(ConfigError, match=r"train.distributed.nproc_per_node: \d+ processes but this machine has"):
-        from core.training.distributed import check_distributed
+        from trainflow.core.training.distributed import check_distributed
 
         check_distributed(cfg.train)
 
@@ -220,7 +220,7 @@ def test_fsdp_checkpoints_are_sharded_and_resume_after_a_kill(store: LocalStore)
 
 
 def test_fsdp_with_an_s3_store_is_a_one_line_config_error() -> None:
-    from core.training.distributed import check_distributed
+    from trainflow.core.training.distributed import check_distributed
 
     cfg = _cfg(2, 8, distributed={"strategy": "fsdp"})
     with pytest.raises(ConfigError, match=r"^train.distributed.strategy: fsdp writes sharded checkpoints .* not s3://"):
@@ -228,9 +228,9 @@ def test_fsdp_with_an_s3_store_is_a_one_line_config_error() -> None:
 
 
 def test_a_distillation_student_trains_on_two_ranks_as_on_one_process(store: LocalStore) -> None:
-    from core.compression.distillation import DistillationLoss, student_config
-    from core.models import build_model
-    from core.training.seed import seed_everything
+    from trainflow.core.compression.distillation import DistillationLoss, student_config
+    from trainflow.core.models import build_model
+    from trainflow.core.training.seed import seed_everything
 
     cfg = _cfg(1, 16)
     data = prepare_data(cfg.data, cfg.seed, store)
@@ -258,7 +258,7 @@ def test_a_machine_that_finds_no_peers_fails_with_one_line_and_exit_2(tmp_path: 
     config_file = tmp_path / "alone.yaml"
     config_file.write_text(yaml.safe_dump(_cfg(1, 8, distributed=nodes).model_dump(mode="json")))
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "flows.cli", "train", str(config_file), "--node-rank", "1"],
+    done = subprocess.run([sys.executable, "-m", "trainflow", "train", str(config_file), "--node-rank", "1"],
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 2
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
@@ -274,7 +274,7 @@ def test_a_machine_that_finds_no_peers_fails_with_one_line_and_exit_2(tmp_path: 
 def test_the_rank_that_failed_first_is_reported_not_the_peer_that_lost_it() -> None:
     from types import SimpleNamespace
 
-    from core.training.distributed import root_failure
+    from trainflow.core.training.distributed import root_failure
 
     failures = {
         0: SimpleNamespace(
@@ -291,7 +291,7 @@ def test_the_rank_that_failed_first_is_reported_not_the_peer_that_lost_it() -> N
 def test_a_failing_rank_notes_its_error_before_its_peers_lose_it(tmp_path, monkeypatch) -> None:
     """The launcher may see only the peer that lost the connection (the failing rank still exiting): the failing
     rank's own note, written before its process group closed, names it. A rank being stopped notes nothing."""
-    from core.training.distributed import FAILURES_ENV, first_noted_failure, note_rank_failure
+    from trainflow.core.training.distributed import FAILURES_ENV, first_noted_failure, note_rank_failure
 
     monkeypatch.setenv(FAILURES_ENV, str(tmp_path))
     assert first_noted_failure(tmp_path) is None

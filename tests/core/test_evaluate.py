@@ -16,13 +16,13 @@ import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 from torch import nn
 
-from core.config import config_from_dict
-from core.data.loaders import TokenWindows
-from core.evaluate import _latencies_ms, _serialized_size, _throughput, evaluate
-from core.training.checkpoint import load_checkpoint
-from core.training.metrics import classification_metrics
 from tests.conftest import tiny_raw
 from tests.core.trained_support import Trained, train_and_evaluate
+from trainflow.core.config import config_from_dict
+from trainflow.core.data.loaders import TokenWindows
+from trainflow.core.evaluate import _latencies_ms, _serialized_size, _throughput, evaluate
+from trainflow.core.training.checkpoint import load_checkpoint
+from trainflow.core.training.metrics import classification_metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CPU = torch.device("cpu")

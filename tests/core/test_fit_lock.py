@@ -9,14 +9,14 @@ from typing import Any
 
 import torch
 
-from core.config import config_from_dict
-from core.prepare_data import prepare_data
-from core.train import train
-from core.training.callbacks import Callback
-from core.training.checkpoint import load_checkpoint
-from core.training.state import FitResult
-from core.training.trainer import Trainer
 from tests.conftest import tiny_raw
+from trainflow.core.config import config_from_dict
+from trainflow.core.prepare_data import prepare_data
+from trainflow.core.train import train
+from trainflow.core.training.callbacks import Callback
+from trainflow.core.training.checkpoint import load_checkpoint
+from trainflow.core.training.state import FitResult
+from trainflow.core.training.trainer import Trainer
 
 
 class _Span(Callback):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core.config import GPTConfig, MLPConfig
-from core.data.spec import DataSpec
-from core.models import build_model
-from core.training.flops import (
+from trainflow.core.config import GPTConfig, MLPConfig
+from trainflow.core.data.spec import DataSpec
+from trainflow.core.models import build_model
+from trainflow.core.training.flops import (
     PEAK_BF16_TFLOPS,
     PEAK_TFLOPS_ENV,
     gpt_flops_per_token,

@@ -14,12 +14,6 @@ from typing import Any
 import optuna
 import pytest
 
-from core.config import CategoricalParam, FloatParam
-from core.errors import ConfigError, TrainingError
-from core.hpo_search import resolve_space
-from core.storage.store import LocalStore
-from core.storage.tracking import ParentRun, Tracker
-from core.tuning.apply import apply_tuning
 from tests.core.hpo_support import *  # noqa: F403  fixtures: one_torch_thread, tracker, tracking
 from tests.core.hpo_support import (
     FLOAT,
@@ -32,6 +26,12 @@ from tests.core.hpo_support import (
     study_of,
     trial_runs,
 )
+from trainflow.core.config import CategoricalParam, FloatParam
+from trainflow.core.errors import ConfigError, TrainingError
+from trainflow.core.hpo_search import resolve_space
+from trainflow.core.storage.store import LocalStore
+from trainflow.core.storage.tracking import ParentRun, Tracker
+from trainflow.core.tuning.apply import apply_tuning
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -14,14 +14,14 @@ import optuna
 import pytest
 import torch
 
-import core.hpo_search as hpo_search_module
-from core.storage.store import LocalStore
-from core.storage.tracking import ParentRun, Tracker
-from core.storage.uris import without_password
-from core.tuning.hpo_worker import WorkerSpec, has_worked, new_claim, run_worker, stop_if_idle, take_up_work
-from core.tuning.study import rdb_storage
+import trainflow.core.hpo_search as hpo_search_module
 from tests.core.hpo_support import *  # noqa: F403  fixtures: one_torch_thread, tracker, tracking
 from tests.core.hpo_support import FLOAT, assert_runs_match_trials, search, search_config, study_of, trial_runs
+from trainflow.core.storage.store import LocalStore
+from trainflow.core.storage.tracking import ParentRun, Tracker
+from trainflow.core.storage.uris import without_password
+from trainflow.core.tuning.hpo_worker import WorkerSpec, has_worked, new_claim, run_worker, stop_if_idle, take_up_work
+from trainflow.core.tuning.study import rdb_storage
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -11,13 +11,13 @@ from typing import Any
 import pytest
 import torch
 
-from core.config import config_from_dict
-from core.prepare_data import prepare_data
-from core.train import train
-from core.training.callbacks import Callback
-from core.training.checkpoint import load_checkpoint, periodic_checkpoints
-from core.training.trainer import Trainer
 from tests.conftest import tiny_raw
+from trainflow.core.config import config_from_dict
+from trainflow.core.prepare_data import prepare_data
+from trainflow.core.train import train
+from trainflow.core.training.callbacks import Callback
+from trainflow.core.training.checkpoint import load_checkpoint, periodic_checkpoints
+from trainflow.core.training.trainer import Trainer
 
 
 class _Signal(Callback):

@@ -12,10 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from core.config import OptimConfig, config_from_dict
-from core.errors import ConfigError
-from core.training.large_batch import LAMB, LARS
-from core.training.optim import build_optimizer
+from trainflow.core.config import OptimConfig, config_from_dict
+from trainflow.core.errors import ConfigError
+from trainflow.core.training.large_batch import LAMB, LARS
+from trainflow.core.training.optim import build_optimizer
 
 Matrix = list[list[float]]
 Make = Callable[[torch.Tensor, torch.Tensor], torch.optim.Optimizer]

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from core.config import LoaderConfig
-from core.data.loaders import EpochSampler, TokenWindows, build_loaders
-from core.data.prepared import ArraySplits
-from core.storage.store import LocalStore
 from tests.core.test_prepare_data import prepare
+from trainflow.core.config import LoaderConfig
+from trainflow.core.data.loaders import EpochSampler, TokenWindows, build_loaders
+from trainflow.core.data.prepared import ArraySplits
+from trainflow.core.storage.store import LocalStore
 
 
 @pytest.fixture

@@ -18,18 +18,18 @@ import pytest
 import torch
 from torch import nn
 
-from core.config import Config, LRRangeTestConfig, config_from_dict
-from core.data.spec import DataSpec
-from core.lr_range_test import lr_range_test
-from core.prepare_data import prepare_data
-from core.records import LRRangeTestResult, PrepareDataResult
-from core.training.builder import build_trainer
-from core.training.metrics import eval_pass
-from core.training.seed import rng_state, set_rng_state
-from core.training.steps import step_windows
-from core.training.trainer import Trainer
-from core.tuning.lr_finder import RULES, LRCurve, lr_sweep, suggest_lr
 from tests.conftest import tiny_raw
+from trainflow.core.config import Config, LRRangeTestConfig, config_from_dict
+from trainflow.core.data.spec import DataSpec
+from trainflow.core.lr_range_test import lr_range_test
+from trainflow.core.prepare_data import prepare_data
+from trainflow.core.records import LRRangeTestResult, PrepareDataResult
+from trainflow.core.training.builder import build_trainer
+from trainflow.core.training.metrics import eval_pass
+from trainflow.core.training.seed import rng_state, set_rng_state
+from trainflow.core.training.steps import step_windows
+from trainflow.core.training.trainer import Trainer
+from trainflow.core.tuning.lr_finder import RULES, LRCurve, lr_sweep, suggest_lr
 
 SHORT = {"num_steps": 30, "skip_start": 5, "skip_end": 3}  # a 30-step sweep over the default 1e-6 .. 1
 SYNTHETIC = {"source": "synthetic", "n_samples": 400, "n_features": 20, "n_classes": 3}

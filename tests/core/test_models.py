@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.config import CNNConfig, GPTConfig, MLPConfig, ModelConfig, config_from_dict
-from core.data.spec import DataSpec
-from core.errors import ConfigError
-from core.models import build_model
 from tests.conftest import tiny_raw
+from trainflow.core.config import CNNConfig, GPTConfig, MLPConfig, ModelConfig, config_from_dict
+from trainflow.core.data.spec import DataSpec
+from trainflow.core.errors import ConfigError
+from trainflow.core.models import build_model
 
 TABULAR = DataSpec(task="classification", input_shape=(13,), n_classes=3, class_names=["a", "b", "c"])
 IMAGES = DataSpec(task="classification", input_shape=(1, 8, 8), n_classes=10)
@@ -200,8 +200,8 @@ def test_model_that_does_not_fit_the_data_raises_config_error(cfg: Any, spec: Da
 @pytest.mark.parametrize("task", ["classification", "language_modeling"])
 def test_the_evaluation_reports_exactly_the_metrics_a_config_may_monitor(task: str) -> None:
     """`check_metric` (run by the preflight, before torch loads) and `pass_metrics` (run by the loop) agree."""
-    from core.data.spec import metric_names
-    from core.training.metrics import EvalPass, pass_metrics
+    from trainflow.core.data.spec import metric_names
+    from trainflow.core.training.metrics import EvalPass, pass_metrics
 
     reported = pass_metrics(EvalPass(loss=0.5, n_targets=10, correct=7), task, "val")  # type: ignore[arg-type]
     assert list(reported) == metric_names(task)  # type: ignore[arg-type]

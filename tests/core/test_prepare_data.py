@@ -14,13 +14,13 @@ from sklearn.impute import SimpleImputer
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
-from core.config import DataConfig, config_from_dict
-from core.data.prepared import SPLITS, ArraySplits, load_splits
-from core.data.preprocess import categories_as_strings
-from core.prepare_data import prepare_data
-from core.records import PrepareDataResult
-from core.storage.store import LocalStore
 from tests.conftest import tiny_raw
+from trainflow.core.config import DataConfig, config_from_dict
+from trainflow.core.data.prepared import SPLITS, ArraySplits, load_splits
+from trainflow.core.data.preprocess import categories_as_strings
+from trainflow.core.prepare_data import prepare_data
+from trainflow.core.records import PrepareDataResult
+from trainflow.core.storage.store import LocalStore
 
 SKLEARN = {
     "digits": datasets.load_digits,

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from core.compression.pruning import (
+from trainflow.core.compression.pruning import (
     StructuredPruner,
     load_pruned,
     prune_structured,
@@ -20,9 +20,9 @@ from core.compression.pruning import (
     save_pruned,
     sparsity_report,
 )
-from core.config import CNNConfig, GPTConfig, MLPConfig
-from core.data.spec import DataSpec
-from core.models import build_model
+from trainflow.core.config import CNNConfig, GPTConfig, MLPConfig
+from trainflow.core.data.spec import DataSpec
+from trainflow.core.models import build_model
 
 TABULAR = DataSpec(task="classification", input_shape=(13,), n_classes=3)
 IMAGES = DataSpec(task="classification", input_shape=(1, 8, 8), n_classes=10)

@@ -20,19 +20,19 @@ import pytest
 import torch
 import yaml
 
-from core.config import Config, config_from_dict
-from core.data.prepared import load_splits
-from core.evaluate import evaluate
-from core.models import build_model
-from core.prepare_data import prepare_data
-from core.publish import MANIFEST_FORMAT, publish, verify_manifest
-from core.records import EvaluateResult, PrepareDataResult, PublishResult, TrainResult
-from core.storage.store import LocalStore
-from core.storage.tracking import Tracker, fluent_tracking_uri
-from core.storage.version import code_version
-from core.train import train
-from core.training.checkpoint import load_checkpoint
 from tests.conftest import tiny_raw
+from trainflow.core.config import Config, config_from_dict
+from trainflow.core.data.prepared import load_splits
+from trainflow.core.evaluate import evaluate
+from trainflow.core.models import build_model
+from trainflow.core.prepare_data import prepare_data
+from trainflow.core.publish import MANIFEST_FORMAT, publish, verify_manifest
+from trainflow.core.records import EvaluateResult, PrepareDataResult, PublishResult, TrainResult
+from trainflow.core.storage.store import LocalStore
+from trainflow.core.storage.tracking import Tracker, fluent_tracking_uri
+from trainflow.core.storage.version import code_version
+from trainflow.core.train import train
+from trainflow.core.training.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 FILES = ["model.pt", "config.yaml", "evaluation.json", "preprocessor.pkl"]  # a table ships its preprocessing
@@ -167,7 +167,7 @@ def _trainflow_verify(manifest: Path) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     return subprocess.run(
-        [sys.executable, "-m", "flows.cli", "verify", str(manifest)],
+        [sys.executable, "-m", "trainflow", "verify", str(manifest)],
         cwd=manifest.parent,
         env=env,
         capture_output=True,
@@ -244,7 +244,7 @@ def test_verify_on_a_file_that_is_no_manifest_is_one_line_and_exit_2(
     manifest = tmp_path / "manifest.json"
     manifest.write_text(content)
     done = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "verify", str(manifest)],
+        [sys.executable, "-m", "trainflow", "verify", str(manifest)],
         env=os.environ | {"PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.returncode == 2, done.stderr

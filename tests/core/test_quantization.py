@@ -15,8 +15,8 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
-from core.compression.onnx_export import ExportError, OrtPredictor, export_onnx
-from core.compression.quantization import (
+from trainflow.core.compression.onnx_export import ExportError, OrtPredictor, export_onnx
+from trainflow.core.compression.quantization import (
     load_torch_model,
     onnx_int8_report,
     quantize_onnx_dynamic,
@@ -26,9 +26,9 @@ from core.compression.quantization import (
     to_half,
     torch_int8_layers,
 )
-from core.config import CNNConfig, GPTConfig, MLPConfig
-from core.data.spec import DataSpec
-from core.models import build_model
+from trainflow.core.config import CNNConfig, GPTConfig, MLPConfig
+from trainflow.core.data.spec import DataSpec
+from trainflow.core.models import build_model
 
 TABULAR = DataSpec(task="classification", input_shape=(13,), n_classes=3)
 IMAGES = DataSpec(task="classification", input_shape=(1, 8, 8), n_classes=10)

@@ -14,21 +14,21 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from core.config import PublishConfig, config_from_dict
-from core.data.spec import TEST_METRICS
-from core.errors import ConfigError
-from core.publish import publish
-from core.records import (
+from tests.conftest import tiny_raw
+from tests.core.trained_support import Trained, train_and_evaluate
+from trainflow.core.config import PublishConfig, config_from_dict
+from trainflow.core.data.spec import TEST_METRICS
+from trainflow.core.errors import ConfigError
+from trainflow.core.publish import publish
+from trainflow.core.records import (
     CompressedVariant,
     CompressResult,
     EvaluateResult,
     PrepareDataResult,
     PublishResult,
 )
-from core.serving.registry import champion_metric, judge, record, served_metrics
-from core.storage.tracking import Tracker, fluent_tracking_uri
-from tests.conftest import tiny_raw
-from tests.core.trained_support import Trained, train_and_evaluate
+from trainflow.core.serving.registry import champion_metric, judge, record, served_metrics
+from trainflow.core.storage.tracking import Tracker, fluent_tracking_uri
 
 NAME = "tiny-wine"
 
@@ -201,7 +201,7 @@ def test_a_bad_registry_setting_is_one_config_line(publish: dict[str, str], mess
 
 
 def test_the_metric_table_matches_what_the_evaluate_stage_reports(trained: Trained) -> None:
-    from core.compression.measure import HeldOut, task_metrics
+    from trainflow.core.compression.measure import HeldOut, task_metrics
 
     assert sorted(TEST_METRICS["classification"]) == sorted(trained.evaluated.metrics)
     text = HeldOut(x=np.zeros((2, 4), np.int64), y=np.zeros((2, 4), np.int64), task="language_modeling")

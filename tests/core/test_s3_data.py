@@ -9,14 +9,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from core.config import StoreConfig, TableDataConfig, TextDataConfig, config_from_dict
-from core.errors import DataError
-from core.preflight import preflight
-from core.prepare_data import prepare_data
-from core.storage import s3_data
-from core.storage.store import LocalStore
 from tests.conftest import tiny_raw
 from tests.s3_server import new_bucket, s3_client, s3_endpoint  # noqa: F401
+from trainflow.core.config import StoreConfig, TableDataConfig, TextDataConfig, config_from_dict
+from trainflow.core.errors import DataError
+from trainflow.core.preflight import preflight
+from trainflow.core.prepare_data import prepare_data
+from trainflow.core.storage import s3_data
+from trainflow.core.storage.store import LocalStore
 
 DATA_BUCKET = "trainflow-datasets"  # not the store's bucket: same endpoint, other bucket
 

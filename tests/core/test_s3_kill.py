@@ -11,10 +11,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from core.config import StoreConfig
-from core.storage.s3 import S3Store
-from core.storage.store import open_store, sha256_file
 from tests.s3_server import new_bucket, s3_client, s3_endpoint  # noqa: F401
+from trainflow.core.config import StoreConfig
+from trainflow.core.storage.s3 import S3Store
+from trainflow.core.storage.store import open_store, sha256_file
 
 REPO = Path(__file__).resolve().parents[2]
 FILES, MiB = 6, 1 << 20
@@ -22,8 +22,8 @@ FILES, MiB = 6, 1 << 20
 UPLOADER = """
 import sys
 from pathlib import Path
-from core.config import StoreConfig
-from core.storage.store import open_store
+from trainflow.core.config import StoreConfig
+from trainflow.core.storage.store import open_store
 
 endpoint, bucket, cache, folder = sys.argv[1:]
 store = open_store(StoreConfig(uri=f"s3://{bucket}/runs", endpoint_url=endpoint, cache_dir=cache,

@@ -17,13 +17,13 @@ from typing import Any
 import pytest
 import yaml
 
-from core.config import StoreConfig, config_from_dict, load_config
-from core.errors import ConfigError, StoreError
-from core.storage import s3 as s3_module
-from core.storage.s3 import S3Store
-from core.storage.store import LocalStore, open_store, resolved
 from tests.conftest import tiny_raw
 from tests.s3_server import FaultProxy, fault_proxy, new_bucket, s3_client, s3_endpoint  # noqa: F401
+from trainflow.core.config import StoreConfig, config_from_dict, load_config
+from trainflow.core.errors import ConfigError, StoreError
+from trainflow.core.storage import s3 as s3_module
+from trainflow.core.storage.s3 import S3Store
+from trainflow.core.storage.store import LocalStore, open_store, resolved
 
 MiB = 1 << 20
 

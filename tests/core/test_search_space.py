@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from core.errors import ConfigError
 from tests.core.hpo_support import FLOAT, search_config
+from trainflow.core.errors import ConfigError
 
 
 @pytest.mark.parametrize(

@@ -13,8 +13,7 @@ import pytest
 import torch
 from mlflow.exceptions import MlflowException
 
-import core.serving
-from core.data.preprocess import categories_as_strings
+import trainflow.core.serving
 from tests.core.serving_support import (
     PROMPTS,
     Case,
@@ -26,6 +25,7 @@ from tests.core.serving_support import (
     people_case,
     text_case,
 )
+from trainflow.core.data.preprocess import categories_as_strings
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +179,7 @@ def test_the_model_folder_carries_only_the_serving_module_and_minimal_requiremen
 
 def test_the_serving_module_imports_nothing_of_trainflow() -> None:
     """Checked statically here; test_serving_venv.py proves it where trainflow is not installed."""
-    source = Path(core.serving.__file__).with_name("trainflow_serving.py").read_text(encoding="utf-8")
+    source = Path(trainflow.core.serving.__file__).with_name("trainflow_serving.py").read_text(encoding="utf-8")
     imported = set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.ImportFrom) and node.module:

@@ -16,7 +16,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.data.preprocess import categories_as_strings
 from tests.core.serving_support import (
     PROMPTS,
     Case,
@@ -28,6 +27,7 @@ from tests.core.serving_support import (
     people_case,
     text_case,
 )
+from trainflow.core.data.preprocess import categories_as_strings
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from core.config import load_config
+from trainflow.core.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 

@@ -15,8 +15,8 @@ from typing import Any, TypeVar
 
 import pytest
 
-from core.errors import TrackingError
-from core.storage.tracking import CONFIG_TAG, PIPELINE_TAG, MlflowMetricLogger, Tracker
+from trainflow.core.errors import TrackingError
+from trainflow.core.storage.tracking import CONFIG_TAG, PIPELINE_TAG, MlflowMetricLogger, Tracker
 
 T = TypeVar("T")
 EXPERIMENT = "tracking-tests"
@@ -205,7 +205,7 @@ def test_a_resumed_stage_run_is_reopened_under_the_new_parent(tracker: Tracker, 
 
 def test_the_code_version_hashes_every_stage_source_file() -> None:
     """The stage cache's key holds the code version: it must cover core/ and tasks/, or an edit would be cached."""
-    from core.storage.version import code_version, source_files
+    from trainflow.core.storage.version import code_version, source_files
 
     root = Path(__file__).resolve().parents[2]
     names = {path.relative_to(root).as_posix() for path in source_files()}

@@ -12,17 +12,17 @@ import pytest
 import torch
 from torch import nn
 
-from core.config import EarlyStoppingConfig, OptimConfig, TrainConfig, config_from_dict
-from core.data.loaders import ArrayDataset, EpochSampler, Loaders
-from core.errors import ConfigError, TrainingError
-from core.prepare_data import prepare_data
-from core.train import train
-from core.training.callbacks import Callback, EarlyStopping, is_improvement
-from core.training.checkpoint import load_checkpoint, periodic_checkpoints
-from core.training.optim import build_optimizer, build_scheduler, lr_factor
-from core.training.state import StopReason
-from core.training.trainer import Trainer
 from tests.conftest import tiny_raw
+from trainflow.core.config import EarlyStoppingConfig, OptimConfig, TrainConfig, config_from_dict
+from trainflow.core.data.loaders import ArrayDataset, EpochSampler, Loaders
+from trainflow.core.errors import ConfigError, TrainingError
+from trainflow.core.prepare_data import prepare_data
+from trainflow.core.train import train
+from trainflow.core.training.callbacks import Callback, EarlyStopping, is_improvement
+from trainflow.core.training.checkpoint import load_checkpoint, periodic_checkpoints
+from trainflow.core.training.optim import build_optimizer, build_scheduler, lr_factor
+from trainflow.core.training.state import StopReason
+from trainflow.core.training.trainer import Trainer
 
 
 def _problem(n: int = 64, features: int = 10, classes: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

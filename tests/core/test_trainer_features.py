@@ -14,17 +14,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.config import TrainConfig, config_from_dict
-from core.data.loaders import ArrayDataset, Batch, EpochSampler, Loaders
-from core.errors import TrainingError
-from core.prepare_data import prepare_data
-from core.storage.store import LocalStore
-from core.training.builder import build_trainer
-from core.training.callbacks import Callback
-from core.training.state import StopReason
-from core.training.trainer import Trainer
 from tests.conftest import tiny_raw
 from tests.core.test_trainer import _mlp, _problem
+from trainflow.core.config import TrainConfig, config_from_dict
+from trainflow.core.data.loaders import ArrayDataset, Batch, EpochSampler, Loaders
+from trainflow.core.errors import TrainingError
+from trainflow.core.prepare_data import prepare_data
+from trainflow.core.storage.store import LocalStore
+from trainflow.core.training.builder import build_trainer
+from trainflow.core.training.callbacks import Callback
+from trainflow.core.training.state import StopReason
+from trainflow.core.training.trainer import Trainer
 
 LR = 0.01
 
@@ -212,7 +212,7 @@ def test_a_model_that_cannot_compile_trains_in_eager_mode_to_the_same_weights(
     compiled = torch.compile(inner, backend=_broken_backend)
     eager = _trainer(eager_model, data, max_epochs=2, compile=False).fit()
     trainer = _trainer(compiled, data, module=inner, max_epochs=2, compile=True)
-    with caplog.at_level(logging.WARNING, logger="core.training.trainer"):
+    with caplog.at_level(logging.WARNING, logger="trainflow.core.training.trainer"):
         result = trainer.fit()
     warnings = [r.getMessage() for r in caplog.records if "train.compile: compiling failed" in r.getMessage()]
     assert len(warnings) == 1, caplog.text
@@ -234,7 +234,7 @@ def test_compile_true_through_build_trainer_compiles_and_trains_on_cpu(
                                                "device": "cpu"}))  # fmt: skip
         data = prepare_data(cfg.data, cfg.seed, store)
         trainer = build_trainer(cfg.model, cfg.optim, cfg.train, cfg.data.loader, cfg.seed, data, store)
-        with caplog.at_level(logging.WARNING, logger="core.training.trainer"):
+        with caplog.at_level(logging.WARNING, logger="trainflow.core.training.trainer"):
             result = trainer.fit()
         assert result.steps == 4
         assert hasattr(trainer.model, "_orig_mod") == compile_, "compiled, and still compiled after training"

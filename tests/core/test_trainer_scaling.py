@@ -16,19 +16,19 @@ import pytest
 import torch
 from torch import nn
 
-from core.config import config_from_dict
-from core.config.distributed import DistributedConfig
-from core.data.loaders import ArrayDataset, Batch
-from core.models import build_model
-from core.prepare_data import prepare_data
-from core.storage.store import LocalStore
-from core.training.builder import build_trainer
-from core.training.checkpoint import FINAL, load_checkpoint, periodic_checkpoints
-from core.training.parallel import uses_channels_last
-from core.training.run import fit_in_folder
 from tests.conftest import tiny_raw
 from tests.core.test_trainer import _mlp, _problem
 from tests.core.test_trainer_features import Recorder, StateAt, _trainer
+from trainflow.core.config import config_from_dict
+from trainflow.core.config.distributed import DistributedConfig
+from trainflow.core.data.loaders import ArrayDataset, Batch
+from trainflow.core.models import build_model
+from trainflow.core.prepare_data import prepare_data
+from trainflow.core.storage.store import LocalStore
+from trainflow.core.training.builder import build_trainer
+from trainflow.core.training.checkpoint import FINAL, load_checkpoint, periodic_checkpoints
+from trainflow.core.training.parallel import uses_channels_last
+from trainflow.core.training.run import fit_in_folder
 
 LR = 0.01
 

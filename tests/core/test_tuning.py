@@ -7,12 +7,12 @@ from typing import Any
 
 import pytest
 
-from core.config import TrainConfig, load_config
-from core.errors import ConfigError, TrainingError
-from core.records import HPOSearchResult, LRRangeTestResult, stage_key
-from core.tuning.apply import apply_tuning, lr_range_test_plan, tuning_view
-from core.tuning.lr_finder import RULES
 from tests.core.test_lr_range_test import _config
+from trainflow.core.config import TrainConfig, load_config
+from trainflow.core.errors import ConfigError, TrainingError
+from trainflow.core.records import HPOSearchResult, LRRangeTestResult, stage_key
+from trainflow.core.tuning.apply import apply_tuning, lr_range_test_plan, tuning_view
+from trainflow.core.tuning.lr_finder import RULES
 
 
 def _lr_range(suggested_lr: float | None, reason: str = "inside the longest descent") -> LRRangeTestResult:

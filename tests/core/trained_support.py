@@ -8,15 +8,15 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from core.config import Config
-from core.data.prepared import load_splits
-from core.evaluate import evaluate
-from core.models import build_model
-from core.prepare_data import prepare_data
-from core.records import EvaluateResult, PrepareDataResult, TrainResult
-from core.storage.store import LocalStore
-from core.train import train
-from core.training.checkpoint import load_checkpoint
+from trainflow.core.config import Config
+from trainflow.core.data.prepared import load_splits
+from trainflow.core.evaluate import evaluate
+from trainflow.core.models import build_model
+from trainflow.core.prepare_data import prepare_data
+from trainflow.core.records import EvaluateResult, PrepareDataResult, TrainResult
+from trainflow.core.storage.store import LocalStore
+from trainflow.core.train import train
+from trainflow.core.training.checkpoint import load_checkpoint
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from deployments.servers import group_members
+from trainflow.deployments.servers import group_members
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = str(Path(sys.executable))

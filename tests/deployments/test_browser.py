@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import yaml
 
-from deployments.servers import UiServers, ui_servers
 from tests.conftest import tiny_raw
 from tests.deployments.browser import (
     click_if_present,
@@ -31,6 +30,7 @@ from tests.deployments.browser import (
     wait_visible,
 )
 from tests.deployments.processes import PYTHON, cli_env
+from trainflow.deployments.servers import UiServers, ui_servers
 
 pytest.importorskip("selenium", reason="selenium is in the dev extra: pip install -e '.[dev]'")
 from selenium.webdriver.common.by import By
@@ -79,7 +79,7 @@ def reported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Reported]:
     with ui_servers(f"sqlite:///{root / 'mlflow.db'}", log_dir=root / "logs", env=env) as servers:
         run_env = cli_env(root, PREFECT_API_URL=servers.prefect_api_url, MLFLOW_TRACKING_URI=servers.mlflow_url)
         done = subprocess.run(
-            [PYTHON, "-m", "flows.cli", "run", f"{CONFIG_NAME}.yaml", "--out", "out"],
+            [PYTHON, "-m", "trainflow", "run", f"{CONFIG_NAME}.yaml", "--out", "out"],
             cwd=root, env=run_env, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
         )  # fmt: skip
         assert done.returncode == 0, done.stderr[-3000:]

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 import yaml
 
-from core.config import load_config
-from core.data.sources import dataset_uri
-from deployments.definitions import DATASET_EVENT, check_cron, dataset_resource_id
 from tests.conftest import REPO
+from trainflow.core.config import load_config
+from trainflow.core.data.sources import dataset_uri
+from trainflow.deployments.definitions import DATASET_EVENT, check_cron, dataset_resource_id
 
 PREFECT_YAML = REPO / "deployments" / "prefect.yaml"
 
@@ -49,7 +49,7 @@ def test_every_deployment_names_a_flow_its_parameters_fit_and_a_valid_config(doc
 
     seen = set()
     for deployment in _deployments(document):
-        flow = load_flow_from_entrypoint(str(REPO / deployment["entrypoint"]))
+        flow = load_flow_from_entrypoint(deployment["entrypoint"])
         seen.add((flow.name, deployment["name"]))
         flow.validate_parameters(deployment["parameters"])  # raises on a missing or unknown parameter
         load_config(REPO / deployment["parameters"]["config_path"], deployment["parameters"]["overrides"])

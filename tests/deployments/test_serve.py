@@ -21,8 +21,8 @@ import pytest
 import torch
 import yaml
 
-from core.training.checkpoint import load_checkpoint, periodic_checkpoints
 from tests.conftest import REPO, tiny_raw
+from trainflow.core.training.checkpoint import load_checkpoint, periodic_checkpoints
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 CRON = "0 3 * * *"
@@ -97,7 +97,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     configs = {"quick": _write_config(root, "quick", QUICK), "slow": _write_config(root, "slow", SLOW)}
     env = os.environ | {"PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_RUNNER_POLL_FREQUENCY": "1",
                         "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONPATH": str(REPO)}  # fmt: skip
-    command = [sys.executable, "-m", "flows.cli", "serve", str(configs["quick"]), str(configs["slow"]),
+    command = [sys.executable, "-m", "trainflow", "serve", str(configs["quick"]), str(configs["slow"]),
                "--cron", CRON, "--out", str(root / "out")]  # fmt: skip
     log = (root / "serve.log").open("w")
     process = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
@@ -151,7 +151,7 @@ def test_the_schedule_creates_its_runs_at_the_cron_times(served: Served) -> None
 def test_the_dataset_event_runs_each_config_on_it_and_a_second_run_waits_its_turn(served: Served) -> None:
     from prefect.deployments import run_deployment
 
-    emitted = subprocess.run([sys.executable, "-m", "flows.cli", "emit-dataset-updated", "sklearn:wine"],
+    emitted = subprocess.run([sys.executable, "-m", "trainflow", "emit-dataset-updated", "sklearn:wine"],
                              env=served.env, cwd=served.root, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert emitted.returncode == 0, emitted.stderr
     assert "sent trainflow.dataset.updated for sklearn:wine" in emitted.stdout
@@ -174,7 +174,7 @@ def test_cancelling_a_training_leaves_a_checkpoint_the_rerun_resumes_to_the_same
     from prefect.deployments import run_deployment
     from prefect.states import Cancelling
 
-    from flows.pipeline import training_pipeline
+    from trainflow.flows.pipeline import training_pipeline
 
     run = run_deployment("training_pipeline/slow", timeout=0)
 

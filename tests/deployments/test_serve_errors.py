@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.cli import main
 from tests.conftest import tiny_raw
+from trainflow.flows.cli import main
 
 
 @pytest.fixture

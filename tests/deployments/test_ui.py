@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from core.storage.tracking import Tracker
-from deployments.servers import ServerError, ui_servers
 from tests.deployments.processes import PYTHON, alive, cli_env, descendants, groups_alive
+from trainflow.core.storage.tracking import Tracker
+from trainflow.deployments.servers import ServerError, ui_servers
 
 STARTUP_S, STOP_S = 120, 30
 
@@ -82,7 +82,7 @@ def ui(tmp_path: Path, existing_run: tuple[str, str]) -> Iterator[subprocess.Pop
     cwd.mkdir()
     env = cli_env(tmp_path, TMPDIR=str(tmp_path))  # its log folder lands in tmp_path
     process = subprocess.Popen(
-        [PYTHON, "-m", "flows.cli", "ui", "--tracking-uri", existing_run[0]],
+        [PYTHON, "-m", "trainflow", "ui", "--tracking-uri", existing_run[0]],
         cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     yield process
@@ -134,7 +134,7 @@ def test_a_port_in_use_is_one_error_line_and_nothing_starts(tmp_path: Path) -> N
         taken.listen()
         port = taken.getsockname()[1]
         done = subprocess.run(
-            [PYTHON, "-m", "flows.cli", "ui", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+            [PYTHON, "-m", "trainflow", "ui", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
              "--prefect-port", str(port)],
             cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
         )  # fmt: skip

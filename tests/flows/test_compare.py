@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 from mlflow import MlflowClient
 
-from core.compare import compare_runs
-from core.storage.run_meta import DIGEST_LENGTH
-from core.storage.tracking import EXPERIMENT_KIND, Tracker
-from flows.cli import main
 from tests.flows.test_pipeline import Project
+from trainflow.core.compare import compare_runs
+from trainflow.core.storage.run_meta import DIGEST_LENGTH
+from trainflow.core.storage.tracking import EXPERIMENT_KIND, Tracker
+from trainflow.flows.cli import main
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 

@@ -12,14 +12,14 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from core.config import LoaderConfig, load_config
-from core.models import build_model
-from core.prepare_data import prepare_data
-from core.storage.store import LocalStore
-from core.training.builder import prepared_loaders
-from core.training.checkpoint import load_checkpoint
-from core.training.metrics import eval_pass
 from tests.flows.test_pipeline import Project
+from trainflow.core.config import LoaderConfig, load_config
+from trainflow.core.models import build_model
+from trainflow.core.prepare_data import prepare_data
+from trainflow.core.storage.store import LocalStore
+from trainflow.core.training.builder import prepared_loaders
+from trainflow.core.training.checkpoint import load_checkpoint
+from trainflow.core.training.metrics import eval_pass
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 STAGES = ["prepare_data", "train", "evaluate", "publish"]

@@ -12,11 +12,11 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from core.publish import verify_manifest
-from core.storage.store import LocalStore
-from core.storage.tracking import fluent_tracking_uri
-from flows.pipeline import training_pipeline
 from tests.conftest import tiny_raw
+from trainflow.core.publish import verify_manifest
+from trainflow.core.storage.store import LocalStore
+from trainflow.core.storage.tracking import fluent_tracking_uri
+from trainflow.flows.pipeline import training_pipeline
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 STAGES = ["prepare_data", "train", "evaluate", "compress", "publish"]  # optim.lr set, no search: no tuning stage

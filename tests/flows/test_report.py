@@ -13,14 +13,14 @@ from typing import Any
 import pytest
 from mlflow import MlflowClient
 
-from core.config import config_from_dict, load_config
-from core.report import write_report
-from core.report.blocks import Report, Section
-from core.report.render import render_html, render_markdown
-from core.report.sections import config_section
-from core.storage.store import LocalStore
 from tests.conftest import tiny_raw
 from tests.flows.test_pipeline import Project
+from trainflow.core.config import config_from_dict, load_config
+from trainflow.core.report import write_report
+from trainflow.core.report.blocks import Report, Section
+from trainflow.core.report.render import render_html, render_markdown
+from trainflow.core.report.sections import config_section
+from trainflow.core.storage.store import LocalStore
 
 PNG = b"\x89PNG\r\n\x1a\n"
 SPACE = {"optim.lr": {"type": "float", "log": True}, "model.dropout": {"type": "float", "low": 0.0, "high": 0.3}}

@@ -17,7 +17,7 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from core.training.checkpoint import load_checkpoint, periodic_checkpoints
+from trainflow.core.training.checkpoint import load_checkpoint, periodic_checkpoints
 
 CONFIG = {
     "seed": 3,
@@ -42,7 +42,7 @@ def _project(root: Path, tracking_uri: str, experiment: str) -> tuple[Path, dict
 
 
 def _command(config: Path) -> list[str]:
-    return [sys.executable, "-m", "flows.cli", "run", str(config), "--out", "out"]
+    return [sys.executable, "-m", "trainflow", "run", str(config), "--out", "out"]
 
 
 def _run(config: Path, env: dict[str, str]) -> dict[str, Any]:

@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 import yaml
 
-from core.config import StoreConfig
-from core.publish import verify_manifest
-from core.storage.store import open_store
 from tests.flows.test_pipeline import STAGES, Project
 from tests.s3_server import new_bucket, s3_client, s3_endpoint  # noqa: F401
+from trainflow.core.config import StoreConfig
+from trainflow.core.publish import verify_manifest
+from trainflow.core.storage.store import open_store
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 BUCKET, PREFIX = "trainflow-pipeline", "team/runs"
@@ -155,7 +155,7 @@ def _machine(root: Path, endpoint: str, tracking_uri: str | None) -> S3Project:
 def test_the_verify_command_checks_a_manifest_in_the_bucket(
     project: S3Project, first: dict[str, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from flows.cli import main
+    from trainflow.flows.cli import main
 
     manifest = first["stages"]["publish"]["manifest_uri"]
     assert main(["verify", manifest, "--config", str(project.config)]) == 0

@@ -19,15 +19,15 @@ from typing import Any
 
 import torch
 
-from core.config import StoreConfig, config_from_dict
-from core.prepare_data import prepare_data
-from core.records import TrainResult
-from core.storage.s3 import S3Store
-from core.storage.store import open_store
-from core.train import train
-from core.training.checkpoint import load_checkpoint
 from tests.conftest import REPO
 from tests.s3_server import new_bucket, s3_client, s3_endpoint  # noqa: F401
+from trainflow.core.config import StoreConfig, config_from_dict
+from trainflow.core.prepare_data import prepare_data
+from trainflow.core.records import TrainResult
+from trainflow.core.storage.s3 import S3Store
+from trainflow.core.storage.store import open_store
+from trainflow.core.train import train
+from trainflow.core.training.checkpoint import load_checkpoint
 
 RAW = {
     "seed": 3,
@@ -41,10 +41,10 @@ STEPS_PER_EPOCH = 219  # 3500 training rows / 16
 BUCKET, PREFIX, KEY = "trainflow-resume", "team", "stages/train/abc"
 CHILD = """
 import json, sys
-from core.config import StoreConfig, config_from_dict
-from core.prepare_data import prepare_data
-from core.storage.store import open_store
-from core.train import train
+from trainflow.core.config import StoreConfig, config_from_dict
+from trainflow.core.prepare_data import prepare_data
+from trainflow.core.storage.store import open_store
+from trainflow.core.train import train
 raw, settings, key = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
 cfg, store = config_from_dict(raw), open_store(StoreConfig(**settings))
 data = prepare_data(cfg.data, cfg.seed, store)

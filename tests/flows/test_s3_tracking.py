@@ -11,13 +11,13 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from core.config import config_from_dict
-from core.errors import ConfigError
-from core.storage import tracking
-from core.storage.tracking import Tracker, point_mlflow_s3_at
 from tests.conftest import tiny_raw
 from tests.flows.test_pipeline import Project
 from tests.s3_server import new_bucket, s3_client, s3_endpoint  # noqa: F401
+from trainflow.core.config import config_from_dict
+from trainflow.core.errors import ConfigError
+from trainflow.core.storage import tracking
+from trainflow.core.storage.tracking import Tracker, point_mlflow_s3_at
 
 BUCKET = "trainflow-tracking"
 LOCATION = f"s3://{BUCKET}/mlflow"
@@ -65,11 +65,11 @@ def test_the_users_own_endpoint_setting_wins(monkeypatch: pytest.MonkeyPatch) ->
 def test_an_existing_experiment_keeps_its_location(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     first = Tracker.for_experiment(uri, "kept", (tmp_path / "first").as_uri())
-    with caplog.at_level(logging.WARNING, logger="core.storage.tracking"):
+    with caplog.at_level(logging.WARNING, logger="trainflow.core.storage.tracking"):
         again = Tracker.for_experiment(uri, "kept", LOCATION)
     assert again.experiment_id == first.experiment_id
     assert again.client.get_experiment(again.experiment_id).artifact_location == (tmp_path / "first").as_uri()
-    assert [r.message for r in caplog.records if r.name == "core.storage.tracking"] == [
+    assert [r.message for r in caplog.records if r.name == "trainflow.core.storage.tracking"] == [
         f"tracking.artifact_location {LOCATION} not applied: experiment 'kept' exists and keeps its artifact "
         f"location {(tmp_path / 'first').as_uri()}"
     ]

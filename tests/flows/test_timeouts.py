@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from core.errors import StageTimeoutError
-from core.training.checkpoint import load_checkpoint, periodic_checkpoints
-from flows.pipeline import training_pipeline
 from tests.conftest import tiny_raw
+from trainflow.core.errors import StageTimeoutError
+from trainflow.core.training.checkpoint import load_checkpoint, periodic_checkpoints
+from trainflow.flows.pipeline import training_pipeline
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
