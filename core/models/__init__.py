@@ -8,18 +8,22 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from trainflow.core.config import CNNConfig, FactoryModelConfig, GPTConfig, MLPConfig, ModelConfig
 from trainflow.core.data.spec import DataSpec, Task
 from trainflow.core.errors import ConfigError
+from trainflow.core.storage.version import model_code_version
 
 if TYPE_CHECKING:  # torch loads when a model is built, not when the preflight checks a config
     from torch import nn
 
 _TASKS: dict[str, Task] = {"mlp": "classification", "cnn": "classification", "gpt": "language_modeling"}
 _TASK_WORDS = {"classification": "classification", "language_modeling": "language modelling (data.source: text)"}
+# model_code_version of each factory's top-level module when this process imported it (see _import_factory)
+_FACTORY_VERSIONS: dict[str, str] = {}
 
 
 def check_model_fits_data(cfg: ModelConfig, task: Task, input_rank: int) -> None:
@@ -78,8 +82,11 @@ def _from_factory(cfg: FactoryModelConfig, spec: DataSpec) -> nn.Module:
 
 
 def _import_factory(cfg: FactoryModelConfig) -> Callable[..., nn.Module]:
-    """The factory function, checked to accept `(spec, **model.params)`; it is not called here."""
+    """The factory function, checked to accept `(spec, **model.params)`; it is not called here. Its code is
+    the code `model_code_version` names (the stage cache key): a module edited since this process imported
+    it is imported afresh."""
     module_name, _, attr = cfg.factory.partition(":")
+    _reload_if_edited(module_name.partition(".")[0], model_code_version(cfg.factory))
     try:
         factory: Callable[..., nn.Module] = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
@@ -89,3 +96,18 @@ def _import_factory(cfg: FactoryModelConfig) -> Callable[..., nn.Module]:
     except TypeError as exc:
         raise ConfigError(f"model.params: {cfg.factory}(spec, **params) does not accept them ({exc})") from None
     return factory
+
+
+def _reload_if_edited(top: str, version: str) -> None:
+    """Forget the imported modules of the top-level module or package `top` when its code is no longer the
+    `version` this process first saw, so the next import runs the edited files (`trainflow serve`, a test
+    editing a factory). Dropping them all, not `importlib.reload` one by one, re-imports them in their own
+    dependency order. An installed distribution stays: compiled modules cannot be reloaded; trainflow's own
+    code is `code_version`'s, fixed per process."""
+    seen = _FACTORY_VERSIONS.setdefault(top, version)
+    if seen == version or not version.startswith("sha256:") or top == __name__.partition(".")[0]:
+        return
+    for name in [name for name in sys.modules if name == top or name.startswith(f"{top}.")]:
+        del sys.modules[name]
+    importlib.invalidate_caches()  # a submodule file added since the first import
+    _FACTORY_VERSIONS[top] = version
