@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip install --quiet --disable-pip-version-check -c constraint
 
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench docs clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,15 @@ bench: $(VENV)/.installed-bench   # figures in README.md; run on an idle machine
 	$(PY) benchmarks/compression.py
 	$(PY) benchmarks/storage.py
 	$(PY) benchmarks/ddp_scaling.py
+
+$(VENV)/.installed-docs: $(VENV)/.installed
+	$(PIP) -e '.[docs]'
+	touch $@
+
+# The site from docs/ into site/ (mkdocs.yml); fails if docs/reference/config.md is stale or on any warning.
+docs: $(VENV)/.installed-docs
+	$(PY) -m trainflow.core.config.reference --check
+	$(VENV)/bin/mkdocs build --strict --site-dir site
 
 clean:
 	rm -rf $(VENV) artifacts mlflow.db out .pytest_cache
