@@ -133,50 +133,20 @@ def _quiet_user_errors() -> None:
 
 
 def _print_summary(summary: dict[str, Any], out: Path) -> None:
-    stages = summary["stages"]
-    print("\nstage          seconds  cached")
-    for name, info in stages.items():
-        print(f"{name:<14} {info['seconds']:>7.1f}  {'yes' if info['cached'] else 'no'}")
-    for name, reason in summary.get("skipped", {}).items():
-        print(f"{name:<14} skipped: {reason}")
-    evaluated, trained = stages.get("evaluate", {}), stages.get("train", {})
-    if evaluated:
-        metrics = "  ".join(f"{k}={v:.4f}" for k, v in evaluated["metrics"].items())
-        print(f"\ntest: {metrics}")
-        print(
-            f"latency p50 {evaluated['latency_ms_p50']:.2f} ms (batch 1), size {evaluated['size_bytes'] / 1e6:.2f} MB"
-        )
-    if trained:
-        stop, speed = trained["stop_reason"], trained["samples_per_s"]
-        print(f"train: {trained['epochs_run']} epochs, stopped by {stop}, {speed:.0f} samples/s")
-    compressed = stages.get("compress")
-    if compressed:
-        print(f"\ncompress: recommended {compressed['recommended']}: {compressed['reason']}")
-        print(_compression_table(compressed))
-    print(f"\nsummary:  {out / 'summary.json'}")
+    """The run's summary (core/report/summary.py), then where its files, runs and UIs are."""
+    from trainflow.core.report.summary import summarize
+    from trainflow.core.storage.uris import mask_secrets
+
+    tracking, tool = summary["mlflow_tracking_uri"], _tool("trainflow")
+    where = [f"summary:  {out / 'summary.json'}"]
     if (out / "report.html").is_file():
-        print(f"report:   {out / 'report.html'} (and report.md)")
-    tracking = summary["mlflow_tracking_uri"]
-    print(f"mlflow:   run {summary['mlflow_run_id']} in {tracking}")
-    print(f"prefect:  flow run {summary['prefect_flow_run_id']}")
+        where.append(f"report:   {out / 'report.html'} (and report.md)")
+    where += [f"mlflow:   run {summary['mlflow_run_id']} in {tracking}",
+              f"prefect:  flow run {summary['prefect_flow_run_id']}"]  # fmt: skip
     if tracking.startswith("sqlite:"):
-        print(f"UIs:      {_tool('trainflow')} ui --tracking-uri {tracking}   (Prefect and MLflow, Ctrl-C stops both)")
-    print(f"compare:  {_tool('trainflow')} compare --experiment {summary['mlflow_experiment_name']}")
-    published = stages.get("publish", {})
-    if published:
-        print(f"model:    {published['manifest_uri']}")
-
-
-def _compression_table(compressed: dict[str, Any]) -> str:
-    from trainflow.core.compression.report import table_rows, text_table
-    from trainflow.core.records import CompressedVariant
-
-    variants = [CompressedVariant.model_validate(v) for v in compressed["variants"]]
-    rows = table_rows(variants, compressed["task"], compressed["recommended"])
-    note = (
-        f"(batch-1 latency at {compressed['threads']} thread(s), variants alternated; table: {compressed['table_uri']})"
-    )
-    return text_table(rows) + "\n" + note
+        where.append(f"UIs:      {tool} ui --tracking-uri {tracking}   (Prefect and MLflow, Ctrl-C stops both)")
+    where.append(f"compare:  {tool} compare --experiment {summary['mlflow_experiment_name']}")
+    print(f"\n{summarize(summary).text()}\n\n" + mask_secrets("\n".join(where)))
 
 
 def _tool(name: str) -> str:

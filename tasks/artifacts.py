@@ -15,6 +15,7 @@ from typing import Any
 
 from trainflow.core.compression.report import COLUMNS, table_rows
 from trainflow.core.records import CompressResult, HPOSearchResult
+from trainflow.core.storage.uris import mask_secrets
 from trainflow.core.training.callbacks import Callback
 from trainflow.core.training.state import FitResult
 
@@ -115,33 +116,15 @@ def compression_table(record: CompressResult, name: str) -> None:
 
 
 def run_summary(summary: dict[str, Any], name: str, mlflow_link: str) -> None:
-    """The whole run in Markdown: each stage's time and cache status, the test metrics, the recommended
-    variant, the published manifest and registered version, and where the MLflow run is."""
+    """The whole run in Markdown (core/report/summary.py: each stage's time and cache status, the tuned values,
+    the test metrics, the recommended variant, the published manifest and registered version) under a link to
+    its MLflow run."""
     from prefect.artifacts import create_markdown_artifact
 
-    stages = summary["stages"]
-    lines = [f"# {name}: pipeline run", "", f"MLflow run: {mlflow_link}", "", "| stage | seconds | cached |",
-             "|---|---:|---|"]  # fmt: skip
-    for stage, info in stages.items():
-        lines.append(f"| {stage} | {info['seconds']:.1f} | {'yes' if info['cached'] else 'no'} |")
-    lines += [f"| {stage} | | skipped: {reason} |" for stage, reason in summary.get("skipped", {}).items()]
-    if summary.get("tuned"):
-        tuned = [f"`{path}` = {value:.4g}" if isinstance(value, float) else f"`{path}` = {value}"
-                 for path, value in summary["tuned"].items()]  # fmt: skip
-        lines += ["", "Tuned: " + ", ".join(tuned)]
-    if "evaluate" in stages:
-        metrics = ", ".join(f"{k} {v:.4f}" for k, v in stages["evaluate"]["metrics"].items())
-        lines += ["", f"Test: {metrics}; batch-1 latency p50 {stages['evaluate']['latency_ms_p50']:.2f} ms"]
-    if "compress" in stages:
-        lines += ["", f"Recommended variant: **{stages['compress']['recommended']}**: {stages['compress']['reason']}"]
-    if "publish" in stages:
-        published = stages["publish"]
-        lines += ["", f"Published manifest: `{published['manifest_uri']}`"]
-        if published.get("registered_model"):
-            aliases = ", ".join(published.get("aliases") or []) or "none"
-            lines += [f"Registered: `{published['registered_model']}` version {published['registered_version']} "
-                      f"(aliases: {aliases})"]  # fmt: skip
-    create_markdown_artifact("\n".join(lines) + "\n", key=artifact_key("run-summary", name),
+    from trainflow.core.report.summary import summarize
+
+    markdown = f"# {name}: pipeline run\n\nMLflow run: {mask_secrets(mlflow_link)}\n\n{summarize(summary).markdown()}"
+    create_markdown_artifact(markdown, key=artifact_key("run-summary", name),
                              description=f"{name}: summary of the pipeline run")  # fmt: skip
 
 

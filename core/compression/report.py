@@ -111,14 +111,6 @@ def markdown_table(rows: list[list[str]], threads: int, serving_batch: int) -> s
     return header + body + note
 
 
-def text_table(rows: list[list[str]]) -> str:
-    """The comparison for a terminal: aligned columns, the note last."""
-    keep = [0, 1, 2, 3, 4, 6, 7, 9, 10]
-    lines = [[COLUMNS[i] for i in keep]] + [[row[i].replace("**", "") for i in keep] for row in rows]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(keep))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in lines)
-
-
 def csv_table(variants: Sequence[CompressedVariant]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)

@@ -30,8 +30,14 @@ class Text:
 
 @dataclass(frozen=True)
 class Table:
+    """Rows of text cells; `align` gives each column's alignment, `l` or `r` (missing: left)."""
+
     header: list[str]
     rows: list[list[str]]
+    align: str = ""
+
+    def right(self, column: int) -> bool:
+        return self.align[column : column + 1] == "r"
 
 
 @dataclass(frozen=True)

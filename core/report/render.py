@@ -1,5 +1,6 @@
 """A Report as Markdown (images as files next to it) and as one self-contained HTML page (images as
-base64 data URIs, inline CSS, and a Content-Security-Policy that lets it load nothing from outside).
+base64 data URIs, inline CSS, and a Content-Security-Policy that lets it load nothing from outside);
+blocks on their own as Markdown or as plain text for a terminal (core/report/summary.py).
 
 Every value that reaches the page is escaped: config values and reasons are user text.
 """
@@ -13,6 +14,7 @@ import re
 from trainflow.core.report.blocks import Block, Code, Image, Report, Table, Text
 
 BOLD = re.compile(r"\*\*(.+?)\*\*")
+RIGHT = ' style="text-align: right"'
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 75rem; margin: 2rem auto; padding: 0 1rem; color: #222; }
@@ -34,6 +36,16 @@ def render_markdown(report: Report, image_dir: str) -> str:
         parts.append(f"## {_md(section.title)}\n")
         parts += [_md_block(block, image_dir) for block in section.blocks]
     return "\n".join(parts)
+
+
+def markdown_blocks(blocks: list[Block], image_dir: str = "report_files") -> str:
+    """Blocks as Markdown, one after the other (no title)."""
+    return "\n".join(_md_block(block, image_dir) for block in blocks)
+
+
+def render_text(blocks: list[Block]) -> str:
+    """Blocks as plain text for a terminal: paragraphs as lines, tables as aligned columns, no markup."""
+    return "\n".join(_text_block(block) for block in blocks)
 
 
 def render_html(report: Report) -> str:
@@ -62,7 +74,7 @@ def _md_block(block: Block, image_dir: str) -> str:
         return _md(block.text) + "\n"
     if isinstance(block, Table):
         header = "| " + " | ".join(_md_cell(h) for h in block.header) + " |\n"
-        rule = "|" + "---|" * len(block.header) + "\n"
+        rule = "|" + "".join("---:|" if block.right(i) else "---|" for i in range(len(block.header))) + "\n"
         return header + rule + "".join("| " + " | ".join(_md_cell(c) for c in row) + " |\n" for row in block.rows)
     if isinstance(block, Image):
         return f"![{_md(block.caption)}]({image_dir}/{image_file(block)})\n"
@@ -74,8 +86,12 @@ def _html_block(block: Block) -> str:
     if isinstance(block, Text):
         return f"<p>{_inline(block.text)}</p>"
     if isinstance(block, Table):
-        head = "".join(f"<th>{_inline(h)}</th>" for h in block.header)
-        rows = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in row) + "</tr>" for row in block.rows)
+
+        def cells(tag: str, row: list[str]) -> str:
+            return "".join(f"<{tag}{RIGHT if block.right(i) else ''}>{_inline(c)}</{tag}>" for i, c in enumerate(row))
+
+        head = cells("th", block.header)
+        rows = "".join(f"<tr>{cells('td', row)}</tr>" for row in block.rows)
         return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
     if isinstance(block, Image):
         data = base64.b64encode(block.png).decode("ascii")
@@ -84,6 +100,26 @@ def _html_block(block: Block) -> str:
         return f"<figure>{img}<figcaption>{caption}</figcaption></figure>"
     assert isinstance(block, Code)
     return f"<details><summary>{_esc(block.title)}</summary><pre>{_esc(block.text)}</pre></details>"
+
+
+def _text_block(block: Block) -> str:
+    if isinstance(block, Text):
+        return _plain(block.text)
+    if isinstance(block, Table):
+        lines = [block.header, *block.rows]
+        widths = [max(len(_plain(line[i])) for line in lines) for i in range(len(block.header))]
+        return "\n".join(
+            "  ".join(_plain(cell).rjust(width) if block.right(i) else _plain(cell).ljust(width)
+                      for i, (cell, width) in enumerate(zip(line, widths, strict=True))).rstrip()
+            for line in lines
+        )  # fmt: skip
+    if isinstance(block, Image):
+        return f"[image: {block.caption}]"
+    return f"{block.title}:\n{block.text.rstrip()}"
+
+
+def _plain(text: str) -> str:
+    return BOLD.sub(r"\1", text)
 
 
 def _esc(text: str) -> str:

@@ -18,17 +18,18 @@ from trainflow.core.errors import ConfigError
 from trainflow.core.records import HPOSearchResult, LRRangeTestResult, PrepareDataResult
 from trainflow.core.report.blocks import Code, Image, Section, Sources, Table, Text, facts, fmt
 from trainflow.core.report.plots import importances_png
-from trainflow.core.storage.uris import without_password
+from trainflow.core.report.summary import summarize
+from trainflow.core.storage.uris import mask_secrets
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
 
-STAGES = ("prepare_data", "lr_range_test", "hpo_search", "train", "evaluate", "compress", "publish")
 R = TypeVar("R", bound=BaseModel)
 
 
 def overview(summary: dict[str, Any], config: Config, run: Run) -> Section:
-    """Who, when and where: the run's ids, and every stage's status and time."""
+    """Who, when and where: the run's ids; then the run's summary (core/report/summary.py) without the
+    compression table, which the Compression section shows whole."""
     section = Section("Run")
     started = datetime.fromtimestamp(run.info.start_time / 1000, tz=timezone.utc)
     section.add(
@@ -38,7 +39,7 @@ def overview(summary: dict[str, Any], config: Config, run: Run) -> Section:
             "published as": config.publish.name,
             "started": started.strftime("%Y-%m-%d %H:%M:%S UTC"),
             "MLflow run id": summary["mlflow_run_id"],
-            "MLflow tracking URI": without_password(summary["mlflow_tracking_uri"]),
+            "MLflow tracking URI": mask_secrets(summary["mlflow_tracking_uri"]),
             "MLflow experiment id": summary.get("mlflow_experiment_id"),
             "Prefect flow run id": summary.get("prefect_flow_run_id"),
             "config sha256": summary["config_sha256"],
@@ -46,19 +47,11 @@ def overview(summary: dict[str, Any], config: Config, run: Run) -> Section:
         })
     )  # fmt: skip
     stages, skipped = summary["stages"], summary["skipped"]
-    rows = []
-    for name in [*STAGES, *(s for s in [*stages, *skipped] if s not in STAGES)]:
-        if name in skipped:
-            rows.append([name, "skipped", "", skipped[name]])
-        elif name in stages:
-            rows.append([name, "cached" if stages[name]["cached"] else "ran", f"{stages[name]['seconds']:.1f}", ""])
-        else:
-            rows.append([name, "not run", "", ""])
     cached = [name for name, info in stages.items() if info["cached"]]
     section.add(
         Text(f"{len(stages)} stage(s) ran ({len(cached)} cached: {', '.join(cached) or 'none'}), "
              f"{len(skipped)} skipped: {', '.join(skipped) or 'none'}."),
-        Table(["stage", "status", "seconds", "why skipped"], rows),
+        *summarize(summary).blocks(compression_table=False),
     )  # fmt: skip
     return section
 
@@ -75,7 +68,7 @@ def config_section(tuned: dict[str, Any], config: Config) -> Section:
     raw = resolved.model_dump(mode="json")
     for part, key in ((raw["tracking"], "uri"), (raw["tune"]["hpo"], "storage")):  # URLs that may hold a password
         if part.get(key):
-            part[key] = without_password(part[key])
+            part[key] = mask_secrets(part[key])
     return section.add(Code(f"config.yaml ({note})", yaml.safe_dump(raw, sort_keys=False), "yaml"))
 
 

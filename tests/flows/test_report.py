@@ -20,6 +20,7 @@ from trainflow.core.report import write_report
 from trainflow.core.report.blocks import Report, Section
 from trainflow.core.report.render import render_html, render_markdown
 from trainflow.core.report.sections import config_section
+from trainflow.core.report.summary import summarize
 from trainflow.core.storage.store import LocalStore
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -123,7 +124,8 @@ def test_the_sections_show_this_run(project: Project, run: dict[str, Any], markd
                               "Evaluation", "Compression", "Publish"]  # fmt: skip
     assert run["mlflow_run_id"] in by_title["Run"] and run["prefect_flow_run_id"] in by_title["Run"]
     assert run["config_sha256"] in by_title["Run"]
-    assert table(by_title["Run"], "stage")[1][:2] == ["lr_range_test", "ran"]
+    assert table(by_title["Run"], "stage")[1] == ["lr_range_test", f"{stages['lr_range_test']['seconds']:.1f}", "no"]
+    assert f"compress: recommended **{stages['compress']['recommended']}**: " in by_title["Run"]
 
     lr = run["tuned"]["optim.lr"]
     assert ["optim.lr", f"{lr:.4g}"] in table(by_title["Config"], "path")
@@ -161,11 +163,34 @@ def test_a_skipped_stage_says_why_and_cached_ones_say_so(project: Project, run: 
     assert again["skipped"] == {"compress": "compress.enabled is false"}
     by_title = sections((project.root / "no-compress" / "report.md").read_text())
     assert by_title["Compression"].strip() == "skipped: compress.enabled is false"
-    status = {row[0]: (row[1], row[3]) for row in table(by_title["Run"], "stage")}
-    assert status["compress"] == ("skipped", "compress.enabled is false")
-    assert status["train"] == ("cached", "") and status["publish"] == ("ran", "")
+    cached = {row[0]: row[2] for row in table(by_title["Run"], "stage")}
+    assert cached["compress"] == "skipped: compress.enabled is false"
+    assert cached["train"] == "yes" and cached["publish"] == "no"
     assert by_title["Training"].lstrip().startswith("cached:")
     assert not (project.root / "no-compress" / "report_files" / "compress_pareto.png").exists()
+
+
+def test_the_summary_is_one_content_as_text_and_markdown(run: dict[str, Any]) -> None:
+    """What `trainflow run` prints and the Prefect artifact shows, with a password planted in a URL."""
+    summary = json.loads(json.dumps(run))
+    summary["stages"]["publish"]["manifest_uri"] = "s3://me:secret@minio:9000/models/manifest.json"
+    shown = summarize(summary)
+    text, markdown = shown.text(), shown.markdown()
+    for rendered in (text, markdown):
+        assert "secret" not in rendered and "model: s3://me:***@minio:9000/models/manifest.json" in rendered
+        assert re.search(f"^tuned: .*optim\\.lr={run['tuned']['optim.lr']:.4g}", rendered, re.MULTILINE)
+        assert f"test: accuracy={run['stages']['evaluate']['metrics']['accuracy']:.4f}, " in rendered
+        version = run["stages"]["publish"]["registered_version"]
+        assert f"registered: report-model version {version} (aliases: " in rendered
+    stage_lines = re.findall(r"^(\w+) +([\d.]+)  (yes|no)$", text, re.MULTILINE)
+    assert [list(line) for line in stage_lines] == table(markdown, "stage") and len(stage_lines) == 7
+    recommended = run["stages"]["compress"]["recommended"]
+    assert f"\ncompress: recommended {recommended}: " in text
+    assert f"\ncompress: recommended **{recommended}**: " in markdown
+    variants = [row[0] for row in table(markdown, "variant")]
+    assert variants == [f"**{v['name']}** (recommended)" if v["name"] == recommended else v["name"]
+                        for v in run["stages"]["compress"]["variants"]]  # fmt: skip
+    assert re.search(r"^fp32 +torch +accuracy \d\.\d{4} +baseline", text, re.MULTILINE)
 
 
 def test_missing_artifacts_are_reported_not_raised(project: Project, run: dict[str, Any], tmp_path: Path) -> None:
@@ -206,7 +231,7 @@ def test_a_flow_that_ends_early_reports_the_stages_it_ran(
     markdown, page = paths
     by_title = sections(markdown.read_text())
     assert by_title["Publish"].strip() == "not run: this flow run ended before publish."
-    assert ["train", "not run", "", ""] in table(by_title["Run"], "stage")
+    assert ["train", "", "not run"] in table(by_title["Run"], "stage")
     assert "hpo_history.png" in by_title["Hyperparameter search"]
     assert sorted(p.name for p in (tmp_path / "report_files").iterdir()) == sorted(
         ["lr_range_test.png", "hpo_history.png"]
@@ -255,4 +280,5 @@ def test_the_flow_run_shows_its_prefect_artifacts(run: dict[str, Any]) -> None:
                         for v in compressed["variants"]]  # fmt: skip
     summary = found["run-summary-config"].data
     assert run["mlflow_run_id"] in summary and run["stages"]["publish"]["manifest_uri"] in summary
+    assert summarize(run).markdown() in summary  # the stage table, results, compression and publication
     assert found["run-summary-config"].type == "markdown"
