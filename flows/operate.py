@@ -87,7 +87,7 @@ def _ui(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from trainflow.core.compare import compare_runs, plot_comparison
+    from trainflow.core.report.compare import compare_runs, plot_comparison
 
     comparison = compare_runs(default_tracking_uri(args.tracking_uri), args.experiment, args.metric, args.last)
     print(comparison.text())

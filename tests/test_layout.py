@@ -35,6 +35,12 @@ def test_the_stages_are_the_pipeline() -> None:
     assert sorted(PIPELINE) == STAGES
 
 
+def test_the_top_of_core_is_the_stages_and_what_they_share() -> None:
+    """The rest lives in subpackages named for what they hold (the report and `trainflow compare`: core/report/)."""
+    shared = {"__init__", "records", "preflight", "errors"}
+    assert {p.stem for p in CORE.glob("*.py")} == set(PIPELINE) | shared
+
+
 @pytest.mark.parametrize("stage", STAGES)
 def test_a_stage_imports_no_other_stage(stage: str) -> None:
     others = {f"core.{other}" for other in STAGES if other != stage}

@@ -12,9 +12,9 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.flows.test_pipeline import Project
-from trainflow.core.compare import compare_runs
-from trainflow.core.storage.run_meta import DIGEST_LENGTH
-from trainflow.core.storage.tracking import EXPERIMENT_KIND, Tracker
+from trainflow.core.report.compare import compare_runs
+from trainflow.core.tracking.run_meta import DIGEST_LENGTH
+from trainflow.core.tracking.runs import EXPERIMENT_KIND, Tracker
 from trainflow.flows.cli import main
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
@@ -85,7 +85,7 @@ def test_compare_plots_the_metric_per_run(
 
 
 USER_ERRORS = [  # arguments -> the one line on stderr
-    (["--experiment", "nope"], r"--experiment nope: no such experiment in sqlite:///\S+/mlflow\.db"),
+    (["--experiment", "nope"], r"--experiment nope: no such experiment in sqlite:///\S+/mlflow\.db; experiments: .*"),
     (["--experiment", "empty"], r"experiment 'empty' in \S+ has no pipeline runs \(runs tagged trainflow\.pipeline\)"),
     (["--metric", "nope"], r"--metric nope: not recorded by these runs; available: best_step, .*, test/accuracy, .*"),
     (["--last", "0"], r"--last 0: must be at least 1"),
@@ -106,6 +106,19 @@ def test_compare_user_errors_are_one_line(
     code, out, err = _compare(capsys, "--tracking-uri", project.tracking_uri, *args)
     assert (code, out) == (2, "")
     assert len(err.splitlines()) == 1 and re.fullmatch(f"error: {message}\n", err)
+
+
+def test_an_unknown_experiment_lists_the_experiments_there_are(
+    project: Project, runs: list[dict[str, Any]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A user naturally tries the deployment's name (`wine_mlp`); the experiment is named after the config."""
+    code, out, err = _compare(capsys, "--tracking-uri", project.tracking_uri, "--experiment", "wine_mlp")
+    assert (code, out) == (2, "")
+    names = sorted(e.name for e in MlflowClient(project.tracking_uri).search_experiments())
+    assert "tests" in names
+    assert err == (
+        f"error: --experiment wine_mlp: no such experiment in {project.tracking_uri}; experiments: {', '.join(names)}\n"
+    )
 
 
 def test_compare_does_not_create_a_missing_database(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

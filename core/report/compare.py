@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from trainflow.core.errors import TrackingError, TrainflowError
-from trainflow.core.storage.tracking import PIPELINE_TAG, STAGE_TAG, check_reachable
+from trainflow.core.tracking.backend import check_reachable
+from trainflow.core.tracking.runs import PIPELINE_TAG, STAGE_TAG
 
 DEFAULT_METRICS = ("test/accuracy", "test/perplexity")  # classification, language modelling
 KEY_METRICS = ("test/accuracy", "test/f1_macro", "test/perplexity", "test/loss")
@@ -27,6 +28,7 @@ METRIC_STAGES = ("train", "evaluate")  # child runs whose metrics are compared; 
 _HIGHER_IS_BETTER = ("accuracy", "f1", "precision", "recall", "throughput", "per_s")  # anything else: lower
 _MAX_CONFIG_COLUMNS = 8
 _MAX_CELL = 24
+_MAX_LISTED = 30  # experiment names an unknown --experiment lists
 
 
 @dataclass(frozen=True)
@@ -179,8 +181,11 @@ def _experiment(client: Any, uri: str, name: str | None) -> tuple[str, str]:
     """(id, name) of the named experiment, or of the one holding the newest pipeline run."""
     if name is not None:
         found = client.get_experiment_by_name(name)
-        if found is None:
-            raise TrainflowError(f"--experiment {name}: no such experiment in {uri}")
+        if found is None:  # e.g. a deployment's name, where the experiment is named by the config
+            names = sorted(e.name for e in client.search_experiments())
+            more = f" and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else ""
+            shown = ", ".join(names[:_MAX_LISTED]) + more
+            raise TrainflowError(f"--experiment {name}: no such experiment in {uri}; experiments: {shown or 'none'}")
         return found.experiment_id, found.name
     ids = [e.experiment_id for e in client.search_experiments()]
     newest = client.search_runs(
