@@ -123,7 +123,8 @@ def compress(
                                     cfg.tolerance.perplexity_rise, m.latency_tie)  # fmt: skip
     rows = table_rows(variants, data.spec.task, recommended)
     table = markdown_table(rows, m.threads, m.serving_batch)
-    log.info("compress: recommended %s: %s\n%s", recommended, reason, table)
+    log.info("compress: recommended %s: %s", recommended, reason)  # the table: the run's summary, artifacts, report
+    log.debug("compress: comparison\n%s", table)
     return CompressResult(
         variants=variants,
         task=data.spec.task,

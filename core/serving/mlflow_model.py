@@ -12,6 +12,8 @@ import pickle
 import sys
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import version as installed_version
 from pathlib import Path
@@ -88,7 +90,7 @@ def log_serving_model(
         loaded = serving_module().RawInputModel()  # the prediction the signature describes
         loaded.load_context(mlflow.pyfunc.PythonModelContext(artifacts=artifacts, model_config={}))
         signature = serving_signature(meta["input_kind"], example, loaded.predict(None, example))
-        with fluent_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id):
+        with fluent_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id), _quiet_model_logging():
             info = mlflow.pyfunc.log_model(
                 name=name,
                 python_model=serving_module().RawInputModel(),  # stateless: pickled by reference
@@ -189,6 +191,27 @@ def serving_requirements(runtime: str, with_preprocessor: bool) -> list[str]:
     return [f"{name}=={installed_version(name).split('+')[0]}" for name in names]
 
 
+@contextmanager
+def _quiet_model_logging() -> Iterator[None]:
+    """Without what MLflow prints while it logs the pyfunc that no user can act on: a progress bar per artifact
+    it copies to check the input example, and the warning that a `python_model` object is pickled (ours is
+    stateless and pickled by reference to trainflow_serving, shipped as code beside it)."""
+    from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR as progress_bar
+
+    def not_the_pickle_warning(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Passing a Python object as `python_model`")
+
+    saved = progress_bar.get_raw()
+    progress_bar.set("false")
+    pyfunc_log = logging.getLogger("mlflow.pyfunc")
+    pyfunc_log.addFilter(not_the_pickle_warning)
+    try:
+        yield
+    finally:
+        pyfunc_log.removeFilter(not_the_pickle_warning)
+        progress_bar.unset() if saved is None else progress_bar.set(saved)
+
+
 def _read_preprocessor(data: PrepareDataResult, store: ArtifactStore) -> dict[str, Any] | None:
     if not data.preprocessor_uri:
         return None
@@ -224,6 +247,9 @@ def _log_onnx(model_file: Path, data: PrepareDataResult, store: ArtifactStore, n
         name=name,
         signature=infer_signature(x, runner(x)),
         input_example=x,
+        # ONNX Runtime serves the compressed variants on the CPU (a GPU serves the PyTorch ones); MLflow's default,
+        # CUDA first, warns whenever the model is loaded without it, as when the input example is checked here
+        onnx_execution_providers=["CPUExecutionProvider"],
         pip_requirements=[f"{n}=={installed_version(n)}" for n in ("onnx", "onnxruntime", "numpy", "mlflow-skinny")],
     )
     return info.model_uri

@@ -56,6 +56,7 @@ class Reported:
     servers: UiServers
     summary: dict[str, Any]
     root: Path
+    output: str  # what `trainflow run` printed, stdout and stderr
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +84,9 @@ def reported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Reported]:
             cwd=root, env=run_env, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
         )  # fmt: skip
         assert done.returncode == 0, done.stderr[-3000:]
-        yield Reported(servers, json.loads((root / "out" / "summary.json").read_text()), root)
+        yield Reported(
+            servers, json.loads((root / "out" / "summary.json").read_text()), root, done.stdout + done.stderr
+        )
 
 
 def test_the_run_reported_to_both_servers(reported: Reported) -> None:
@@ -95,6 +98,8 @@ def test_the_run_reported_to_both_servers(reported: Reported) -> None:
     experiment = MlflowClient(reported.servers.mlflow_url).get_experiment(summary["mlflow_experiment_id"])
     assert experiment.name == CONFIG_NAME
     assert experiment.artifact_location == (reported.root / "mlruns" / experiment.experiment_id).as_uri()
+    # on a server MLflow prints "View run <url>" and "View experiment <url>" for every run it ends, unless told not to
+    assert "View run" not in reported.output and "View experiment" not in reported.output, reported.output[-3000:]
 
 
 def test_mlflow_ui_shows_the_run_its_stage_runs_and_the_registered_model(
