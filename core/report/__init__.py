@@ -1,9 +1,11 @@
 """The run report: report.md and a self-contained report.html of one pipeline run, written into the run's
 output folder and logged to the MLflow parent run under `report/`.
 
-Built from summary.json's content, the stage records' artifacts in the store and the MLflow metric
-history (sections.py, results.py), drawn where the pipeline saved no plot (plots.py), rendered by
-render.py. Called by flows/pipeline_run.py once every stage has succeeded, before the parent run ends.
+Built from summary.json's content (its summary: summary.py, which the CLI and the Prefect artifact show
+too), the stage records' artifacts in the store and the MLflow metric history (sections.py, results.py),
+drawn where the pipeline saved no plot (plots.py; kept in the store, so a re-run draws only what changed),
+rendered by render.py. Called by flows/pipeline_run.py once every stage has succeeded, before the parent run
+ends. Beside it, compare.py: `trainflow compare`, the pipeline runs of an experiment side by side.
 """
 
 from __future__ import annotations

@@ -38,11 +38,20 @@ def train_section(summary: dict[str, Any], sources: Sources) -> Section:
         if r.mlflow_run_id is None:
             section.add(Text("No MLflow run: no training curves."))
             return
-        history = sources.metric_history(r.mlflow_run_id, section)
-        val_metrics = sorted(k for k in history if k.startswith("val/") and k != "val/loss")
-        panels = [["train/loss", "val/loss"], val_metrics, ["lr"]]
-        if any(history.get(key) for keys in panels for key in keys):
-            png = training_curves_png(history, panels, r.best_step)
+        history: dict[str, list[tuple[int, float]]] = {}
+
+        def draw() -> bytes | None:
+            assert r.mlflow_run_id is not None
+            history.update(sources.metric_history(r.mlflow_run_id, section))
+            val_metrics = sorted(k for k in history if k.startswith("val/") and k != "val/loss")
+            panels = [["train/loss", "val/loss"], val_metrics, ["lr"]]
+            if any(history.get(key) for keys in panels for key in keys):
+                return training_curves_png(history, panels, r.best_step)
+            return None
+
+        # the record names a finished train run, whose history it determines: drawn once per record
+        png = sources.kept("training_curves.png", r.model_dump(mode="json"), draw)
+        if png is not None:
             section.add(Image("training_curves", png, "Training: loss, validation metrics and LR against step"))
         elif history:
             section.add(Text(f"No curves: the train run logged none of train/loss, val/*, lr ({', '.join(history)})."))

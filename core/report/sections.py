@@ -140,7 +140,8 @@ def hpo_section(summary: dict[str, Any], config: Config, sources: Sources) -> Se
         if r.importances:
             ranked = sorted(r.importances.items(), key=lambda item: -item[1])
             section.add(Table(["parameter", "importance"], [[name, f"{value:.3f}"] for name, value in ranked]))
-            section.add(Image("hpo_importances", importances_png(r.importances), "HPO: importances"))
+            png = sources.kept("hpo_importances.png", r.importances, lambda: importances_png(r.importances))
+            section.add(Image("hpo_importances", png, "HPO: importances"))
         else:
             section.add(Text("No parameter importances: they need at least two complete trials and a varying metric."))
 
@@ -148,23 +149,31 @@ def hpo_section(summary: dict[str, Any], config: Config, sources: Sources) -> Se
 
 
 def _trial_rows(r: HPOSearchResult, storage: str, section: Section, sources: Sources) -> list[list[str]]:
-    """Every trial of the study, read from its Optuna storage, with the best value so far."""
-    import optuna
+    """Every trial of the study with the best value so far, as the search that made `r` left them: read from
+    its Optuna storage once per record, then kept (a later search of the same study makes another record)."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from trainflow.core.tuning.study import rdb_storage
-
     try:
-        if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_file():
-            raise FileNotFoundError("no such database file")  # opening it would create an empty one
-        rdb = rdb_storage(storage)
-        try:
-            trials = optuna.load_study(study_name=r.study_name, storage=rdb).get_trials()
-        finally:
-            rdb.engine.dispose()
+        rows = sources.kept("hpo_trials.json", r.model_dump(mode="json"),
+                            lambda: json.dumps(_read_trial_rows(r, storage)).encode())  # fmt: skip
     except (KeyError, OSError, SQLAlchemyError) as exc:
         sources.missing(section, "the trials", f"Optuna study {r.study_name} in {r.storage}", exc)
         return []
+    return json.loads(rows or b"[]")
+
+
+def _read_trial_rows(r: HPOSearchResult, storage: str) -> list[list[str]]:
+    import optuna
+
+    from trainflow.core.tuning.study import rdb_storage
+
+    if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_file():
+        raise FileNotFoundError("no such database file")  # opening it would create an empty one
+    rdb = rdb_storage(storage)
+    try:
+        trials = optuna.load_study(study_name=r.study_name, storage=rdb).get_trials()
+    finally:
+        rdb.engine.dispose()
     better = min if r.direction == "minimize" else max
     best: float | None = None
     rows = []

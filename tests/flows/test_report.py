@@ -170,6 +170,35 @@ def test_a_skipped_stage_says_why_and_cached_ones_say_so(project: Project, run: 
     assert not (project.root / "no-compress" / "report_files" / "compress_pareto.png").exists()
 
 
+def test_a_cached_rerun_reads_back_what_the_report_made_and_reports_itself(
+    project: Project, run: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fully cached re-run's report draws no plot and opens no study (each fails here if made again): they come
+    back from the store, while the ids and the cached statuses are the re-run's own."""
+
+    def made_again(*args: Any) -> bytes:
+        raise AssertionError("made again for unchanged inputs")
+
+    monkeypatch.setattr("trainflow.core.report.results.training_curves_png", made_again)
+    monkeypatch.setattr("trainflow.core.report.sections.importances_png", made_again)
+    monkeypatch.setattr("trainflow.core.report.sections._read_trial_rows", made_again)
+
+    again = project.run(out="again")
+
+    assert all(info["cached"] for info in again["stages"].values())
+    first, second = project.root / "out", project.root / "again"
+    by_title, before = sections((second / "report.md").read_text()), sections((first / "report.md").read_text())
+    assert again["mlflow_run_id"] in by_title["Run"] and run["mlflow_run_id"] not in by_title["Run"]
+    assert again["prefect_flow_run_id"] in by_title["Run"]
+    assert {row[2] for row in table(by_title["Run"], "stage")} == {"yes"}
+    assert by_title["Training"].lstrip().startswith("cached:")
+    assert table(by_title["Hyperparameter search"], "trial") == table(before["Hyperparameter search"], "trial")
+    images = sorted(p.name for p in (second / "report_files").iterdir())
+    assert "training_curves.png" in images and images == sorted(p.name for p in (first / "report_files").iterdir())
+    for name in images:
+        assert (second / "report_files" / name).read_bytes() == (first / "report_files" / name).read_bytes()
+
+
 def test_the_summary_is_one_content_as_text_and_markdown(run: dict[str, Any]) -> None:
     """What `trainflow run` prints and the Prefect artifact shows, with a password planted in a URL."""
     summary = json.loads(json.dumps(run))
