@@ -23,7 +23,6 @@ from prefect.filesystems import WritableFileSystem
 from pydantic import PrivateAttr
 
 from trainflow.core.config import StoreConfig
-from trainflow.core.errors import StoreError
 from trainflow.core.storage.s3 import S3Store
 from trainflow.core.storage.store import open_store
 
@@ -66,15 +65,12 @@ class StoreResultStorage(WritableFileSystem):
         return await anyio.to_thread.run_sync(self.write_path, path, content)
 
     def delete_path(self, path: str) -> None:
-        """Remove the record from the bucket and this machine's cache (a stale record: its artifacts are gone)."""
-        store, key = self._s3(), f"{RECORDS}/{path}"
-        uri = self._uri(path)
-        object_key = f"{store.prefix}/{key}" if store.prefix else key
-        try:
-            store.client.delete_object(Bucket=store.bucket, Key=object_key)
-        except Exception as exc:
-            raise StoreError(f"{uri}: cannot delete the stale cache record ({type(exc).__name__})") from None
-        (store.cache_root / key).unlink(missing_ok=True)
+        """Remove the record from the bucket and this machine's cache (a stale record: its artifacts are gone).
+
+        Raises:
+            StoreError: the request failed (naming the record and the cause).
+        """
+        self._s3().delete(f"{RECORDS}/{path}")
 
 
 def saved_result_storage(store: StoreConfig) -> StoreResultStorage:

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trainflow.core.errors import StoreError
+from trainflow.core.storage.files import folder_problem, sha256_file, write_atomic
 from trainflow.core.storage.s3_errors import describe, is_retryable, is_unreachable
 from trainflow.core.storage.s3_names import key_problem, split_s3_uri
-from trainflow.core.storage.store import folder_problem, sha256_file, write_atomic
 
 if TYPE_CHECKING:
     from trainflow.core.config.sections import StoreConfig
@@ -162,7 +162,7 @@ class S3Store:
         self._retrying(attempt, f"{uri}: upload of {src}")
         log.debug("%s: uploaded %d bytes", uri, size)
 
-    def _download(self, object_key: str, uri: str, path: Path, size: int, sha: str | None) -> None:
+    def _download(self, object_key: str, uri: str, path: Path, size: int, sha: str | None) -> str:
         from boto3.s3.transfer import TransferConfig
 
         part = self.settings.multipart_threshold_mb * MiB
@@ -182,10 +182,13 @@ class S3Store:
                     raise _Mismatch("downloaded content does not match the object's sha256")
                 os.replace(tmp, path)
                 self._remember(path, digest)
+                downloaded.append(digest)
             finally:
                 tmp.unlink(missing_ok=True)
 
+        downloaded: list[str] = []
         self._retrying(attempt, f"{uri}: download")
+        return downloaded[-1]
 
     def _retrying(self, attempt: Any, what: str) -> None:
         """Run `attempt` up to FILE_ATTEMPTS times with backoff while its failure is transient."""
@@ -289,6 +292,23 @@ class S3Store:
         self._hashes[path] = ((st.st_size, st.st_mtime_ns, st.st_ino), digest)
 
     # ---- listing (checkpoints)
+    def head(self, key: str) -> dict[str, Any] | None:
+        """The object `key`'s HEAD answer (ContentLength, ETag, Metadata), or None when there is no such object.
+
+        Raises:
+            StoreError: the request failed.
+        """
+        return self._head(self._object_key(key), self.uri_for(key))
+
+    def download(self, key: str, path: Path, size: int) -> str:
+        """Fetch the object `key` (of `size` bytes) into `path`: a temp file, checked, then renamed; whole-file
+        retries on transient faults. Returns the file's sha256.
+
+        Raises:
+            StoreError: the download failed.
+        """
+        return self._download(self._object_key(key), self.uri_for(key), path, size, None)
+
     def list_keys(self, prefix_key: str) -> list[str]:
         """Store keys of the objects under the key folder `prefix_key` (e.g. a stage's checkpoints), sorted.
 

@@ -12,18 +12,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 from trainflow.core.config.sections import StoreConfig
 from trainflow.core.errors import DataError, StoreError
-from trainflow.core.storage.s3 import BACKOFF_S, FILE_ATTEMPTS, S3Store
-from trainflow.core.storage.s3_errors import describe, is_retryable
+from trainflow.core.storage.files import write_atomic
+from trainflow.core.storage.s3 import S3Store
 from trainflow.core.storage.s3_names import key_problem, split_s3_uri
-from trainflow.core.storage.store import sha256_file, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +55,12 @@ def fetch_dataset(uri: str, settings: StoreConfig | None, field: str = "data.pat
         raise DataError(f"{field}: {problem}")
     bucket, key = split_s3_uri(uri)
     store = _store(bucket, settings)
-    endpoint = store.settings.endpoint_url or "AWS S3"
-    head = _head(store, key, uri, field, endpoint)
+    try:
+        head = store.head(key)
+    except StoreError as exc:
+        raise StoreError(f"{field}: {exc}") from None
+    if head is None:
+        raise DataError(f"{field}: {uri} not found (no such object)")
     etag, size = head["ETag"], head["ContentLength"]
     root = Path(store.settings.cache_dir).expanduser().resolve() / "s3-data" / bucket
     path = root / key
@@ -68,9 +69,8 @@ def fetch_dataset(uri: str, settings: StoreConfig | None, field: str = "data.pat
         log.debug("%s: cached copy is current (ETag %s)", uri, etag)
         return path
     log.info("%s: downloading %d bytes into %s", uri, size, path)
-    _download(store, key, uri, path, size, endpoint)
-    meta = {"etag": etag, "size": size, "sha256": sha256_file(path)}
-    write_atomic(meta_path, json.dumps(meta).encode())
+    sha256 = store.download(key, path, size)
+    write_atomic(meta_path, json.dumps({"etag": etag, "size": size, "sha256": sha256}).encode())
     return path
 
 
@@ -83,40 +83,6 @@ def _store(bucket: str, settings: StoreConfig | None) -> S3Store:
         if name not in _stores:
             _stores[name] = S3Store(bucket_settings)
         return _stores[name]
-
-
-def _head(store: S3Store, key: str, uri: str, field: str, endpoint: str) -> dict[str, Any]:
-    from botocore.exceptions import ClientError
-
-    try:
-        return store.client.head_object(Bucket=store.bucket, Key=key)  # type: ignore[no-any-return]
-    except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-            raise DataError(f"{field}: {uri} not found (no such object)") from None
-        raise StoreError(f"{field} {uri}: {describe(exc, store.bucket, endpoint)}") from None
-    except Exception as exc:
-        raise StoreError(f"{field} {uri}: {describe(exc, store.bucket, endpoint)}") from None
-
-
-def _download(store: S3Store, key: str, uri: str, path: Path, size: int, endpoint: str) -> None:
-    """Download to a temp file beside `path`, check its size, rename; whole-file retries on transient faults."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.part-{os.getpid()}-{threading.get_ident()}")
-    for number in range(1, FILE_ATTEMPTS + 1):
-        try:
-            store.client.download_file(store.bucket, key, str(tmp))
-            if tmp.stat().st_size != size:
-                raise OSError(f"downloaded {tmp.stat().st_size} bytes, the object has {size}")
-            os.replace(tmp, path)
-            return
-        except Exception as exc:
-            retry = isinstance(exc, OSError) or is_retryable(exc)
-            if number == FILE_ATTEMPTS or not retry:
-                raise StoreError(f"{uri}: download failed: {describe(exc, store.bucket, endpoint)}") from None
-            log.warning("%s: download failed (%s); try %d of %d", uri, type(exc).__name__, number + 1, FILE_ATTEMPTS)
-            time.sleep(BACKOFF_S * 2 ** (number - 1))
-        finally:
-            tmp.unlink(missing_ok=True)
 
 
 def _meta(path: Path) -> dict[str, Any] | None:
