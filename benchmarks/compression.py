@@ -35,12 +35,13 @@ from typing import Any
 
 from machine import cpu_model, load_average  # benchmarks/machine.py (scripts run from here)
 
-from trainflow.core.compress import TrainingSetup, compress
+from trainflow.core.compress import compress
 from trainflow.core.config import config_from_dict
 from trainflow.core.prepare_data import prepare_data
 from trainflow.core.records import CompressResult
 from trainflow.core.storage.store import LocalStore
 from trainflow.core.train import train
+from trainflow.core.training.spec import TrainingSpec
 
 COMPRESS = {
     "distillation": {"width": 0.4},
@@ -78,9 +79,8 @@ def run(workload: str, seed: int, root: Path) -> CompressResult:
     config = config_from_dict(WORKLOADS[workload] | {"seed": seed})
     store = LocalStore(root / f"{workload}-{seed}")
     data = prepare_data(config.data, seed, store)
-    trained = train(config.model, config.optim, config.train, config.data.loader, seed, data, store, "train")
-    setup = TrainingSetup(config.optim, config.train, config.data.loader, seed)
-    return compress(config.compress, config.model, setup, data, trained, store, "compress")
+    spec = TrainingSpec.of(config, data)
+    return compress(config.compress, spec, train(spec, store, "train"), store, "compress")
 
 
 def goals(result: CompressResult) -> dict[str, float | None]:

@@ -10,7 +10,7 @@ effective batch on both sides alike). Models: the digits CNN and a small GPT (2 
   `torch.set_num_threads(cores)`, each rank with cores/N (OMP_NUM_THREADS, which the ranks inherit: torch's
   `elastic_launch` API, unlike the `torchrun` CLI, does not default it to 1; a warm-up probe with it unset shows
   what ranks get by default). A callback on the main rank reports the threads a rank actually runs with.
-- samples/s: `FolderFit.fit.samples_per_s` (global, over the training steps, evaluation excluded); tokens/s for
+- samples/s: `TrainResult.samples_per_s` (global, over the training steps, evaluation excluded); tokens/s for
   the GPT = samples/s x seq_len. start-up s = wall time of the whole `fit_in_folder` call minus the steps' time
   (samples trained / samples/s): process launch, imports, rendezvous, model build, evaluation and the final
   save; the launched side pays the first four on top of what the 1-process side pays.
@@ -51,8 +51,9 @@ from trainflow.core.records import PrepareDataResult
 from trainflow.core.storage.store import LocalStore
 from trainflow.core.training.callbacks import Callback
 from trainflow.core.training.checkpoint import FINAL, load_checkpoint
+from trainflow.core.training.fit import fit_in_folder
 from trainflow.core.training.optim import import_optimizer_dependencies
-from trainflow.core.training.run import fit_in_folder
+from trainflow.core.training.spec import TrainingSpec
 
 SEQ_LEN, BATCH = 64, 32  # B: the micro-batch of each of the N processes; the 1-process side runs N*B
 MODELS = {
@@ -160,15 +161,15 @@ class Bench:
         data, probe_file = self.data[label], self.root / f"{key}.json"
         with _omp_threads(str(self.per_rank) if omp == "" else omp):
             started = time.time()
-            done = fit_in_folder(cfg.model, cfg.optim, cfg.train, cfg.data.loader, cfg.seed, data, self.store, key,
+            done = fit_in_folder(TrainingSpec.of(cfg, data), self.store, key,
                                  callbacks=[Probe(probe_file)])  # fmt: skip
             wall = time.time() - started
         facts = json.loads(probe_file.read_text())
-        assert done.facts["world_size"] == world and done.fit.steps == steps, (done.facts, done.fit)
-        steps_s = facts["samples"] / done.fit.samples_per_s
+        assert done.world_size == world and done.steps == steps, done
+        steps_s = facts["samples"] / done.samples_per_s
         weights = load_checkpoint(self.store.workdir(key) / FINAL)["model"]
-        return Run(done.fit.samples_per_s, wall, wall - steps_s, facts["fit_started"] - started, facts["threads"],
-                   done.fit.steps, weights)  # fmt: skip
+        return Run(done.samples_per_s, wall, wall - steps_s, facts["fit_started"] - started, facts["threads"],
+                   done.steps, weights)  # fmt: skip
 
     def pair(self, label: str, accum: int, rounds: int) -> list[str]:
         steps = max(4, STEPS[label] // 10) if self.quick else STEPS[label]

@@ -59,8 +59,8 @@ if __name__ == "__main__":  # Not in hpo_search's spawned workers, which re-impo
     from trainflow.core.prepare_data import prepare_data
     from trainflow.core.records import HPOSearchResult, PrepareDataResult
     from trainflow.core.storage.store import LocalStore
-    from trainflow.core.storage.tracking import ParentRun, Tracker
-    from trainflow.core.tuning.apply import tuning_view
+    from trainflow.core.tracking.runs import RunLogger, Tracker
+    from trainflow.core.tuning.plan import lr_range_test_spec, search_spec
     from trainflow.core.tuning.study import tpe_startup_trials
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
@@ -220,16 +220,18 @@ def _search(
 ) -> tuple[HPOSearchResult, float]:
     """The range test (if asked) and the search, as flows/pipeline.py calls them, trials as child runs of a
     parent run; returns the search's result and the range test's seconds."""
-    train_cfg = tuning_view(cfg.train)
     lr_test, lr_test_s = None, 0.0
     if range_test:
         started = time.perf_counter()
-        lr_test = lr_range_test(cfg.tune.lr_range_test, cfg.model, cfg.optim, train_cfg, cfg.data.loader, cfg.seed,
-                                data, store, f"{key}/lr_range_test")  # fmt: skip
+        lr_spec = lr_range_test_spec(cfg, data)
+        assert lr_spec is not None, "the strategy's config runs the range test"
+        lr_test = lr_range_test(cfg.tune.lr_range_test, lr_spec, store, f"{key}/lr_range_test")
         lr_test_s = time.perf_counter() - started
-    parent = ParentRun(tracker.uri, tracker.experiment_id, tracker.client.create_run(tracker.experiment_id).info.run_id)
-    result = hpo_search(cfg.tune.hpo, cfg.data, cfg.model, cfg.optim, train_cfg, cfg.seed, data, lr_test, store,
-                        f"{key}/hpo_search", parent)  # fmt: skip
+    parent = RunLogger(tracker.client, tracker.client.create_run(tracker.experiment_id).info.run_id,
+                       tracker.experiment_id)  # fmt: skip
+    spec = search_spec(cfg, data, lr_test)
+    assert spec is not None, "the search is enabled"
+    result = hpo_search(cfg.tune.hpo, spec, lr_test, store, f"{key}/hpo_search", parent)
     return result, lr_test_s
 
 

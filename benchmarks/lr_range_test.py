@@ -53,7 +53,7 @@ from trainflow.core.records import PrepareDataResult
 from trainflow.core.storage.store import LocalStore
 from trainflow.core.training.builder import build_trainer
 from trainflow.core.training.callbacks import Callback
-from trainflow.core.tuning.apply import tuning_view
+from trainflow.core.training.spec import TrainingSpec
 from trainflow.core.tuning.lr_finder import LRCurve, lr_sweep
 
 GRID = tuple(10 ** (k / 4) for k in range(-16, -3))  # quarter decades: 1e-4, 1.8e-4, 3.2e-4, 5.6e-4, ... 1e-1
@@ -220,7 +220,8 @@ def _short_test(cfg: Config) -> Any:
 
 
 def _range_test(cfg: Config, data: PrepareDataResult, store: LocalStore, store_key: str) -> SeedResult:
-    """The stage as the pipeline calls it (training settings through tuning_view), timed, and its sweep timed inside."""
+    """The stage as the pipeline calls it (the spec's loop settings at their defaults), timed, and its sweep timed
+    inside."""
     sweep_s = []
 
     def timed_sweep(*args: Any, **kwargs: Any) -> LRCurve:
@@ -231,8 +232,8 @@ def _range_test(cfg: Config, data: PrepareDataResult, store: LocalStore, store_k
 
     started = time.perf_counter()
     with mock.patch.object(trainflow.core.lr_range_test, "lr_sweep", timed_sweep):  # wraps the stage's own call, timed
-        result = lr_range_test(cfg.tune.lr_range_test, cfg.model, cfg.optim, tuning_view(cfg.train),
-                               cfg.data.loader, cfg.seed, data, store, store_key)  # fmt: skip
+        spec = TrainingSpec.of(cfg, data, lr=cfg.tune.lr_range_test.min_lr).for_tuning()
+        result = lr_range_test(cfg.tune.lr_range_test, spec, store, store_key)
     seconds = time.perf_counter() - started
     return SeedResult(seconds, sum(sweep_s), result.num_steps_run, result.diverged, result.suggestions)
 
@@ -242,7 +243,7 @@ def _train(cfg: Config, data: PrepareDataResult, store: LocalStore, lr: float) -
     started = time.perf_counter()
     best = _BestValLoss()
     try:
-        trainer = build_trainer(cfg.model, cfg.optim, cfg.train, cfg.data.loader, cfg.seed, data, store, [best], lr=lr)
+        trainer = build_trainer(TrainingSpec.of(cfg, data, lr=lr), store, [best])
         last = trainer.fit().last_metrics["val/loss"]
     except TrainingError as exc:  # non-finite gradients too many steps in a row: the LR is too high
         print(f"  lr {lr:.3g}, seed {cfg.seed}: {exc}")

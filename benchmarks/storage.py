@@ -41,6 +41,7 @@ from trainflow.core.storage.store import ArtifactStore, LocalStore, open_store
 from trainflow.core.train import train
 from trainflow.core.training import run as run_module
 from trainflow.core.training.callbacks import Callback
+from trainflow.core.training.spec import TrainingSpec
 from trainflow.core.training.trainer import Trainer
 
 MB = 1_000_000
@@ -131,7 +132,7 @@ def loop_figures(endpoint: str, root: Path, rounds: int, every: int) -> None:
         run_module.BackgroundUploads = _Blocking if mode == "blocking" else uploads_module.BackgroundUploads  # type: ignore[misc]
         clock = _LoopClock()
         started = time.perf_counter()
-        result = train(cfg.model, cfg.optim, cfg.train, cfg.data.loader, cfg.seed, data[mode], stores[mode], key,
+        result = train(TrainingSpec.of(cfg, data[mode]), stores[mode], key,
                        callbacks=[clock])  # fmt: skip
         assert result.resumed_from_step is None
         return clock.ended - clock.started, time.perf_counter() - started

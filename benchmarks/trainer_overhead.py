@@ -48,9 +48,10 @@ from trainflow.core.config import Config, StoreConfig, config_from_dict
 from trainflow.core.prepare_data import prepare_data
 from trainflow.core.records import PrepareDataResult
 from trainflow.core.storage.store import LocalStore
-from trainflow.core.storage.tracking import Tracker
+from trainflow.core.tracking.runs import Tracker
 from trainflow.core.train import train
 from trainflow.core.training.optim import import_optimizer_dependencies
+from trainflow.core.training.spec import TrainingSpec
 from trainflow.tasks.context import StageContext, log_result, stage_run
 
 LOOP_GOAL, STAGE_GOALS = 0.95, {20: 0.85, 100: 0.97}
@@ -119,7 +120,10 @@ def _config(row: Row, epochs: int, seed: int, root: Path) -> Config:
         "seed": seed,
         "optim": {"lr": 3e-3},
         "train": {"max_epochs": epochs, "early_stopping": {"patience": epochs + 1}},
-        "evaluate": {"latency_iters": 5, "throughput_batches": 1},
+        "compress": {
+            "enabled": False,
+            "measure": {"warmup": 1, "latency_calls": 20, "rounds": 1, "throughput_calls": 1},
+        },
         "publish": {"log_mlflow_model": False},
         "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "trainer_overhead"},
         "store": {"uri": str(root / "artifacts")},
@@ -153,11 +157,9 @@ def _loop_row(row: Row, root: Path, rounds: int, quick: bool) -> str:
 def _engine_fit(cfg: Config, data: PrepareDataResult, store: LocalStore, ctx: StageContext, key: str) -> Sample:
     """tasks/train.py's body without Prefect: child run and params, fit, record, end of run."""
     started = time.perf_counter()
-    params = {"model": cfg.model.model_dump(mode="json"), "optim": cfg.optim.model_dump(mode="json"),
-              "train": cfg.train.model_dump(mode="json"), "seed": cfg.seed}  # fmt: skip
-    with stage_run(ctx, "train", params) as run:
-        result = train(cfg.model, cfg.optim, cfg.train, cfg.data.loader, cfg.seed, data, store, key, logger=run,
-                       run_id=run.run_id)  # fmt: skip
+    spec = TrainingSpec.of(cfg, data)
+    with stage_run(ctx, "train", spec.sections()) as run:
+        result = train(spec, store, key, logger=run, run_id=run.run_id)
         log_result(run, result)
     seconds = time.perf_counter() - started
     return Sample(seconds, _samples(data, cfg), result.steps, result.best_val_loss)

@@ -20,7 +20,8 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,64 +32,54 @@ from trainflow.core.compression.plan import check_student, plan_formats
 from trainflow.core.compression.pruning import StructuredPruner, prune_unstructured
 from trainflow.core.compression.report import csv_table, markdown_table, pareto_png, recommend, table_rows
 from trainflow.core.compression.variants import Base, BuildContext, build_variant
-from trainflow.core.config import CompressConfig, LoaderConfig, ModelConfig, OptimConfig, TrainConfig
+from trainflow.core.config import CompressConfig
 from trainflow.core.data.prepared import load_splits
 from trainflow.core.errors import ConfigError
-from trainflow.core.models import build_model
 from trainflow.core.records import CompressedVariant, CompressResult, PrepareDataResult, TrainResult
 from trainflow.core.storage.store import ArtifactStore
 from trainflow.core.training.callbacks import Callback, MetricLogger
-from trainflow.core.training.checkpoint import load_checkpoint
+from trainflow.core.training.checkpoint import trained_model
+from trainflow.core.training.fit import fit_in_folder
 from trainflow.core.training.precision import resolve_device
-from trainflow.core.training.run import fit_in_folder
+from trainflow.core.training.spec import TrainingSpec
 from trainflow.core.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
-LoggerFor = Callable[[str], MetricLogger | None]  # a logger for a training inside the stage, by name
-
-
-@dataclass(frozen=True)
-class TrainingSetup:
-    """What a fine-tune or a student trains with: the main run's tuned sections."""
-
-    optim: OptimConfig
-    train: TrainConfig
-    loader: LoaderConfig
-    seed: int
+LoggerFor = Callable[[str], AbstractContextManager[MetricLogger | None]]  # a training's run inside the stage, by name
 
 
 def compress(
     cfg: CompressConfig,
-    model_cfg: ModelConfig,
-    setup: TrainingSetup,
-    data: PrepareDataResult,
+    spec: TrainingSpec,
     trained: TrainResult,
     store: ArtifactStore,
     store_key: str,
-    logger_for: LoggerFor = lambda name: None,
+    logger_for: LoggerFor = lambda name: nullcontext(),
 ) -> CompressResult:
     """Build, measure and compare the configured variants of the trained model.
+
+    Fine-tunes and the student train `spec` (the main run's tuned training), each in its own store folder so a
+    killed run resumes where it stopped, and each logged where `logger_for(name)` says.
 
     Raises:
         ConfigError: the compress section does not fit this model (checked before any work).
     """
-    plan = plan_formats(cfg, model_cfg, setup.train)
-    check_student(cfg, model_cfg, data.spec)
+    data = spec.data
+    plan = plan_formats(cfg, spec.model, spec.train)
+    check_student(cfg, spec.model, data.spec)
     splits = load_splits(store.local_path(data.uri), data.spec)
     test = held_out(splits, data.spec.task, data.spec.seq_len)
-    teacher = build_model(model_cfg, data.spec)
-    teacher.load_state_dict(load_checkpoint(store.local_path(trained.checkpoint_uri))["model"])
-    teacher.eval()
+    teacher = trained_model(spec, store, trained.checkpoint_uri)
     folder = store.workdir(f"{store_key}/variants")
     ctx = BuildContext(folder, torch.from_numpy(test.x[:1]), _calibration(splits.x["train"], cfg, data),
-                       cfg.measure.threads, plan.onnx_int8, plan.half, resolve_device(setup.train.device))  # fmt: skip
-    fit = _Fitter(model_cfg, setup, data, store, store_key, logger_for)
+                       cfg.measure.threads, plan.onnx_int8, plan.half, resolve_device(spec.train.device))  # fmt: skip
+    fit = _Fitter(spec, store, store_key, logger_for)
 
     bases: dict[str, Base | str] = {"fp32": Base("fp32", teacher, "the trained model, eager PyTorch")}
     builders = {"pruned": (cfg.pruning.enabled, lambda: _pruned(teacher, cfg, fit)),
                 "pruned_structured": (plan.structured, lambda: _structured(teacher, cfg, ctx, fit)),
-                "distilled": (plan.distill, lambda: _distilled(teacher, cfg, model_cfg, data, fit))}  # fmt: skip
+                "distilled": (plan.distill, lambda: _distilled(teacher, cfg, fit))}  # fmt: skip
     for name, (enabled, build) in builders.items():
         if enabled:
             bases[name] = _attempt(name, build)
@@ -140,28 +131,28 @@ def compress(
 
 # ------------------------------------------------------------------------------------ the bases
 class _Fitter:
-    """Trains inside the stage (fine-tunes, the student) with the main run's features, each in its own
-    store folder so a killed run resumes where it stopped."""
+    """Trains inside the stage (fine-tunes, the student) with the main run's tuned training for `epochs`, each in
+    its own store folder and tracked run."""
 
-    def __init__(self, model_cfg: ModelConfig, setup: TrainingSetup, data: PrepareDataResult, store: ArtifactStore,
-                 store_key: str, logger_for: LoggerFor):  # fmt: skip
-        self.model_cfg, self.setup, self.data, self.store = model_cfg, setup, data, store
-        self.store_key, self.logger_for = store_key, logger_for
+    def __init__(self, spec: TrainingSpec, store: ArtifactStore, store_key: str, logger_for: LoggerFor):
+        self.spec, self.store, self.store_key, self.logger_for = spec, store, store_key, logger_for
 
     def __call__(
-        self, name: str, epochs: int, model: torch.nn.Module | None = None, model_cfg: ModelConfig | None = None,
-        **options: object,
+        self, name: str, epochs: int, model: torch.nn.Module | None = None, spec: TrainingSpec | None = None,
+        **options: Any,
     ) -> tuple[torch.nn.Module, dict[str, object]]:  # fmt: skip
-        s = self.setup
-        train_cfg = s.train.model_copy(
-            update={"max_epochs": epochs, "max_steps": None, "distributed": s.train.distributed.on_this_machine()}
+        """The trained model (`model` itself when given, else `spec`'s) on the CPU, and the fit's facts."""
+        spec = spec or self.spec
+        train = spec.train.model_copy(
+            update={"max_epochs": epochs, "max_steps": None, "distributed": spec.train.distributed.on_this_machine()}
         )
-        run = fit_in_folder(model_cfg or self.model_cfg, s.optim, train_cfg, s.loader, s.seed, self.data, self.store,
-                            f"{self.store_key}/{name}", logger=self.logger_for(name), model=model, **options)  # type: ignore[arg-type]  # fmt: skip
-        trained = run.model.to("cpu").eval()
-        facts = {"epochs": run.fit.epochs_run, "steps": run.fit.steps, "stop_reason": run.fit.stop_reason.value,
-                 "resumed_from_step": run.resumed_from, "best_val": run.best_metrics}  # fmt: skip
-        return trained, facts
+        spec = spec.model_copy(update={"train": train})
+        with self.logger_for(name) as logger:
+            record = fit_in_folder(spec, self.store, f"{self.store_key}/{name}", logger, model=model, **options)
+        trained = model if model is not None else trained_model(spec, self.store, record.checkpoint_uri)
+        facts = {"epochs": record.epochs_run, "steps": record.steps, "stop_reason": record.stop_reason,
+                 "resumed_from_step": record.resumed_from_step, "best_val": record.best_metrics}  # fmt: skip
+        return trained.to("cpu").eval(), facts
 
 
 class _KeepZeros(Callback):
@@ -214,14 +205,12 @@ def _structured(teacher: torch.nn.Module, cfg: CompressConfig, ctx: BuildContext
     return Base("pruned_structured", model.eval(), note, {"rounds": rounds})
 
 
-def _distilled(
-    teacher: torch.nn.Module, cfg: CompressConfig, model_cfg: ModelConfig, data: PrepareDataResult, fit: _Fitter
-) -> Base:
+def _distilled(teacher: torch.nn.Module, cfg: CompressConfig, fit: _Fitter) -> Base:
     d = cfg.distillation
-    student_cfg = d.student or student_config(model_cfg, d.width)
-    epochs = d.max_epochs or fit.setup.train.max_epochs
+    student_cfg = d.student or student_config(fit.spec.model, d.width)
+    epochs = d.max_epochs or fit.spec.train.max_epochs
     loss = DistillationLoss(teacher, alpha=d.alpha, temperature=d.temperature)
-    model, facts = fit("distilled", epochs, model_cfg=student_cfg, loss=loss)
+    model, facts = fit("distilled", epochs, spec=fit.spec.with_model(student_cfg), loss=loss)
     note = f"student {student_cfg.model_dump(exclude_defaults=True)}, alpha {d.alpha}, T {d.temperature}"
     return Base("distilled", model, note, {"student": student_cfg.model_dump(mode="json"), "fit": facts})
 
@@ -241,13 +230,10 @@ def _attempt(name: str, build: Callable[[], Base]) -> Base | str:
 def _measure(
     candidates: list[Candidate], test: HeldOut, cfg: CompressConfig, store: ArtifactStore, store_key: str
 ) -> list[CompressedVariant]:
-    m = cfg.measure
-    out = []
-    with fixed_threads(m.threads):
+    with fixed_threads(cfg.measure.threads):
         metrics = {c.name: task_metrics(c.predict, test) for c in candidates}
-        batch = _serving_batch(test.x, m.serving_batch)
-        speeds = measure_speed(candidates, test.x[:1], batch, m.warmup, m.latency_calls, m.rounds,
-                               m.throughput_calls, m.threads)  # fmt: skip
+    speeds = measure_speed({c.name: c.predict for c in candidates}, test.x, cfg.measure)
+    out = []
     for c in candidates:
         speed = speeds[c.name]
         uri = store.put_file(c.path, f"{store_key}/variants/{c.path.name}")
@@ -258,11 +244,6 @@ def _measure(
             metrics=metrics[c.name], details=_jsonable(c.details),
         ))  # fmt: skip
     return out
-
-
-def _serving_batch(x: np.ndarray, size: int) -> np.ndarray:
-    """`size` test inputs, repeated when the test split is smaller (throughput needs a full batch)."""
-    return x[np.arange(size) % len(x)]
 
 
 def _calibration(x_train: np.ndarray, cfg: CompressConfig, data: PrepareDataResult) -> np.ndarray:

@@ -1,9 +1,10 @@
-"""The evaluate stage: test-set metrics (scikit-learn for classification, perplexity for language
-models), batch-1 latency percentiles, throughput at the training batch size, parameter count and
-serialized size.
+"""The evaluate stage: test-set metrics (scikit-learn for classification, perplexity for language models) on
+the training's device, then batch-1 latency percentiles and serving-batch throughput measured the compress
+stage's way (eager PyTorch on the CPU, `compress.measure`'s threads and calls: its fp32 row), parameter count
+and serialized size.
 
-Builds on core/training/: metrics.py (the evaluation pass), builder.py (loaders over the prepared
-data), checkpoint.py (loading the trained weights).
+Builds on core/training/: metrics.py (the evaluation pass), builder.py (loaders over the prepared data),
+checkpoint.py (the trained weights); core/compression/measure.py (the one latency and throughput harness).
 """
 
 from __future__ import annotations
@@ -11,70 +12,57 @@ from __future__ import annotations
 import io
 import logging
 import math
-import time
-from contextlib import AbstractContextManager
 
 import numpy as np
 import torch
 from torch import nn
 
-from trainflow.core.config import EvaluateConfig, LoaderConfig, ModelConfig, TrainConfig
-from trainflow.core.models import build_model
-from trainflow.core.records import EvaluateResult, PrepareDataResult, TrainResult
+from trainflow.core.compression.measure import held_out, measure_speed
+from trainflow.core.compression.variants import torch_predict
+from trainflow.core.config import MeasureConfig
+from trainflow.core.data.prepared import load_splits
+from trainflow.core.records import EvaluateResult, TrainResult
 from trainflow.core.storage.store import ArtifactStore
 from trainflow.core.training.builder import prepared_loaders
-from trainflow.core.training.checkpoint import load_checkpoint
+from trainflow.core.training.checkpoint import trained_model
 from trainflow.core.training.metrics import classification_metrics, eval_pass, perplexity
 from trainflow.core.training.precision import autocast_context, resolve_device
+from trainflow.core.training.spec import TrainingSpec
 
 log = logging.getLogger(__name__)
 
 
 def evaluate(
-    cfg: EvaluateConfig,
-    model_cfg: ModelConfig,
-    train_cfg: TrainConfig,
-    loader_cfg: LoaderConfig,
-    seed: int,
-    data: PrepareDataResult,
-    trained: TrainResult,
-    store: ArtifactStore,
-    store_key: str,
+    spec: TrainingSpec, measure: MeasureConfig, trained: TrainResult, store: ArtifactStore, store_key: str
 ) -> EvaluateResult:
     """Evaluate the trained weights on the test split (never seen by training or model selection)."""
-    device = resolve_device(train_cfg.device)
-    autocast = autocast_context(device, train_cfg.precision)
-    weights = store.local_path(trained.checkpoint_uri)
-    model = build_model(model_cfg, data.spec).to(device)
-    model.load_state_dict(load_checkpoint(weights)["model"])
-    model.eval()
+    data, device = spec.data, resolve_device(spec.train.device)
+    model = trained_model(spec, store, trained.checkpoint_uri)
+    batch = spec.train.batch_size if isinstance(spec.train.batch_size, int) else trained.micro_batch_size or 64
+    loaders = prepared_loaders(data, store, batch, spec.loader, spec.seed)
     task = data.spec.task
-    batch = train_cfg.batch_size if isinstance(train_cfg.batch_size, int) else trained.micro_batch_size or 64
-    loaders = prepared_loaders(data, store, batch, loader_cfg, seed)
-
-    result = eval_pass(model, loaders.test, device, autocast, collect=task == "classification")
+    result = eval_pass(model.to(device), loaders.test, device, autocast_context(device, spec.train.precision),
+                       collect=task == "classification")  # fmt: skip
     plots: list[str] = []
     if task == "classification":
         metrics = classification_metrics(result.targets, result.predictions, result.loss)
         png = _confusion_matrix_png(result.targets, result.predictions, data.spec.class_names)
         plots.append(store.put_bytes(png, f"{store_key}/confusion_matrix.png"))
     else:
-        metrics = {
-            "loss": result.loss,
-            "perplexity": perplexity(result.loss),
-            "bits_per_byte": result.loss / math.log(2),
-        }
+        bits_per_byte = result.loss / math.log(2)
+        metrics = {"loss": result.loss, "perplexity": perplexity(result.loss), "bits_per_byte": bits_per_byte}
 
-    sample, _ = next(iter(loaders.test))
-    latencies = _latencies_ms(model, sample[:1].to(device), autocast, device, cfg.latency_warmup, cfg.latency_iters)
-    throughput = _throughput(model, sample.to(device), autocast, device, cfg.throughput_batches)
-    log.info("evaluate: %s; latency p50 %.2f ms", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()), latencies[0])
+    model = model.to("cpu")  # the compress stage's fp32 row: eager PyTorch on the CPU
+    test = held_out(load_splits(store.local_path(data.uri), data.spec), task, data.spec.seq_len)
+    speed = measure_speed({"fp32": torch_predict(model)}, test.x, measure)["fp32"]
+    log.info("evaluate: %s; latency p50 %.2f ms", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()),
+             speed.latency_ms_p50)  # fmt: skip
     return EvaluateResult(
         metrics=metrics,
         n_test=data.n_test,
-        latency_ms_p50=latencies[0],
-        latency_ms_p95=latencies[1],
-        throughput_per_s=throughput,
+        latency_ms_p50=speed.latency_ms_p50,
+        latency_ms_p95=speed.latency_ms_p95,
+        throughput_per_s=speed.throughput,
         n_parameters=sum(p.numel() for p in model.parameters()),
         size_bytes=_serialized_size(model),
         plot_uris=plots,
@@ -98,44 +86,6 @@ def _confusion_matrix_png(y_true: np.ndarray, y_pred: np.ndarray, class_names: l
     figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     plt.close(figure)
     return buffer.getvalue()
-
-
-@torch.inference_mode()
-def _latencies_ms(
-    model: nn.Module,
-    x: torch.Tensor,
-    autocast: AbstractContextManager[object],
-    device: torch.device,
-    warmup: int,
-    iters: int,
-) -> tuple[float, float]:
-    """p50 and p95 of single-sample forward passes, each timed to completion."""
-    times = []
-    for i in range(warmup + iters):
-        started = time.perf_counter()
-        with autocast:
-            model(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i >= warmup:
-            times.append((time.perf_counter() - started) * 1000)
-    p50, p95 = np.percentile(times, [50, 95])
-    return float(p50), float(p95)
-
-
-@torch.inference_mode()
-def _throughput(
-    model: nn.Module, batch: torch.Tensor, autocast: AbstractContextManager[object], device: torch.device, calls: int
-) -> float:
-    with autocast:
-        model(batch)  # warm-up
-    started = time.perf_counter()
-    for _ in range(calls):
-        with autocast:
-            model(batch)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return calls * len(batch) / (time.perf_counter() - started)
 
 
 def _serialized_size(model: nn.Module) -> int:

@@ -21,19 +21,19 @@ from contextlib import contextmanager, suppress
 from dataclasses import replace
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from typing import Any
 
 import optuna
 
-from trainflow.core.config import DataConfig, FloatParam, HPOConfig, ModelConfig, OptimConfig, ParamSpec, TrainConfig
+from trainflow.core.config import HPOConfig
 from trainflow.core.data.spec import check_metric
-from trainflow.core.errors import ConfigError, TrainingError
-from trainflow.core.records import HPOSearchResult, LRRangeTestResult, PrepareDataResult
+from trainflow.core.errors import TrainingError
+from trainflow.core.records import HPOSearchResult, LRRangeTestResult
 from trainflow.core.storage.store import ArtifactStore
-from trainflow.core.storage.tracking import ParentRun
-from trainflow.core.storage.uris import without_password
-from trainflow.core.tuning.apply import lr_suggestion
-from trainflow.core.tuning.hpo_worker import Claim, WorkerSpec, has_worked, new_claim, run_worker, serve, stop_if_idle
+from trainflow.core.storage.uris import mask_secrets
+from trainflow.core.tracking.runs import RunLogger
+from trainflow.core.training.spec import TrainingSpec
+from trainflow.core.tuning.hpo_worker import Claim, SearchJob, has_worked, new_claim, run_worker, serve, stop_if_idle
+from trainflow.core.tuning.plan import resolve_space
 from trainflow.core.tuning.study import from_optuna, rdb_storage
 
 log = logging.getLogger(__name__)
@@ -41,19 +41,15 @@ log = logging.getLogger(__name__)
 
 def hpo_search(
     cfg: HPOConfig,
-    data_cfg: DataConfig,
-    model_cfg: ModelConfig,
-    optim_cfg: OptimConfig,
-    train_cfg: TrainConfig,
-    seed: int,
-    data: PrepareDataResult,
+    spec: TrainingSpec,
     lr_range: LRRangeTestResult | None,
     store: ArtifactStore,
     store_key: str,
-    parent_run: ParentRun | None = None,
+    parent_run: RunLogger | None = None,
 ) -> HPOSearchResult:
     """Run (or continue) the study until it holds `cfg.n_trials` trials; return the best parameters.
 
+    Every trial trains `spec` (`core.tuning.plan.search_spec`) with its drawn values, for the trial budget.
     With `parent_run` (the stage's MLflow run) every trial is logged as a child run of it.
 
     Raises:
@@ -62,22 +58,13 @@ def hpo_search(
         TrainingError: optim.lr needs the range test's suggestion and there is none; or no trial
             completed (the message carries the first failure).
     """
-    check_metric(cfg.metric, data.spec.task, "tune.hpo.metric")
+    check_metric(cfg.metric, spec.data.spec.task, "tune.hpo.metric")
     space, lr_bounds = resolve_space(cfg.space, lr_range)
-    sections = {"data": data_cfg, "model": model_cfg, "optim": optim_cfg, "train": train_cfg}
-    base: dict[str, Any] = {name: s.model_dump(mode="json") for name, s in sections.items()} | {"seed": seed}
-    if base["optim"]["lr"] == "auto":  # trials need a number: the suggestion, or the searched range's low
-        searched = space.get("optim.lr")
-        no_suggestion = lr_range is None or lr_range.suggested_lr is None
-        if isinstance(searched, FloatParam) and searched.low is not None and no_suggestion:
-            base["optim"]["lr"] = searched.low
-        else:
-            base["optim"]["lr"] = lr_suggestion(lr_range, "optim.lr: 'auto'", "set a value")
     storage = cfg.storage or f"sqlite:///{store.workdir('hpo') / 'optuna.db'}"
-    name = cfg.study_name or _study_name(cfg, base, data)
-    spec = WorkerSpec(cfg, space, base, data, store, storage, name, cfg.seed if cfg.seed is not None else seed,
-                      0, None, parent_run)  # fmt: skip
-    with _spawned_workers(spec, min(cfg.parallelism, cfg.n_trials) - 1) as release:  # they warm up meanwhile
+    name = cfg.study_name or _study_name(cfg, spec)
+    job = SearchJob(cfg, space, spec, store, storage, name, cfg.seed if cfg.seed is not None else spec.seed, 0, None,
+                    parent_run)  # fmt: skip
+    with _spawned_workers(job, min(cfg.parallelism, cfg.n_trials) - 1) as release:  # they warm up meanwhile
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # our log lines say what happens; Optuna's repeat them
         rdb = rdb_storage(storage)
         study = optuna.create_study(study_name=name, storage=rdb, direction=cfg.direction, load_if_exists=True)
@@ -89,7 +76,7 @@ def hpo_search(
         log.info("hpo_search: study %s has %d trials; running to %d with %d worker(s)", name, before, cfg.n_trials,
                  workers)  # fmt: skip
         release(workers - 1, threads)
-        run_worker(replace(spec, torch_threads=threads), storage=rdb)
+        run_worker(replace(job, torch_threads=threads), storage=rdb)
 
     study = optuna.load_study(study_name=name, storage=rdb)
     trials = study.get_trials(deepcopy=False)
@@ -104,7 +91,7 @@ def hpo_search(
     params = {path: from_optuna(value) for path, value in best.params.items()}
     return HPOSearchResult(
         study_name=name,
-        storage=without_password(storage),
+        storage=mask_secrets(storage),
         n_trials=len(trials),
         n_complete=len(complete),
         n_pruned=states.count(optuna.trial.TrialState.PRUNED),
@@ -120,23 +107,6 @@ def hpo_search(
     )
 
 
-def resolve_space(
-    space: dict[str, ParamSpec], lr_range: LRRangeTestResult | None
-) -> tuple[dict[str, ParamSpec], tuple[float, float] | None]:
-    """optim.lr without bounds becomes suggestion/10 .. suggestion*3, log-uniform."""
-    spec = space.get("optim.lr")
-    if not isinstance(spec, FloatParam) or (spec.low is not None and spec.high is not None):
-        return dict(space), None
-    suggestion = lr_suggestion(lr_range, "tune.hpo.space.optim.lr:", "set a value")
-    low, high = spec.low or suggestion / 10, spec.high or suggestion * 3
-    if low >= high:
-        raise ConfigError(
-            f"tune.hpo.space.optim.lr: low={low:g} is not below high={high:g}, the bound derived from the LR range "
-            f"test's suggestion {suggestion:.3g}; give both bounds or neither"
-        )
-    return space | {"optim.lr": FloatParam(type="float", low=low, high=high, log=True)}, (low, high)
-
-
 def _fail_interrupted(study: optuna.Study) -> None:
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
@@ -144,7 +114,7 @@ def _fail_interrupted(study: optuna.Study) -> None:
 
 
 @contextmanager
-def _spawned_workers(spec: WorkerSpec, count: int) -> Iterator[Callable[[int, int | None], None]]:
+def _spawned_workers(job: SearchJob, count: int) -> Iterator[Callable[[int, int | None], None]]:
     """Workers 1..count in spawned processes (their own interpreter and torch threads), started at once.
 
     A fresh process spends ~4-5 s of CPU on imports and first calls before its first training step (a
@@ -176,7 +146,7 @@ def _spawned_workers(spec: WorkerSpec, count: int) -> Iterator[Callable[[int, in
         for worker in range(1, count + 1):
             theirs, ours = context.Pipe(duplex=False)
             claim = new_claim(context)
-            process = context.Process(target=serve, args=(replace(spec, worker=worker), theirs, claim),
+            process = context.Process(target=serve, args=(replace(job, worker=worker), theirs, claim),
                                       name=f"hpo-worker-{worker}")  # fmt: skip
             process.start()
             theirs.close()
@@ -192,11 +162,11 @@ def _spawned_workers(spec: WorkerSpec, count: int) -> Iterator[Callable[[int, in
         raise TrainingError(f"hpo_search: worker processes {', '.join(sorted(set(failed)))} exited abnormally")
 
 
-def _study_name(hpo: HPOConfig, base: dict[str, Any], data: PrepareDataResult) -> str:
+def _study_name(hpo: HPOConfig, spec: TrainingSpec) -> str:
     """Same config, same study: a re-run continues it. Budget and parallelism are not part of it."""
     identity = {"hpo": hpo.model_dump(mode="json", include={"space", "sampler", "pruner", "max_epochs_per_trial",
                                                             "max_steps_per_trial", "metric", "direction", "seed"}),
-                "base": base, "data": data.fingerprint}  # fmt: skip
+                "base": spec.sections(), "data": spec.data.fingerprint}  # fmt: skip
     return "trainflow-" + hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
 
 

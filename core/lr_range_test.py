@@ -2,7 +2,7 @@
 AMP and accumulation included), pick a learning rate by the configured rule, and plot the curve.
 
 Builds on core/tuning/lr_finder.py (the sweep and the rules) and core/training/builder.py (the
-Trainer whose step it runs). Whether it runs at all: core/tuning/apply.py `lr_range_test_plan`.
+Trainer whose step it runs). Whether it runs at all: core/tuning/plan.py `lr_range_test_plan`.
 """
 
 from __future__ import annotations
@@ -11,28 +11,22 @@ import io
 import json
 import logging
 
-from trainflow.core.config import LoaderConfig, LRRangeTestConfig, ModelConfig, OptimConfig, TrainConfig
-from trainflow.core.records import LRRangeTestResult, PrepareDataResult
+from trainflow.core.config import LRRangeTestConfig
+from trainflow.core.records import LRRangeTestResult
 from trainflow.core.storage.store import ArtifactStore
 from trainflow.core.training.builder import build_trainer
+from trainflow.core.training.spec import TrainingSpec
 from trainflow.core.tuning.lr_finder import RULES, LRCurve, lr_sweep, suggest_lr
 
 log = logging.getLogger(__name__)
 
 
 def lr_range_test(
-    cfg: LRRangeTestConfig,
-    model_cfg: ModelConfig,
-    optim_cfg: OptimConfig,
-    train_cfg: TrainConfig,
-    loader_cfg: LoaderConfig,
-    seed: int,
-    data: PrepareDataResult,
-    store: ArtifactStore,
-    store_key: str,
+    cfg: LRRangeTestConfig, spec: TrainingSpec, store: ArtifactStore, store_key: str
 ) -> LRRangeTestResult:
-    """Run the range test with the training's model, optimizer, precision and accumulation."""
-    trainer = build_trainer(model_cfg, optim_cfg, train_cfg, loader_cfg, seed, data, store, lr=cfg.min_lr)
+    """Run the range test with the training's model, optimizer, precision and accumulation (`spec`, whose LR the
+    sweep replaces: `core.tuning.plan.lr_range_test_spec`)."""
+    trainer = build_trainer(spec, store)
     curve = lr_sweep(trainer, cfg.min_lr, cfg.max_lr, cfg.num_steps, cfg.smoothing, cfg.diverge_factor)
     suggestions = {rule: suggest_lr(curve, rule, cfg.skip_start, cfg.skip_end)[0] for rule in RULES}
     lr, reason = suggest_lr(curve, cfg.rule, cfg.skip_start, cfg.skip_end)

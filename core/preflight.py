@@ -7,12 +7,52 @@ check imports what it needs where it runs: a digits config is checked without ei
 
 from __future__ import annotations
 
-from trainflow.core.config import Config, SklearnDataConfig, SyntheticDataConfig, TableDataConfig, TextDataConfig
-from trainflow.core.data.spec import DataSpec, check_metric, planned_rank, planned_task
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+
+from trainflow.core.config import (
+    Config,
+    SklearnDataConfig,
+    SyntheticDataConfig,
+    TableDataConfig,
+    TextDataConfig,
+    load_config,
+)
+from trainflow.core.config.data import planned_rank, planned_task
+from trainflow.core.data.spec import DataSpec, check_metric
 from trainflow.core.errors import DataError
 from trainflow.core.models import check_model_fits_data
 from trainflow.core.storage.store import open_store
-from trainflow.core.storage.tracking import check_reachable, tracking_uri
+from trainflow.core.tracking.backend import check_reachable, tracking_uri
+
+_HANDED: dict[tuple[str, str, tuple[str, ...]], Config] = {}  # checked by `trainflow run`, for the flow it starts
+
+
+def check_and_hand_over(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Parse and preflight the config at `path` for a run this process starts next (`trainflow run`, before
+    Prefect boots): `checked_config` takes it from here instead of checking it again."""
+    config = _checked(path, overrides)
+    _HANDED[_key(path, overrides)] = config
+    return config
+
+
+def checked_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """The config a run uses, parsed and preflighted once per run: the one `check_and_hand_over` checked in this
+    process if the file is unchanged since, else checked now (a served deployment's run)."""
+    return _HANDED.pop(_key(path, overrides), None) or _checked(path, overrides)
+
+
+def _checked(path: str | Path, overrides: Sequence[str]) -> Config:
+    config = load_config(path, list(overrides))
+    preflight(config)
+    return config
+
+
+def _key(path: str | Path, overrides: Sequence[str]) -> tuple[str, str, tuple[str, ...]]:
+    file = Path(path).resolve()
+    content = hashlib.sha256(file.read_bytes()).hexdigest() if file.is_file() else ""
+    return str(file), content, tuple(overrides)
 
 
 def preflight(config: Config) -> None:

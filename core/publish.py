@@ -17,21 +17,22 @@ from urllib.parse import quote
 
 import yaml
 
-from trainflow.core.config import Config
+from trainflow.core.config import Config, PublishConfig
 from trainflow.core.errors import StoreError
-from trainflow.core.models import build_model
 from trainflow.core.records import (
     CompressResult,
     EvaluateResult,
-    PrepareDataResult,
     PublishedObject,
     PublishResult,
     TrainResult,
 )
-from trainflow.core.serving.registry import Decision, champion_metric, client_for, judge, record, served_metrics
-from trainflow.core.storage.store import ArtifactStore, sha256_file
+from trainflow.core.serving.registry import Decision, champion_metric, judge, record, served_metrics
+from trainflow.core.storage.files import sha256_file
+from trainflow.core.storage.store import ArtifactStore
 from trainflow.core.storage.version import code_version, git_commit
-from trainflow.core.training.checkpoint import load_checkpoint
+from trainflow.core.tracking.runs import RunLogger
+from trainflow.core.training.checkpoint import trained_model
+from trainflow.core.training.spec import TrainingSpec
 
 log = logging.getLogger(__name__)
 
@@ -40,20 +41,20 @@ MANIFEST_FORMAT = "trainflow-manifest/1"
 
 def publish(
     config: Config,
-    data: PrepareDataResult,
+    spec: TrainingSpec,
     trained: TrainResult,
     evaluated: EvaluateResult,
     store: ArtifactStore,
     store_key: str,
-    tracking_uri: str | None = None,
-    mlflow_run_id: str | None = None,
+    run: RunLogger | None = None,
     compressed: CompressResult | None = None,
 ) -> PublishResult:
-    """Write the published folder `<store>/<store_key>/` and (with a run id) log the served model to
-    MLflow: the compress stage's recommended variant when it ran, else the trained weights.
+    """Write the published folder `<store>/<store_key>/` and (with `run`, the stage's MLflow run) log the served
+    model to MLflow: the compress stage's recommended variant when it ran, else the trained weights.
 
-    The folder holds the fp32 weights (`model.pt`) and, beside them, the recommended variant's file
-    (`recommended/<file>`) with the comparison table it was picked from; the manifest lists both.
+    `config` is the run's tuned config (written as config.yaml; its `publish` section applies), `spec` the
+    training it made. The folder holds the fp32 weights (`model.pt`) and, beside them, the recommended variant's
+    file (`recommended/<file>`) with the comparison table it was picked from; the manifest lists both.
 
     A registered version gets `publish.alias`, and `publish.champion_alias` when it beats the champion
     (`core.serving.registry`); the decision goes into the manifest, then the aliases and tags are set.
@@ -61,22 +62,19 @@ def publish(
     Raises:
         ConfigError: `publish.champion_metric` is not a test metric of the task (before anything is written).
     """
-    cfg = config.publish
+    cfg, data = config.publish, spec.data
     metric, higher_is_better = champion_metric(cfg, data.spec.task)
     recommended = compressed.variant(compressed.recommended) if compressed else None
     served_model = store.local_path(recommended.uri) if recommended and recommended.uri else None
     model_uri, version = None, None
-    if cfg.log_mlflow_model and mlflow_run_id is not None and tracking_uri is not None:
-        model_uri, version = log_mlflow_model(
-            config, data, trained, store, tracking_uri, mlflow_run_id, served_model=served_model
-        )
+    if cfg.log_mlflow_model and run is not None:
+        model_uri, version = log_mlflow_model(cfg, spec, trained, store, run, served_model=served_model)
     variant, figures = served_metrics(evaluated, compressed)  # the served model's, judged for the champion
     registered = (cfg.registered_model_name, version) if cfg.registered_model_name and version is not None else None
-    client = client_for(tracking_uri) if registered and tracking_uri else None
     decision, aliases = None, []
-    if client is not None and registered is not None:
+    if run is not None and registered is not None:
         decision = judge(
-            client,
+            run.client,
             *registered,
             champion_alias=cfg.champion_alias,
             metric=metric,
@@ -106,8 +104,9 @@ def publish(
         "config_sha256": config.sha256(),
         "data_fingerprint": data.fingerprint,
         "code_version": code_version(),
+        "model_code": spec.model_code,
         "git_commit": git_commit(),
-        "mlflow_run_id": mlflow_run_id,
+        "mlflow_run_id": run.run_id if run is not None else None,
         "mlflow_train_run_id": trained.mlflow_run_id,
         "mlflow_model_uri": model_uri,
         "registered_model": _registered_entry(config, version, aliases, metric, decision),
@@ -115,7 +114,7 @@ def publish(
         "recommended": _recommended_entry(compressed, served_model),
     }
     objects.append(_put(store, json.dumps(manifest, indent=2).encode(), f"{store_key}/manifest.json"))
-    if client is not None and registered is not None and decision is not None:  # after the manifest it names
+    if run is not None and registered is not None and decision is not None:  # after the manifest it names
         tags = {
             "manifest_uri": objects[-1].uri,
             "data_fingerprint": data.fingerprint,
@@ -124,14 +123,14 @@ def publish(
             "champion_metric": metric,
         }
         aliases = record(
-            client,
+            run.client,
             *registered,
             decision,
             alias=cfg.alias,
             champion_alias=cfg.champion_alias,
             tags=tags,
             metrics=figures,
-            run_id=mlflow_run_id,
+            run=run,
         )
     log.info("publish: %d files to %s", len(objects), objects[-1].uri.rsplit("/", 1)[0])
     return PublishResult(
@@ -209,15 +208,14 @@ def verify_manifest(manifest_uri: str, store: ArtifactStore) -> list[str]:
 
 
 def log_mlflow_model(
-    config: Config,
-    data: PrepareDataResult,
+    cfg: PublishConfig,
+    spec: TrainingSpec,
     trained: TrainResult,
     store: ArtifactStore,
-    tracking_uri: str,
-    run_id: str,
+    run: RunLogger,
     served_model: Path | None = None,
 ) -> tuple[str, int | None]:
-    """The raw-input pyfunc (`core.serving.mlflow_model.log_serving_model`) into run `run_id`.
+    """The raw-input pyfunc (`core.serving.mlflow_model.log_serving_model`) into `run`.
 
     Without `served_model` (no compress stage), the trained fp32 weights go as a torch.export program (or
     TorchScript), so the logged model carries no trainflow code and loads where trainflow is not installed.
@@ -229,20 +227,18 @@ def log_mlflow_model(
 
     with tempfile.TemporaryDirectory() as tmp:
         if served_model is None:
-            model = build_model(config.model, data.spec).eval()
-            model.load_state_dict(load_checkpoint(store.local_path(trained.checkpoint_uri))["model"])
-            dtype = torch.int64 if data.spec.task == "language_modeling" else torch.float32
+            model = trained_model(spec, store, trained.checkpoint_uri)
+            dtype = torch.int64 if spec.data.spec.task == "language_modeling" else torch.float32
             served_model = save_torch_model(
-                model, torch.zeros(1, *data.spec.input_shape, dtype=dtype), Path(tmp) / "model"
+                model, torch.zeros(1, *spec.data.spec.input_shape, dtype=dtype), Path(tmp) / "model"
             )
         info = log_serving_model(
             served_model,
-            data,
+            spec.data,
             store,
-            name=config.publish.name,
-            tracking_uri=tracking_uri,
-            run_id=run_id,
-            registered_model_name=config.publish.registered_model_name,
+            name=cfg.name,
+            run=run,
+            registered_model_name=cfg.registered_model_name,
         )
     return info.model_uri, info.registered_version
 

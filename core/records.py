@@ -125,9 +125,9 @@ class TrainResult(StageResult):
 class EvaluateResult(StageResult):
     metrics: dict[str, float]  # accuracy, precision/recall/f1_macro, loss | loss, perplexity, bits_per_byte
     n_test: int
-    latency_ms_p50: float  # batch 1
+    latency_ms_p50: float  # batch 1, measured as the compress stage's fp32 row (compress.measure, eager on the CPU)
     latency_ms_p95: float
-    throughput_per_s: float  # samples (or sequences) per second at the training batch size
+    throughput_per_s: float  # samples (or sequences) per second at compress.measure.serving_batch
     n_parameters: int
     size_bytes: int  # serialized weights
     plot_uris: list[str]  # confusion matrix (classification)

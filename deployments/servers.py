@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainflow.core.errors import TrainflowError
-from trainflow.core.storage.tracking import _artifacts_beside
+from trainflow.core.tracking.backend import artifacts_beside
 
 HOST = "127.0.0.1"
 STARTUP_TIMEOUT_S = 120.0  # both answer after 6-15 s on 2 cores; a busy machine or a slow database takes longer
@@ -169,7 +169,7 @@ def _backend_store(uri: str) -> tuple[str, str | None]:
         raise ServerError(f"--tracking-uri: {db} is a folder, not an SQLite database file")
     if not db.parent.is_dir():
         raise ServerError(f"--tracking-uri: folder {db.parent} does not exist")
-    return f"sqlite:///{db}", _artifacts_beside(uri)
+    return f"sqlite:///{db}", artifacts_beside(uri)
 
 
 def _ports(prefect_port: int, mlflow_port: int) -> tuple[int, int]:

@@ -59,11 +59,10 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from trainflow.core.config import load_config
-    from trainflow.core.preflight import preflight
+    from trainflow.core.preflight import check_and_hand_over
 
-    config = load_config(args.config, args.overrides)  # before anything is imported or written
-    preflight(config)
+    # parsed and preflighted once, before anything is imported or written; the flow takes this config
+    config = check_and_hand_over(args.config, args.overrides)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "trainflow")
     from trainflow.flows.startup import prefect_api_booting, warm_up  # imports prefect, which configures logging

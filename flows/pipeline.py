@@ -14,9 +14,9 @@ from typing import Any
 
 from prefect import flow
 
-from trainflow.core.config import load_config
 from trainflow.core.data.sources import data_version
-from trainflow.core.tuning.apply import apply_tuning, hpo_search_plan, lr_range_test_plan, tuning_view
+from trainflow.core.preflight import checked_config
+from trainflow.core.tuning.plan import hpo_search_plan, lr_range_test_plan, lr_range_test_spec, search_spec, tuned
 from trainflow.flows.pipeline_run import PipelineRun
 from trainflow.tasks.compress import compress_task
 from trainflow.tasks.evaluate import evaluate_task
@@ -34,31 +34,26 @@ def run_stages(
     reuse_only: frozenset[str] = frozenset(),
 ) -> dict[str, Any]:  # fmt: skip
     """The stages in order, up to `last` (hpo_search, evaluate or publish); summary.json's content."""
-    config = load_config(config_path, overrides or [])
+    config = checked_config(config_path, overrides or [])
     with PipelineRun(config, config_path, out_dir, reuse_only, overrides) as run:
         data = run.stage(prepare_data_task, data_cfg=config.data, seed=config.seed,
                          source_version=data_version(config.data, config.store))  # fmt: skip
-        # The tuning stages see only the training settings that change their result (tuning_view).
-        tuning = {"model_cfg": config.model, "optim_cfg": config.optim, "train_cfg": tuning_view(config.train),
-                  "seed": config.seed, "data": data}  # fmt: skip
-        lr_range = run.stage_if(lr_range_test_plan(config), lr_range_test_task, **tuning,
-                                lr_range_test_cfg=config.tune.lr_range_test, loader_cfg=config.data.loader)  # fmt: skip
-        search = run.stage_if(hpo_search_plan(config), hpo_search_task, **tuning,
-                              hpo_cfg=config.tune.hpo, data_cfg=config.data, lr_range=lr_range)  # fmt: skip
-        tuned = run.tuned(apply_tuning(config, lr_range, search))
+        # The tuning stages train with the loop settings at their defaults: training longer re-runs neither.
+        lr_range = run.stage_if(lr_range_test_plan(config), lr_range_test_task, spec=lr_range_test_spec(config, data),
+                                lr_range_test_cfg=config.tune.lr_range_test)  # fmt: skip
+        search = run.stage_if(hpo_search_plan(config), hpo_search_task, hpo_cfg=config.tune.hpo,
+                              spec=search_spec(config, data, lr_range), lr_range=lr_range)  # fmt: skip
+        spec = run.tuned(tuned(config, data, lr_range, search))  # the training, every tuned value concrete
         if last == "hpo_search":
             return run.summary()
-        trained = run.stage(train_task, model_cfg=tuned.model, optim_cfg=tuned.optim, train_cfg=tuned.train,
-                            loader_cfg=tuned.data.loader, seed=tuned.seed, data=data)  # fmt: skip
-        evaluated = run.stage(evaluate_task, evaluate_cfg=tuned.evaluate, model_cfg=tuned.model, train_cfg=tuned.train,
-                              loader_cfg=tuned.data.loader, seed=tuned.seed, data=data, trained=trained)  # fmt: skip
+        trained = run.stage(train_task, spec=spec)
+        evaluated = run.stage(evaluate_task, measure_cfg=config.compress.measure, spec=spec, trained=trained)
         if last == "evaluate":
             return run.summary()
-        compressed = run.stage_if((tuned.compress.enabled, "compress.enabled is false"), compress_task,
-                                  compress_cfg=tuned.compress, model_cfg=tuned.model, optim_cfg=tuned.optim,
-                                  train_cfg=tuned.train, loader_cfg=tuned.data.loader, seed=tuned.seed, data=data,
-                                  trained=trained)  # fmt: skip
-        run.stage(publish_task, config=tuned, data=data, trained=trained, evaluated=evaluated, compressed=compressed)
+        compressed = run.stage_if((config.compress.enabled, "compress.enabled is false"), compress_task,
+                                  compress_cfg=config.compress, spec=spec, trained=trained)  # fmt: skip
+        run.stage(publish_task, config=run.tuned_config, spec=spec, trained=trained, evaluated=evaluated,
+                  compressed=compressed)  # fmt: skip
     return run.summary()
 
 

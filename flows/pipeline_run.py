@@ -1,4 +1,4 @@
-"""One pipeline run around the stages: preflight, the MLflow parent run, per-stage timing and
+"""One pipeline run around the stages: the MLflow parent run, per-stage timing and
 cache status, and summary.json. Keeps the flow itself down to wiring."""
 
 from __future__ import annotations
@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -15,13 +16,15 @@ from prefect.runtime import flow_run
 
 from trainflow.core.config import Config
 from trainflow.core.errors import StageTimeoutError
-from trainflow.core.preflight import preflight
 from trainflow.core.records import CompressResult, HPOSearchResult, PrepareDataResult, StageResult
 from trainflow.core.report import write_report
-from trainflow.core.storage.run_meta import log_dataset_input, source_tags
-from trainflow.core.storage.store import resolved, write_atomic
-from trainflow.core.storage.tracking import Tracker, flatten
+from trainflow.core.storage.files import write_atomic
+from trainflow.core.storage.store import resolved
 from trainflow.core.storage.version import code_version, git_commit
+from trainflow.core.tracking.run_meta import log_dataset_input, source_tags
+from trainflow.core.tracking.runs import CONFIG_TAG, PIPELINE_TAG, Tracker, flatten
+from trainflow.core.training.spec import TrainingSpec
+from trainflow.core.tuning.plan import Tuned
 from trainflow.tasks.artifacts import compression_table, hpo_trials_table, mlflow_run_link, run_summary
 from trainflow.tasks.cache import result_storage
 from trainflow.tasks.context import StageContext, stage_run
@@ -52,12 +55,26 @@ class PipelineRun:
 
     def __enter__(self) -> PipelineRun:
         config = self.config
-        preflight(config)
         self.tracker = Tracker.for_config(config, self.name)
-        self.run_id = self.tracker.open_pipeline_run(config.sha256(), self.run_name)
-        logger = self.tracker.logger(self.run_id)
-        logger.log_params(flatten(config.model_dump(mode="json")))
-        logger.set_tags(
+        self._runs = ExitStack()
+        tags = {PIPELINE_TAG: "true", CONFIG_TAG: config.sha256()}
+        continued = self.tracker.unfinished_pipeline_run(config.sha256())
+        if continued:
+            log.info("continuing unfinished MLflow run %s of this config", continued)
+        self.run = self._runs.enter_context(self.tracker.run(self.run_name, tags=tags, run_id=continued))
+        self.run_id = self.run.run_id
+        try:
+            self._start()
+        except BaseException as exc:  # the parent run ends FAILED (KILLED) with it
+            self._runs.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        return self
+
+    def _start(self) -> None:
+        """The parent run's params, tags and config; the context every stage gets."""
+        config = self.config
+        self.run.log_params(flatten(config.model_dump(mode="json")))
+        self.run.set_tags(
             {
                 "mlflow.source.git.commit": git_commit() or "unknown",
                 "trainflow.code_version": code_version(),
@@ -66,7 +83,7 @@ class PipelineRun:
                 **source_tags(self.config_path),
             }
         )
-        logger.log_dict(config.model_dump(mode="json"), "config.yaml")
+        self.run.log_dict(config.model_dump(mode="json"), "config.yaml")
         self.ctx = StageContext(
             store=resolved(config.store),
             tracking_uri=self.tracker.uri,
@@ -76,7 +93,6 @@ class PipelineRun:
             reuse_only=self.reuse_only,
         )
         self._storage = result_storage(self.ctx.store)
-        return self
 
     def stage(self, task: Task[..., R], **inputs: Any) -> R:
         """Run one stage task (or take its cached record) and note its time and cache status."""
@@ -94,7 +110,7 @@ class PipelineRun:
         record: R = state.result()  # re-raises the stage's exception
         cached = state.name == "Cached"
         self._show(record)
-        self.tracker.logger(self.run_id).set_tags(record.run_tags())
+        self.run.set_tags(record.run_tags())
         if isinstance(record, PrepareDataResult):  # the runs table's Dataset column
             log_dataset_input(self.tracker.client, self.run_id, record)
         if cached:  # still visible in MLflow: a child run pointing at the cached record
@@ -122,13 +138,13 @@ class PipelineRun:
         self.skipped[task.name] = reason
         return None
 
-    def tuned(self, tuning: tuple[Config, dict[str, Any]]) -> Config:
-        """Note the values the tuning stages set (summary.json `tuned`, MLflow params `tuned.*`)."""
-        config, changes = tuning
-        self.changes, self.tuned_config = changes, config
-        if changes:
-            self.tracker.logger(self.run_id).log_params({f"tuned.{path}": value for path, value in changes.items()})
-        return config
+    def tuned(self, tuning: Tuned) -> TrainingSpec:
+        """Note the values the tuning stages set (summary.json `tuned`, MLflow params `tuned.*`) and the tuned
+        config (published, reported); the training spec they make."""
+        self.changes, self.tuned_config = tuning.changes, tuning.config
+        if tuning.changes:
+            self.run.log_params({f"tuned.{path}": value for path, value in tuning.changes.items()})
+        return tuning.spec
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -148,19 +164,17 @@ class PipelineRun:
         if kind is None:
             try:
                 self._finish()
-            finally:
-                self.tracker.end_run(self.run_id)
-        elif hasattr(self, "run_id"):
-            self.tracker.client.set_tag(self.run_id, "trainflow.error", f"{kind.__name__}: {exc}"[:5000])
-            self.tracker.end_run(self.run_id, "FAILED" if issubclass(kind, Exception) else "KILLED")
+            except BaseException as failed:  # the parent run ends FAILED with it
+                self._runs.__exit__(type(failed), failed, failed.__traceback__)
+                raise
+        self._runs.__exit__(kind, exc, tb)
 
     def _finish(self) -> None:
         """summary.json (output folder and MLflow), the run report, the Prefect summary artifact, the run's tags."""
-        logger = self.tracker.logger(self.run_id)
         summary = self.summary()
         cached = ",".join(name for name, info in self.stages.items() if info["cached"])
-        logger.set_tags({"trainflow.cached_stages": cached, "trainflow.skipped_stages": ",".join(self.skipped)})
-        logger.log_dict(summary, "summary.json")
+        self.run.set_tags({"trainflow.cached_stages": cached, "trainflow.skipped_stages": ",".join(self.skipped)})
+        self.run.log_dict(summary, "summary.json")
         if self.out_dir is not None:
             write_atomic(self.out_dir / "summary.json", json.dumps(summary, indent=2).encode())
         _best_effort(write_report, summary, self.tuned_config, self.out_dir, self.tracker.client, self.run_id)

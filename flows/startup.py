@@ -57,7 +57,7 @@ def warm_up(config: Config, config_name: str) -> None:
     """First-use costs a run would otherwise pay inside its stages, paid while the server boots: the import
     of torch._dynamo that torch defers to the first optimizer it builds (about 1.3 s here), and the tracking
     database's schema check and experiment."""
-    from trainflow.core.storage.tracking import Tracker
+    from trainflow.core.tracking.runs import Tracker
     from trainflow.core.training.optim import import_optimizer_dependencies
 
     import_optimizer_dependencies()

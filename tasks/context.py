@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict
 from trainflow.core.config import StoreConfig
 from trainflow.core.errors import StageNotCachedError
 from trainflow.core.records import StageResult
-from trainflow.core.storage.tracking import MlflowMetricLogger, Tracker, flatten
+from trainflow.core.tracking.runs import RunLogger, Tracker, flatten
 
 
 class StageContext(BaseModel):
@@ -32,33 +32,24 @@ class StageContext(BaseModel):
 @contextmanager
 def stage_run(
     ctx: StageContext, stage: str, params: Mapping[str, Any], run_id: str | None = None
-) -> Iterator[MlflowMetricLogger]:
-    """The stage's MLflow child run: params logged first, ended FINISHED, or FAILED/KILLED with the error."""
+) -> Iterator[RunLogger]:
+    """The stage's MLflow child run of the pipeline's (`Tracker.run`: params first, ended FINISHED, or
+    FAILED/KILLED with the error); `run_id` re-opens an earlier one (a resumed training)."""
     if stage in ctx.reuse_only:
         raise StageNotCachedError(
             f"{stage}: no cached result for these inputs, and this flow only re-uses it; run the pipeline (or the "
             f"train flow) for {ctx.name} first"
         )
     tracker = Tracker(ctx.tracking_uri, ctx.experiment_id)
-    run_id = tracker.start_stage_run(ctx.parent_run_id, stage, run_id)
-    logger = tracker.logger(run_id)
-    logger.log_params(flatten(params))
-    try:
-        yield logger
-    except BaseException as exc:
-        logger.flush()
-        logger.set_tags({"trainflow.error": f"{type(exc).__name__}: {exc}"[:5000]})
-        tracker.end_run(run_id, "FAILED" if isinstance(exc, Exception) else "KILLED")
-        raise
-    logger.flush()
-    tracker.end_run(run_id)
+    with tracker.run(stage, ctx.parent_run_id, flatten(params), run_id=run_id) as run:
+        yield run
 
 
-def log_result(logger: MlflowMetricLogger, result: StageResult) -> None:
+def log_result(run: RunLogger, result: StageResult) -> None:
     """The record as `result.json`, its tags, and its top-level numbers as metrics."""
     data = json.loads(result.model_dump_json())
-    logger.log_dict(data, "result.json")
-    logger.set_tags(result.run_tags())
+    run.log_dict(data, "result.json")
+    run.set_tags(result.run_tags())
     numbers = {k: float(v) for k, v in data.items() if isinstance(v, int | float) and not isinstance(v, bool)}
     if numbers:
-        logger.log_metrics(numbers, step=0)
+        run.log_metrics(numbers, step=0)

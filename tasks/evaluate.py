@@ -4,28 +4,22 @@ from __future__ import annotations
 
 from prefect import task
 
-from trainflow.core.config import EvaluateConfig, LoaderConfig, ModelConfig, TrainConfig
+from trainflow.core.config import MeasureConfig
 from trainflow.core.evaluate import evaluate
-from trainflow.core.records import EvaluateResult, PrepareDataResult, TrainResult
+from trainflow.core.records import EvaluateResult, TrainResult
+from trainflow.core.training.spec import TrainingSpec
 from trainflow.tasks.cache import stage_cache, stage_store
 from trainflow.tasks.context import StageContext, log_result, stage_run
 
 
 @task(**stage_cache("evaluate"))
 def evaluate_task(
-    evaluate_cfg: EvaluateConfig,
-    model_cfg: ModelConfig,
-    train_cfg: TrainConfig,
-    loader_cfg: LoaderConfig,
-    seed: int,
-    data: PrepareDataResult,
-    trained: TrainResult,
-    ctx: StageContext,
+    measure_cfg: MeasureConfig, spec: TrainingSpec, trained: TrainResult, ctx: StageContext
 ) -> EvaluateResult:
     """Test-set metrics, latency, throughput and size of the trained model."""
     store, key = stage_store(ctx.store, "evaluate")
-    with stage_run(ctx, "evaluate", {"evaluate": evaluate_cfg.model_dump(mode="json")}) as run:
-        result = evaluate(evaluate_cfg, model_cfg, train_cfg, loader_cfg, seed, data, trained, store, key)
+    with stage_run(ctx, "evaluate", {"measure": measure_cfg.model_dump(mode="json")}) as run:
+        result = evaluate(spec, measure_cfg, trained, store, key)
         run.log_metrics({f"test/{name}": value for name, value in result.metrics.items()}, step=0)
         for uri in result.plot_uris:
             run.log_artifact(store.local_path(uri), "plots")

@@ -6,10 +6,10 @@ import json
 
 from prefect import task
 
-from trainflow.core.config import LoaderConfig, ModelConfig, OptimConfig, TrainConfig
-from trainflow.core.records import PrepareDataResult, TrainResult
-from trainflow.core.storage.run_meta import log_dataset_input
+from trainflow.core.records import TrainResult
+from trainflow.core.tracking.run_meta import log_dataset_input
 from trainflow.core.train import train
+from trainflow.core.training.spec import TrainingSpec
 from trainflow.tasks.artifacts import TrainingProgress
 from trainflow.tasks.cache import stage_cache, stage_store
 from trainflow.tasks.context import StageContext, log_result, stage_run
@@ -18,25 +18,14 @@ RUN_FILE = "mlflow_run.json"  # the child run id, so a resumed training logs int
 
 
 @task(**stage_cache("train"))
-def train_task(
-    model_cfg: ModelConfig,
-    optim_cfg: OptimConfig,
-    train_cfg: TrainConfig,
-    loader_cfg: LoaderConfig,
-    seed: int,
-    data: PrepareDataResult,
-    ctx: StageContext,
-) -> TrainResult:
+def train_task(spec: TrainingSpec, ctx: StageContext) -> TrainResult:
     """Fit the model; checkpoints live in the store folder named by this stage's cache key."""
     store, key = stage_store(ctx.store, "train")
     run_file = store.workdir(key) / RUN_FILE
-    previous = json.loads(run_file.read_text())["run_id"] if train_cfg.resume and run_file.exists() else None
-    params = {"model": model_cfg.model_dump(mode="json"), "optim": optim_cfg.model_dump(mode="json"),
-              "train": train_cfg.model_dump(mode="json"), "seed": seed}  # fmt: skip
-    with stage_run(ctx, "train", params, run_id=previous) as run:
+    previous = json.loads(run_file.read_text())["run_id"] if spec.train.resume and run_file.exists() else None
+    with stage_run(ctx, "train", spec.sections(), run_id=previous) as run:
         run_file.write_text(json.dumps({"run_id": run.run_id}))
-        log_dataset_input(run.client, run.run_id, data)  # the Dataset column of the train run, too
-        result = train(model_cfg, optim_cfg, train_cfg, loader_cfg, seed, data, store, key, logger=run,
-                       run_id=run.run_id, callbacks=[TrainingProgress(ctx.name)])  # fmt: skip
+        log_dataset_input(run.client, run.run_id, spec.data)  # the Dataset column of the train run, too
+        result = train(spec, store, key, logger=run, run_id=run.run_id, callbacks=[TrainingProgress(ctx.name)])
         log_result(run, result)
     return result

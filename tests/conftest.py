@@ -38,7 +38,6 @@ def tiny_raw(**sections: Any) -> dict[str, Any]:
         "model": {"name": "mlp", "hidden_sizes": [32], "dropout": 0.0},
         "optim": {"lr": 0.01},
         "train": {"max_epochs": 6, "batch_size": 16, "progress_bar": False, "log_every_steps": 5},
-        "evaluate": {"latency_warmup": 1, "latency_iters": 5, "throughput_batches": 2},
         "compress": {  # every technique on, each kept short
             "measure": {"latency_calls": 20, "warmup": 2, "rounds": 2, "serving_batch": 32, "throughput_calls": 2},
             "structured_pruning": {"finetune_epochs": 1},

@@ -3,13 +3,13 @@ a smaller student learns from a trained teacher's softened outputs as well as fr
 
 Recipe (what the compress stage does; no `distill()` function is needed):
 
-    student_cfg = student_config(teacher_cfg, width=0.5)       # or a student section set by the user
-    assert count_parameters(student_cfg, spec) <= count_parameters(teacher_cfg, spec)
-    teacher = build_model(teacher_cfg, spec); teacher.load_state_dict(teacher_weights)
-    done = core.training.run.fit_in_folder(                      # the student is built from student_cfg
-        student_cfg, optim, train, loader, seed, data, store, "<run>/compress/distilled",
+    student_cfg = student_config(spec.model, width=0.5)          # or a student section set by the user
+    assert count_parameters(student_cfg, data_spec) <= count_parameters(spec.model, data_spec)
+    teacher = trained_model(spec, store, trained.checkpoint_uri)  # core.training.checkpoint
+    record = fit_in_folder(                                       # core.training.fit; the student built from
+        spec.with_model(student_cfg), store, "<run>/compress/distilled",   # student_cfg, trained as the teacher
         loss=DistillationLoss(teacher, alpha=0.5, temperature=4.0))
-    done.weights_uri, done.fit, done.best_metrics     # val/* on the task loss
+    record.checkpoint_uri, record.best_metrics                    # val/* on the task loss
 
 The trainer's validation keeps the task loss, so the student's val/loss compares with the teacher's.
 """

@@ -1,4 +1,5 @@
-"""One evaluation for every variant: test metrics, batch-1 latency, throughput at a serving batch.
+"""One evaluation for every model: test metrics, batch-1 latency, throughput at a serving batch. The evaluate
+stage measures the trained model with it, the compress stage every variant (the trained model's fp32 row too).
 
 Every variant is a `Candidate` whose `predict` maps a numpy batch of model inputs to numpy logits,
 whatever runs underneath (eager PyTorch, a torch.export program, an ONNX Runtime session), so the
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from trainflow.core.config import MeasureConfig
 from trainflow.core.data.prepared import ArraySplits
 from trainflow.core.data.spec import Task
 from trainflow.core.training.metrics import classification_metrics, perplexity
@@ -83,48 +85,46 @@ class Speed:
     throughput: float  # samples per second at the serving batch
 
 
-def measure_speed(
-    candidates: list[Candidate],
-    sample: np.ndarray,
-    batch: np.ndarray,
-    warmup: int,
-    calls: int,
-    rounds: int,
-    throughput_calls: int,
-    threads: int,
-) -> dict[str, Speed]:
-    """Batch-1 latency percentiles and serving-batch throughput of each candidate on the same inputs.
+def measure_speed(predicts: Mapping[str, Predict], test_x: np.ndarray, cfg: MeasureConfig) -> dict[str, Speed]:
+    """Batch-1 latency percentiles and serving-batch throughput of each model on the same test inputs, with
+    `cfg.threads` intra-op threads: the one harness, for the evaluate stage's trained model and every variant.
 
-    The `calls` timed batch-1 calls are split into `rounds`; within a round every candidate runs its share
-    back to back, in an order that rotates each round. Throughput alternates the same way.
+    The `cfg.latency_calls` timed batch-1 calls are split into `cfg.rounds`; within a round every model runs its
+    share back to back, in an order that rotates each round. Throughput alternates the same way.
     """
-    with fixed_threads(threads):
-        one, many = sample[:1], batch
-        for candidate in candidates:
-            for _ in range(max(warmup, 1)):
-                candidate.predict(one)
-            candidate.predict(many)
-        times: dict[str, list[float]] = {c.name: [] for c in candidates}
-        batch_times: dict[str, list[float]] = {c.name: [] for c in candidates}
-        per_round = max(1, calls // rounds)
-        tp_per_round = max(1, math.ceil(throughput_calls / rounds))
-        for r in range(rounds):
-            order = candidates[r % len(candidates) :] + candidates[: r % len(candidates)]
-            for candidate in order:
+    names = list(predicts)
+    one, many = test_x[:1], serving_batch(test_x, cfg.serving_batch)
+    with fixed_threads(cfg.threads):
+        for predict in predicts.values():
+            for _ in range(max(cfg.warmup, 1)):
+                predict(one)
+            predict(many)
+        times: dict[str, list[float]] = {name: [] for name in names}
+        batch_times: dict[str, list[float]] = {name: [] for name in names}
+        per_round = max(1, cfg.latency_calls // cfg.rounds)
+        tp_per_round = max(1, math.ceil(cfg.throughput_calls / cfg.rounds))
+        for r in range(cfg.rounds):
+            order = names[r % len(names) :] + names[: r % len(names)]
+            for name in order:
                 for _ in range(per_round):
                     started = time.perf_counter()
-                    candidate.predict(one)
-                    times[candidate.name].append(time.perf_counter() - started)
-            for candidate in order:
+                    predicts[name](one)
+                    times[name].append(time.perf_counter() - started)
+            for name in order:
                 started = time.perf_counter()
                 for _ in range(tp_per_round):
-                    candidate.predict(many)
-                batch_times[candidate.name].append((time.perf_counter() - started) / tp_per_round)
+                    predicts[name](many)
+                batch_times[name].append((time.perf_counter() - started) / tp_per_round)
     speeds = {}
     for name, seconds in times.items():
         p50, p95 = np.percentile(np.array(seconds) * 1000, [50, 95])
         speeds[name] = Speed(float(p50), float(p95), len(many) / float(np.median(batch_times[name])))
     return speeds
+
+
+def serving_batch(x: np.ndarray, size: int) -> np.ndarray:
+    """`size` test inputs, repeated when the test split is smaller (throughput needs a full batch)."""
+    return x[np.arange(size) % len(x)]
 
 
 @contextmanager

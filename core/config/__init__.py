@@ -25,7 +25,6 @@ from trainflow.core.config.schema import Config, config_from_dict, load_config
 from trainflow.core.config.sections import (
     CheckpointConfig,
     EarlyStoppingConfig,
-    EvaluateConfig,
     OptimConfig,
     PublishConfig,
     StoreConfig,
@@ -45,7 +44,7 @@ from trainflow.core.config.tune import (
 
 __all__ = [
     "CNNConfig", "CategoricalParam", "CheckpointConfig", "CompressConfig", "Config", "DataConfig",
-    "DistillationConfig", "DistributedConfig", "EarlyStoppingConfig", "EvaluateConfig", "FactoryModelConfig", "FloatParam", "GPTConfig",
+    "DistillationConfig", "DistributedConfig", "EarlyStoppingConfig", "FactoryModelConfig", "FloatParam", "GPTConfig",
     "HPOConfig", "IntParam", "LRRangeTestConfig", "LoaderConfig", "MLPConfig", "MeasureConfig", "ModelConfig",
     "OptimConfig", "ParamSpec", "PublishConfig", "QuantizationConfig", "SklearnDataConfig", "StoreConfig",
     "StructuredPruningConfig", "SyntheticDataConfig", "TableDataConfig", "TextDataConfig", "TimeoutsConfig", "TrackingConfig",

@@ -147,7 +147,8 @@ class CompressConfig(Section):
         default_factory=ToleranceConfig, description="How much quality a recommended variant may lose."
     )
     measure: MeasureConfig = Field(
-        default_factory=MeasureConfig, description="How latency and throughput are measured."
+        default_factory=MeasureConfig,
+        description="How latency and throughput are measured: every variant's, and the trained model's in the evaluate stage (the table's fp32 row), also when compress is off.",
     )
 
     @field_validator("combinations")

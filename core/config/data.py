@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from trainflow.core.config.base import Section
+from trainflow.core.data.spec import IMAGE_SHAPES, Task
 
 
 class LoaderConfig(Section):
@@ -121,3 +122,15 @@ DataConfig = Annotated[
     | Annotated[SyntheticDataConfig, Tag("synthetic")],
     Discriminator(_data_source),
 ]
+
+
+def planned_task(cfg: DataConfig) -> Task:
+    """The task `cfg`'s data will be prepared for (known before any data is read)."""
+    return "language_modeling" if isinstance(cfg, TextDataConfig) else "classification"
+
+
+def planned_rank(cfg: DataConfig) -> int:
+    """Dimensions of one prepared sample: 3 for images (C, H, W), 1 for table rows and text windows."""
+    if isinstance(cfg, SklearnDataConfig) and cfg.name in IMAGE_SHAPES:
+        return len(IMAGE_SHAPES[cfg.name])
+    return 1

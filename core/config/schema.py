@@ -2,7 +2,7 @@
 
 Every field carries its meaning in `description`; `trainflow validate CONFIG` checks a file without
 touching anything else. Sections live beside this module: data (`data.py`), model (`model.py`), tune
-(`tune.py`), compress (`compress.py`), and optim, train, evaluate, publish, tracking, store (`sections.py`). Problems are
+(`tune.py`), compress (`compress.py`), and optim, train, publish, tracking, store (`sections.py`). Problems are
 reported one line each, by YAML path (`messages.py`); `--set` overrides are parsed in `overrides.py`.
 """
 
@@ -10,21 +10,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import Field, ValidationError
 
-from trainflow.core.config import sections
+import trainflow.core.config.sections as sections
 from trainflow.core.config.base import Section
 from trainflow.core.config.compress import CompressConfig
-from trainflow.core.config.data import DataConfig
+from trainflow.core.config.data import DataConfig, planned_task
 from trainflow.core.config.messages import format_validation_error
 from trainflow.core.config.model import CNNConfig, ModelConfig
 from trainflow.core.config.overrides import parse_override, set_path
 from trainflow.core.config.timeouts import TimeoutsConfig
 from trainflow.core.config.tune import TuneConfig, search_space_problems
+from trainflow.core.data.spec import check_test_metric
 from trainflow.core.errors import ConfigError
 
 
@@ -37,9 +39,6 @@ class Config(Section):
     model: ModelConfig = Field(default_factory=CNNConfig, description="Which network to train.")
     optim: sections.OptimConfig = Field(default_factory=sections.OptimConfig, description="Optimizer and LR schedule.")
     train: sections.TrainConfig = Field(default_factory=sections.TrainConfig, description="The training loop.")
-    evaluate: sections.EvaluateConfig = Field(
-        default_factory=sections.EvaluateConfig, description="Test-set evaluation and speed measurements."
-    )
     tune: TuneConfig = Field(
         default_factory=TuneConfig, description="Tuning stages before training: LR range test, hyperparameter search."
     )
@@ -62,6 +61,24 @@ class Config(Section):
 
     def canonical_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+    def with_values(self, values: Mapping[str, Any], source: str = "tuning") -> Config:
+        """This config with `values` set by dotted path (`optim.lr`, `model.hidden_sizes`), typed and checked
+        by the schema: how the tuning stages' values become the config a run publishes.
+
+        Raises:
+            ConfigError: a value the schema rejects, named by its path and `source`.
+        """
+        if not values:
+            return self
+        raw = self.model_dump()
+        for path, value in values.items():
+            set_path(raw, tuple(path.split(".")), value)
+        try:
+            return Config.model_validate(raw)
+        except ValidationError as exc:
+            overridden = {tuple(path.split(".")) for path in values}
+            raise ConfigError(format_validation_error(exc, Config, source, overridden, source)) from None
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -121,6 +138,10 @@ def config_from_dict(
             overridden.add(keys)
         except ValueError as exc:
             problems.append(f"{override_source} {item}: {exc}")
+    if "evaluate" in raw:  # retired: its speed settings were a second harness
+        problems.append(f"{source}: evaluate: this section is gone; the trained model's latency and throughput are "
+                        "measured as the compress table's fp32 row, with compress.measure (threads, warmup, "
+                        "latency_calls, rounds, serving_batch, throughput_calls)")  # fmt: skip
     if problems:
         raise ConfigError(problems)
     try:
@@ -151,8 +172,6 @@ def _tuning_problems(config: Config) -> list[str]:
 def _publish_problems(config: Config) -> list[str]:
     """publish.champion_metric names a test metric of the task the data is prepared for (checked here, not
     after training)."""
-    from trainflow.core.data.spec import check_test_metric, planned_task  # core.data.spec imports this package
-
     if config.publish.champion_metric is None:
         return []
     try:

@@ -1,5 +1,5 @@
-"""Config sections of the training loop and its surroundings: optim, train, evaluate, publish,
-tracking and store. (data, model and tune have modules of their own beside this one.)"""
+"""Config sections of the training loop and its surroundings: optim, train, publish, tracking and store.
+(data, model, tune and compress have modules of their own beside this one.)"""
 
 from __future__ import annotations
 
@@ -136,13 +136,7 @@ class TrainConfig(Section):
         return value
 
 
-# ---------------------------------------------------------------------------- evaluate, publish
-class EvaluateConfig(Section):
-    latency_warmup: int = Field(5, ge=0, description="Untimed batch-1 calls before measuring latency.")
-    latency_iters: int = Field(50, ge=5, description="Timed batch-1 calls; p50 and p95 are reported.")
-    throughput_batches: int = Field(10, ge=1, description="Timed calls at the training batch size for throughput.")
-
-
+# ---------------------------------------------------------------------------------- publish
 class PublishConfig(Section):
     name: str = Field(
         "model",

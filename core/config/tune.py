@@ -188,8 +188,13 @@ def search_space_problems(
     problems = []
     for path, spec in space.items():
         where = f"tune.hpo.space.{path}"
-        if path.split(".")[0] in ("tune", "tracking", "store", "publish", "evaluate"):
-            problems.append(f"{where}: only data, model, optim, train and seed can be searched")
+        section = path.split(".")[0]
+        if section not in ("model", "optim", "train", "seed", "data"):
+            problems.append(f"{where}: only model, optim, train, data.loader and seed can be searched")
+            continue
+        if section == "data" and not path.startswith("data.loader."):
+            problems.append(f"{where}: the data is prepared once, before the search; of data, only data.loader "
+                            "can be searched")  # fmt: skip
             continue
         if isinstance(spec, FloatParam) and (spec.low is None or spec.high is None):
             if path != "optim.lr":

@@ -1,5 +1,5 @@
-"""What a model needs to know about the data (`DataSpec`), the metrics its task is evaluated by, and
-what a data config will produce, known before any data is read (for the preflight's checks).
+"""What a model needs to know about the data (`DataSpec`) and the metrics its task is evaluated by.
+(What a data config will produce, before any data is read: `core.config.data.planned_task`.)
 
 Free of torch and scikit-learn: `trainflow run` checks a config with it before anything heavy loads."""
 
@@ -9,7 +9,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from trainflow.core.config import DataConfig, SklearnDataConfig, TextDataConfig
 from trainflow.core.errors import ConfigError
 
 Task = Literal["classification", "language_modeling"]
@@ -43,18 +42,6 @@ class DataSpec(BaseModel):
     def seq_len(self) -> int | None:
         """Context length of language-modelling windows; None for classification."""
         return self.input_shape[0] if self.task == "language_modeling" else None
-
-
-def planned_task(cfg: DataConfig) -> Task:
-    """The task `cfg`'s data will be prepared for."""
-    return "language_modeling" if isinstance(cfg, TextDataConfig) else "classification"
-
-
-def planned_rank(cfg: DataConfig) -> int:
-    """Dimensions of one prepared sample: 3 for images (C, H, W), 1 for table rows and text windows."""
-    if isinstance(cfg, SklearnDataConfig) and cfg.name in IMAGE_SHAPES:
-        return len(IMAGE_SHAPES[cfg.name])
-    return 1
 
 
 def metric_names(task: Task, prefix: str = "val") -> list[str]:

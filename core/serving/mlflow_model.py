@@ -25,7 +25,7 @@ import numpy as np
 from trainflow.core.data.prepared import load_splits
 from trainflow.core.records import PrepareDataResult
 from trainflow.core.storage.store import ArtifactStore
-from trainflow.core.storage.tracking import fluent_tracking_uri
+from trainflow.core.tracking.runs import RunLogger
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -64,13 +64,12 @@ def log_serving_model(
     store: ArtifactStore,
     *,
     name: str,
-    tracking_uri: str,
-    run_id: str,
+    run: RunLogger,
     registered_model_name: str | None = None,
     onnx_name: str | None = None,
     intra_op_threads: int = 0,
 ) -> ServingModelInfo:
-    """Log `model_file` (.onnx, .pt2 or .ts) as a raw-input pyfunc named `name` into run `run_id`, with
+    """Log `model_file` (.onnx, .pt2 or .ts) as a raw-input pyfunc named `name` into `run`, with
     signature, raw input example and pinned pip requirements; an .onnx file also in the onnx flavor as
     `onnx_name` (default `<name>-onnx`). Registers the pyfunc as `registered_model_name` when given."""
     import mlflow
@@ -90,7 +89,7 @@ def log_serving_model(
         loaded = serving_module().RawInputModel()  # the prediction the signature describes
         loaded.load_context(mlflow.pyfunc.PythonModelContext(artifacts=artifacts, model_config={}))
         signature = serving_signature(meta["input_kind"], example, loaded.predict(None, example))
-        with fluent_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id), _quiet_model_logging():
+        with run.fluent(), _quiet_model_logging():
             info = mlflow.pyfunc.log_model(
                 name=name,
                 python_model=serving_module().RawInputModel(),  # stateless: pickled by reference
@@ -220,12 +219,10 @@ def _read_preprocessor(data: PrepareDataResult, store: ArtifactStore) -> dict[st
 
 
 def log_onnx_model(
-    model_file: Path, data: PrepareDataResult, store: ArtifactStore, *, name: str, tracking_uri: str, run_id: str
+    model_file: Path, data: PrepareDataResult, store: ArtifactStore, *, name: str, run: RunLogger
 ) -> str:
-    """An .onnx variant in MLflow's onnx flavor (preprocessed inputs) into run `run_id`; its model URI."""
-    import mlflow
-
-    with fluent_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id):
+    """An .onnx variant in MLflow's onnx flavor (preprocessed inputs) into `run`; its model URI."""
+    with run.fluent():
         return _log_onnx(model_file, data, store, name)
 
 

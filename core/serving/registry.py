@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
     from trainflow.core.config import PublishConfig
     from trainflow.core.records import CompressResult, EvaluateResult
+    from trainflow.core.tracking.runs import RunLogger
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +62,6 @@ class Decision:
     @property
     def name(self) -> str:
         return "promoted" if self.promote else "kept"
-
-
-def client_for(tracking_uri: str) -> MlflowClient:
-    """A client on the tracking URI; the registry defaults to the same backend, as `log_model`'s registration."""
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=tracking_uri)
 
 
 def judge(
@@ -117,10 +111,10 @@ def record(
     champion_alias: str,
     tags: Mapping[str, str],
     metrics: Mapping[str, float],
-    run_id: str | None = None,
+    run: RunLogger | None = None,
 ) -> list[str]:
     """Tag version `version` (`tags` under `trainflow.`, each metric, the decision), set `alias` on it and
-    `champion_alias` when promoted; the decision also as tags of run `run_id`. Returns the aliases set."""
+    `champion_alias` when promoted; the decision also as tags of `run` (publish's). Returns the aliases set."""
     outcome = {"champion_decision": decision.name, "champion_reason": decision.reason[:5000]}
     values = {f"{TAG}{k}": str(v) for k, v in {**tags, **outcome}.items()}
     values |= {f"{METRIC_TAG}{k}": repr(float(v)) for k, v in metrics.items()}
@@ -129,11 +123,10 @@ def record(
     aliases = [alias] + ([champion_alias] if decision.promote else [])
     for each in aliases:
         client.set_registered_model_alias(name, each, str(version))
-    if run_id is not None:
+    if run is not None:
         run_tags = {f"{TAG}{k}": v for k, v in outcome.items()}
         run_tags |= {f"{TAG}registered_model": name, f"{TAG}registered_version": str(version)}
-        for key, value in (run_tags | {f"{TAG}aliases": ",".join(aliases)}).items():
-            client.set_tag(run_id, key, value)
+        run.set_tags(run_tags | {f"{TAG}aliases": ",".join(aliases)})
     log.info("registry: %s v%d as %s; %s", name, version, ", ".join(aliases), decision.reason)
     return aliases
 

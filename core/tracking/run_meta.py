@@ -17,7 +17,7 @@ from trainflow.core.records import PrepareDataResult
 DIGEST_LENGTH = 16
 # split -> the `mlflow.data.context` input tag
 SPLIT_CONTEXTS = {"train": "train", "val": "validation", "test": "testing"}
-_ROOT = Path(__file__).resolve().parents[2]  # the checkout holding this code
+_ROOT = Path(__file__).resolve().parents[2]  # core/tracking/run_meta.py -> the checkout holding this code
 
 
 def source_tags(config_path: str) -> dict[str, str]:

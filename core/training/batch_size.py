@@ -22,7 +22,6 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from trainflow.core.config import ModelConfig, OptimConfig, TrainConfig
 from trainflow.core.data.loaders import Batch
 from trainflow.core.errors import TrainingError
 from trainflow.core.storage.store import ArtifactStore
@@ -30,6 +29,7 @@ from trainflow.core.training.metrics import loss_fn
 from trainflow.core.training.optim import build_optimizer
 from trainflow.core.training.precision import autocast_context
 from trainflow.core.training.seed import isolate_rng
+from trainflow.core.training.spec import TrainingSpec
 
 log = logging.getLogger(__name__)
 RECORDS = "batch_size"  # store folder of the search records
@@ -61,20 +61,20 @@ def largest_fitting(fits: Callable[[int], bool], limit: int, start: int = 2) -> 
     return good
 
 
-def fingerprint(model_cfg: ModelConfig, optim_cfg: OptimConfig, train_cfg: TrainConfig, input_shape: tuple[int, ...],
-                device: torch.device) -> str:  # fmt: skip
+def fingerprint(spec: TrainingSpec, device: torch.device) -> str:
     """What decides a step's memory; the record's name."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    key = {"model": model_cfg.model_dump(mode="json"), "optim": optim_cfg.name, "precision": train_cfg.precision,
-           "compile": train_cfg.compile, "strategy": train_cfg.distributed.strategy,
-           "world": train_cfg.distributed.world_size, "input": list(input_shape), "device": name}  # fmt: skip
+    train = spec.train
+    key = {"model": spec.model.model_dump(mode="json"), "model_code": spec.model_code, "optim": spec.optim.name,
+           "precision": train.precision, "compile": train.compile, "strategy": train.distributed.strategy,
+           "world": train.distributed.world_size, "input": list(spec.data.spec.input_shape),
+           "device": name}  # fmt: skip
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def search_batch_size(
-    module: nn.Module, optim_cfg: OptimConfig, train_cfg: TrainConfig, train: Dataset[Batch], device: torch.device,
-    store: ArtifactStore, key: str,
-) -> int:  # fmt: skip
+    module: nn.Module, spec: TrainingSpec, train: Dataset[Batch], device: torch.device, store: ArtifactStore, key: str
+) -> int:
     """The recorded size for `key`, else the largest micro-batch a training step of `module` fits (recorded)."""
     record = f"{RECORDS}/{key}.json"
     uri = store.uri_for(record)
@@ -87,7 +87,7 @@ def search_batch_size(
     trials: dict[int, bool] = {}
 
     def fits(size: int) -> bool:
-        trials[size] = _step_fits(module, optim_cfg, train_cfg, train, size, device)
+        trials[size] = _step_fits(module, spec, train, size, device)
         module.load_state_dict(saved)
         return trials[size]
 
@@ -98,13 +98,12 @@ def search_batch_size(
     return found
 
 
-def _step_fits(module: nn.Module, optim_cfg: OptimConfig, train_cfg: TrainConfig, train: Dataset[Batch], size: int,
-               device: torch.device) -> bool:  # fmt: skip
+def _step_fits(module: nn.Module, spec: TrainingSpec, train: Dataset[Batch], size: int, device: torch.device) -> bool:
     """One real training step at `size`: True unless the device runs out of memory."""
-    optimizer = build_optimizer(module, optim_cfg, lr=1e-12 if optim_cfg.lr == "auto" else None)
+    optimizer = build_optimizer(module, spec.optim)
     x, y = train.__getitems__(list(range(size)))  # type: ignore[attr-defined]
     try:
-        with autocast_context(device, train_cfg.precision):
+        with autocast_context(device, spec.train.precision):
             loss = loss_fn(module(x.to(device)), y.to(device))
         loss.backward()
         optimizer.step()

@@ -1,4 +1,4 @@
-"""Build a ready-to-fit Trainer from config sections and prepared data.
+"""Build a ready-to-fit Trainer from a training spec (`spec.py`).
 
 Shared by the train stage, the compress stage (fine-tuning, distillation), the LR range test and HPO
 trials, so all of them train the same way.
@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from trainflow.core.config import LoaderConfig, ModelConfig, OptimConfig, TrainConfig
+from trainflow.core.config import LoaderConfig
 from trainflow.core.data.loaders import Batch, Loaders, build_loaders, rebatched
 from trainflow.core.data.prepared import load_splits
 from trainflow.core.data.spec import check_metric
@@ -26,30 +26,25 @@ from trainflow.core.training.optim import build_optimizer, build_scheduler
 from trainflow.core.training.parallel import enable_fast_matmul, uses_channels_last, wrap_model
 from trainflow.core.training.precision import resolve_device
 from trainflow.core.training.seed import seed_everything
+from trainflow.core.training.spec import TrainingSpec
 from trainflow.core.training.steps import step_budget
 from trainflow.core.training.trainer import LossFn, Trainer
 
 
 def build_trainer(
-    model_cfg: ModelConfig,
-    optim_cfg: OptimConfig,
-    train_cfg: TrainConfig,
-    loader_cfg: LoaderConfig,
-    seed: int,
-    data: PrepareDataResult,
+    spec: TrainingSpec,
     store: ArtifactStore,
     callbacks: Sequence[Callback] = (),
-    lr: float | None = None,
     model: nn.Module | None = None,
     loss: LossFn | None = None,
     rank: Rank = SINGLE,
     device: torch.device | None = None,
 ) -> Trainer:
-    """Seeded model, optimizer (at `lr` if given, else `optim.lr`), LR schedule and loaders in a Trainer.
+    """The seeded model, optimizer, LR schedule and loaders of `spec` in a Trainer.
 
     Args:
-        model: a pre-built model to train instead of `build_model(model_cfg, spec)` (a pruned model whose
-            shapes no longer match `model_cfg`, a distillation student); moved to the device.
+        model: a pre-built model to train instead of `build_model(spec.model, ...)` (a pruned model whose
+            shapes no longer match `spec.model`, a distillation student); moved to the device.
         loss: the training loss hook (default: cross-entropy); see `Trainer`.
         rank: this process's place among data-parallel ranks: loaders hold its shard, the model is wrapped
             (DDP/FSDP) and the LR scaled by `train.distributed.lr_scaling`.
@@ -58,17 +53,16 @@ def build_trainer(
     Raises:
         ConfigError: a setting does not fit this data or machine (before any compute).
     """
+    train_cfg, data = spec.train, spec.data
     device = resolve_device(train_cfg.device) if device is None else device
     check_metric(train_cfg.early_stopping.monitor, data.spec.task, "train.early_stopping.monitor")
-    seed_everything(seed)  # the same on every rank: every replica starts from the same weights
-    module = (build_model(model_cfg, data.spec) if model is None else model).to(device)
+    seed_everything(spec.seed)  # the same on every rank: every replica starts from the same weights
+    module = (build_model(spec.model, data.spec) if model is None else model).to(device)
     auto = train_cfg.batch_size == "auto"
-    loaders = prepared_loaders(data, store, 1 if auto else int(train_cfg.batch_size), loader_cfg, seed,
+    loaders = prepared_loaders(data, store, 1 if auto else int(train_cfg.batch_size), spec.loader, spec.seed,
                                device.type == "cuda", rank)  # fmt: skip
     if auto:  # the search trains on the loaded split; the loaders then take the size found
-        found = auto_batch_size(
-            module, optim_cfg, train_cfg, model_cfg, data, store, loaders.train.dataset, rank, device
-        )
+        found = auto_batch_size(module, spec, store, loaders.train.dataset, rank, device)
         train_cfg = train_cfg.model_copy(update={"batch_size": found})
         loaders.train, loaders.val, loaders.test = (
             rebatched(d, found) for d in (loaders.train, loaders.val, loaders.test)
@@ -78,11 +72,10 @@ def build_trainer(
         module = module.to(memory_format=torch.channels_last)
     enable_fast_matmul(device)
     wrapped = wrap_model(module, train_cfg, rank, device)
-    if rank.distributed and train_cfg.distributed.lr_scale() != 1.0:
-        lr = (optim_cfg.lr if lr is None else lr) * train_cfg.distributed.lr_scale()  # type: ignore[operator]
-    optimizer = build_optimizer(wrapped, optim_cfg, lr)
+    lr = spec.optim.lr * (train_cfg.distributed.lr_scale() if rank.distributed else 1.0)
+    optimizer = build_optimizer(wrapped, spec.optim, lr)
     _, total_steps = step_budget(len(loaders.train), train_cfg)
-    scheduler = build_scheduler(optimizer, optim_cfg, total_steps)
+    scheduler = build_scheduler(optimizer, spec.optim, total_steps)
     flops = model_flops_per_token(module, data.spec.seq_len) if data.spec.seq_len else None
     trainer = Trainer(wrapped, optimizer, scheduler, loaders, train_cfg, device, data.spec.task, callbacks, rank,
                       loss, module, flops)  # fmt: skip
@@ -109,19 +102,22 @@ def prepared_loaders(
 
 
 def auto_batch_size(
-    module: nn.Module, optim_cfg: OptimConfig, train_cfg: TrainConfig, model_cfg: ModelConfig,
-    data: PrepareDataResult, store: ArtifactStore, train: Dataset[Batch], rank: Rank = SINGLE,
+    module: nn.Module,
+    spec: TrainingSpec,
+    store: ArtifactStore,
+    train: Dataset[Batch],
+    rank: Rank = SINGLE,
     device: torch.device | None = None,
-) -> int:  # fmt: skip
+) -> int:
     """`train.batch_size: auto` resolved: the recorded search result, else a search over `train` (the whole
     training split) on the main rank's device; the other ranks receive it."""
     from trainflow.core.training.batch_size import fingerprint, search_batch_size
     from trainflow.core.training.distributed import broadcast_object
 
-    device = resolve_device(train_cfg.device) if device is None else device
+    device = resolve_device(spec.train.device) if device is None else device
     found = None
     if rank.is_main:
-        key = fingerprint(model_cfg, optim_cfg, train_cfg, data.spec.input_shape, device)
-        found = search_batch_size(module, optim_cfg, train_cfg, train, device, store, key)
+        key = fingerprint(spec, device)
+        found = search_batch_size(module, spec, train, device, store, key)
         found = max(1, min(found, len(train) // rank.world_size))  # type: ignore[arg-type]
     return broadcast_object(found, device, rank.main) if rank.distributed else found  # type: ignore[return-value]

@@ -24,13 +24,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from trainflow.core.config import CheckpointConfig, EarlyStoppingConfig
 from trainflow.core.errors import TrainingError
-from trainflow.core.storage.store import ArtifactStore, sha256_file
+from trainflow.core.models import build_model
+from trainflow.core.storage.files import sha256_file
+from trainflow.core.storage.store import ArtifactStore
 from trainflow.core.storage.uploads import BackgroundUploads, ListingStore
 from trainflow.core.training.callbacks import Callback, is_improvement, monitored_value
 from trainflow.core.training.sharded import SHARDS_SUFFIX
+from trainflow.core.training.spec import TrainingSpec
 from trainflow.core.training.state import FitResult
 
 if TYPE_CHECKING:
@@ -67,6 +71,13 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             f"{path}: checkpoint cannot be loaded ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
             "delete it to start this run over, or set train.resume=false"
         ) from None
+
+
+def trained_model(spec: TrainingSpec, store: ArtifactStore, weights_uri: str) -> nn.Module:
+    """`spec`'s model holding the weights a fit handed on (a `TrainResult.checkpoint_uri`), on CPU, in eval mode."""
+    model = build_model(spec.model, spec.data.spec)
+    model.load_state_dict(load_checkpoint(store.local_path(weights_uri))["model"])
+    return model.eval()
 
 
 def remove_checkpoint(path: Path) -> None:

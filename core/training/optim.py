@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from trainflow.core.config import OptimConfig
-from trainflow.core.errors import ConfigError
 from trainflow.core.training.large_batch import LAMB, LARS
+from trainflow.core.training.spec import OptimSpec
 
 
 def import_optimizer_dependencies() -> None:
@@ -20,11 +20,11 @@ def import_optimizer_dependencies() -> None:
     importlib.import_module("torch._dynamo")
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float | None = None) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: OptimSpec, lr: float | None = None) -> torch.optim.Optimizer:
     """AdamW, SGD, LARS or LAMB; parameters with fewer than 2 dims (norm scales, biases) get no weight decay,
     and under LARS/LAMB no trust ratio either.
 
-    `lr` overrides `cfg.lr` (the LR range test sweeps it). AdamW is fused when every parameter is on CUDA:
+    `lr` overrides `cfg.lr` (scaled for several ranks). AdamW is fused when every parameter is on CUDA:
     one kernel for all tensors, and GradScaler's inf check skips its step on the device.
     """
     params = [p for p in model.parameters() if p.requires_grad]
@@ -36,10 +36,6 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float | None = None)
         groups[1]["trust_adaptation"] = False
     groups = [g for g in groups if g["params"]]
     lr = cfg.lr if lr is None else lr
-    if lr == "auto":
-        raise ConfigError(
-            "optim.lr: 'auto' must be resolved by the LR range test before training (core/tuning/apply.py)"
-        )
     if cfg.name == "lars":
         return LARS(groups, lr=lr, momentum=cfg.momentum, trust_coefficient=cfg.trust_coefficient)
     if cfg.name == "lamb":

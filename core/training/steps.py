@@ -1,6 +1,5 @@
-"""The loop's bookkeeping around the step: how many steps an epoch has, micro-batches grouped into
-optimizer-step windows (timing the wait on the loader), and how a micro-batch is split after an
-out-of-memory error."""
+"""The loop's bookkeeping around the step: how many steps an epoch has, micro-batches grouped into optimizer
+steps (timing the wait on the loader), and peak memory."""
 
 from __future__ import annotations
 
@@ -43,25 +42,17 @@ class DataWait:
             yield batch
 
 
-def step_windows(batches: Iterable[Batch], size: int, wait: DataWait | None = None) -> Iterator[list[Batch]]:
-    """Group micro-batches into optimizer-step windows; the epoch's last window may be shorter."""
-    window: list[Batch] = []
+def optimizer_steps(batches: Iterable[Batch], size: int, wait: DataWait | None = None) -> Iterator[list[Batch]]:
+    """The micro-batches of each optimizer step, `size` at a time (accumulation); the epoch's last step may have
+    fewer."""
+    step: list[Batch] = []
     for batch in wait.batches(batches) if wait is not None else batches:
-        window.append(batch)
-        if len(window) == size:
-            yield window
-            window = []
-    if window:
-        yield window
-
-
-def split_factor(micro_batch: int) -> int | None:
-    """The smallest k > 1 dividing `micro_batch` (None for 1): micro-batches of micro_batch/k with k times
-    the accumulation cover exactly the same samples, so the update does not change."""
-    for k in range(2, micro_batch + 1):
-        if micro_batch % k == 0:
-            return k
-    return None
+        step.append(batch)
+        if len(step) == size:
+            yield step
+            step = []
+    if step:
+        yield step
 
 
 def peak_memory_mb(device: torch.device) -> float:

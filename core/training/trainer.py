@@ -18,6 +18,7 @@ the micro-batch and multiplies accumulation alike, then re-reads the step's data
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import time
@@ -38,11 +39,11 @@ from trainflow.core.training.distributed import SINGLE, Rank, broadcast_object, 
 from trainflow.core.training.flops import mfu_factor
 from trainflow.core.training.metrics import eval_pass, loss_fn, pass_metrics
 from trainflow.core.training.precision import autocast_context, grad_scaler
-from trainflow.core.training.recovery import count_nonfinite, first_compiled_step, split_micro_batch
+from trainflow.core.training.recovery import count_nonfinite, micro_batch_split
 from trainflow.core.training.seed import rng_state, set_rng_state
 from trainflow.core.training.sharded import full_state_dict, is_sharded, load_shards, save_shards
 from trainflow.core.training.state import FitResult, StepOutput, StopReason, TrainState
-from trainflow.core.training.steps import step_budget, step_windows
+from trainflow.core.training.steps import optimizer_steps, step_budget
 from trainflow.core.training.window import LogWindow
 
 log = logging.getLogger(__name__)
@@ -93,30 +94,30 @@ class Trainer:
         self.deferred_finite_check = bool(getattr(optimizer, "defaults", {}).get("fused"))
         self.sharded = is_sharded(self.module)  # FSDP: weights and optimizer state split over the ranks
         self._compile_pending = hasattr(model, "_orig_mod")  # torch.compile: the first step may fail to compile
-        self.window = LogWindow(self.state.samples_seen)
+        self.log_window = LogWindow(self.state.samples_seen)
         self.updating = False  # inside an optimizer update or an epoch's end: no consistent state to save
 
     # ------------------------------------------------------------------------------- the step
-    def train_step(self, window: Sequence[Batch]) -> StepOutput:
-        """One optimizer step over `window`'s micro-batches.
+    def train_step(self, micro_batches: Sequence[Batch]) -> StepOutput:
+        """One optimizer step over `micro_batches` (accumulated).
 
-        Each micro-batch's loss is weighted by its share of the window's targets, so k micro-batches
+        Each micro-batch's loss is weighted by its share of the step's targets, so k micro-batches
         give the gradient of one batch of their union, a short last batch included (fp32: equal to
         rounding). Steps with a non-finite gradient norm are skipped.
         """
         model, optimizer, scaler, loss_of = self.model, self.optimizer, self.scaler, self.loss
-        n_targets = sum(y.numel() for _, y in window)
+        n_targets = sum(y.numel() for _, y in micro_batches)
         loss: torch.Tensor | None = None
-        for i, (x, y) in enumerate(window):
+        for i, (x, y) in enumerate(micro_batches):
             x = x.to(self.device, non_blocking=True, memory_format=self.input_format)
             y = y.to(self.device, non_blocking=True)
-            with self._gradient_sync(last=i == len(window) - 1), self.autocast:
+            with self._gradient_sync(last=i == len(micro_batches) - 1), self.autocast:
                 micro_loss = loss_of(model, x, y)
-            if len(window) > 1:  # one micro-batch is the whole window: no weighting op on the hot path
+            if len(micro_batches) > 1:  # one micro-batch is the whole step: no weighting op on the hot path
                 micro_loss = micro_loss * (y.numel() / n_targets)
             scaler.scale(micro_loss).backward()
             loss = micro_loss.detach() if loss is None else loss + micro_loss.detach()
-        assert loss is not None, "a window holds at least one micro-batch"
+        assert loss is not None, "a step has at least one micro-batch"
         self.updating = True  # until the step's end: the weights, optimizer and progress change from here
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.grad_clip_norm or math.inf)
@@ -146,7 +147,7 @@ class Trainer:
                  self.total_steps)  # fmt: skip
         self._call("on_fit_start")
         self._fit_started, self._fit_samples, self.eval_seconds = time.perf_counter(), s.samples_seen, 0.0
-        self.window.reset(s.samples_seen)  # the first window starts now, after any resume
+        self.log_window.reset(s.samples_seen)  # the first window starts now, after any resume
         self.model.train()
         try:
             while s.stop_reason is None:
@@ -161,7 +162,7 @@ class Trainer:
                     if cfg.eval_every_steps is None:
                         self.validate()
                     self.updating = False
-            for finite in self.window.deferred_finite():  # steps skipped since the last log point
+            for finite in self.log_window.deferred_finite():  # steps skipped since the last log point
                 self._check_finite(finite)
             if s.last_eval_step != s.step:
                 self.validate()
@@ -185,22 +186,22 @@ class Trainer:
     def _run_epoch(self) -> bool:
         """Steps over the rest of the epoch; True when its data ran out, False on a stop request or when
         the micro-batch was split (the epoch is then re-read from the same position)."""
-        for window in step_windows(self.loaders.train, self.state.grad_accum, self.window.data_wait):
-            if not self._run_step(window) or self.state.stop_reason is not None:
+        for micro_batches in optimizer_steps(self.loaders.train, self.state.grad_accum, self.log_window.data_wait):
+            if not self._run_step(micro_batches) or self.state.stop_reason is not None:
                 return False
         return True
 
-    def _run_step(self, window: list[Batch]) -> bool:
+    def _run_step(self, micro_batches: list[Batch]) -> bool:
         s, cfg = self.state, self.cfg
         try:
-            out = self._guarded_step(window)
+            out = self._guarded_step(micro_batches)
         except torch.cuda.OutOfMemoryError as exc:
             self.split_micro_batch(exc)
             return False
         s.step += 1
-        s.batch_in_epoch += len(window)
-        s.samples_seen += sum(len(y) for _, y in window)
-        self.window.add(out, window)
+        s.batch_in_epoch += len(micro_batches)
+        s.samples_seen += sum(len(y) for _, y in micro_batches)
+        self.log_window.add(out, micro_batches)
         if isinstance(out.finite, bool):
             self._check_finite(out.finite)
         if s.step % cfg.log_every_steps == 0:
@@ -213,17 +214,42 @@ class Trainer:
         self.updating = False
         return True
 
-    def _guarded_step(self, window: list[Batch]) -> StepOutput:
-        """The step; a torch.compile'd model that fails its first step falls back to eager, with a warning."""
+    def _guarded_step(self, micro_batches: list[Batch]) -> StepOutput:
+        """The step. A torch.compile'd model compiles in its first step; if that fails, a warning, the uncompiled
+        model and the step again (an error of the model itself then surfaces from eager mode)."""
         if not self._compile_pending:
-            return self.train_step(window)
+            return self.train_step(micro_batches)
         self._compile_pending = False
-        return first_compiled_step(self, window)
+        try:
+            return self.train_step(micro_batches)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as exc:
+            log.warning("train.compile: compiling failed (%s: %s); training in eager mode",
+                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")  # fmt: skip
+            self.model = self.model._orig_mod  # type: ignore[assignment]
+            self.optimizer.zero_grad(set_to_none=True)
+            return self.train_step(micro_batches)
 
     def split_micro_batch(self, exc: BaseException) -> None:
-        """After a CUDA out-of-memory error inside a step (before its update): micro-batch / k and
-        accumulation x k for the smallest k dividing it; the step is re-run on the same samples."""
-        split_micro_batch(self, exc)
+        """After a CUDA out-of-memory error inside a step (before its update): micro-batch / k and accumulation x k
+        (`recovery.micro_batch_split`); the data position is counted in the new micro-batches, so the step re-runs
+        on the same samples: the same update."""
+        s = self.state
+        factor = micro_batch_split(s.micro_batch, self.rank.distributed, exc)
+        self.optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        s.micro_batch, s.grad_accum, s.batch_in_epoch = (
+            s.micro_batch // factor,
+            s.grad_accum * factor,
+            s.batch_in_epoch * factor,
+        )
+        self.loaders.train = rebatched(self.loaders.train, s.micro_batch)
+        self.loaders.val = rebatched(self.loaders.val, s.micro_batch)  # evaluation at the size that fits
+        log.warning("step %d: CUDA out of memory; micro-batch now %d x %d accumulation (effective batch %d kept)",
+                    s.step + 1, s.micro_batch, s.grad_accum, self.effective_batch_size)  # fmt: skip
         self._call("on_micro_batch_split")
 
     def validate(self) -> dict[str, float]:
@@ -234,7 +260,7 @@ class Trainer:
             result = reduced_eval(result, self.device)
         metrics = pass_metrics(result, self.task, "val")
         self.eval_seconds += time.perf_counter() - started
-        self.window.excluded_seconds += time.perf_counter() - started
+        self.log_window.excluded_seconds += time.perf_counter() - started
         self.state.last_eval_step, self.last_metrics = self.state.step, metrics
         self._call("on_eval_end", metrics)
         return metrics
@@ -262,10 +288,10 @@ class Trainer:
     def collect_train_metrics(self) -> dict[str, float]:
         """Training metrics since the last call, averaged over ranks; the only place the loop reads device
         values (and, with a fused optimizer, checks the window's non-finite steps)."""
-        for finite in self.window.deferred_finite():
+        for finite in self.log_window.deferred_finite():
             self._check_finite(finite)
         lm, lr = self.task == "language_modeling", self.scheduler.get_last_lr()[0]
-        metrics = self.window.metrics(self.state.samples_seen, lm, self.rank, self.device, lr, self.mfu_factor)
+        metrics = self.log_window.metrics(self.state.samples_seen, lm, self.rank, self.device, lr, self.mfu_factor)
         return metrics | {"train/micro_batch_size": float(self.state.micro_batch)}
 
     def describe(self) -> dict[str, Any]:
@@ -322,10 +348,10 @@ class Trainer:
 
     # -------------------------------------------------------------------------------- helpers
     def _check_finite(self, finite: bool) -> None:
-        count_nonfinite(self, finite)
+        count_nonfinite(self.state, finite, self.cfg.max_nonfinite_steps, self.scheduler.get_last_lr()[0])
 
     def _gradient_sync(self, last: bool) -> AbstractContextManager[object]:
-        # Under DDP/FSDP only the last micro-batch of a window all-reduces (reduce-scatters) gradients.
+        # Under DDP/FSDP only the last micro-batch of a step all-reduces (reduce-scatters) gradients.
         if not last and isinstance(self.model, DistributedDataParallel):
             return self.model.no_sync()
         if self.sharded and self.rank.distributed:

@@ -29,10 +29,11 @@ class LogWindow:
         self.excluded_seconds = 0.0  # validation inside the window: not training time
         self.data_wait.seconds = 0.0
 
-    def add(self, out: StepOutput, window: list[Batch]) -> None:
+    def add(self, out: StepOutput, micro_batches: list[Batch]) -> None:
+        """One optimizer step's output and the micro-batches it trained on."""
         self.losses.append(out.loss)
         self.norms.append(out.grad_norm)
-        self.targets += sum(y.numel() for _, y in window)
+        self.targets += sum(y.numel() for _, y in micro_batches)
         if not isinstance(out.finite, bool):
             self.finite.append(out.finite)
 

@@ -10,12 +10,12 @@ interpreter's teardown.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import sys
 import traceback
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
@@ -23,14 +23,14 @@ from typing import Any
 
 import optuna
 
-from trainflow.core.config import CategoricalParam, Config, FloatParam, HPOConfig, ParamSpec, config_from_dict
+from trainflow.core.config import CategoricalParam, FloatParam, HPOConfig, ParamSpec
 from trainflow.core.data.prepared import load_splits
-from trainflow.core.records import PrepareDataResult
 from trainflow.core.storage.store import ArtifactStore
-from trainflow.core.storage.tracking import MlflowMetricLogger, ParentRun, Tracker
+from trainflow.core.tracking.runs import RunLogger
 from trainflow.core.training.builder import build_trainer
 from trainflow.core.training.callbacks import Callback, TrackingCallback, is_improvement, monitored_value
 from trainflow.core.training.optim import import_optimizer_dependencies
+from trainflow.core.training.spec import TrainingSpec
 from trainflow.core.training.state import StopReason
 from trainflow.core.tuning.study import from_optuna, make_pruner, make_sampler, optuna_choices, rdb_storage
 
@@ -38,20 +38,19 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class WorkerSpec:
+class SearchJob:
     """Everything a worker process needs, picklable."""
 
     hpo: HPOConfig
     space: dict[str, ParamSpec]  # bounds resolved (optim.lr from the LR range test)
-    base: dict[str, Any]  # model, optim, train, data and seed sections as plain data, optim.lr resolved
-    data: PrepareDataResult
+    spec: TrainingSpec  # what every trial trains, with its drawn values (core.tuning.plan.search_spec)
     store: ArtifactStore  # picklable: a spawned worker opens its own connection
     storage: str
     study_name: str
     seed: int
     worker: int  # 0 in the stage's process
     torch_threads: int | None
-    parent_run: ParentRun | None  # the hpo_search run: each trial is a child run of it
+    parent_run: RunLogger | None  # the hpo_search run: each trial is a child run of it
 
 
 class OptunaPruning(Callback):
@@ -103,7 +102,7 @@ def has_worked(claim: Claim) -> bool:
     return claim.value == _WORKING
 
 
-def serve(spec: WorkerSpec, release: Connection, claim: Claim) -> None:
+def serve(job: SearchJob, release: Connection, claim: Claim) -> None:
     """A spawned worker's life: warm up while the stage opens the study, wait on `release` for its torch
     threads, then take up work unless the stage has stopped it meanwhile (`claim`), and run trials.
 
@@ -112,13 +111,13 @@ def serve(spec: WorkerSpec, release: Connection, claim: Claim) -> None:
     """
     code = 1
     try:
-        tracker = _warm_up(spec)
+        _warm_up(job)
         try:
             threads = release.recv()
         except EOFError:  # the stage ended without releasing it
             threads = None
         if threads is not None and take_up_work(claim):
-            run_worker(replace(spec, torch_threads=threads), tracker=tracker)
+            run_worker(replace(job, torch_threads=threads))
         code = 0
     except BaseException:
         traceback.print_exc()
@@ -129,23 +128,18 @@ def serve(spec: WorkerSpec, release: Connection, claim: Claim) -> None:
         os._exit(code)
 
 
-def _warm_up(spec: WorkerSpec) -> Tracker | None:
+def _warm_up(job: SearchJob) -> None:
     """What a fresh process's first trial would pay (~1.5-2 s of CPU here), paid while the stage opens the study."""
     import_optimizer_dependencies()
     optuna.storages.RDBStorage("sqlite://")  # imports and sets up SQLAlchemy's ORM and alembic, in memory
-    load_splits(spec.store.local_path(spec.data.uri), spec.data.spec)  # kept for every trial
-    if spec.parent_run is None:
-        return None
-    tracker = Tracker(spec.parent_run.tracking_uri, spec.parent_run.experiment_id)
-    tracker.client.get_experiment(spec.parent_run.experiment_id)  # opens MLflow's store (imports, schema check)
-    return tracker
+    load_splits(job.store.local_path(job.spec.data.uri), job.spec.data.spec)  # kept for every trial
+    if job.parent_run is not None:  # opens MLflow's store (imports, schema check)
+        job.parent_run.client.get_experiment(job.parent_run.experiment_id)
 
 
-def run_worker(
-    spec: WorkerSpec, storage: optuna.storages.RDBStorage | None = None, tracker: Tracker | None = None
-) -> None:
-    """Run trials until the study holds `hpo.n_trials` (or the timeout passes); `storage` and `tracker`
-    are opened here unless given.
+def run_worker(job: SearchJob, storage: optuna.storages.RDBStorage | None = None) -> None:
+    """Run trials until the study holds `hpo.n_trials` (or the timeout passes); `storage` is opened here unless
+    given.
 
     With parallelism, workers that start a trial at the same moment can take the study up to
     parallelism - 1 trials past n_trials.
@@ -153,68 +147,72 @@ def run_worker(
     import torch
 
     threads = torch.get_num_threads()
-    if spec.torch_threads:
-        torch.set_num_threads(spec.torch_threads)
+    if job.torch_threads:
+        torch.set_num_threads(job.torch_threads)
     try:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         if storage is None:
-            storage = rdb_storage(spec.storage)
-        existing = len(optuna.load_study(study_name=spec.study_name, storage=storage).get_trials(deepcopy=False))
-        if existing >= spec.hpo.n_trials:
+            storage = rdb_storage(job.storage)
+        existing = len(optuna.load_study(study_name=job.study_name, storage=storage).get_trials(deepcopy=False))
+        if existing >= job.hpo.n_trials:
             return
-        sampler = make_sampler(spec.hpo, spec.space, spec.seed, spec.worker, existing)
-        pruner = make_pruner(spec.hpo)
-        study = optuna.load_study(study_name=spec.study_name, storage=storage, sampler=sampler, pruner=pruner)
-        parent = spec.parent_run
-        if tracker is None and parent is not None:
-            tracker = Tracker(parent.tracking_uri, parent.experiment_id)
+        sampler = make_sampler(job.hpo, job.space, job.seed, job.worker, existing)
+        study = optuna.load_study(study_name=job.study_name, storage=storage, sampler=sampler,
+                                  pruner=make_pruner(job.hpo))  # fmt: skip
         study.optimize(
-            lambda trial: _objective(trial, spec, tracker),
-            timeout=spec.hpo.timeout_s,
+            lambda trial: _objective(trial, job),
+            timeout=job.hpo.timeout_s,
             catch=(Exception,),  # a failing trial (NaN, OOM, a bad combination) is recorded; the study goes on
-            callbacks=[optuna.study.MaxTrialsCallback(spec.hpo.n_trials, states=None)],
+            callbacks=[optuna.study.MaxTrialsCallback(job.hpo.n_trials, states=None)],
         )
     finally:
         torch.set_num_threads(threads)  # worker 0 runs in the stage's process: leave it as it was
 
 
-def _objective(trial: optuna.Trial, spec: WorkerSpec, tracker: Tracker | None) -> float:
-    """Train one trial; its MLflow run ends with the trial's true state (FINISHED, KILLED, FAILED)."""
-    params = {path: _suggest(trial, path, p) for path, p in spec.space.items()}
-    run_id = None
-    if tracker is not None and spec.parent_run is not None:
-        run_id = tracker.start_stage_run(spec.parent_run.run_id, f"trial-{trial.number}")
-    logger = tracker.logger(run_id) if tracker and run_id else None
-    if logger:
-        logger.log_params(params | {"trial": trial.number})
-    pruning = OptunaPruning(trial, spec.hpo.metric, spec.hpo.direction)
-    try:
-        config = trial_config(spec, params)
-        callbacks = [TrackingCallback(logger)] if logger else []
-        trainer = build_trainer(config.model, config.optim, config.train, config.data.loader, spec.seed, spec.data,
-                                spec.store, [*callbacks, pruning])  # fmt: skip
-        fit = trainer.fit()
-        if pruning.best is None or not math.isfinite(pruning.best):
-            raise ValueError(f"{spec.hpo.metric} was {pruning.best} (diverged)")
-    except Exception as exc:
-        trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:2000])
-        _end(tracker, logger, run_id, "FAILED", "FAIL", str(exc))
-        raise
+def _objective(trial: optuna.Trial, job: SearchJob) -> float:
+    """Train one trial; its MLflow run (a child of the stage's) ends with the trial's true state: FINISHED,
+    KILLED (pruned) or FAILED."""
+    params = {path: _suggest(trial, path, p) for path, p in job.space.items()}
+    with _trial_run(job, trial.number, params) as run:
+        pruning = OptunaPruning(trial, job.hpo.metric, job.hpo.direction)
+        try:
+            callbacks = [TrackingCallback(run)] if run else []
+            fit = build_trainer(trial_spec(job, params), job.store, [*callbacks, pruning]).fit()
+            if pruning.best is None or not math.isfinite(pruning.best):
+                raise ValueError(f"{job.hpo.metric} was {pruning.best} (diverged)")
+        except Exception as exc:
+            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:2000])
+            _note(run, "FAIL", str(exc))
+            raise
+        if fit.stop_reason is StopReason.PRUNED:
+            _note(run, "PRUNED", fit.stop_message)
+            if run:
+                run.end_status = "KILLED"
+        else:
+            _note(run, "COMPLETE", None)
     if fit.stop_reason is StopReason.PRUNED:
-        _end(tracker, logger, run_id, "KILLED", "PRUNED", fit.stop_message)
         raise optuna.TrialPruned(fit.stop_message)
-    _end(tracker, logger, run_id, "FINISHED", "COMPLETE", None)
     return pruning.best
 
 
-def trial_config(spec: WorkerSpec, params: dict[str, Any]) -> Config:
-    """The base sections with the trial's values, validated, trimmed to the trial's budget."""
-    hpo = spec.hpo
+def trial_spec(job: SearchJob, params: dict[str, Any]) -> TrainingSpec:
+    """The search's training with the trial's values, trimmed to the trial's budget."""
+    hpo = job.hpo
+    spec = job.spec.with_values(params)
     budget = {"max_epochs": hpo.max_epochs_per_trial, "max_steps": hpo.max_steps_per_trial, "progress_bar": False,
-              "early_stopping": {"enabled": False}}  # fmt: skip
-    overrides = [f"{path}={json.dumps(value)}" for path, value in params.items()]
-    overrides += [f"train.{key}={json.dumps(value)}" for key, value in budget.items()]
-    return config_from_dict(spec.base, overrides, source="trial")
+              "early_stopping": spec.train.early_stopping.model_copy(update={"enabled": False})}  # fmt: skip
+    return spec.model_copy(update={"train": spec.train.model_copy(update=budget)})
+
+
+def _trial_run(job: SearchJob, number: int, params: dict[str, Any]) -> AbstractContextManager[RunLogger | None]:
+    if job.parent_run is None:
+        return nullcontext()
+    return job.parent_run.child(f"trial-{number}", params | {"trial": number})
+
+
+def _note(run: RunLogger | None, state: str, note: str | None) -> None:
+    if run is not None:
+        run.set_tags({"trainflow.trial_state": state} | ({"trainflow.trial_note": note[:5000]} if note else {}))
 
 
 def _suggest(trial: optuna.Trial, path: str, spec: ParamSpec) -> Any:
@@ -224,19 +222,3 @@ def _suggest(trial: optuna.Trial, path: str, spec: ParamSpec) -> Any:
     if isinstance(spec, CategoricalParam):
         return from_optuna(trial.suggest_categorical(path, optuna_choices(spec)))
     return trial.suggest_int(path, spec.low, spec.high, step=spec.step, log=spec.log)
-
-
-def _end(
-    tracker: Tracker | None,
-    logger: MlflowMetricLogger | None,
-    run_id: str | None,
-    status: str,
-    state: str,
-    note: str | None,
-) -> None:
-    if tracker is None or logger is None or run_id is None:
-        return
-    tags = {"trainflow.trial_state": state} | ({"trainflow.trial_note": note[:5000]} if note else {})
-    logger.set_tags(tags)
-    logger.flush()  # the last metrics and the tags, stored before the run ends
-    tracker.end_run(run_id, status)

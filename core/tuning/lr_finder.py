@@ -19,7 +19,7 @@ import torch
 
 from trainflow.core.data.loaders import Batch
 from trainflow.core.training.seed import isolate_rng
-from trainflow.core.training.steps import step_windows
+from trainflow.core.training.steps import optimizer_steps
 from trainflow.core.training.trainer import Trainer
 
 RULES = ("valley", "steepest", "min_div_10")
@@ -52,9 +52,9 @@ def lr_sweep(
             for group in trainer.optimizer.param_groups:
                 group["lr"], group["initial_lr"] = min_lr, min_lr
             trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda i: growth**i)
-            for step, window in zip(range(num_steps), _endless_windows(trainer), strict=False):
+            for step, micro_batches in zip(range(num_steps), _endless_steps(trainer), strict=False):
                 lr = trainer.optimizer.param_groups[0]["lr"]
-                loss = trainer.train_step(window).loss.item()
+                loss = trainer.train_step(micro_batches).loss.item()
                 if not math.isfinite(loss):
                     diverged = True
                     break
@@ -120,10 +120,10 @@ def _longest_descent(losses: np.ndarray) -> tuple[int, int]:
     return start, end
 
 
-def _endless_windows(trainer: Trainer) -> Iterator[list[Batch]]:
-    """Optimizer-step windows over the training data, epoch after epoch."""
+def _endless_steps(trainer: Trainer) -> Iterator[list[Batch]]:
+    """The micro-batches of each optimizer step over the training data, epoch after epoch."""
     epoch = 0
     while True:
         trainer.loaders.sampler.set_epoch(epoch)
-        yield from step_windows(trainer.loaders.train, trainer.cfg.grad_accum_steps)
+        yield from optimizer_steps(trainer.loaders.train, trainer.cfg.grad_accum_steps)
         epoch += 1

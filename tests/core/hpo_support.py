@@ -21,8 +21,8 @@ from trainflow.core.hpo_search import hpo_search
 from trainflow.core.prepare_data import prepare_data
 from trainflow.core.records import HPOSearchResult, LRRangeTestResult
 from trainflow.core.storage.store import LocalStore
-from trainflow.core.storage.tracking import ParentRun, Tracker
-from trainflow.core.tuning.apply import tuning_view
+from trainflow.core.tracking.runs import RunLogger, Tracker
+from trainflow.core.tuning.plan import search_spec
 
 __all__ = ["FLOAT", "KEY", "assert_runs_match_trials", "lr_range_record", "one_torch_thread", "parent_run", "search",
            "search_config", "study_of", "tracker", "tracking", "trial_runs"]  # fmt: skip
@@ -47,13 +47,13 @@ def tracker(tmp_path_factory: pytest.TempPathFactory) -> Tracker:
 
 
 @pytest.fixture
-def tracking(tracker: Tracker, request: pytest.FixtureRequest) -> ParentRun:
+def tracking(tracker: Tracker, request: pytest.FixtureRequest) -> RunLogger:
     return parent_run(tracker, request.node.name)
 
 
-def parent_run(tracker: Tracker, name: str) -> ParentRun:
+def parent_run(tracker: Tracker, name: str) -> RunLogger:
     run = tracker.client.create_run(tracker.experiment_id, run_name=name)
-    return ParentRun(tracker.uri, tracker.experiment_id, run.info.run_id)
+    return RunLogger(tracker.client, run.info.run_id, tracker.experiment_id)
 
 
 def search_config(hpo: dict[str, Any], lr_range_test: bool = False) -> Config:
@@ -63,19 +63,19 @@ def search_config(hpo: dict[str, Any], lr_range_test: bool = False) -> Config:
 
 
 def search(
-    cfg: Config, store: LocalStore, tracking: ParentRun | None, lr_range: LRRangeTestResult | None = None
+    cfg: Config, store: LocalStore, tracking: RunLogger | None, lr_range: LRRangeTestResult | None = None
 ) -> HPOSearchResult:
-    """The stage as the pipeline calls it: the tuning view of the train section, prepared data."""
-    data = prepare_data(cfg.data, cfg.seed, store)
-    return hpo_search(cfg.tune.hpo, cfg.data, cfg.model, cfg.optim, tuning_view(cfg.train), cfg.seed, data, lr_range,
-                      store, KEY, tracking)  # fmt: skip
+    """The stage as the pipeline calls it: the search's training spec (core.tuning.plan), prepared data."""
+    spec = search_spec(cfg, prepare_data(cfg.data, cfg.seed, store), lr_range)
+    assert spec is not None, "the search is enabled"
+    return hpo_search(cfg.tune.hpo, spec, lr_range, store, KEY, tracking)
 
 
 def study_of(result: HPOSearchResult) -> optuna.Study:
     return optuna.load_study(study_name=result.study_name, storage=result.storage)
 
 
-def trial_runs(tracker: Tracker, tracking: ParentRun) -> dict[str, Run]:
+def trial_runs(tracker: Tracker, tracking: RunLogger) -> dict[str, Run]:
     """The parent run's children by run name (`trial-<n>`)."""
     runs = tracker.client.search_runs(
         [tracker.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{tracking.run_id}'"

@@ -22,7 +22,8 @@ from trainflow.core.prepare_data import prepare_data
 from trainflow.core.records import PrepareDataResult
 from trainflow.core.serving.mlflow_model import ServingModelInfo, log_serving_model
 from trainflow.core.storage.store import LocalStore
-from trainflow.core.storage.tracking import Tracker, fluent_tracking_uri
+from trainflow.core.tracking.backend import fluent_tracking_uri
+from trainflow.core.tracking.runs import RunLogger, Tracker
 
 SEQ_LEN = 16
 PROMPTS = ["The ", "x", "def function(argument):\n    return"]  # short, one byte, longer than seq_len
@@ -68,15 +69,17 @@ class Case:
 @dataclass
 class Tracking:
     uri: str
-    run_id: str
+    run: RunLogger
+
+    @property
+    def run_id(self) -> str:
+        return self.run.run_id
 
     def log(self, case: Case, model_file: Path, name: str) -> str:
         return self.log_info(case, model_file, name).model_uri
 
     def log_info(self, case: Case, model_file: Path, name: str) -> ServingModelInfo:
-        info = log_serving_model(
-            model_file, case.data, case.store, name=name, tracking_uri=self.uri, run_id=self.run_id
-        )
+        info = log_serving_model(model_file, case.data, case.store, name=name, run=self.run)
         assert (info.onnx_model_uri is not None) == (model_file.suffix == ".onnx")
         return info
 
@@ -93,8 +96,13 @@ def open_tracking(folder: Path) -> Tracking:
     """A stage run in a new SQLite tracking database under `folder`, to log the served models into."""
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     tracker = Tracker.for_experiment(uri, "serving-tests")
-    parent = tracker.open_pipeline_run("serving", "serving")
-    return Tracking(uri, tracker.start_stage_run(parent, "publish"))
+    return Tracking(uri, open_run(tracker, "publish"))
+
+
+def open_run(tracker: Tracker, name: str) -> RunLogger:
+    """A run to log into, as a stage's (it stays open: the test ends it, or not)."""
+    run_id = tracker.client.create_run(tracker.experiment_id, run_name=name).info.run_id
+    return RunLogger(tracker.client, run_id, tracker.experiment_id)
 
 
 def people(n: int = 90) -> pd.DataFrame:

@@ -18,6 +18,7 @@ from trainflow.core.storage.store import LocalStore
 from trainflow.core.train import train
 from trainflow.core.training.batch_size import RECORDS, largest_fitting
 from trainflow.core.training.checkpoint import FINAL, load_checkpoint
+from trainflow.core.training.spec import TrainingSpec
 
 
 @pytest.mark.parametrize(("threshold", "limit"), [(1, 100), (2, 100), (37, 100), (64, 100), (100, 100), (500, 124)])
@@ -51,7 +52,7 @@ def _cfg(max_batch: int, **train: Any) -> Any:
 
 def _train(cfg: Any, store: LocalStore, key: str) -> Any:
     data = prepare_data(cfg.data, cfg.seed, store)
-    return train(cfg.model, cfg.optim, cfg.train, cfg.data.loader, cfg.seed, data, store, key)
+    return train(TrainingSpec.of(cfg, data), store, key)
 
 
 def test_auto_batch_size_is_the_largest_under_the_limit_and_is_searched_once(store: LocalStore) -> None:

@@ -23,6 +23,7 @@ from trainflow.core.storage.uploads import BackgroundUploads
 from trainflow.core.train import train
 from trainflow.core.training.callbacks import Callback
 from trainflow.core.training.checkpoint import ModelCheckpoint, periodic_checkpoints
+from trainflow.core.training.spec import TrainingSpec
 from trainflow.core.training.trainer import Trainer
 
 PREFIX = "runs"
@@ -41,9 +42,7 @@ def _s3(endpoint: str, bucket: str, cache: Path) -> S3Store:
 
 def _fit(store: ArtifactStore, key: str, cfg: Any, callbacks: list[Callback] | None = None) -> Any:
     data = prepare_data(cfg.data, cfg.seed, store)
-    return train(
-        cfg.model, cfg.optim, cfg.train, cfg.data.loader, cfg.seed, data, store, key, callbacks=callbacks or []
-    )
+    return train(TrainingSpec.of(cfg, data), store, key, callbacks=callbacks or [])
 
 
 def _keys(endpoint: str, bucket: str, key: str) -> dict[str, int]:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import tiny_raw
-from trainflow.core.compress import TrainingSetup, compress
+from trainflow.core.compress import compress
 from trainflow.core.compression.measure import held_out, task_metrics
 from trainflow.core.compression.onnx_export import OrtPredictor
 from trainflow.core.compression.quantization import load_torch_model
@@ -22,6 +22,7 @@ from trainflow.core.prepare_data import prepare_data
 from trainflow.core.records import CompressResult
 from trainflow.core.storage.store import LocalStore
 from trainflow.core.train import train
+from trainflow.core.training.spec import TrainingSpec
 
 LIGHT = {"measure": {"latency_calls": 20, "warmup": 2, "rounds": 2, "serving_batch": 32, "throughput_calls": 2},
          "structured_pruning": {"finetune_epochs": 2}, "distillation": {"max_epochs": 4}}  # fmt: skip
@@ -30,9 +31,9 @@ LIGHT = {"measure": {"latency_calls": 20, "warmup": 2, "rounds": 2, "serving_bat
 def _run(store: LocalStore, **compress_cfg: Any) -> tuple[Config, Any, CompressResult]:
     config = config_from_dict(tiny_raw(compress=LIGHT | compress_cfg))
     data = prepare_data(config.data, config.seed, store)
-    trained = train(config.model, config.optim, config.train, config.data.loader, config.seed, data, store, "train")
-    setup = TrainingSetup(config.optim, config.train, config.data.loader, config.seed)
-    return config, data, compress(config.compress, config.model, setup, data, trained, store, "compress")
+    spec = TrainingSpec.of(config, data)
+    trained = train(spec, store, "train")
+    return config, data, compress(config.compress, spec, trained, store, "compress")
 
 
 @pytest.fixture(scope="module")

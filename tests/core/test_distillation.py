@@ -28,14 +28,15 @@ from trainflow.core.data.spec import DataSpec
 from trainflow.core.errors import ConfigError
 from trainflow.core.models import build_model
 from trainflow.core.prepare_data import prepare_data
-from trainflow.core.records import PrepareDataResult
+from trainflow.core.records import PrepareDataResult, TrainResult
 from trainflow.core.storage.store import LocalStore
 from trainflow.core.training.builder import build_trainer, prepared_loaders
 from trainflow.core.training.callbacks import Callback
-from trainflow.core.training.checkpoint import load_checkpoint, periodic_checkpoints
+from trainflow.core.training.checkpoint import load_checkpoint, periodic_checkpoints, trained_model
+from trainflow.core.training.fit import fit_in_folder
 from trainflow.core.training.metrics import eval_pass, loss_fn, pass_metrics
-from trainflow.core.training.run import FolderFit, fit_in_folder
 from trainflow.core.training.seed import seed_everything
+from trainflow.core.training.spec import TrainingSpec
 from trainflow.core.training.state import StopReason
 
 TABULAR = DataSpec(task="classification", input_shape=(13,), n_classes=3)
@@ -158,19 +159,20 @@ def _student(
     width: float,
     teacher: nn.Module | None,
     callbacks: Sequence[Callback] = (),
-) -> FolderFit:
-    """A student of `width` trained with `teacher` (alpha 0.5, T 4), or on the labels alone when None."""
+) -> tuple[TrainResult, nn.Module]:
+    """A student of `width` trained with `teacher` (alpha 0.5, T 4), or on the labels alone when None: its record
+    and the trained student."""
     student_cfg = student_config(cfg.model, width)
     seed_everything(cfg.seed)  # the same initial student with and without the teacher
     student = build_model(student_cfg, data.spec)
     kd = None if teacher is None else DistillationLoss(teacher, alpha=0.5, temperature=4.0)
-    args = (student_cfg, cfg.optim, cfg.train, cfg.data.loader, cfg.seed, data, store, key)
-    return fit_in_folder(*args, callbacks=callbacks, model=student, loss=kd)
+    spec = TrainingSpec.of(cfg, data).with_model(student_cfg)
+    return fit_in_folder(spec, store, key, callbacks=callbacks, model=student, loss=kd), student
 
 
-def _test_accuracy(done: FolderFit, data: PrepareDataResult, store: LocalStore) -> float:
+def _test_accuracy(model: nn.Module, data: PrepareDataResult, store: LocalStore) -> float:
     test = prepared_loaders(data, store, 64, LoaderConfig(), 0).test
-    result = eval_pass(done.model, test, torch.device("cpu"), contextlib.nullcontext())
+    result = eval_pass(model, test, torch.device("cpu"), contextlib.nullcontext())
     return pass_metrics(result, "classification", "t")["t/accuracy"]
 
 
@@ -179,10 +181,11 @@ def test_a_student_learns_at_least_as_well_with_its_teacher(store) -> None:
     # 0.917 0.912 0.887 0.911 0.929, with it (alpha 0.5, T 4) 0.926 0.915 0.918 0.928 0.929: +1.2 points
     # on average, never worse. T 2 gave +0.3; alpha 0.9 +1.1; a 4-unit student lost about 3 points with KD.
     cfg, data = _digits(store, epochs=30)
-    teacher = fit_in_folder(cfg.model, cfg.optim, cfg.train, cfg.data.loader, cfg.seed, data, store, "teacher")
-    plain = _student(cfg, data, store, "plain", 0.125, None)  # hidden [8]: 626 parameters, the teacher 4,938
-    distilled = _student(cfg, data, store, "kd", 0.125, teacher.model)
-    assert plain.model.net[1].out_features == 8
+    spec = TrainingSpec.of(cfg, data)
+    teacher = trained_model(spec, store, fit_in_folder(spec, store, "teacher").checkpoint_uri)
+    _, plain = _student(cfg, data, store, "plain", 0.125, None)  # hidden [8]: 626 parameters, the teacher 4,938
+    _, distilled = _student(cfg, data, store, "kd", 0.125, teacher)
+    assert plain.net[1].out_features == 8
     assert _test_accuracy(distilled, data, store) >= _test_accuracy(plain, data, store) - 0.01
     assert _test_accuracy(teacher, data, store) > _test_accuracy(plain, data, store)
 
@@ -190,14 +193,15 @@ def test_a_student_learns_at_least_as_well_with_its_teacher(store) -> None:
 def test_student_training_stops_early_and_hands_on_its_best_checkpoint(store) -> None:
     cfg, data = _digits(store, epochs=50, early_stopping={"patience": 2, "min_delta": 10.0})
     teacher = build_model(cfg.model, data.spec)
-    done = _student(cfg, data, store, "early", 0.1, teacher)
-    assert done.fit.stop_reason is StopReason.EARLY_STOPPING
-    assert done.fit.epochs_run == 3  # the first evaluation sets the bar; no later one beats it by 10
+    done, student = _student(cfg, data, store, "early", 0.1, teacher)
+    assert done.stop_reason == StopReason.EARLY_STOPPING.value and done.stopped_early
+    assert done.epochs_run == 3  # the first evaluation sets the bar; no later one beats it by 10
     folder = store.root / "early"
-    assert done.weights_uri == (folder / "model.pt").as_uri() and done.weights_path.is_file()
+    assert done.checkpoint_uri == (folder / "model.pt").as_uri()
     assert done.best_step == load_checkpoint(folder / "best.pt")["step"]  # best by val/loss, min_delta aside
-    handed_on, best = load_checkpoint(done.weights_path)["model"], load_checkpoint(folder / "best.pt")["model"]
+    handed_on, best = load_checkpoint(folder / "model.pt")["model"], load_checkpoint(folder / "best.pt")["model"]
     assert all(torch.equal(handed_on[name], tensor) for name, tensor in best.items()), "restore_best hands on the best"
+    assert all(torch.equal(student.state_dict()[name], tensor) for name, tensor in best.items()), "and the model too"
     assert set(done.best_metrics) == {"val/loss", "val/accuracy"}
 
 
@@ -205,16 +209,16 @@ def test_a_crashed_student_run_resumes_to_the_weights_of_an_uninterrupted_one(st
     cfg, data = _digits(store, epochs=3, checkpoint={"every_steps": 4, "keep_last": 2})  # 12 steps per epoch
     torch.manual_seed(1)
     teacher = build_model(cfg.model, data.spec)
-    full = _student(cfg, data, store, "full", 0.1, teacher)
+    full, _ = _student(cfg, data, store, "full", 0.1, teacher)
     with pytest.raises(KeyboardInterrupt):
         _student(cfg, data, store, "resumed", 0.1, teacher, callbacks=[_CrashAt(step=18)])
     assert periodic_checkpoints(store.root / "resumed")[-1].name == "step-000000016.pt"
-    resumed = _student(cfg, data, store, "resumed", 0.1, teacher)  # the same pre-built student, fresh weights
-    assert resumed.resumed_from == 16 and full.resumed_from is None
-    assert resumed.fit.steps == full.fit.steps == 36
+    resumed, _ = _student(cfg, data, store, "resumed", 0.1, teacher)  # the same pre-built student, fresh weights
+    assert resumed.resumed_from_step == 16 and full.resumed_from_step is None
+    assert resumed.steps == full.steps == 36
     assert resumed.best_step == full.best_step
-    reference = load_checkpoint(full.weights_path)["model"]
-    for name, tensor in load_checkpoint(resumed.weights_path)["model"].items():
+    reference = load_checkpoint(store.local_path(full.checkpoint_uri))["model"]
+    for name, tensor in load_checkpoint(store.local_path(resumed.checkpoint_uri))["model"].items():
         torch.testing.assert_close(tensor, reference[name], rtol=0, atol=0)
 
 
@@ -229,7 +233,7 @@ def test_build_trainer_takes_a_pre_built_model_and_a_loss_hook(store) -> None:
         calls.append(len(y))
         return 2.0 * F.cross_entropy(model(x), y)
 
-    trainer = build_trainer(cfg.model, cfg.optim, cfg.train, cfg.data.loader, cfg.seed, data, store,
+    trainer = build_trainer(TrainingSpec.of(cfg, data), store,
                             model=pruned, loss=doubled)  # fmt: skip
     assert trainer.model is pruned
     assert {id(p) for g in trainer.optimizer.param_groups for p in g["params"]} == {id(p) for p in pruned.parameters()}

@@ -21,8 +21,9 @@ from trainflow.core.errors import ConfigError, TrainingError
 from trainflow.core.prepare_data import prepare_data
 from trainflow.core.storage.store import LocalStore
 from trainflow.core.training.callbacks import Callback
-from trainflow.core.training.checkpoint import FINAL, load_checkpoint, periodic_checkpoints
-from trainflow.core.training.run import fit_in_folder
+from trainflow.core.training.checkpoint import FINAL, load_checkpoint, periodic_checkpoints, trained_model
+from trainflow.core.training.fit import fit_in_folder
+from trainflow.core.training.spec import TrainingSpec
 
 TOL = {"atol": 2e-6, "rtol": 1e-5}  # fp32: the sums run in another order across ranks
 
@@ -43,7 +44,7 @@ def _cfg(world: int, batch: int, accum: int = 1, **train: Any) -> Any:
 
 def _fit(cfg: Any, store: LocalStore, key: str) -> Any:
     data = prepare_data(cfg.data, cfg.seed, store)
-    return fit_in_folder(cfg.model, cfg.optim, cfg.train, cfg.data.loader, cfg.seed, data, store, key)
+    return fit_in_folder(TrainingSpec.of(cfg, data), store, key)
 
 
 def _weights(store: LocalStore, key: str) -> dict[str, torch.Tensor]:
@@ -60,11 +61,11 @@ def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None
 def test_two_gloo_ranks_end_with_the_weights_of_one_process(store: LocalStore, accum: int) -> None:
     one = _fit(_cfg(1, 16, accum), store, f"one-{accum}")
     two = _fit(_cfg(2, 8, accum), store, f"two-{accum}")
-    assert two.facts["world_size"] == 2 and two.facts["effective_batch_size"] == 16 * accum
-    assert one.fit.steps == two.fit.steps == 12
-    assert one.fit.epochs_run >= 2, "the run crosses an epoch boundary (a new shuffle, a short last batch)"
+    assert two.world_size == 2 and two.effective_batch_size == 16 * accum
+    assert one.steps == two.steps == 12
+    assert one.epochs_run >= 2, "the run crosses an epoch boundary (a new shuffle, a short last batch)"
+    assert two.checkpoint_uri == (store.workdir(f"two-{accum}") / FINAL).as_uri(), "the main rank's record"
     _assert_same(_weights(store, f"one-{accum}"), _weights(store, f"two-{accum}"))
-    _assert_same(one.model.state_dict(), two.model.state_dict())
     assert two.best_metrics["val/loss"] == pytest.approx(one.best_metrics["val/loss"], rel=1e-5), "sharded val reduced"
 
 
@@ -99,7 +100,7 @@ def _kill_main_rank_at(step: int, cfg: Any, store: LocalStore, key: str) -> None
     """Fit `cfg` on its ranks with the main rank SIGKILLed when `step` ends: the stage fails with that rank's signal."""
     data = prepare_data(cfg.data, cfg.seed, store)
     with pytest.raises(TrainingError, match=r"rank 0 failed: Signal 9 \(SIGKILL\)"):
-        fit_in_folder(cfg.model, cfg.optim, cfg.train, cfg.data.loader, cfg.seed, data, store, key,
+        fit_in_folder(TrainingSpec.of(cfg, data), store, key,
                       callbacks=[KillAtStep(step)])  # fmt: skip
 
 
@@ -115,7 +116,7 @@ def test_a_killed_main_rank_fails_the_stage_and_a_rerun_resumes_mid_epoch_to_the
     state = load_checkpoint(store.workdir("killed") / "step-000000009.pt")["state"]
     assert 0 < state["batch_in_epoch"] < 8, "the checkpoint resumed from is mid-epoch"
     resumed = _fit(cfg, store, "killed")
-    assert resumed.resumed_from == 9 and resumed.fit.steps == 12
+    assert resumed.resumed_from_step == 9 and resumed.steps == 12
     _assert_same(_weights(store, "whole"), _weights(store, "killed"))
 
 
@@ -127,7 +128,7 @@ def test_a_failing_rank_brings_the_stage_down_with_its_error_without_hanging(sto
         r"rank 1 failed: Signal 9 \(SIGKILL\)")  # fmt: skip
     started = time.monotonic()
     with pytest.raises(TrainingError, match=expected):
-        fit_in_folder(cfg.model, cfg.optim, cfg.train, cfg.data.loader, cfg.seed, data, store, f"fail-{how}",
+        fit_in_folder(TrainingSpec.of(cfg, data), store, f"fail-{how}",
                       loss=FailOnRank(1, 5, how))  # fmt: skip
     assert time.monotonic() - started < 60, "rank 0 must not wait out the collective timeout"
 
@@ -160,7 +161,7 @@ def test_two_machines_of_one_process_train_as_one_machine_of_two(store: LocalSto
         out, _ = other.communicate(timeout=120)
     assert other.returncode == 0, out
     assert "node 1: training done" in out
-    assert two.facts["world_size"] == 2
+    assert two.world_size == 2
     _assert_same(_weights(store, "one-machine"), _weights(store, "two-machines"))
 
 
@@ -180,7 +181,7 @@ def test_a_launch_that_cannot_run_here_is_a_one_line_config_error(
     cfg = _cfg(2, 8, distributed=distributed)
     data = prepare_data(cfg.data, cfg.seed, store)
     with pytest.raises(ConfigError, match=message):
-        fit_in_folder(cfg.model, cfg.optim, cfg.train, cfg.data.loader, cfg.seed, data, store, "bad")
+        fit_in_folder(TrainingSpec.of(cfg, data), store, "bad")
     assert not periodic_checkpoints(store.workdir("bad"))
 
 
@@ -197,11 +198,10 @@ def test_fsdp_on_two_ranks_trains_as_one_process_and_publishes_a_full_state_dict
     fsdp = {"strategy": "fsdp"}
     one = _fit(_cfg(1, 16, 2), store, "fsdp-one")
     two = _fit(_cfg(2, 8, 2, distributed=fsdp), store, "fsdp-two")
-    assert two.facts["world_size"] == 2
+    assert (one.world_size, two.world_size) == (1, 2)
     weights = _weights(store, "fsdp-two")
     assert all(type(t) is torch.Tensor for t in weights.values()), "plain tensors, not DTensor shards"
     _assert_same(_weights(store, "fsdp-one"), weights)
-    _assert_same(one.model.state_dict(), two.model.state_dict())
 
 
 def test_fsdp_checkpoints_are_sharded_and_resume_after_a_kill(store: LocalStore) -> None:
@@ -215,7 +215,7 @@ def test_fsdp_checkpoints_are_sharded_and_resume_after_a_kill(store: LocalStore)
     assert shards.is_dir() and len(list(shards.glob("*.distcp"))) == 2, "one shard file per rank"
     assert load_checkpoint(folder / "step-000000006.pt")["model"] is None, "the weights live in the shards"
     resumed = _fit(cfg, store, "fsdp-killed")
-    assert resumed.resumed_from == 6
+    assert resumed.resumed_from_step == 6
     _assert_same(_weights(store, "fsdp-whole"), _weights(store, "fsdp-killed"))
 
 
@@ -234,17 +234,16 @@ def test_a_distillation_student_trains_on_two_ranks_as_on_one_process(store: Loc
 
     cfg = _cfg(1, 16)
     data = prepare_data(cfg.data, cfg.seed, store)
-    teacher = fit_in_folder(cfg.model, cfg.optim, cfg.train, cfg.data.loader, cfg.seed, data, store, "teacher").model
+    spec = TrainingSpec.of(cfg, data)
+    teacher = trained_model(spec, store, fit_in_folder(spec, store, "teacher").checkpoint_uri)
     student_cfg = student_config(cfg.model, 0.5)
-    done = {}
     for world, batch in ((1, 16), (2, 8)):
         seed_everything(cfg.seed)
         student = build_model(student_cfg, data.spec)
-        train = _cfg(world, batch).train
-        done[world] = fit_in_folder(student_cfg, cfg.optim, train, cfg.data.loader, cfg.seed, data, store,
-                                    f"student-{world}", model=student,
-                                    loss=DistillationLoss(teacher, alpha=0.5, temperature=4.0))  # fmt: skip
-    assert done[2].facts["world_size"] == 2
+        done = fit_in_folder(TrainingSpec.of(_cfg(world, batch), data).with_model(student_cfg), store,
+                             f"student-{world}", model=student, loss=DistillationLoss(teacher, 0.5, 4.0))  # fmt: skip
+        assert done.world_size == world
+        _assert_same(student.state_dict(), _weights(store, f"student-{world}"))  # the model given ends trained
     _assert_same(_weights(store, "student-1"), _weights(store, "student-2"))
 
 

@@ -1,13 +1,14 @@
 """The evaluate stage on its own: metrics equal scikit-learn's and those recomputed from the model's own
-predictions, latency and throughput time what they say, size and parameters match the weights, the
-confusion matrix is a PNG; the language-modelling branch reports perplexity and bits per byte."""
+predictions, latency and throughput time what they say (the one harness the compress stage uses too), size and
+parameters match the weights, the confusion matrix is a PNG; the language-modelling branch reports perplexity and
+bits per byte."""
 
 from __future__ import annotations
 
 import io
 import math
 import time
-from contextlib import nullcontext
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -16,11 +17,15 @@ import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 from torch import nn
 
+import trainflow.core.compress
+import trainflow.core.evaluate
 from tests.conftest import tiny_raw
 from tests.core.trained_support import Trained, train_and_evaluate
-from trainflow.core.config import config_from_dict
+from trainflow.core.compress import compress
+from trainflow.core.compression.measure import measure_speed
+from trainflow.core.config import CompressConfig, MeasureConfig, config_from_dict
 from trainflow.core.data.loaders import TokenWindows
-from trainflow.core.evaluate import _latencies_ms, _serialized_size, _throughput, evaluate
+from trainflow.core.evaluate import _serialized_size, evaluate
 from trainflow.core.training.checkpoint import load_checkpoint
 from trainflow.core.training.metrics import classification_metrics
 
@@ -75,32 +80,61 @@ def test_classification_metrics_of_perfect_predictions_are_one() -> None:
 
 
 # ------------------------------------------------------------------------ timing and size helpers
-class _Sleeper(nn.Module):
-    """Sleeps `slow_s` on its first `slow_calls` calls and `fast_s` after; counts its calls."""
+def _sleeper(slow_calls: int, slow_s: float, fast_s: float) -> tuple[Callable[[np.ndarray], np.ndarray], list[int]]:
+    """A predict that sleeps `slow_s` on its first `slow_calls` calls and `fast_s` after; the list counts calls."""
+    calls = [0]
 
-    def __init__(self, slow_calls: int, slow_s: float, fast_s: float):
-        super().__init__()
-        self.slow_calls, self.slow_s, self.fast_s, self.calls = slow_calls, slow_s, fast_s, 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        time.sleep(self.slow_s if self.calls <= self.slow_calls else self.fast_s)
+    def predict(x: np.ndarray) -> np.ndarray:
+        calls[0] += 1
+        time.sleep(slow_s if calls[0] <= slow_calls else fast_s)
         return x
+
+    return predict, calls
 
 
 def test_latency_times_each_call_after_the_warm_up() -> None:
-    model = _Sleeper(slow_calls=2, slow_s=0.2, fast_s=0.005)
-    p50, p95 = _latencies_ms(model, torch.zeros(1, 3), nullcontext(), CPU, warmup=2, iters=7)
-    assert model.calls == 9
-    assert 5.0 <= p50 <= p95 < 200.0, "the 200 ms warm-up calls must not be timed"
+    predict, calls = _sleeper(slow_calls=3, slow_s=0.2, fast_s=0.005)
+    cfg = MeasureConfig(warmup=2, latency_calls=20, rounds=2, serving_batch=4, throughput_calls=2)
+    speed = measure_speed({"m": predict}, np.zeros((3, 5), dtype=np.float32), cfg)["m"]
+    assert calls[0] == 2 + 1 + 20 + 2, "warm-up at batch 1 and at the serving batch, then the timed calls"
+    assert 5.0 <= speed.latency_ms_p50 <= speed.latency_ms_p95 < 200.0, "the 200 ms warm-up calls must not be timed"
 
 
-def test_throughput_counts_samples_per_second_without_the_warm_up_call() -> None:
-    model = _Sleeper(slow_calls=1, slow_s=0.3, fast_s=0.01)
-    throughput = _throughput(model, torch.zeros(8, 3), nullcontext(), CPU, calls=3)
-    assert model.calls == 4
-    # 3 calls x 8 samples in >= 30 ms: at most 800/s; with the 300 ms warm-up counted it would be < 73/s
-    assert 150.0 < throughput <= 800.0
+def test_throughput_counts_samples_per_second_at_the_serving_batch_without_the_warm_up() -> None:
+    predict, calls = _sleeper(slow_calls=2, slow_s=0.3, fast_s=0.01)
+    cfg = MeasureConfig(warmup=1, latency_calls=20, rounds=1, serving_batch=8, throughput_calls=3)
+    speed = measure_speed({"m": predict}, np.zeros((3, 5), dtype=np.float32), cfg)["m"]
+    assert calls[0] == 1 + 1 + 20 + 3
+    # 3 calls x 8 samples in >= 30 ms: at most 800/s; with a 300 ms warm-up counted it would be < 80/s
+    assert 150.0 < speed.throughput <= 800.0
+
+
+def test_the_trained_model_is_timed_as_the_compress_table_s_fp32_row(
+    wine: Trained, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One harness, the same settings (compress.measure) and inputs for evaluate's figure and compress's fp32 row."""
+    calls: list[tuple[list[str], MeasureConfig, np.ndarray, np.ndarray]] = []
+
+    def spy(predicts: dict, test_x: np.ndarray, cfg: MeasureConfig) -> dict:
+        calls.append((list(predicts), cfg, test_x, predicts["fp32"](test_x[:4])))
+        return measure_speed(predicts, test_x, cfg)
+
+    for module in (trainflow.core.evaluate, trainflow.core.compress):
+        monkeypatch.setattr(module, "measure_speed", spy)
+    off = {"enabled": False}
+    cfg = CompressConfig.model_validate(wine.config.compress.model_dump() | {"pruning": off, "combinations": [],
+                                        "structured_pruning": off, "distillation": off})  # fmt: skip
+    evaluated = evaluate(wine.spec, cfg.measure, wine.trained, wine.store, "eval-again")
+    compress(cfg, wine.spec, wine.trained, wine.store, "compress-fp32")
+    (
+        (evaluate_names, evaluate_cfg, evaluate_x, evaluate_out),
+        (compress_names, compress_cfg, compress_x, compress_out),
+    ) = calls
+    assert evaluate_names == ["fp32"] and "fp32" in compress_names
+    assert evaluate_cfg == compress_cfg == wine.config.compress.measure
+    np.testing.assert_array_equal(evaluate_x, compress_x)
+    np.testing.assert_array_equal(evaluate_out, compress_out)  # the same model, eager on the CPU
+    assert evaluated.metrics == wine.evaluated.metrics
 
 
 def test_serialized_size_is_the_size_of_the_saved_state_dict() -> None:
@@ -176,10 +210,7 @@ def test_a_diverged_language_model_is_reported_not_a_crash(text: Trained) -> Non
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": weights}, path)
     diverged = text.trained.model_copy(update={"checkpoint_uri": path.as_uri()})
-    cfg = text.config
-    result = evaluate(
-        cfg.evaluate, cfg.model, cfg.train, cfg.data.loader, cfg.seed, text.data, diverged, text.store, "diverged"
-    )
+    result = evaluate(text.spec, text.config.compress.measure, diverged, text.store, "diverged")
     assert result.metrics["loss"] > 710
     assert result.metrics["bits_per_byte"] == pytest.approx(result.metrics["loss"] / math.log(2))
     assert result.metrics["perplexity"] == pytest.approx(math.exp(50))  # capped as in the trainer's validation

@@ -15,6 +15,7 @@ from trainflow.core.prepare_data import prepare_data
 from trainflow.core.train import train
 from trainflow.core.training.callbacks import Callback
 from trainflow.core.training.checkpoint import load_checkpoint
+from trainflow.core.training.spec import TrainingSpec
 from trainflow.core.training.state import FitResult
 from trainflow.core.training.trainer import Trainer
 
@@ -41,7 +42,7 @@ def test_a_second_run_of_the_same_fit_waits_then_resumes_what_the_first_finished
     spans, results = [_Span(), _Span()], [None, None]
 
     def run(i: int) -> None:
-        results[i] = train(cfg.model, cfg.optim, cfg.train, cfg.data.loader, cfg.seed, data, store, "same",
+        results[i] = train(TrainingSpec.of(cfg, data), store, "same",
                            callbacks=[spans[i]])  # fmt: skip
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
@@ -54,7 +55,7 @@ def test_a_second_run_of_the_same_fit_waits_then_resumes_what_the_first_finished
     assert spans[second].started >= spans[first].ended  # one after the other
     done: Any = results[first]
     assert results[second].resumed_from_step == done.steps and results[second].steps == done.steps
-    train(cfg.model, cfg.optim, cfg.train, cfg.data.loader, cfg.seed, data, store, "alone")
+    train(TrainingSpec.of(cfg, data), store, "alone")
     alone = load_checkpoint(store.root / "alone" / "model.pt")["model"]
     for name, tensor in load_checkpoint(store.root / "same" / "model.pt")["model"].items():
         torch.testing.assert_close(tensor, alone[name], rtol=0, atol=0)

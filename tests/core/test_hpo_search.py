@@ -29,9 +29,10 @@ from tests.core.hpo_support import (
 from trainflow.core.config import CategoricalParam, FloatParam
 from trainflow.core.errors import ConfigError, TrainingError
 from trainflow.core.hpo_search import resolve_space
+from trainflow.core.prepare_data import prepare_data
 from trainflow.core.storage.store import LocalStore
-from trainflow.core.storage.tracking import ParentRun, Tracker
-from trainflow.core.tuning.apply import apply_tuning
+from trainflow.core.tracking.runs import RunLogger, Tracker
+from trainflow.core.tuning.plan import tuned
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -60,7 +61,7 @@ def test_the_stage_refuses_before_any_trial(
     match: str,
     store: LocalStore,
     tracker: Tracker,
-    tracking: ParentRun,
+    tracking: RunLogger,
 ) -> None:
     cfg = search_config({"space": {"model.dropout": FLOAT}} | hpo, lr_range_test=True)
     with pytest.raises(error, match=match):
@@ -71,7 +72,7 @@ def test_the_stage_refuses_before_any_trial(
 
 # ------------------------------------------------------------------------------- pruning
 def test_a_pruned_trial_is_a_killed_mlflow_run_with_its_epochs_logged(
-    store: LocalStore, tracker: Tracker, tracking: ParentRun
+    store: LocalStore, tracker: Tracker, tracking: RunLogger
 ) -> None:
     # Random sampler, seed 5 draws lr 1e-2, 1e-2, 1e-2, 1e-7, 1e-7: the median pruner (3 startup trials)
     # then holds three identical good curves, and the hopeless 1e-7 trials fall above their median.
@@ -103,7 +104,7 @@ def test_a_pruned_trial_is_a_killed_mlflow_run_with_its_epochs_logged(
 
 # -------------------------------------------------------------------------------- failures
 def test_a_failing_trial_is_recorded_and_the_study_goes_on(
-    store: LocalStore, tracker: Tracker, tracking: ParentRun
+    store: LocalStore, tracker: Tracker, tracking: RunLogger
 ) -> None:
     # Seed 0 draws fp16, fp32, fp16: the first trial already fails (fp16 autocast needs CUDA).
     cfg = search_config(
@@ -125,7 +126,7 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(
 
 
 def test_when_every_trial_fails_the_first_error_is_raised(
-    store: LocalStore, tracker: Tracker, tracking: ParentRun
+    store: LocalStore, tracker: Tracker, tracking: RunLogger
 ) -> None:
     cfg = search_config({"space": {"train.precision": {"type": "categorical", "choices": ["fp16"]}}, "n_trials": 2})
     with pytest.raises(
@@ -140,7 +141,7 @@ def test_when_every_trial_fails_the_first_error_is_raised(
 
 # ----------------------------------------------------------------------------- continuing
 def test_a_rerun_continues_the_study_and_a_changed_space_starts_a_new_one(
-    store: LocalStore, tracker: Tracker, tracking: ParentRun
+    store: LocalStore, tracker: Tracker, tracking: RunLogger
 ) -> None:
     space = {"model.dropout": FLOAT}
     first = search(search_config({"space": space, "n_trials": 3}), store, tracking)
@@ -170,7 +171,7 @@ def test_a_continued_study_does_not_repeat_the_points_already_tried(store: Local
 
 
 # -------------------------------------------------------------------------- LR bounds
-def test_lr_bounds_come_from_the_range_test(store: LocalStore, tracker: Tracker, tracking: ParentRun) -> None:
+def test_lr_bounds_come_from_the_range_test(store: LocalStore, tracker: Tracker, tracking: RunLogger) -> None:
     cfg = search_config({"space": {"optim.lr": {"type": "float", "log": True}}, "n_trials": 3}, lr_range_test=True)
     result = search(cfg, store, tracking, lr_range_record(store, 0.02, "valley"))
 
@@ -213,7 +214,7 @@ def test_a_given_lr_bound_beyond_the_suggested_range_is_named(store: LocalStore)
 
 # ------------------------------------------------------------------- list choices, record
 def test_list_choices_come_back_as_lists_and_merge_into_the_config(
-    store: LocalStore, tracker: Tracker, tracking: ParentRun
+    store: LocalStore, tracker: Tracker, tracking: RunLogger
 ) -> None:
     space = {
         "model.hidden_sizes": {"type": "categorical", "choices": [[16], [32, 32]]},
@@ -232,10 +233,10 @@ def test_list_choices_come_back_as_lists_and_merge_into_the_config(
     best_run = runs[f"trial-{result.best_trial}"]
     assert best_run.data.params["model.hidden_sizes"] == str(result.best_params["model.hidden_sizes"])
 
-    tuned, changes = apply_tuning(cfg, None, result)
-    assert changes == result.best_params
-    assert tuned.model.hidden_sizes == result.best_params["model.hidden_sizes"]
-    assert tuned.optim.lr == result.best_params["optim.lr"]
+    tuning = tuned(cfg, prepare_data(cfg.data, cfg.seed, store), None, result)
+    assert tuning.changes == result.best_params
+    assert tuning.spec.model.hidden_sizes == result.best_params["model.hidden_sizes"]  # type: ignore[union-attr]
+    assert tuning.spec.optim.lr == result.best_params["optim.lr"]
 
     assert set(result.importances) == {"model.hidden_sizes", "optim.lr"}
     assert sum(result.importances.values()) == pytest.approx(1.0)
@@ -254,7 +255,7 @@ def test_importances_are_empty_below_two_complete_trials(store: LocalStore) -> N
     assert result.importances == {}
 
 
-def test_the_grid_sampler_searches_every_categorical_choice(store: LocalStore, tracking: ParentRun) -> None:
+def test_the_grid_sampler_searches_every_categorical_choice(store: LocalStore, tracking: RunLogger) -> None:
     space = {"model.hidden_sizes": {"type": "categorical", "choices": [[16], [32, 32]]}}
     result = search(search_config({"space": space, "sampler": "grid", "n_trials": 2}), store, tracking)
     assert result.n_complete == 2

@@ -18,9 +18,8 @@ import trainflow.core.hpo_search as hpo_search_module
 from tests.core.hpo_support import *  # noqa: F403  fixtures: one_torch_thread, tracker, tracking
 from tests.core.hpo_support import FLOAT, assert_runs_match_trials, search, search_config, study_of, trial_runs
 from trainflow.core.storage.store import LocalStore
-from trainflow.core.storage.tracking import ParentRun, Tracker
-from trainflow.core.storage.uris import without_password
-from trainflow.core.tuning.hpo_worker import WorkerSpec, has_worked, new_claim, run_worker, stop_if_idle, take_up_work
+from trainflow.core.tracking.runs import RunLogger, Tracker
+from trainflow.core.tuning.hpo_worker import SearchJob, has_worked, new_claim, run_worker, stop_if_idle, take_up_work
 from trainflow.core.tuning.study import rdb_storage
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -28,15 +27,15 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # ------------------------------------------------------------------------ parallel workers
 def test_parallel_workers_fill_the_study_with_mlflow_runs_for_every_trial(
-    store: LocalStore, tracker: Tracker, tracking: ParentRun, monkeypatch: pytest.MonkeyPatch
+    store: LocalStore, tracker: Tracker, tracking: RunLogger, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def after_worker_1s_first_trial(spec: WorkerSpec, **kwargs: Any) -> None:
+    def after_worker_1s_first_trial(job: SearchJob, **kwargs: Any) -> None:
         """Worker 0 (here) would run every tiny trial before worker 1 has warmed up: it waits for worker 1's first."""
         deadline = time.monotonic() + 300
-        while not optuna.load_study(study_name=spec.study_name, storage=kwargs["storage"]).get_trials(deepcopy=False):
+        while not optuna.load_study(study_name=job.study_name, storage=kwargs["storage"]).get_trials(deepcopy=False):
             assert time.monotonic() < deadline, "worker 1 started no trial"
             time.sleep(0.1)
-        run_worker(spec, **kwargs)
+        run_worker(job, **kwargs)
 
     monkeypatch.setattr(hpo_search_module, "run_worker", after_worker_1s_first_trial)
     cfg = search_config({"space": {"model.dropout": FLOAT}, "n_trials": 4, "parallelism": 2})
@@ -81,9 +80,9 @@ def test_an_idle_spawned_worker_is_stopped_and_the_callers_torch_threads_are_lef
     assert torch.get_num_threads() == threads
     assert workers[0].terminated, "worker 0 ran every trial; worker 1, still warming up, was stopped"
 
-    def worker_0(spec: WorkerSpec, **kwargs: Any) -> None:
+    def worker_0(job: SearchJob, **kwargs: Any) -> None:
         assert workers[1].terminated, "no trial is left: worker 1 is stopped before worker 0 starts"
-        run_worker(spec, **kwargs)
+        run_worker(job, **kwargs)
 
     monkeypatch.setattr(hpo_search_module, "run_worker", worker_0)
     assert search(cfg, store, None).n_trials == 2  # the same study, complete: continued, not extended
@@ -105,18 +104,6 @@ def test_an_sqlite_study_commits_without_waiting_for_the_disk(tmp_path: Path) ->
 
 
 # --------------------------------------------------------------------------- the study's parts
-@pytest.mark.parametrize(
-    ("url", "shown"),
-    [
-        ("postgresql://optuna:secret@db.example:5432/hpo", "postgresql://optuna:***@db.example:5432/hpo"),
-        ("mysql+pymysql://u:p@host/db", "mysql+pymysql://u:***@host/db"),
-        ("sqlite:////tmp/optuna.db", "sqlite:////tmp/optuna.db"),
-    ],
-)
-def test_the_storage_is_shown_without_its_password(url: str, shown: str) -> None:
-    assert without_password(url) == shown
-
-
 @pytest.mark.parametrize(("sampler", "pruner"), [("tpe", "hyperband"), ("gp", "median"), ("random", "none")])
 def test_every_sampler_and_pruner_runs_a_study(sampler: str, pruner: str, store: LocalStore) -> None:
     space = {"model.dropout": FLOAT, "train.batch_size": {"type": "categorical", "choices": [16, 32]}}

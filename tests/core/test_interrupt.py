@@ -17,6 +17,7 @@ from trainflow.core.prepare_data import prepare_data
 from trainflow.core.train import train
 from trainflow.core.training.callbacks import Callback
 from trainflow.core.training.checkpoint import load_checkpoint, periodic_checkpoints
+from trainflow.core.training.spec import TrainingSpec
 from trainflow.core.training.trainer import Trainer
 
 
@@ -57,7 +58,7 @@ def _args(store, at: int = 0, signum: int = 15) -> tuple[Any, ...]:
                     "params": {"at": at, "signum": signum}}  # fmt: skip
     cfg = config_from_dict(raw)
     data = prepare_data(cfg.data, cfg.seed, store)
-    return cfg.model, cfg.optim, cfg.train, cfg.data.loader, cfg.seed, data, store
+    return TrainingSpec.of(cfg, data), store
 
 
 def _same_weights(store, key: str, reference: str) -> None:
@@ -114,9 +115,9 @@ def test_a_launch_of_ranks_puts_the_signal_handlers_back(store, handlers: None) 
     """torch's elastic launcher installs its own SIGTERM/SIGINT handlers; after a launch ours are back, so a
     later cancel still reaches Prefect's handler."""
     signal.signal(signal.SIGTERM, _prefect_like)
-    model, optim, train_cfg, loader, seed, data, _ = _args(store)
-    two_ranks = train_cfg.model_copy(update={"max_epochs": 1, "distributed": train_cfg.distributed.model_copy(
-        update={"nproc_per_node": 2, "backend": "gloo", "rdzv_endpoint": "localhost:0"})})  # fmt: skip
-    assert train(model, optim, two_ranks, loader, seed, data, store, "ranks").world_size == 2
+    spec, _ = _args(store)
+    ranks = {"nproc_per_node": 2, "backend": "gloo", "rdzv_endpoint": "localhost:0"}
+    two_ranks = spec.with_values({"train.max_epochs": 1} | {f"train.distributed.{k}": v for k, v in ranks.items()})
+    assert train(two_ranks, store, "ranks").world_size == 2
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == (
         _prefect_like, signal.default_int_handler)  # fmt: skip

@@ -27,7 +27,8 @@ from trainflow.core.records import LRRangeTestResult, PrepareDataResult
 from trainflow.core.training.builder import build_trainer
 from trainflow.core.training.metrics import eval_pass
 from trainflow.core.training.seed import rng_state, set_rng_state
-from trainflow.core.training.steps import step_windows
+from trainflow.core.training.spec import TrainingSpec
+from trainflow.core.training.steps import optimizer_steps
 from trainflow.core.training.trainer import Trainer
 from trainflow.core.tuning.lr_finder import RULES, LRCurve, lr_sweep, suggest_lr
 
@@ -46,7 +47,7 @@ def _config(data: dict[str, Any] | None = None, model: dict[str, Any] | None = N
 def _run_stage(cfg: Config, store, key: str = "lrt") -> LRRangeTestResult:
     data = prepare_data(cfg.data, cfg.seed, store)
     lr_test = cfg.tune.lr_range_test
-    return lr_range_test(lr_test, cfg.model, cfg.optim, cfg.train, cfg.data.loader, cfg.seed, data, store, key)
+    return lr_range_test(lr_test, TrainingSpec.of(cfg, data, lr=lr_test.min_lr), store, key)
 
 
 def _curve_of(result: LRRangeTestResult, store) -> dict[str, list[float]]:
@@ -62,7 +63,7 @@ def _digits_cnn(store) -> Trainer:
         train={"batch_size": 32},
     )
     data = prepare_data(cfg.data, cfg.seed, store)
-    trainer = build_trainer(cfg.model, cfg.optim, cfg.train, cfg.data.loader, cfg.seed, data, store)
+    trainer = build_trainer(TrainingSpec.of(cfg, data), store)
     # fp16 needs CUDA; an enabled CPU scaler gives the scaler a state that moves (scale, growth tracker).
     trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=2)
     return trainer
@@ -103,7 +104,7 @@ def test_sweep_restores_every_state_it_touches(
     store, monkeypatch: pytest.MonkeyPatch, fail_at_call: int | None
 ) -> None:
     swept, twin = _digits_cnn(store), _digits_cnn(store)
-    windows = list(itertools.islice(step_windows(swept.loaders.train, 1), 5))
+    windows = list(itertools.islice(optimizer_steps(swept.loaders.train, 1), 5))
     start = rng_state()
     for trainer in (swept, twin):  # AdamW moments, BatchNorm statistics, a scheduler past warmup, a grown scale
         set_rng_state(start)
@@ -151,7 +152,7 @@ def test_suggestion_is_within_a_decade_of_the_best_lr_of_a_grid(store) -> None:
     data = prepare_data(cfg.data, cfg.seed, store)
     val_loss = {}
     for lr in (1e-4, 1e-3, 1e-2, 1e-1, 1.0):
-        trainer = build_trainer(cfg.model, cfg.optim, cfg.train, cfg.data.loader, cfg.seed, data, store, lr=lr)
+        trainer = build_trainer(TrainingSpec.of(cfg, data, lr=lr), store)
         val_loss[lr] = trainer.fit().last_metrics["val/loss"]
     best, runner_up = sorted(val_loss, key=val_loss.get)[:2]
     assert val_loss[best] < 0.9 * val_loss[runner_up], f"the grid has no clear winner: {val_loss}"
@@ -326,8 +327,8 @@ def test_the_sweep_runs_the_trainings_own_step(store, train: dict[str, Any], rto
 
 def _val_loss_after_steps(cfg: Config, data: PrepareDataResult, store, lr: float, steps: int = 30) -> float:
     """Validation loss (first 8 batches) after `steps` optimizer steps at a constant `lr`; inf when it blew up."""
-    trainer = build_trainer(cfg.model, cfg.optim, cfg.train, cfg.data.loader, cfg.seed, data, store, lr=lr)
-    for window in itertools.islice(step_windows(trainer.loaders.train, 1), steps):
+    trainer = build_trainer(TrainingSpec.of(cfg, data, lr=lr), store)
+    for window in itertools.islice(optimizer_steps(trainer.loaders.train, 1), steps):
         trainer.train_step(window)
     val = list(itertools.islice(trainer.loaders.val, 8))
     loss = eval_pass(trainer.model, val, trainer.device, contextlib.nullcontext()).loss

@@ -21,6 +21,7 @@ import torch
 import yaml
 
 from tests.conftest import tiny_raw
+from tests.core.serving_support import open_run
 from trainflow.core.config import Config, config_from_dict
 from trainflow.core.data.prepared import load_splits
 from trainflow.core.evaluate import evaluate
@@ -29,10 +30,12 @@ from trainflow.core.prepare_data import prepare_data
 from trainflow.core.publish import MANIFEST_FORMAT, publish, verify_manifest
 from trainflow.core.records import EvaluateResult, PrepareDataResult, PublishResult, TrainResult
 from trainflow.core.storage.store import LocalStore
-from trainflow.core.storage.tracking import Tracker, fluent_tracking_uri
 from trainflow.core.storage.version import code_version
+from trainflow.core.tracking.backend import fluent_tracking_uri
+from trainflow.core.tracking.runs import Tracker
 from trainflow.core.train import train
 from trainflow.core.training.checkpoint import load_checkpoint
+from trainflow.core.training.spec import TrainingSpec
 
 REPO = Path(__file__).resolve().parents[2]
 FILES = ["model.pt", "config.yaml", "evaluation.json", "preprocessor.pkl"]  # a table ships its preprocessing
@@ -66,9 +69,10 @@ def published(tmp_path_factory: pytest.TempPathFactory) -> Published:
     cfg = config_from_dict(tiny_raw(publish={"name": "tiny-wine"}))
     store = LocalStore(tmp_path_factory.mktemp("publish") / "artifacts")
     data = prepare_data(cfg.data, cfg.seed, store)
-    trained = train(cfg.model, cfg.optim, cfg.train, cfg.data.loader, cfg.seed, data, store, "train")
-    evaluated = evaluate(cfg.evaluate, cfg.model, cfg.train, cfg.data.loader, cfg.seed, data, trained, store, "eval")
-    result = publish(cfg, data, trained, evaluated, store, "published/tiny-wine", tracking_uri=None, mlflow_run_id=None)
+    spec = TrainingSpec.of(cfg, data)
+    trained = train(spec, store, "train")
+    evaluated = evaluate(spec, cfg.compress.measure, trained, store, "eval")
+    result = publish(cfg, spec, trained, evaluated, store, "published/tiny-wine")
     return Published(cfg, store, data, trained, evaluated, result)
 
 
@@ -198,12 +202,11 @@ def test_the_mlflow_model_loads_and_predicts_like_the_published_weights(
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = Tracker.for_experiment(uri, "publish-tests")
-    parent = tracker.open_pipeline_run(published.config.sha256(), "publish")
-    run_id = tracker.start_stage_run(parent, "publish")
+    run = open_run(tracker, "publish")
+    run_id = run.run_id
     cfg = config_from_dict(tiny_raw(publish={"name": "tiny-wine", "registered_model_name": "tiny-wine"}))
-    result = publish(
-        cfg, published.data, published.trained, published.evaluated, published.store, "mlflow", uri, run_id
-    )
+    spec = TrainingSpec.of(cfg, published.data)
+    result = publish(cfg, spec, published.trained, published.evaluated, published.store, "mlflow", run)
     assert result.mlflow_model_uri is not None and result.registered_version == 1
     manifest = json.loads(published.store.local_path(result.manifest_uri).read_text())
     assert manifest["mlflow_run_id"] == run_id and manifest["mlflow_model_uri"] == result.mlflow_model_uri

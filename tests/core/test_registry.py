@@ -15,6 +15,7 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import tiny_raw
+from tests.core.serving_support import open_run
 from tests.core.trained_support import Trained, train_and_evaluate
 from trainflow.core.config import PublishConfig, config_from_dict
 from trainflow.core.data.spec import TEST_METRICS
@@ -28,7 +29,8 @@ from trainflow.core.records import (
     PublishResult,
 )
 from trainflow.core.serving.registry import champion_metric, judge, record, served_metrics
-from trainflow.core.storage.tracking import Tracker, fluent_tracking_uri
+from trainflow.core.tracking.backend import fluent_tracking_uri
+from trainflow.core.tracking.runs import Tracker
 
 NAME = "tiny-wine"
 
@@ -46,7 +48,6 @@ class Registry:
 
     uri: str
     tracker: Tracker
-    parent: str
     trained: Trained
     published: int = 0
 
@@ -58,11 +59,12 @@ class Registry:
         """Publish the trained model as if its test accuracy were `accuracy`; the result and its run id."""
         t = self.trained
         evaluated = t.evaluated.model_copy(update={"metrics": {**t.evaluated.metrics, "accuracy": accuracy}})
-        run_id = self.tracker.start_stage_run(self.parent, "publish")
+        run = open_run(self.tracker, "publish")
         self.published += 1
         key = f"published/{self.published}"
-        result = publish(t.config, data or t.data, t.trained, evaluated, t.store, key, self.uri, run_id)
-        return result, run_id
+        spec = t.spec.model_copy(update={"data": data or t.data})
+        result = publish(t.config, spec, t.trained, evaluated, t.store, key, run)
+        return result, run.run_id
 
     def tags(self, version: int) -> dict[str, str]:
         return self.client.get_model_version(NAME, str(version)).tags
@@ -79,7 +81,7 @@ def registry(trained: Trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = Tracker.for_experiment(uri, "registry-tests")
-    return Registry(uri, tracker, tracker.open_pipeline_run(trained.config.sha256(), "registry"), trained)
+    return Registry(uri, tracker, trained)
 
 
 # ---------------------------------------------------------------------------- through publish

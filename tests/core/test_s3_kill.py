@@ -13,8 +13,9 @@ from pathlib import Path
 
 from tests.s3_server import new_bucket, s3_client, s3_endpoint  # noqa: F401
 from trainflow.core.config import StoreConfig
+from trainflow.core.storage.files import sha256_file
 from trainflow.core.storage.s3 import S3Store
-from trainflow.core.storage.store import open_store, sha256_file
+from trainflow.core.storage.store import open_store
 
 REPO = Path(__file__).resolve().parents[2]
 FILES, MiB = 6, 1 << 20

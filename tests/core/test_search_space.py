@@ -40,7 +40,7 @@ from trainflow.core.errors import ConfigError
         ({"space": {"optim.weight_decay": {"type": "float", "low": 0.0, "high": 0.1, "log": True}}}, True,
          r"tune\.hpo\.space\.optim\.weight_decay\b.*: log=true needs low > 0, got 0"),
         ({"space": {"store.uri": {"type": "categorical", "choices": ["a", "b"]}}}, True,
-         r"tune\.hpo\.space\.store\.uri: only data, model, optim, train and seed can be searched"),
+         r"tune\.hpo\.space\.store\.uri: only model, optim, train, data\.loader and seed can be searched"),
         pytest.param(
             {"space": {"model.dropout": {"type": "float", "lo": 0.1, "high": 0.5}}}, True,
             r"tune\.hpo\.space\.model\.dropout\.lo: unknown key; did you mean low\?",

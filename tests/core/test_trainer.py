@@ -21,6 +21,7 @@ from trainflow.core.train import train
 from trainflow.core.training.callbacks import Callback, EarlyStopping, is_improvement
 from trainflow.core.training.checkpoint import load_checkpoint, periodic_checkpoints
 from trainflow.core.training.optim import build_optimizer, build_scheduler, lr_factor
+from trainflow.core.training.spec import TrainingSpec
 from trainflow.core.training.state import StopReason
 from trainflow.core.training.trainer import Trainer
 
@@ -146,7 +147,7 @@ def test_unknown_monitor_is_a_config_error_before_training(store) -> None:
     cfg = config_from_dict(tiny_raw(train={"early_stopping": {"monitor": "val/f1"}}))
     data = prepare_data(cfg.data, cfg.seed, store)
     with pytest.raises(ConfigError, match=r"train.early_stopping.monitor: 'val/f1'.*available: val/loss, val/accuracy"):
-        train(cfg.model, cfg.optim, cfg.train, cfg.data.loader, cfg.seed, data, store, "t")
+        train(TrainingSpec.of(cfg, data), store, "t")
     assert not list((store.root / "t").glob("*.pt"))
 
 
@@ -173,7 +174,7 @@ def test_warmup_then_decay_to_the_floor(schedule: str) -> None:
 def test_bf16_autocast_trains_on_cpu(store) -> None:
     cfg = config_from_dict(tiny_raw(train={"precision": "bf16", "max_epochs": 8}))
     data = prepare_data(cfg.data, cfg.seed, store)
-    result = train(cfg.model, cfg.optim, cfg.train, cfg.data.loader, cfg.seed, data, store, "bf16")
+    result = train(TrainingSpec.of(cfg, data), store, "bf16")
     assert result.best_metrics["val/accuracy"] > 0.8
     assert result.nonfinite_steps == 0
 
@@ -182,7 +183,7 @@ def test_fp16_on_cpu_is_refused_before_training(store) -> None:
     cfg = config_from_dict(tiny_raw(train={"precision": "fp16"}))
     data = prepare_data(cfg.data, cfg.seed, store)
     with pytest.raises(ConfigError, match=r"train.precision: 'fp16' needs a CUDA device.*use bf16"):
-        train(cfg.model, cfg.optim, cfg.train, cfg.data.loader, cfg.seed, data, store, "fp16")
+        train(TrainingSpec.of(cfg, data), store, "fp16")
 
 
 # ---------------------------------------------------------------------- logging cadence
@@ -207,7 +208,7 @@ def test_train_metrics_are_logged_at_the_interval_and_eval_metrics_each_epoch(st
     )
     data = prepare_data(cfg.data, cfg.seed, store)
     logger = _Logger()
-    result = train(cfg.model, cfg.optim, cfg.train, cfg.data.loader, cfg.seed, data, store, "log", logger=logger)
+    result = train(TrainingSpec.of(cfg, data), store, "log", logger=logger)
     train_steps = [s for s, keys in logger.steps if "train/loss" in keys]
     eval_steps = [s for s, keys in logger.steps if "val/loss" in keys]
     assert train_steps == list(range(4, result.steps + 1, 4))
@@ -237,7 +238,7 @@ def test_resume_after_a_crash_gives_the_weights_of_an_uninterrupted_run(store) -
     )
     cfg = config_from_dict(raw)
     data = prepare_data(cfg.data, cfg.seed, store)
-    args = (cfg.model, cfg.optim, cfg.train, cfg.data.loader, cfg.seed, data, store)
+    args = (TrainingSpec.of(cfg, data), store)
     full = train(*args, "full")
     with pytest.raises(KeyboardInterrupt):
         train(*args, "resumed", callbacks=[_CrashAt(step=13)])  # mid-epoch 2 (8 steps per epoch)
@@ -258,7 +259,7 @@ def test_resume_after_a_crash_gives_the_weights_of_an_uninterrupted_run(store) -
 def test_keep_last_k_periodic_checkpoints_and_the_best(store) -> None:
     cfg = config_from_dict(tiny_raw(train={"max_epochs": 4, "checkpoint": {"keep_last": 2, "min_interval_s": 0}}))
     data = prepare_data(cfg.data, cfg.seed, store)
-    result = train(cfg.model, cfg.optim, cfg.train, cfg.data.loader, cfg.seed, data, store, "k")
+    result = train(TrainingSpec.of(cfg, data), store, "k")
     folder = store.root / "k"
     assert [p.name for p in periodic_checkpoints(folder)] == ["step-000000024.pt", "step-000000032.pt"]
     best = load_checkpoint(folder / "best.pt")
@@ -273,7 +274,7 @@ def test_keep_last_k_periodic_checkpoints_and_the_best(store) -> None:
 def test_an_unloadable_checkpoint_stops_the_run_instead_of_restarting(store) -> None:
     cfg = config_from_dict(tiny_raw(train={"max_epochs": 2}))
     data = prepare_data(cfg.data, cfg.seed, store)
-    args = (cfg.model, cfg.optim, cfg.train, cfg.data.loader, cfg.seed, data, store, "bad")
+    args = (TrainingSpec.of(cfg, data), store, "bad")
     train(*args)
     latest = periodic_checkpoints(store.root / "bad")[-1]
     latest.write_bytes(latest.read_bytes()[:100])
@@ -284,9 +285,9 @@ def test_an_unloadable_checkpoint_stops_the_run_instead_of_restarting(store) -> 
 def test_resume_false_starts_over(store) -> None:
     cfg = config_from_dict(tiny_raw(train={"max_epochs": 2}))
     data = prepare_data(cfg.data, cfg.seed, store)
-    first = train(cfg.model, cfg.optim, cfg.train, cfg.data.loader, cfg.seed, data, store, "again")
-    fresh = cfg.train.model_copy(update={"resume": False})
-    second = train(cfg.model, cfg.optim, fresh, cfg.data.loader, cfg.seed, data, store, "again")
+    spec = TrainingSpec.of(cfg, data)
+    first = train(spec, store, "again")
+    second = train(spec.with_values({"train.resume": False}), store, "again")
     assert second.resumed_from_step is None
     assert second.steps == first.steps
     assert math.isclose(second.best_val_loss, first.best_val_loss, rel_tol=1e-6)
@@ -295,7 +296,7 @@ def test_resume_false_starts_over(store) -> None:
 def test_by_default_short_epochs_do_not_each_pay_a_checkpoint(store) -> None:
     cfg = config_from_dict(tiny_raw(train={"max_epochs": 5}))  # checkpoint.min_interval_s = 60
     data = prepare_data(cfg.data, cfg.seed, store)
-    result = train(cfg.model, cfg.optim, cfg.train, cfg.data.loader, cfg.seed, data, store, "rare")
+    result = train(TrainingSpec.of(cfg, data), store, "rare")
     folder = store.root / "rare"
     assert [p.name for p in periodic_checkpoints(folder)] == [f"step-{result.steps:09d}.pt"], "only the final state"
     best = load_checkpoint(folder / "best.pt")
@@ -311,5 +312,5 @@ def test_loader_workers_see_the_same_batches_as_the_main_process(store) -> None:
     for loader in ({"num_workers": 0}, {"num_workers": 2, "persistent_workers": True, "prefetch_factor": 4}):
         cfg = config_from_dict(tiny_raw(data={"loader": loader}, train={"max_epochs": 2}))
         data = prepare_data(cfg.data, cfg.seed, store)
-        results.append(train(cfg.model, cfg.optim, cfg.train, cfg.data.loader, cfg.seed, data, store, str(loader)))
+        results.append(train(TrainingSpec.of(cfg, data), store, str(loader)))
     assert results[0].best_val_loss == results[1].best_val_loss

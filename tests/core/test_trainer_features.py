@@ -23,6 +23,7 @@ from trainflow.core.prepare_data import prepare_data
 from trainflow.core.storage.store import LocalStore
 from trainflow.core.training.builder import build_trainer
 from trainflow.core.training.callbacks import Callback
+from trainflow.core.training.spec import TrainingSpec
 from trainflow.core.training.state import StopReason
 from trainflow.core.training.trainer import Trainer
 
@@ -233,7 +234,7 @@ def test_compile_true_through_build_trainer_compiles_and_trains_on_cpu(
         cfg = config_from_dict(tiny_raw(train={"compile": compile_, "batch_size": 31, "max_epochs": 1,
                                                "device": "cpu"}))  # fmt: skip
         data = prepare_data(cfg.data, cfg.seed, store)
-        trainer = build_trainer(cfg.model, cfg.optim, cfg.train, cfg.data.loader, cfg.seed, data, store)
+        trainer = build_trainer(TrainingSpec.of(cfg, data), store)
         with caplog.at_level(logging.WARNING, logger="trainflow.core.training.trainer"):
             result = trainer.fit()
         assert result.steps == 4

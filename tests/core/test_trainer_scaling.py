@@ -27,8 +27,9 @@ from trainflow.core.prepare_data import prepare_data
 from trainflow.core.storage.store import LocalStore
 from trainflow.core.training.builder import build_trainer
 from trainflow.core.training.checkpoint import FINAL, load_checkpoint, periodic_checkpoints
+from trainflow.core.training.fit import fit_in_folder
 from trainflow.core.training.parallel import uses_channels_last
-from trainflow.core.training.run import fit_in_folder
+from trainflow.core.training.spec import TrainingSpec
 
 LR = 0.01
 
@@ -159,12 +160,12 @@ def test_linear_lr_scaling_on_two_ranks_trains_at_twice_the_lr(store: LocalStore
 
     def fit(c: Any, key: str, logger: Any = None) -> Any:
         data = prepare_data(c.data, c.seed, store)
-        return fit_in_folder(c.model, c.optim, c.train, c.data.loader, c.seed, data, store, key, logger=logger)
+        return fit_in_folder(TrainingSpec.of(c, data), store, key, logger=logger)
 
     log_file = tmp_path / "metrics.jsonl"
     two = fit(cfg(2, 8, LR, "linear"), "two", JsonLinesLogger(log_file))
     fit(cfg(1, 16, 2 * LR, "none"), "one")  # one process at 2 x lr on the same global batches
-    assert two.facts["world_size"] == 2 and two.facts["effective_batch_size"] == 16
+    assert two.world_size == 2 and two.effective_batch_size == 16
     payload = load_checkpoint(periodic_checkpoints(store.workdir("two"))[-1])
     assert [g["lr"] for g in payload["optimizer"]["param_groups"]] == pytest.approx([2 * LR] * 2)
     assert payload["scheduler"]["base_lrs"] == pytest.approx([2 * LR] * 2)
@@ -189,7 +190,7 @@ def test_channels_last_and_tf32_stay_off_on_cpu(store: LocalStore) -> None:
     assert uses_channels_last(cnn, torch.device("cuda")), "a CNN on CUDA would go channels-last"
     assert not uses_channels_last(_mlp(), torch.device("cuda")), "no convolution, no channels-last"
     tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    trainer = build_trainer(cfg.model, cfg.optim, cfg.train, cfg.data.loader, cfg.seed, data, store)
+    trainer = build_trainer(TrainingSpec.of(cfg, data), store)
     assert trainer.input_format == torch.preserve_format
     convs = [m for m in trainer.module.modules() if isinstance(m, nn.Conv2d)]
     assert convs and all(m.weight.is_contiguous() for m in convs), "weights stay in the default layout"

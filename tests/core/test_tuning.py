@@ -1,4 +1,5 @@
-"""Tuning results into the training config: `optim.lr: auto`, best parameters, the tuning view."""
+"""Tuning results into the training spec: where the LR comes from (`core.tuning.plan`), the search's best values,
+typed by the schema (`TrainingSpec.with_values`), and the spec the tuning stages key their cache on."""
 
 from __future__ import annotations
 
@@ -8,11 +9,17 @@ from typing import Any
 import pytest
 
 from tests.core.test_lr_range_test import _config
-from trainflow.core.config import TrainConfig, load_config
+from trainflow.core.config import CNNConfig, Config, load_config
+from trainflow.core.data.spec import DataSpec
 from trainflow.core.errors import ConfigError, TrainingError
-from trainflow.core.records import HPOSearchResult, LRRangeTestResult, stage_key
-from trainflow.core.tuning.apply import apply_tuning, lr_range_test_plan, tuning_view
+from trainflow.core.records import HPOSearchResult, LRRangeTestResult, PrepareDataResult, stage_key
+from trainflow.core.training.spec import TrainingSpec
 from trainflow.core.tuning.lr_finder import RULES
+from trainflow.core.tuning.plan import lr_range_test_plan, lr_range_test_spec, search_spec, tuned
+
+DATA = PrepareDataResult(fingerprint="f" * 64, uri="file:///data.npz", source="sklearn:wine", n_train=124, n_val=27,
+                         n_test=27, spec=DataSpec(task="classification", input_shape=(13,), n_classes=3))  # fmt: skip
+SEARCHED_LR = {"enabled": True, "space": {"optim.lr": {"type": "float", "low": 1e-4, "high": 0.1, "log": True}}}
 
 
 def _lr_range(suggested_lr: float | None, reason: str = "inside the longest descent") -> LRRangeTestResult:
@@ -22,12 +29,21 @@ def _lr_range(suggested_lr: float | None, reason: str = "inside the longest desc
     )  # fmt: skip
 
 
+def _search(best_params: dict[str, Any]) -> HPOSearchResult:
+    return HPOSearchResult(
+        study_name="s", storage="sqlite://", n_trials=2, n_complete=2, n_pruned=0, n_failed=0, best_params=best_params,
+        best_value=0.5, best_trial=1, metric="val/loss", direction="minimize", lr_bounds=None, importances={},
+        plot_uri="file:///h.png",
+    )  # fmt: skip
+
+
 def test_auto_lr_takes_the_suggestion_and_reports_it() -> None:
     config = _config(optim={"lr": "auto"})
-    tuned, changes = apply_tuning(config, _lr_range(0.0123), None)
-    assert tuned.optim.lr == 0.0123
-    assert changes == {"optim.lr": 0.0123}
-    assert tuned.model_dump(exclude={"optim": {"lr"}}) == config.model_dump(exclude={"optim": {"lr"}})
+    result = tuned(config, DATA, _lr_range(0.0123), None)
+    assert result.changes == {"optim.lr": 0.0123}
+    assert result.config.optim.lr == result.spec.optim.lr == 0.0123
+    assert result.config.model_dump(exclude={"optim": {"lr"}}) == config.model_dump(exclude={"optim": {"lr"}})
+    assert result.spec == TrainingSpec.of(result.config, DATA)
 
 
 @pytest.mark.parametrize(
@@ -41,28 +57,63 @@ def test_auto_lr_without_a_suggestion_quotes_the_reason(lr_range: LRRangeTestRes
     with pytest.raises(
         TrainingError, match=rf"optim\.lr: 'auto' needs the LR range test's suggestion.*\(.*{reason}.*\); set optim\.lr"
     ):
-        apply_tuning(_config(optim={"lr": "auto"}), lr_range, None)
+        tuned(_config(optim={"lr": "auto"}), DATA, lr_range, None)
 
 
 def test_a_numeric_lr_ignores_the_suggestion() -> None:
-    config = _config(optim={"lr": 0.01})
-    tuned, changes = apply_tuning(config, _lr_range(0.5), None)
-    assert tuned.optim.lr == 0.01
-    assert changes == {}
+    result = tuned(_config(optim={"lr": 0.01}), DATA, _lr_range(0.5), None)
+    assert (result.spec.optim.lr, result.changes) == (0.01, {})
 
 
 def test_auto_lr_is_resolved_by_a_search_over_optim_lr_without_the_range_test() -> None:
-    # The config check accepts this (core/config.py: searched_lr provides the auto LR).
-    config = _config(optim={"lr": "auto"}, tune={"lr_range_test": {"enabled": False}, "hpo": {
-        "enabled": True, "space": {"optim.lr": {"type": "float", "low": 1e-4, "high": 0.1, "log": True}}}})  # fmt: skip
-    search = HPOSearchResult(
-        study_name="s", storage="sqlite://", n_trials=2, n_complete=2, n_pruned=0, n_failed=0,
-        best_params={"optim.lr": 0.003}, best_value=0.5, best_trial=1, metric="val/loss", direction="minimize",
-        lr_bounds=None, importances={}, plot_uri="file:///h.png",
-    )  # fmt: skip
-    tuned, changes = apply_tuning(config, None, search)
-    assert tuned.optim.lr == 0.003
-    assert changes == {"optim.lr": 0.003}
+    config = _config(optim={"lr": "auto"}, tune={"lr_range_test": {"enabled": False}, "hpo": SEARCHED_LR})
+    result = tuned(config, DATA, None, _search({"optim.lr": 0.003}))
+    assert (result.spec.optim.lr, result.changes) == (0.003, {"optim.lr": 0.003})
+
+
+def test_the_search_s_values_reach_the_spec_typed_by_the_schema() -> None:
+    config = _config(optim={"lr": 0.01}, data={"source": "sklearn", "name": "digits"}, model={"name": "cnn"})
+    best = {"model.channels": [8, 16], "train.batch_size": 32, "data.loader.num_workers": 1, "seed": 7,
+            "optim.betas": [0.8, 0.9]}  # fmt: skip
+    result = tuned(config, DATA, None, _search(best))
+    spec = result.spec
+    assert isinstance(spec.model, CNNConfig) and spec.model.channels == [8, 16]
+    assert (spec.train.batch_size, spec.loader.num_workers, spec.seed) == (32, 1, 7)
+    assert spec.optim.betas == (0.8, 0.9)  # a tuple, as the schema types it: no string round trip
+    assert result.config.data.loader.num_workers == 1 and result.config.seed == 7
+
+
+@pytest.mark.parametrize(
+    ("values", "problem"),
+    [
+        ({"train.batch_size": 0}, r"^tuning: train\.batch_size: 0 must be >= 1"),
+        ({"model.dropout": 1.5}, r"^tuning: model\.dropout: 1\.5 must be < 1"),
+        ({"data.val_fraction": 0.2}, r"^tuning: data\.val_fraction: unknown key"),
+        ({"optim.lr": "auto"}, r"^tuning: optim\.lr: 'auto'"),
+    ],
+)
+def test_a_value_the_schema_rejects_is_a_config_error_naming_its_path(values: dict[str, Any], problem: str) -> None:
+    spec = TrainingSpec.of(_config(optim={"lr": 0.01}), DATA)
+    with pytest.raises(ConfigError, match=problem):
+        spec.with_values(values)
+
+
+def test_a_spec_never_holds_an_auto_lr() -> None:
+    with pytest.raises(ConfigError, match=r"optim\.lr: 'auto' is decided by the tuning stages"):
+        TrainingSpec.of(_config(optim={"lr": "auto"}), DATA)
+
+
+def test_the_tuning_stages_get_a_concrete_lr() -> None:
+    """The range test sweeps from min_lr; a search that draws optim.lr starts its trials from the range's low end,
+    whatever the config's LR (so changing it does not re-run the search)."""
+    config = _config(optim={"lr": "auto"}, tune={"lr_range_test": {"min_lr": 1e-5}})
+    assert lr_range_test_spec(config, DATA).optim.lr == 1e-5  # type: ignore[union-attr]
+    searched = [_config(optim={"lr": lr}, tune={"lr_range_test": {"enabled": False}, "hpo": SEARCHED_LR})
+                for lr in ("auto", 0.05)]  # fmt: skip
+    assert [search_spec(c, DATA, None).optim.lr for c in searched] == [1e-4, 1e-4]  # type: ignore[union-attr]
+    bounds_from_test = _config(tune={"hpo": {"enabled": True, "space": {"optim.lr": {"type": "float", "log": True}}}})
+    assert search_spec(bounds_from_test, DATA, _lr_range(0.02)).optim.lr == pytest.approx(0.002)  # type: ignore[union-attr]
+    assert search_spec(_config(optim={"lr": 0.01}), DATA, None) is None  # no search, no spec
 
 
 @pytest.mark.parametrize(
@@ -79,15 +130,14 @@ def test_auto_lr_is_resolved_by_a_search_over_optim_lr_without_the_range_test() 
         ({"grad_clip_norm": None}, False),
     ],
 )
-def test_tuning_view_keeps_what_tuning_computes_with_and_drops_the_loop_settings(
+def test_the_tuning_spec_keeps_what_tuning_computes_with_and_drops_the_loop_settings(
     update: dict[str, Any], same_key: bool
 ) -> None:
-    base, changed = TrainConfig(progress_bar=False), TrainConfig(**({"progress_bar": False} | update))
-    keys = [stage_key("lr_range_test", {"train_cfg": tuning_view(t)}) for t in (base, changed)]
-    assert (keys[0] == keys[1]) is same_key
-    if not same_key:
-        name, value = next(iter(update.items()))
-        assert getattr(tuning_view(changed), name) == value
+    def key(train: dict[str, Any]) -> str:
+        config = _config(optim={"lr": "auto"}, train={"progress_bar": False} | train)
+        return stage_key("lr_range_test", {"spec": lr_range_test_spec(config, DATA)})
+
+    assert (key({}) == key(update)) is same_key
 
 
 # ------------------------------------------------------------------------------------- config
@@ -141,6 +191,7 @@ def test_shipped_configs_run_the_lr_range_test_only_where_its_suggestion_is_used
     config: Path, runs: bool, why: str
 ) -> None:
     needed, reason = lr_range_test_plan(load_config(config))
+    assert isinstance(load_config(config), Config)
     assert needed is runs and reason.startswith(why)
 
 

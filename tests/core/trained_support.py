@@ -11,12 +11,12 @@ from torch import nn
 from trainflow.core.config import Config
 from trainflow.core.data.prepared import load_splits
 from trainflow.core.evaluate import evaluate
-from trainflow.core.models import build_model
 from trainflow.core.prepare_data import prepare_data
 from trainflow.core.records import EvaluateResult, PrepareDataResult, TrainResult
 from trainflow.core.storage.store import LocalStore
 from trainflow.core.train import train
-from trainflow.core.training.checkpoint import load_checkpoint
+from trainflow.core.training.checkpoint import trained_model
+from trainflow.core.training.spec import TrainingSpec
 
 
 @dataclass(frozen=True)
@@ -25,15 +25,17 @@ class Trained:
 
     config: Config
     store: LocalStore
-    data: PrepareDataResult
+    spec: TrainingSpec
     trained: TrainResult
     evaluated: EvaluateResult
 
+    @property
+    def data(self) -> PrepareDataResult:
+        return self.spec.data
+
     def model(self) -> nn.Module:
         """The trained weights in a fresh model, in eval mode."""
-        model = build_model(self.config.model, self.data.spec)
-        model.load_state_dict(load_checkpoint(self.store.local_path(self.trained.checkpoint_uri))["model"])
-        return model.eval()
+        return trained_model(self.spec, self.store, self.trained.checkpoint_uri)
 
     def test_split(self) -> tuple[np.ndarray, np.ndarray | None]:
         splits = load_splits(self.store.local_path(self.data.uri), self.data.spec)
@@ -43,7 +45,7 @@ class Trained:
 def train_and_evaluate(root: Path, cfg: Config) -> Trained:
     """prepare_data, train and evaluate `cfg` into a store under `root`."""
     store = LocalStore(root / "artifacts")
-    data = prepare_data(cfg.data, cfg.seed, store)
-    trained = train(cfg.model, cfg.optim, cfg.train, cfg.data.loader, cfg.seed, data, store, "train")
-    evaluated = evaluate(cfg.evaluate, cfg.model, cfg.train, cfg.data.loader, cfg.seed, data, trained, store, "eval")
-    return Trained(cfg, store, data, trained, evaluated)
+    spec = TrainingSpec.of(cfg, prepare_data(cfg.data, cfg.seed, store))
+    trained = train(spec, store, "train")
+    evaluated = evaluate(spec, cfg.compress.measure, trained, store, "eval")
+    return Trained(cfg, store, spec, trained, evaluated)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.deployments.processes import PYTHON, alive, cli_env, descendants, groups_alive
-from trainflow.core.storage.tracking import Tracker
+from trainflow.core.tracking.runs import Tracker
 from trainflow.deployments.servers import ServerError, ui_servers
 
 STARTUP_S, STOP_S = 120, 30

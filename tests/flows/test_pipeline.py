@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 from tests.conftest import tiny_raw
 from trainflow.core.publish import verify_manifest
 from trainflow.core.storage.store import LocalStore
-from trainflow.core.storage.tracking import fluent_tracking_uri
+from trainflow.core.tracking.backend import fluent_tracking_uri
 from trainflow.flows.pipeline import training_pipeline
 
 pytestmark = pytest.mark.usefixtures("prefect_server")

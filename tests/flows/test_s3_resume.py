@@ -28,6 +28,7 @@ from trainflow.core.storage.s3 import S3Store
 from trainflow.core.storage.store import open_store
 from trainflow.core.train import train
 from trainflow.core.training.checkpoint import load_checkpoint
+from trainflow.core.training.spec import TrainingSpec
 
 RAW = {
     "seed": 3,
@@ -45,10 +46,11 @@ from trainflow.core.config import StoreConfig, config_from_dict
 from trainflow.core.prepare_data import prepare_data
 from trainflow.core.storage.store import open_store
 from trainflow.core.train import train
+from trainflow.core.training.spec import TrainingSpec
 raw, settings, key = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
 cfg, store = config_from_dict(raw), open_store(StoreConfig(**settings))
 data = prepare_data(cfg.data, cfg.seed, store)
-train(cfg.model, cfg.optim, cfg.train, cfg.data.loader, cfg.seed, data, store, key)
+train(TrainingSpec.of(cfg, data), store, key)
 """
 
 
@@ -66,7 +68,7 @@ def _train(settings: dict[str, Any], key: str, puts: Counter[str] | None = None)
             )
     cfg = config_from_dict(RAW)
     data = prepare_data(cfg.data, cfg.seed, store)
-    return train(cfg.model, cfg.optim, cfg.train, cfg.data.loader, cfg.seed, data, store, key), store
+    return train(TrainingSpec.of(cfg, data), store, key), store
 
 
 def _index(endpoint: str) -> dict[str, Any] | None:

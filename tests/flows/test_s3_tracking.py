@@ -16,8 +16,9 @@ from tests.flows.test_pipeline import Project
 from tests.s3_server import new_bucket, s3_client, s3_endpoint  # noqa: F401
 from trainflow.core.config import config_from_dict
 from trainflow.core.errors import ConfigError
-from trainflow.core.storage import tracking
-from trainflow.core.storage.tracking import Tracker, point_mlflow_s3_at
+from trainflow.core.tracking import backend
+from trainflow.core.tracking.backend import point_mlflow_s3_at
+from trainflow.core.tracking.runs import Tracker
 
 BUCKET = "trainflow-tracking"
 LOCATION = f"s3://{BUCKET}/mlflow"
@@ -29,7 +30,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """No MLFLOW_S3_ENDPOINT_URL during the test, and none left behind (setenv first records the original)."""
     monkeypatch.setenv(ENV, "placeholder")
     monkeypatch.delenv(ENV)
-    monkeypatch.setattr(tracking, "_endpoint_we_set", None)
+    monkeypatch.setattr(backend, "_endpoint_we_set", None)
 
 
 @pytest.mark.usefixtures("prefect_server", "clean_env")
@@ -65,11 +66,11 @@ def test_the_users_own_endpoint_setting_wins(monkeypatch: pytest.MonkeyPatch) ->
 def test_an_existing_experiment_keeps_its_location(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     first = Tracker.for_experiment(uri, "kept", (tmp_path / "first").as_uri())
-    with caplog.at_level(logging.WARNING, logger="trainflow.core.storage.tracking"):
+    with caplog.at_level(logging.WARNING, logger="trainflow.core.tracking.runs"):
         again = Tracker.for_experiment(uri, "kept", LOCATION)
     assert again.experiment_id == first.experiment_id
     assert again.client.get_experiment(again.experiment_id).artifact_location == (tmp_path / "first").as_uri()
-    assert [r.message for r in caplog.records if r.name == "trainflow.core.storage.tracking"] == [
+    assert [r.message for r in caplog.records if r.name == "trainflow.core.tracking.runs"] == [
         f"tracking.artifact_location {LOCATION} not applied: experiment 'kept' exists and keeps its artifact "
         f"location {(tmp_path / 'first').as_uri()}"
     ]

@@ -1,0 +1,85 @@
+"""Where MLflow is: the tracking URI a run uses, whether it answers, and the environment MLflow's own clients
+read (the fluent API's URI, the S3 endpoint of its artifact repository, its console output)."""
+
+from __future__ import annotations
+
+import os
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import urlparse
+
+from trainflow.core.errors import TrackingError
+from trainflow.core.storage.files import folder_problem
+
+
+def tracking_uri(configured: str) -> str:
+    """`MLFLOW_TRACKING_URI` from the environment wins over the config, as MLflow users expect."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or configured
+
+
+@contextmanager
+def fluent_tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API (`log_model`, `load_model`) at `uri` for a block, then put things back.
+
+    `mlflow.set_tracking_uri` also writes MLFLOW_TRACKING_URI into os.environ, which would make one
+    run's config look like the user's environment setting to every later run in this process.
+    """
+    import mlflow
+
+    saved_env = os.environ.get("MLFLOW_TRACKING_URI")
+    saved = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved)
+        if saved_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
+
+
+_S3_ENDPOINT_ENV = "MLFLOW_S3_ENDPOINT_URL"  # read by mlflow.store.artifact.s3_artifact_repo._get_s3_client
+_endpoint_we_set: str | None = None
+
+
+def point_mlflow_s3_at(endpoint_url: str | None) -> None:
+    """Make MLflow's S3 artifact repository use `endpoint_url` (store.endpoint_url) for this process, through
+    MLFLOW_S3_ENDPOINT_URL: only when the user has not set that variable (a value set here earlier may change).
+    Credentials are never written: boto3's chain supplies them to MLflow as to the store."""
+    global _endpoint_we_set
+    current = os.environ.get(_S3_ENDPOINT_ENV)
+    if current and current != _endpoint_we_set:
+        return  # the user's own setting wins
+    if endpoint_url:
+        os.environ[_S3_ENDPOINT_ENV] = endpoint_url
+    else:
+        os.environ.pop(_S3_ENDPOINT_ENV, None)
+    _endpoint_we_set = endpoint_url
+
+
+def artifacts_beside(uri: str) -> str | None:
+    """`file://<db folder>/mlruns` for `sqlite:///<path>`; None (MLflow's default) for servers."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns").as_uri()
+
+
+def check_reachable(uri: str) -> None:
+    """Preflight: the tracking backend can be written (SQLite folder) or answers (HTTP server)."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "sqlite" and uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        if db.is_dir():
+            raise TrackingError(f"tracking.uri: {db} is a folder, not an SQLite database file")
+        problem = folder_problem(db.parent)
+        if problem:
+            raise TrackingError(f"tracking.uri: {problem}")
+    elif parsed.scheme in ("http", "https"):
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5):
+                pass
+        except OSError as exc:
+            raise TrackingError(f"tracking.uri: MLflow server {uri} is not reachable ({exc})") from None
