@@ -80,3 +80,60 @@ def test_every_core_folder_is_a_package_with_a_docstring() -> None:
         init = folder / "__init__.py"
         assert init.is_file(), f"{folder} has no __init__.py (setuptools would not ship it)"
         assert ast.get_docstring(ast.parse(init.read_text(encoding="utf-8"))), f"{init} says nothing"
+
+
+def _project_imports(path: Path) -> set[str]:
+    """The project modules `path` imports at run time: function-level imports count (they hide a cycle, they do
+    not remove it); imports under `if TYPE_CHECKING:` do not (they never run)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        for field in ("body", "orelse"):
+            body = getattr(node, field, None)
+            if isinstance(body, list):
+                setattr(node, field, [n for n in body if not (isinstance(n, ast.If) and "TYPE_CHECKING" in
+                                                             ast.unparse(n.test))])  # fmt: skip
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found |= {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+    return {name.removeprefix("trainflow.") for name in found}
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """module -> the project modules it imports (a name resolved to the deepest module that exists)."""
+    files = {}
+    for folder in ("core", "tasks", "flows", "deployments"):
+        for path in (REPO / folder).rglob("*.py"):
+            files[".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")] = path
+    graph = {}
+    for name, path in files.items():
+        targets = set()
+        for imported in _project_imports(path):
+            while imported and imported not in files:
+                imported = imported.rpartition(".")[0]
+            if imported and imported != name and not name.startswith(imported + "."):
+                targets.add(imported)
+        graph[name] = targets
+    return graph
+
+
+def test_no_import_cycle_anywhere() -> None:
+    """A cycle (function-level imports included) is the sign of a split by line count, not by responsibility."""
+    import graphlib
+
+    try:
+        tuple(graphlib.TopologicalSorter(_module_graph()).static_order())
+    except graphlib.CycleError as exc:
+        pytest.fail(f"import cycle: {' -> '.join(exc.args[1])}")
+
+
+def test_the_cycle_check_finds_a_cycle(tmp_path: Path) -> None:
+    """The check above could not fail if the graph missed function-level imports: a planted one is found."""
+    planted = tmp_path / "planted.py"
+    planted.write_text("def f():\n    from trainflow.core.records import StageResult\n")
+    assert "core.records" in _project_imports(planted)
+    typing_only = tmp_path / "typing_only.py"
+    typing_only.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import trainflow.core.records\n")
+    assert "core.records" not in _project_imports(typing_only)
