@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip install --quiet --disable-pip-version-check -c constraint
 
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: demo test lint bench docs clean
+.PHONY: demo test lint bench docs system-deps clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,18 @@ $(VENV)/.installed: pyproject.toml constraints.txt | $(PY)
 $(VENV)/.installed-dev: $(VENV)/.installed
 	$(PIP) -e '.[dev]'
 	touch $@
+
+# System packages some tests need, from Debian's archive: Chromium and its driver (the browser tests of the
+# Prefect and MLflow UIs). CI runs this first; tests never install anything themselves.
+SYSTEM_PACKAGES := chromium chromium-driver
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+system-deps:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then \
+		echo "system packages present: $(SYSTEM_PACKAGES)"; \
+	else \
+		$(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES); \
+	fi
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/trainflow run configs/digits.yaml --out out/demo

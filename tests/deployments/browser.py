@@ -1,15 +1,13 @@
-"""Headless Chromium through Selenium for the UI tests: find (or install) the browser, wait for visible
-text, save screenshots.
+"""Headless Chromium through Selenium for the UI tests: find the browser, wait for visible text, save screenshots.
 
-Debian's `chromium` and `chromium-driver` packages are used; when missing they are installed with apt-get
-(as root), and the tests are skipped only when that cannot be done.
+Debian's `chromium` and `chromium-driver` packages are used. Tests never install system packages: `make
+system-deps` does (CI runs it first); without them the browser tests are skipped, saying so.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,22 +24,11 @@ SCREENSHOTS_ENV = "TRAINFLOW_SCREENSHOTS"  # a folder: screenshots are also save
 
 
 def chromium() -> tuple[str, str]:
-    """Paths of the Chromium browser and its chromedriver, installing them (apt-get, as root) when missing."""
-    found = _find_chromium()
-    if found:
-        return found
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        pytest.skip("chromium and chromedriver are not installed, and apt-get cannot install them here (not root or no "
-                    "apt-get): install Debian's chromium and chromium-driver, or put both on PATH")  # fmt: skip
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in (["apt-get", "update"], ["apt-get", "install", "-y", "chromium", "chromium-driver"]):
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
-        if done.returncode != 0:
-            tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
-            pytest.skip(f"chromium is not installed and `{' '.join(command)}` failed: {tail}")
+    """Paths of the Chromium browser and its chromedriver; the test is skipped when they are not installed."""
     found = _find_chromium()
     if not found:
-        pytest.skip("apt-get installed chromium and chromium-driver, but chromium or chromedriver is not on PATH")
+        pytest.skip("chromium and chromedriver are not installed: run `make system-deps` (Debian's chromium and "
+                    "chromium-driver), or put both on PATH")  # fmt: skip
     return found
 
 
