@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import yaml
 from pydantic import BaseModel
 
-from trainflow.core.config import Config, config_from_dict
+from trainflow.core.config import Config
 from trainflow.core.errors import ConfigError
 from trainflow.core.records import HPOSearchResult, LRRangeTestResult, PrepareDataResult
 from trainflow.core.report.blocks import Code, Image, Section, Sources, Table, Text, facts, fmt
@@ -65,23 +65,19 @@ def config_section(tuned: dict[str, Any], config: Config) -> Section:
     else:
         section.add(Text("No tuned values: training used the config's values."))
     resolved, note = with_tuned(config, tuned)
-    raw = resolved.model_dump(mode="json")
-    for part, key in ((raw["tracking"], "uri"), (raw["tune"]["hpo"], "storage")):  # URLs that may hold a password
-        if part.get(key):
-            part[key] = mask_secrets(part[key])
-    return section.add(Code(f"config.yaml ({note})", yaml.safe_dump(raw, sort_keys=False), "yaml"))
+    text = mask_secrets(yaml.safe_dump(resolved.model_dump(mode="json"), sort_keys=False))  # a URL's password
+    return section.add(Code(f"config.yaml ({note})", text, "yaml"))
 
 
 def with_tuned(config: Config, tuned: dict[str, Any]) -> tuple[Config, str]:
-    """The config with the tuned values applied (as core/tuning/apply.py does), and a note saying so."""
+    """The config with the tuned values applied (typed by the schema, as `core.tuning.plan.tuned` applies them;
+    the run's tuned config stays as it is), and a note saying so."""
     if not tuned:
         return config, "as given"
-    overrides = [f"{path}={json.dumps(value)}" for path, value in tuned.items()]
     try:
-        tuned_config = config_from_dict(config.model_dump(mode="json"), overrides, "report", "tuning")
-    except ConfigError as exc:  # the pipeline applied them already; a report shows, it does not judge
+        return config.with_values(tuned), "tuned values applied"
+    except ConfigError as exc:  # a report shows, it does not judge
         return config, f"as given; the tuned values above could not be applied here: {exc}"
-    return tuned_config, "tuned values applied"
 
 
 def data_section(summary: dict[str, Any]) -> Section:
