@@ -22,23 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from trainflow.core.errors import TrainflowError
+from trainflow.core.tracking.backend import quiet_mlflow
 from trainflow.flows.operate import add_commands as add_operating_commands
 
 EXIT_USER_ERROR = 2
-# What MLflow prints by default that a user of this command cannot act on (the run's summary says where its runs
-# are); set for the command's process before MLflow is imported, so serve's flow runs and ui's servers inherit it.
-# Each can be set otherwise in the environment.
-QUIET_DEFAULTS = {
-    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",  # with a server: "View run ... View experiment ..." per run
-    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # a progress bar per artifact download
-    "MLFLOW_LOGGING_LEVEL": "WARNING",  # INFO such as "Creating initial MLflow database tables..."
-}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    for name, value in QUIET_DEFAULTS.items():
-        os.environ.setdefault(name, value)
+    quiet_mlflow()  # before MLflow is imported: serve's flow runs and ui's servers inherit it
     try:
         return args.command(args)
     except TrainflowError as exc:

@@ -16,6 +16,7 @@ from prefect import flow
 
 from trainflow.core.data.sources import data_version
 from trainflow.core.preflight import checked_config
+from trainflow.core.tracking.backend import quiet_mlflow
 from trainflow.core.tuning.plan import hpo_search_plan, lr_range_test_plan, lr_range_test_spec, search_spec, tuned
 from trainflow.flows.pipeline_run import PipelineRun
 from trainflow.tasks.compress import compress_task
@@ -34,6 +35,7 @@ def run_stages(
     reuse_only: frozenset[str] = frozenset(),
 ) -> dict[str, Any]:  # fmt: skip
     """The stages in order, up to `last` (hpo_search, evaluate or publish); summary.json's content."""
+    quiet_mlflow()  # a worker's flow run has not been through the `trainflow` command
     config = checked_config(config_path, overrides or [])
     with PipelineRun(config, config_path, out_dir, reuse_only, overrides) as run:
         data = run.stage(prepare_data_task, data_cfg=config.data, seed=config.seed,

@@ -13,6 +13,22 @@ from urllib.parse import urlparse
 from trainflow.core.errors import TrackingError
 from trainflow.core.storage.files import folder_problem
 
+# What MLflow prints by default that a user of trainflow cannot act on (the run's summary says where its runs are).
+# Each can be set otherwise in the environment.
+QUIET_DEFAULTS = {
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",  # with a server: "View run ... View experiment ..." per run
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # a progress bar per artifact download
+    "MLFLOW_LOGGING_LEVEL": "WARNING",  # INFO such as "Creating initial MLflow database tables..."
+}
+
+
+def quiet_mlflow() -> None:
+    """MLflow's console defaults for this process (`QUIET_DEFAULTS`, where the environment sets nothing else): by
+    the `trainflow` command before MLflow is imported (its logging level is read then), and by every flow run,
+    also one a Prefect worker starts (URL printing and progress bars are read at each call)."""
+    for name, value in QUIET_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+
 
 def tracking_uri(configured: str) -> str:
     """`MLFLOW_TRACKING_URI` from the environment wins over the config, as MLflow users expect."""

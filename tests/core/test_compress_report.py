@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from trainflow.core.compression.measure import Candidate, HeldOut, measure_speed, task_metrics
+from trainflow.core.compression.measure import HeldOut, measure_speed, task_metrics
 from trainflow.core.compression.report import csv_table, markdown_table, pareto_png, recommend, table_rows
+from trainflow.core.config import MeasureConfig
 from trainflow.core.records import CompressedVariant
 
 
@@ -104,7 +105,7 @@ def test_metrics_match_a_direct_computation_and_speed_covers_every_candidate(tmp
 
         return run
 
-    candidates = [Candidate(n, n, "torch", "torch", counting(n), tmp_path / n, 8) for n in ("a", "b")]
-    speeds = measure_speed(candidates, x, x, warmup=2, calls=20, rounds=4, throughput_calls=4, threads=1)
-    assert set(speeds) == {"a", "b"} and calls["a"] == calls["b"]
+    cfg = MeasureConfig(threads=1, warmup=2, latency_calls=20, rounds=4, serving_batch=50, throughput_calls=4)
+    speeds = measure_speed({n: counting(n) for n in ("a", "b")}, x, cfg)
+    assert set(speeds) == {"a", "b"} and calls["a"] == calls["b"] == 2 + 1 + 20 + 4
     assert all(s.latency_ms_p95 >= s.latency_ms_p50 > 0 and s.throughput > 0 for s in speeds.values())
