@@ -25,6 +25,7 @@ from trainflow.core.storage.store import ArtifactStore
 from trainflow.core.training.builder import prepared_loaders
 from trainflow.core.training.optim import build_optimizer, build_scheduler
 from trainflow.core.training.seed import seed_everything
+from trainflow.core.training.spec import TrainingSpec
 from trainflow.core.training.steps import step_budget
 
 
@@ -59,7 +60,7 @@ def lightning_fit(
     no progress bar or model summary."""
     started = time.perf_counter()
     seed_everything(cfg.seed)
-    loaders = prepared_loaders(data, store, cfg.train.batch_size, cfg.data.loader, cfg.seed)
+    loaders = prepared_loaders(TrainingSpec.of(cfg, data), store, cfg.train.batch_size)
     module = LitModule(build_model(cfg.model, data.spec), cfg, step_budget(len(loaders.train), cfg.train)[1])
     checkpoint = ModelCheckpoint(dirpath=folder, monitor="val/loss", mode="min")
     trainer = L.Trainer(

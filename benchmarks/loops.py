@@ -28,6 +28,7 @@ from trainflow.core.storage.store import ArtifactStore
 from trainflow.core.training.builder import prepared_loaders
 from trainflow.core.training.optim import build_optimizer, build_scheduler
 from trainflow.core.training.seed import seed_everything
+from trainflow.core.training.spec import TrainingSpec
 from trainflow.core.training.steps import step_budget
 
 
@@ -45,7 +46,7 @@ def bare_fit(cfg: Config, data: PrepareDataResult, store: ArtifactStore, weights
     order, so both draw the same numbers."""
     started = time.perf_counter()
     seed_everything(cfg.seed)
-    loaders = prepared_loaders(data, store, cfg.train.batch_size, cfg.data.loader, cfg.seed)
+    loaders = prepared_loaders(TrainingSpec.of(cfg, data), store, cfg.train.batch_size)
     model = build_model(cfg.model, data.spec)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, step_budget(len(loaders.train), cfg.train)[1])

@@ -39,7 +39,7 @@ def evaluate(
     data, device = spec.data, resolve_device(spec.train.device)
     model = trained_model(spec, store, trained.checkpoint_uri)
     batch = spec.train.batch_size if isinstance(spec.train.batch_size, int) else trained.micro_batch_size or 64
-    loaders = prepared_loaders(data, store, batch, spec.loader, spec.seed)
+    loaders = prepared_loaders(spec, store, batch)
     task = data.spec.task
     result = eval_pass(model.to(device), loaders.test, device, autocast_context(device, spec.train.precision),
                        collect=task == "classification")  # fmt: skip

@@ -137,3 +137,27 @@ def test_the_cycle_check_finds_a_cycle(tmp_path: Path) -> None:
     typing_only = tmp_path / "typing_only.py"
     typing_only.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import trainflow.core.records\n")
     assert "core.records" not in _project_imports(typing_only)
+
+
+TRAINING_SECTIONS = {"ModelConfig", "OptimConfig", "TrainConfig", "LoaderConfig", "DataConfig"}
+
+
+@pytest.mark.parametrize(
+    "path",
+    [*sorted(TASKS.glob("*.py")), *(CORE / f"{stage}.py" for stage in PIPELINE), REPO / "flows" / "pipeline.py",
+     CORE / "training" / "fit.py", CORE / "training" / "builder.py", CORE / "tuning" / "hpo_worker.py"],
+    ids=lambda p: str(p.relative_to(REPO)),
+)  # fmt: skip
+def test_training_settings_travel_in_the_spec_not_in_signatures(path: Path) -> None:
+    """A new training setting is a schema field plus the one place that uses it: the stages, their tasks, the
+    flow, the fit routine and the HPO worker take the `TrainingSpec`, never the sections it is resolved from."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            for arg in [*node.args.args, *node.args.kwonlyargs]:
+                annotation = ast.unparse(arg.annotation) if arg.annotation else ""
+                if set(annotation.replace("|", " ").split()) & TRAINING_SECTIONS or arg.arg == "seed":
+                    found.append(f"{node.name}({arg.arg}: {annotation})")
+    allowed = {"prepare_data_task(data_cfg: DataConfig)", "prepare_data_task(seed: int)",
+               "prepare_data(cfg: DataConfig)", "prepare_data(seed: int)"}  # fmt: skip
+    assert set(found) - allowed == set()

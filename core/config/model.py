@@ -58,7 +58,7 @@ class GPTConfig(Section):
 class FactoryModelConfig(Section):
     name: Literal["factory"] = Field("factory", description="A model built by your own function.")
     factory: str = Field(
-        description="'package.module:function' called as function(spec, **params) where spec describes the data (input_shape, n_classes, vocab_size, seq_len)."
+        description="'package.module:function' called as function(spec, **params) where spec describes the data: task, input_shape (one sample), n_classes (the classes, or the vocabulary of a language model), class_names, seq_len. Its module's code is part of the training's cache key: edit it and training runs again."
     )
     params: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments passed to the factory.")
 

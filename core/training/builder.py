@@ -12,12 +12,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from trainflow.core.config import LoaderConfig
 from trainflow.core.data.loaders import Batch, Loaders, build_loaders, rebatched
 from trainflow.core.data.prepared import load_splits
 from trainflow.core.data.spec import check_metric
 from trainflow.core.models import build_model
-from trainflow.core.records import PrepareDataResult
 from trainflow.core.storage.store import ArtifactStore
 from trainflow.core.training.callbacks import Callback
 from trainflow.core.training.distributed import SINGLE, Rank
@@ -59,8 +57,7 @@ def build_trainer(
     seed_everything(spec.seed)  # the same on every rank: every replica starts from the same weights
     module = (build_model(spec.model, data.spec) if model is None else model).to(device)
     auto = train_cfg.batch_size == "auto"
-    loaders = prepared_loaders(data, store, 1 if auto else int(train_cfg.batch_size), spec.loader, spec.seed,
-                               device.type == "cuda", rank)  # fmt: skip
+    loaders = prepared_loaders(spec, store, 1 if auto else int(train_cfg.batch_size), device.type == "cuda", rank)
     if auto:  # the search trains on the loaded split; the loaders then take the size found
         found = auto_batch_size(module, spec, store, loaders.train.dataset, rank, device)
         train_cfg = train_cfg.model_copy(update={"batch_size": found})
@@ -85,20 +82,14 @@ def build_trainer(
 
 
 def prepared_loaders(
-    data: PrepareDataResult,
-    store: ArtifactStore,
-    batch_size: int,
-    cfg: LoaderConfig,
-    seed: int,
-    pin: bool = False,
-    rank: Rank = SINGLE,
+    spec: TrainingSpec, store: ArtifactStore, batch_size: int, pin: bool = False, rank: Rank = SINGLE
 ) -> Loaders:
-    """Train/val/test loaders over a prepared_data record's arrays (`pin` only where `loader.pin_memory` allows);
-    train and val hold `rank`'s shard."""
+    """Train/val/test loaders over the spec's prepared arrays, shuffled by its seed (`pin` only where
+    `loader.pin_memory` allows); train and val hold `rank`'s shard."""
+    data, loader = spec.data, spec.loader
     splits = load_splits(store.local_path(data.uri), data.spec)
-    return build_loaders(
-        splits, data.spec.seq_len, batch_size, cfg, seed, pin and cfg.pin_memory, rank.rank, rank.world_size
-    )
+    return build_loaders(splits, data.spec.seq_len, batch_size, loader, spec.seed, pin and loader.pin_memory,
+                         rank.rank, rank.world_size)  # fmt: skip
 
 
 def auto_batch_size(

@@ -81,7 +81,7 @@ def test_the_table_marks_the_recommendation_shows_failures_and_the_onnx_fp32_spe
     assert pareto_png(variants, "classification", "fp32+onnx_int8")[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_metrics_match_a_direct_computation_and_speed_covers_every_candidate(tmp_path) -> None:
+def test_metrics_match_a_direct_computation_and_speed_covers_every_candidate() -> None:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(50, 4)).astype(np.float32)
     y = (x[:, 0] > 0).astype(np.int64)

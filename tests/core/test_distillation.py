@@ -20,7 +20,6 @@ from trainflow.core.config import (
     Config,
     FactoryModelConfig,
     GPTConfig,
-    LoaderConfig,
     MLPConfig,
     config_from_dict,
 )
@@ -170,8 +169,8 @@ def _student(
     return fit_in_folder(spec, store, key, callbacks=callbacks, model=student, loss=kd), student
 
 
-def _test_accuracy(model: nn.Module, data: PrepareDataResult, store: LocalStore) -> float:
-    test = prepared_loaders(data, store, 64, LoaderConfig(), 0).test
+def _test_accuracy(model: nn.Module, spec: TrainingSpec, store: LocalStore) -> float:
+    test = prepared_loaders(spec, store, 64).test
     result = eval_pass(model, test, torch.device("cpu"), contextlib.nullcontext())
     return pass_metrics(result, "classification", "t")["t/accuracy"]
 
@@ -186,8 +185,8 @@ def test_a_student_learns_at_least_as_well_with_its_teacher(store) -> None:
     _, plain = _student(cfg, data, store, "plain", 0.125, None)  # hidden [8]: 626 parameters, the teacher 4,938
     _, distilled = _student(cfg, data, store, "kd", 0.125, teacher)
     assert plain.net[1].out_features == 8
-    assert _test_accuracy(distilled, data, store) >= _test_accuracy(plain, data, store) - 0.01
-    assert _test_accuracy(teacher, data, store) > _test_accuracy(plain, data, store)
+    assert _test_accuracy(distilled, spec, store) >= _test_accuracy(plain, spec, store) - 0.01
+    assert _test_accuracy(teacher, spec, store) > _test_accuracy(plain, spec, store)
 
 
 def test_student_training_stops_early_and_hands_on_its_best_checkpoint(store) -> None:

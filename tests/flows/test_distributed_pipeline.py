@@ -13,13 +13,14 @@ import torch
 from mlflow import MlflowClient
 
 from tests.flows.test_pipeline import Project
-from trainflow.core.config import LoaderConfig, load_config
+from trainflow.core.config import load_config
 from trainflow.core.models import build_model
 from trainflow.core.prepare_data import prepare_data
 from trainflow.core.storage.store import LocalStore
 from trainflow.core.training.builder import prepared_loaders
 from trainflow.core.training.checkpoint import load_checkpoint
 from trainflow.core.training.metrics import eval_pass
+from trainflow.core.training.spec import TrainingSpec
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 STAGES = ["prepare_data", "train", "evaluate", "publish"]
@@ -82,7 +83,7 @@ def test_evaluate_and_publish_use_the_weights_the_ranks_trained(project: Project
     assert data.fingerprint == stages["prepare_data"]["fingerprint"]
     model = build_model(config.model, data.spec)
     model.load_state_dict(load_checkpoint(weights_file)["model"])
-    loaders = prepared_loaders(data, LocalStore(project.root / "again"), BATCH, LoaderConfig(), config.seed)
+    loaders = prepared_loaders(TrainingSpec.of(config, data), LocalStore(project.root / "again"), BATCH)
     result = eval_pass(model, loaders.test, torch.device("cpu"), torch.autocast("cpu", enabled=False))
     evaluated = stages["evaluate"]["metrics"]
     assert evaluated["loss"] == pytest.approx(result.loss, rel=1e-5)
