@@ -4,8 +4,8 @@ processes at a time.
 
 The study lives in RDB storage (SQLite in the store unless `tune.hpo.storage` names one) under a
 name derived from the config, so a re-run continues it: trial numbers go on where they stopped.
-Builds on core/tuning/: hpo_worker.py (a worker's trial loop: config, Trainer, pruning callback,
-MLflow child run per trial) and study.py (sampler, pruner, storage).
+Builds on core/tuning/: hpo_worker.py (a worker's trial loop: the trial's spec, Trainer, pruning callback,
+MLflow child run per trial), plan.py (the search space's LR bounds) and study.py (sampler, pruner, storage).
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from trainflow.core.config.messages import format_validation_error
 from trainflow.core.config.overrides import set_path
 from trainflow.core.errors import ConfigError
 from trainflow.core.records import PrepareDataResult
+from trainflow.core.storage.version import model_code_version
 
 # How long and how often the loop runs, evaluates, logs and saves: the tuning stages set their own budget for
 # these, so their cache keys ignore them (training longer re-runs training, not the search).
@@ -118,8 +119,4 @@ class _Tunable(BaseModel):
 
 
 def _model_code(model: ModelConfig) -> str | None:
-    if not isinstance(model, FactoryModelConfig):
-        return None
-    from trainflow.core.storage.version import model_code_version
-
-    return model_code_version(model.factory)
+    return model_code_version(model.factory) if isinstance(model, FactoryModelConfig) else None
