@@ -281,8 +281,12 @@ PREFLIGHT_CASES = [
 
 
 @pytest.mark.parametrize(
-    ("files", "config", "args", "errors"), [c[1:] for c in PREFLIGHT_CASES], ids=[c[0] for c in PREFLIGHT_CASES]
-)
+    ("files", "config", "args", "errors"),
+    [
+        pytest.param(*c[1:], id=c[0], marks=[pytest.mark.slow] if c[0].startswith("run:") else [])
+        for c in PREFLIGHT_CASES
+    ],
+)  # `run` imports the whole pipeline in each subprocess (2-3 s): the slow ones
 def test_user_error_is_one_line_and_writes_nothing(
     tmp_path: Path, files: dict[str, Callable[[Path], object]], config: str, args: list[str], errors: list[str]
 ) -> None:
@@ -330,6 +334,7 @@ def test_validate_applies_set(tmp_path: Path) -> None:
     assert f"(config sha256 {sha[:12]})" in result.stdout
 
 
+@pytest.mark.slow
 def test_user_error_inside_the_pipeline_is_one_line(tmp_path: Path) -> None:
     """A user factory that returns no nn.Module is only found out when the train stage calls it."""
     (tmp_path / "config.yaml").write_text(
@@ -359,6 +364,7 @@ atexit.register(lambda: json.dump(sorted(sys.modules), open(os.environ["SYS_MODU
 NOISE = ("Downloading artifacts", "CUDAExecutionProvider", "Passing a Python object", "Creating initial MLflow")
 
 
+@pytest.mark.slow
 def test_a_run_on_prefects_temporary_server_ends_cleanly_and_a_rerun_is_cached(tmp_path: Path) -> None:
     """The path `make demo` takes: the installed `trainflow` command from a folder outside the checkout, no
     PREFECT_API_URL, so the CLI boots Prefect's temporary server while it imports the pipeline, and leaves

@@ -14,6 +14,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 FOLDERS = {"trainflow": "trainflow", "core": "trainflow.core", "tasks": "trainflow.tasks", "flows": "trainflow.flows",
            "deployments": "trainflow.deployments"}  # fmt: skip
@@ -35,6 +37,7 @@ def test_pyproject_lists_every_package_folder_under_trainflow() -> None:
     assert setuptools["package-dir"] == {name: folder for folder, name in FOLDERS.items()}
 
 
+@pytest.mark.slow
 def test_the_wheel_installs_one_top_level_name(tmp_path: Path) -> None:
     source = tmp_path / "source"  # a copy: building in the checkout would leave build/ and *.egg-info there
     source.mkdir()

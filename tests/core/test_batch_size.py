@@ -55,6 +55,7 @@ def _train(cfg: Any, store: LocalStore, key: str) -> Any:
     return train(TrainingSpec.of(cfg, data), store, key)
 
 
+@pytest.mark.slow
 def test_auto_batch_size_is_the_largest_under_the_limit_and_is_searched_once(store: LocalStore) -> None:
     first = _train(_cfg(37, batch_size="auto"), store, "auto-1")
     assert first.micro_batch_size == 37 and first.effective_batch_size == 37
@@ -66,6 +67,7 @@ def test_auto_batch_size_is_the_largest_under_the_limit_and_is_searched_once(sto
     assert _train(_cfg(37, batch_size="auto"), store, "auto-2").micro_batch_size == 20
 
 
+@pytest.mark.slow
 def test_auto_batch_size_runs_as_the_explicit_size_would(store: LocalStore) -> None:
     _train(_cfg(37, batch_size="auto"), store, "auto")
     _train(_cfg(37, batch_size=37), store, "explicit")

@@ -128,6 +128,7 @@ def test_an_upload_failure_at_the_end_is_awaited_and_raised(
         _fit(store, "train/c", _cfg())
 
 
+@pytest.mark.slow
 def test_a_slow_store_does_not_slow_the_loop(
     s3_endpoint: str,  # noqa: F811
     tmp_path: Path,

@@ -24,6 +24,8 @@ from trainflow.core.storage.store import LocalStore
 from trainflow.core.train import train
 from trainflow.core.training.spec import TrainingSpec
 
+pytestmark = pytest.mark.slow  # every technique trains, exports and is measured: left out of `pytest -m 'not slow'`
+
 LIGHT = {"measure": {"latency_calls": 20, "warmup": 2, "rounds": 2, "serving_batch": 32, "throughput_calls": 2},
          "structured_pruning": {"finetune_epochs": 2}, "distillation": {"max_epochs": 4}}  # fmt: skip
 

@@ -175,6 +175,7 @@ def _test_accuracy(model: nn.Module, spec: TrainingSpec, store: LocalStore) -> f
     return pass_metrics(result, "classification", "t")["t/accuracy"]
 
 
+@pytest.mark.slow
 def test_a_student_learns_at_least_as_well_with_its_teacher(store) -> None:
     # Seeds 0-4 outside this test (test accuracy, 719 digits; teacher 0.951): without the teacher
     # 0.917 0.912 0.887 0.911 0.929, with it (alpha 0.5, T 4) 0.926 0.915 0.918 0.928 0.929: +1.2 points

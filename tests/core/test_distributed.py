@@ -25,6 +25,8 @@ from trainflow.core.training.checkpoint import FINAL, load_checkpoint, periodic_
 from trainflow.core.training.fit import fit_in_folder
 from trainflow.core.training.spec import TrainingSpec
 
+pytestmark = pytest.mark.slow  # ranks in several processes: left out of `pytest -m 'not slow'`
+
 TOL = {"atol": 2e-6, "rtol": 1e-5}  # fp32: the sums run in another order across ranks
 
 

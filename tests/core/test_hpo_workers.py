@@ -26,6 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ------------------------------------------------------------------------ parallel workers
+@pytest.mark.slow
 def test_parallel_workers_fill_the_study_with_mlflow_runs_for_every_trial(
     store: LocalStore, tracker: Tracker, tracking: RunLogger, monkeypatch: pytest.MonkeyPatch
 ) -> None:

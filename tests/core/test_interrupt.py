@@ -111,6 +111,7 @@ def test_without_a_signal_nothing_changes(store, handlers: None) -> None:
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 
+@pytest.mark.slow
 def test_a_launch_of_ranks_puts_the_signal_handlers_back(store, handlers: None) -> None:
     """torch's elastic launcher installs its own SIGTERM/SIGINT handlers; after a launch ours are back, so a
     later cancel still reaches Prefect's handler."""

@@ -181,6 +181,7 @@ def _trainflow_verify(manifest: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow
 def test_the_verify_command_exits_0_when_intact_and_1_naming_the_damage(published: Published, tmp_path: Path) -> None:
     manifest = _copy(published, tmp_path)
     intact = _trainflow_verify(manifest)
@@ -196,6 +197,7 @@ def test_the_verify_command_exits_0_when_intact_and_1_naming_the_damage(publishe
 
 
 # ------------------------------------------------------------------------------- MLflow model
+@pytest.mark.slow
 def test_the_mlflow_model_loads_and_predicts_like_the_published_weights(
     published: Published, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -236,6 +238,7 @@ def test_the_mlflow_model_loads_and_predicts_like_the_published_weights(
         np.testing.assert_allclose(out.filter(like="proba_").to_numpy(), expected, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("content", "problem"),
     [("{not json", "JSONDecodeError"), ('{"files": []}', "ValueError: format None"), ("[1, 2]", "TypeError")],

@@ -30,6 +30,8 @@ from trainflow.core.config import CNNConfig, GPTConfig, MLPConfig
 from trainflow.core.data.spec import DataSpec
 from trainflow.core.models import build_model
 
+pytestmark = pytest.mark.slow  # three models exported and quantized: left out of `pytest -m 'not slow'`
+
 TABULAR = DataSpec(task="classification", input_shape=(13,), n_classes=3)
 IMAGES = DataSpec(task="classification", input_shape=(1, 8, 8), n_classes=10)
 TEXT = DataSpec(task="language_modeling", input_shape=(16,), n_classes=64)

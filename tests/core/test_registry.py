@@ -32,6 +32,8 @@ from trainflow.core.serving.registry import champion_metric, judge, record, serv
 from trainflow.core.tracking.backend import fluent_tracking_uri
 from trainflow.core.tracking.runs import Tracker
 
+pytestmark = pytest.mark.slow  # models trained, logged and registered in MLflow: left out of `pytest -m 'not slow'`
+
 NAME = "tiny-wine"
 
 

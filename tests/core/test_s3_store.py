@@ -165,6 +165,7 @@ def test_a_failed_multipart_upload_is_aborted_and_leaves_nothing(
     assert client.list_multipart_uploads(Bucket=store.bucket).get("Uploads", []) == []
 
 
+@pytest.mark.slow
 def test_uploads_through_a_faulty_network_complete_verify_and_never_show_partial_objects(
     fault_proxy: FaultProxy,  # noqa: F811
     s3_endpoint: str,  # noqa: F811

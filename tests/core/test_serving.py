@@ -27,6 +27,8 @@ from tests.core.serving_support import (
 )
 from trainflow.core.data.preprocess import categories_as_strings
 
+pytestmark = pytest.mark.slow  # MLflow models logged and loaded: left out of `pytest -m 'not slow'`
+
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -29,6 +29,8 @@ from tests.core.serving_support import (
 )
 from trainflow.core.data.preprocess import categories_as_strings
 
+pytestmark = pytest.mark.slow  # a fresh virtual environment installed: left out of `pytest -m 'not slow'`
+
 REPO = Path(__file__).resolve().parents[2]
 
 

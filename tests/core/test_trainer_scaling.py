@@ -143,6 +143,7 @@ class JsonLinesLogger:
             f.write(json.dumps(entry | {"rank": os.environ.get("RANK")}) + "\n")
 
 
+@pytest.mark.slow
 def test_linear_lr_scaling_on_two_ranks_trains_at_twice_the_lr(store: LocalStore, tmp_path: Path) -> None:
     def cfg(world: int, batch: int, lr: float, scaling: str) -> Any:
         distributed = {

@@ -35,6 +35,8 @@ from trainflow.deployments.servers import UiServers, ui_servers
 pytest.importorskip("selenium", reason="selenium is in the dev extra: pip install -e '.[dev]'")
 from selenium.webdriver.common.by import By
 
+pytestmark = pytest.mark.slow  # two servers and a browser: left out of `pytest -m 'not slow'`
+
 if TYPE_CHECKING:
     from selenium.webdriver.remote.webdriver import WebDriver
     from selenium.webdriver.remote.webelement import WebElement

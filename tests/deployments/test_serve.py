@@ -24,7 +24,7 @@ import yaml
 from tests.conftest import REPO, tiny_raw
 from trainflow.core.training.checkpoint import load_checkpoint, periodic_checkpoints
 
-pytestmark = pytest.mark.usefixtures("prefect_server")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 CRON = "0 3 * * *"
 QUICK = {"compress": {"enabled": False}, "train": {"max_epochs": 2}}
 SLOW = {  # 24 epochs of 25 steps at >= 20 ms each: >= 12 s of training, time to see it running and cancel it

@@ -21,6 +21,8 @@ from tests.deployments.processes import PYTHON, alive, cli_env, descendants, gro
 from trainflow.core.tracking.runs import Tracker
 from trainflow.deployments.servers import ServerError, ui_servers
 
+pytestmark = pytest.mark.slow  # two servers started and stopped: left out of `pytest -m 'not slow'`
+
 STARTUP_S, STOP_S = 120, 30
 
 

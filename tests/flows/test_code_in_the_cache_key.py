@@ -16,7 +16,7 @@ from tests.conftest import tiny_raw
 from trainflow.core.preflight import check_and_hand_over
 from trainflow.flows.pipeline import training_pipeline
 
-pytestmark = pytest.mark.usefixtures("prefect_server")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 
 FACTORY = '''
 import math

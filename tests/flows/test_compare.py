@@ -17,7 +17,7 @@ from trainflow.core.tracking.run_meta import DIGEST_LENGTH
 from trainflow.core.tracking.runs import EXPERIMENT_KIND, Tracker
 from trainflow.flows.cli import main
 
-pytestmark = pytest.mark.usefixtures("prefect_server")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from trainflow.core.training.checkpoint import load_checkpoint
 from trainflow.core.training.metrics import eval_pass
 from trainflow.core.training.spec import TrainingSpec
 
-pytestmark = pytest.mark.usefixtures("prefect_server")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 STAGES = ["prepare_data", "train", "evaluate", "publish"]
 BATCH = 16  # tiny_raw's train.batch_size, per rank
 

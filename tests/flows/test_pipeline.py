@@ -18,7 +18,7 @@ from trainflow.core.storage.store import LocalStore
 from trainflow.core.tracking.backend import fluent_tracking_uri
 from trainflow.flows.pipeline import training_pipeline
 
-pytestmark = pytest.mark.usefixtures("prefect_server")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 STAGES = ["prepare_data", "train", "evaluate", "compress", "publish"]  # optim.lr set, no search: no tuning stage
 
 

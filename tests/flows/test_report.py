@@ -23,6 +23,8 @@ from trainflow.core.report.sections import config_section
 from trainflow.core.report.summary import summarize
 from trainflow.core.storage.store import LocalStore
 
+pytestmark = pytest.mark.slow  # the pipeline on Prefect's test server: left out of `pytest -m 'not slow'`
+
 PNG = b"\x89PNG\r\n\x1a\n"
 SPACE = {"optim.lr": {"type": "float", "log": True}, "model.dropout": {"type": "float", "low": 0.0, "high": 0.3}}
 

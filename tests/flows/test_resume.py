@@ -26,7 +26,7 @@ CONFIG = {
     "train": {"max_epochs": 2, "batch_size": 16, "checkpoint": {"every_steps": 20}, "early_stopping": {"patience": 50}},
 }
 STEPS_PER_EPOCH = 219  # 3500 training rows / 16
-pytestmark = pytest.mark.usefixtures("prefect_server")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 
 
 def _project(root: Path, tracking_uri: str, experiment: str) -> tuple[Path, dict[str, str]]:

@@ -16,7 +16,7 @@ from trainflow.core.config import StoreConfig
 from trainflow.core.publish import verify_manifest
 from trainflow.core.storage.store import open_store
 
-pytestmark = pytest.mark.usefixtures("prefect_server")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 BUCKET, PREFIX = "trainflow-pipeline", "team/runs"
 
 

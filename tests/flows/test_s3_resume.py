@@ -17,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from tests.conftest import REPO
@@ -29,6 +30,8 @@ from trainflow.core.storage.store import open_store
 from trainflow.core.train import train
 from trainflow.core.training.checkpoint import load_checkpoint
 from trainflow.core.training.spec import TrainingSpec
+
+pytestmark = pytest.mark.slow  # trainings killed and resumed against S3: left out of `pytest -m 'not slow'`
 
 RAW = {
     "seed": 3,

@@ -20,6 +20,8 @@ from trainflow.core.tracking import backend
 from trainflow.core.tracking.backend import point_mlflow_s3_at
 from trainflow.core.tracking.runs import Tracker
 
+pytestmark = pytest.mark.slow  # MLflow artifacts in an S3 server: left out of `pytest -m 'not slow'`
+
 BUCKET = "trainflow-tracking"
 LOCATION = f"s3://{BUCKET}/mlflow"
 ENV = "MLFLOW_S3_ENDPOINT_URL"

@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 from tests.flows.test_s3_pipeline import S3Project
 from tests.s3_server import new_bucket, s3_client, s3_endpoint  # noqa: F401
 
-pytestmark = pytest.mark.usefixtures("prefect_server")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 KEY_ID, SECRET = "AKIAFAKEKEYID4TESTS77", "fAkE/SeCrEt+KeY/tr41nfl0w-never-written-42"
 BUCKET = "trainflow-secrets"
 

@@ -13,7 +13,7 @@ from trainflow.core.errors import StageTimeoutError
 from trainflow.core.training.checkpoint import load_checkpoint, periodic_checkpoints
 from trainflow.flows.pipeline import training_pipeline
 
-pytestmark = pytest.mark.usefixtures("prefect_server")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 
 
 def test_a_stuck_training_is_ended_by_its_timeout_and_resumes_after(tmp_path: Path) -> None:
