@@ -14,12 +14,15 @@ from trainflow.core.config import Config
 
 
 @contextmanager
-def prefect_api_booting() -> Iterator[None]:
+def prefect_api_booting() -> Iterator[threading.Event]:
     """Within the block, Prefect's temporary server (the one `get_client` would start on first use)
-    boots in the background; leaving the block waits until it answers, so the flow finds it ready."""
+    boots in the background; leaving the block waits until it answers, so the flow finds it ready.
+    The block gets an event that is set once the server answers (at once when there is none to boot)."""
+    answering = threading.Event()
     server = _temporary_server()
     if server is None:
-        yield
+        answering.set()
+        yield answering
         return
     failures: list[BaseException] = []
 
@@ -28,11 +31,13 @@ def prefect_api_booting() -> Iterator[None]:
             server.start()  # a process-wide singleton: get_client() reuses it
         except BaseException as exc:  # re-raised on the caller's thread below
             failures.append(exc)
+        finally:
+            answering.set()
 
     thread = threading.Thread(target=boot, name="prefect-api-boot", daemon=True)
     thread.start()
     try:
-        yield
+        yield answering
     finally:
         thread.join()
     if failures:
@@ -53,12 +58,15 @@ def _temporary_server() -> Any | None:
     return SubprocessASGIServer()
 
 
-def warm_up(config: Config, config_name: str) -> None:
-    """First-use costs a run would otherwise pay inside its stages, paid while the server boots: the import
-    of torch._dynamo that torch defers to the first optimizer it builds (about 1.3 s here), and the tracking
-    database's schema check and experiment."""
+def warm_up(config: Config, config_name: str, server_answering: threading.Event) -> None:
+    """First-use costs a run would otherwise pay inside its stages, paid while the server boots: the tracking
+    database's schema check and experiment (the flow needs them first thing), and, only while the server is
+    still booting, the import of torch._dynamo that torch defers to the first optimizer it builds (about
+    1.3 s here): where it overlaps nothing, it is left to the first stage that trains, so a fully cached run
+    never pays it."""
     from trainflow.core.tracking.runs import Tracker
     from trainflow.core.training.optim import import_optimizer_dependencies
 
-    import_optimizer_dependencies()
     Tracker.for_config(config, config_name)
+    if not server_answering.is_set():
+        import_optimizer_dependencies()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from prefect import task
 
-from trainflow.core.compress import compress
 from trainflow.core.config import CompressConfig
 from trainflow.core.records import CompressedVariant, CompressResult, PrepareDataResult, TrainResult
 from trainflow.core.serving.mlflow_model import log_onnx_model
@@ -21,6 +20,8 @@ def compress_task(
     compress_cfg: CompressConfig, spec: TrainingSpec, trained: TrainResult, ctx: StageContext
 ) -> CompressResult:
     """Pruned, quantized and distilled variants, each evaluated like the trained model; the one to ship."""
+    from trainflow.core.compress import compress  # loaded when it runs: tasks/__init__.py
+
     store, key = stage_store(ctx.store, "compress")
     with stage_run(ctx, "compress", {"compress": compress_cfg.model_dump(mode="json")}) as run:
         result = compress(compress_cfg, spec, trained, store, key, lambda name: run.child(f"compress/{name}"))

@@ -5,7 +5,6 @@ from __future__ import annotations
 from prefect import task
 
 from trainflow.core.config import MeasureConfig
-from trainflow.core.evaluate import evaluate
 from trainflow.core.records import EvaluateResult, TrainResult
 from trainflow.core.training.spec import TrainingSpec
 from trainflow.tasks.cache import stage_cache, stage_store
@@ -17,6 +16,8 @@ def evaluate_task(
     measure_cfg: MeasureConfig, spec: TrainingSpec, trained: TrainResult, ctx: StageContext
 ) -> EvaluateResult:
     """Test-set metrics, latency, throughput and size of the trained model."""
+    from trainflow.core.evaluate import evaluate  # loaded when it runs: tasks/__init__.py
+
     store, key = stage_store(ctx.store, "evaluate")
     with stage_run(ctx, "evaluate", {"measure": measure_cfg.model_dump(mode="json")}) as run:
         result = evaluate(spec, measure_cfg, trained, store, key)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from prefect import task
 
 from trainflow.core.config import HPOConfig
-from trainflow.core.hpo_search import hpo_search
 from trainflow.core.records import HPOSearchResult, LRRangeTestResult
 from trainflow.core.training.spec import TrainingSpec
 from trainflow.tasks.cache import stage_cache, stage_store
@@ -17,6 +16,8 @@ def hpo_search_task(
     hpo_cfg: HPOConfig, spec: TrainingSpec, lr_range: LRRangeTestResult | None, ctx: StageContext
 ) -> HPOSearchResult:
     """Run or continue the Optuna study; the best parameters go into the training config."""
+    from trainflow.core.hpo_search import hpo_search  # loaded when it runs: tasks/__init__.py
+
     store, key = stage_store(ctx.store, "hpo_search")
     with stage_run(ctx, "hpo_search", {"hpo": hpo_cfg.model_dump(mode="json")}) as run:
         result = hpo_search(hpo_cfg, spec, lr_range, store, key, parent_run=run)

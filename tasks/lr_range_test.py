@@ -5,7 +5,6 @@ from __future__ import annotations
 from prefect import task
 
 from trainflow.core.config import LRRangeTestConfig
-from trainflow.core.lr_range_test import lr_range_test
 from trainflow.core.records import LRRangeTestResult
 from trainflow.core.training.spec import TrainingSpec
 from trainflow.tasks.cache import stage_cache, stage_store
@@ -17,6 +16,8 @@ def lr_range_test_task(
     lr_range_test_cfg: LRRangeTestConfig, spec: TrainingSpec, ctx: StageContext
 ) -> LRRangeTestResult:
     """Sweep the LR on a fresh model and suggest one."""
+    from trainflow.core.lr_range_test import lr_range_test  # loaded when it runs: tasks/__init__.py
+
     store, key = stage_store(ctx.store, "lr_range_test")
     with stage_run(ctx, "lr_range_test", {"lr_range_test": lr_range_test_cfg.model_dump(mode="json")}) as run:
         result = lr_range_test(lr_range_test_cfg, spec, store, key)

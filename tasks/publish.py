@@ -5,7 +5,6 @@ from __future__ import annotations
 from prefect import task
 
 from trainflow.core.config import Config
-from trainflow.core.publish import publish
 from trainflow.core.records import CompressResult, EvaluateResult, PublishResult, TrainResult
 from trainflow.core.training.spec import TrainingSpec
 from trainflow.tasks.cache import stage_cache, stage_store
@@ -22,6 +21,8 @@ def publish_task(
     ctx: StageContext,
 ) -> PublishResult:
     """Write the published folder and manifest to the store; log (and register) the served MLflow model."""
+    from trainflow.core.publish import publish  # loaded when it runs: tasks/__init__.py
+
     store, key = stage_store(ctx.store, "publish", folder=f"published/{config.publish.name}")
     with stage_run(ctx, "publish", {"publish": config.publish.model_dump(mode="json")}) as run:
         result = publish(config, spec, trained, evaluated, store, key, run, compressed)

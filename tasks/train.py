@@ -8,7 +8,6 @@ from prefect import task
 
 from trainflow.core.records import TrainResult
 from trainflow.core.tracking.run_meta import log_dataset_input
-from trainflow.core.train import train
 from trainflow.core.training.spec import TrainingSpec
 from trainflow.tasks.artifacts import TrainingProgress
 from trainflow.tasks.cache import stage_cache, stage_store
@@ -20,6 +19,8 @@ RUN_FILE = "mlflow_run.json"  # the child run id, so a resumed training logs int
 @task(**stage_cache("train"))
 def train_task(spec: TrainingSpec, ctx: StageContext) -> TrainResult:
     """Fit the model; checkpoints live in the store folder named by this stage's cache key."""
+    from trainflow.core.train import train  # loaded when it runs: tasks/__init__.py
+
     store, key = stage_store(ctx.store, "train")
     run_file = store.workdir(key) / RUN_FILE
     previous = json.loads(run_file.read_text())["run_id"] if spec.train.resume and run_file.exists() else None

@@ -8,6 +8,8 @@ below the stages), core never imports Prefect, and imports point down: flows -> 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -161,3 +163,14 @@ def test_training_settings_travel_in_the_spec_not_in_signatures(path: Path) -> N
     allowed = {"prepare_data_task(data_cfg: DataConfig)", "prepare_data_task(seed: int)",
                "prepare_data(cfg: DataConfig)", "prepare_data(seed: int)"}  # fmt: skip
     assert set(found) - allowed == set()
+
+
+STAGE_ONLY_LIBRARIES = ("onnx", "onnxruntime", "sklearn", "optuna", "torch._dynamo")
+
+
+def test_loading_the_pipeline_loads_no_library_only_a_stages_work_needs() -> None:
+    """A fully cached run imports the flow but runs no stage: ONNX, scikit-learn, Optuna and torch._dynamo
+    (about 4 s of imports on 2 cores) load when a stage that needs them runs (tasks/__init__.py)."""
+    code = f"import sys, trainflow.flows.pipeline; print([m for m in {STAGE_ONLY_LIBRARIES!r} if m in sys.modules])"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "[]", done.stdout
