@@ -1,6 +1,7 @@
 """Start-up of `trainflow run`: Prefect's temporary API server boots in its own process (about 4 s on
-2 cores) while this one imports the pipeline (torch, scikit-learn, MLflow, Optuna) and opens the
-tracking database, instead of one after the other. With `PREFECT_API_URL` set there is nothing to boot.
+2 cores) while this one imports the pipeline (Prefect, torch, MLflow; each stage's own libraries load when
+it runs) and opens the tracking database, instead of one after the other. With `PREFECT_API_URL` set there
+is nothing to boot.
 """
 
 from __future__ import annotations
