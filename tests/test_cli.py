@@ -369,8 +369,9 @@ def test_a_run_on_prefects_temporary_server_ends_cleanly_and_a_rerun_is_cached(t
     """The path `make demo` takes: the installed `trainflow` command from a folder outside the checkout, no
     PREFECT_API_URL, so the CLI boots Prefect's temporary server while it imports the pipeline, and leaves
     without the interpreter's teardown (flows/cli.py `_entry`). Every module it loaded is `trainflow.*`: none
-    under the checkout's folder names (`core`, `tasks`, ...), which a missed `import core` would load. The
-    console shows the stages, the summary and Prefect's lines, none of MLflow's `NOISE`."""
+    under the checkout's folder names (`core`, `tasks`, ...), which a missed `import core` would load; the
+    cached re-run loads no stage's algorithm or its libraries. The console shows the stages, the summary and
+    Prefect's lines, none of MLflow's `NOISE`."""
     (tmp_path / "config.yaml").write_text(WINE + "optim: {lr: 0.01}\ntrain: {max_epochs: 2}\n")
     (tmp_path / "hook").mkdir()
     (tmp_path / "hook" / "sitecustomize.py").write_text(SYS_MODULES_AT_EXIT)
@@ -382,7 +383,9 @@ def test_a_run_on_prefects_temporary_server_ends_cleanly_and_a_rerun_is_cached(t
         done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
         assert done.returncode == 0, done.stderr[-3000:]
         modules = json.loads((tmp_path / "modules.json").read_text())
-        assert {"trainflow.core.train", "trainflow.tasks.train", "trainflow.flows.pipeline"} <= set(modules)
+        assert {"trainflow.tasks.train", "trainflow.flows.pipeline"} <= set(modules)
+        stage_work = {"trainflow.core.train", "trainflow.core.compress", "onnx", "sklearn"}  # loaded by stages that run
+        assert stage_work & set(modules) == (stage_work if attempt == "first" else set()), attempt
         assert [m for m in modules if m.split(".")[0] in ("core", "tasks", "flows", "deployments")] == []
         assert "Error logging to API" not in done.stderr, "logs were sent after the server stopped"
         assert [noise for noise in NOISE if noise in done.stdout + done.stderr] == [], done.stderr[-3000:]
