@@ -369,9 +369,8 @@ def test_a_run_on_prefects_temporary_server_ends_cleanly_and_a_rerun_is_cached(t
     """The path `make demo` takes: the installed `trainflow` command from a folder outside the checkout, no
     PREFECT_API_URL, so the CLI boots Prefect's temporary server while it imports the pipeline, and leaves
     without the interpreter's teardown (flows/cli.py `_entry`). Every module it loaded is `trainflow.*`: none
-    under the checkout's folder names (`core`, `tasks`, ...), which a missed `import core` would load; the
-    cached re-run loads no stage's algorithm or its libraries. The console shows the stages, the summary and
-    Prefect's lines, none of MLflow's `NOISE`."""
+    under the checkout's folder names (`core`, `tasks`, ...), which a missed `import core` would load; a cached
+    re-run loads no stage's algorithm. The console shows the stages, the summary and Prefect's, not MLflow's `NOISE`."""
     (tmp_path / "config.yaml").write_text(WINE + "optim: {lr: 0.01}\ntrain: {max_epochs: 2}\n")
     (tmp_path / "hook").mkdir()
     (tmp_path / "hook" / "sitecustomize.py").write_text(SYS_MODULES_AT_EXIT)
