@@ -59,10 +59,10 @@ def _run(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "trainflow")
     from trainflow.flows.startup import prefect_api_booting, warm_up  # imports prefect, which configures logging
 
-    with prefect_api_booting() as server_answering:
+    with prefect_api_booting() as booting:
         from trainflow.flows.pipeline import FLOWS
 
-        warm_up(config, Path(args.config).stem, server_answering)
+        warm_up(config, Path(args.config).stem, booting)
     _quiet_user_errors()
 
     summary = FLOWS[args.flow](str(args.config), list(args.overrides), str(args.out))

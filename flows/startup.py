@@ -7,7 +7,7 @@ is nothing to boot.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -15,15 +15,13 @@ from trainflow.core.config import Config
 
 
 @contextmanager
-def prefect_api_booting() -> Iterator[threading.Event]:
+def prefect_api_booting() -> Iterator[Callable[[], bool]]:
     """Within the block, Prefect's temporary server (the one `get_client` would start on first use)
     boots in the background; leaving the block waits until it answers, so the flow finds it ready.
-    The block gets an event that is set once the server answers (at once when there is none to boot)."""
-    answering = threading.Event()
+    The block gets `booting()`: true until the server answers (false at once when there is none to boot)."""
     server = _temporary_server()
     if server is None:
-        answering.set()
-        yield answering
+        yield lambda: False
         return
     failures: list[BaseException] = []
 
@@ -32,13 +30,11 @@ def prefect_api_booting() -> Iterator[threading.Event]:
             server.start()  # a process-wide singleton: get_client() reuses it
         except BaseException as exc:  # re-raised on the caller's thread below
             failures.append(exc)
-        finally:
-            answering.set()
 
     thread = threading.Thread(target=boot, name="prefect-api-boot", daemon=True)
     thread.start()
     try:
-        yield answering
+        yield thread.is_alive
     finally:
         thread.join()
     if failures:
@@ -59,7 +55,7 @@ def _temporary_server() -> Any | None:
     return SubprocessASGIServer()
 
 
-def warm_up(config: Config, config_name: str, server_answering: threading.Event) -> None:
+def warm_up(config: Config, config_name: str, booting: Callable[[], bool]) -> None:
     """First-use costs a run would otherwise pay inside its stages, paid while the server boots: the tracking
     database's schema check and experiment (the flow needs them first thing), and, only while the server is
     still booting, the import of torch._dynamo that torch defers to the first optimizer it builds (about
@@ -69,5 +65,5 @@ def warm_up(config: Config, config_name: str, server_answering: threading.Event)
     from trainflow.core.training.optim import import_optimizer_dependencies
 
     Tracker.for_config(config, config_name)
-    if not server_answering.is_set():
+    if booting():
         import_optimizer_dependencies()
