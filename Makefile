@@ -24,11 +24,12 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 	touch $@
 
 # System packages some tests need, from Debian's archive: Chromium and its driver (the browser tests of the
-# Prefect and MLflow UIs). CI runs this first; tests never install anything themselves.
-SYSTEM_PACKAGES := chromium chromium-driver
+# Prefect and MLflow UIs) and PostgreSQL's server (a throwaway cluster behind the study, MLflow and Prefect;
+# Debian keeps its binaries in /usr/lib/postgresql/<version>/bin). CI runs this first; tests never install anything.
+SYSTEM_PACKAGES := chromium chromium-driver postgresql
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 system-deps:
-	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then \
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
 		echo "system packages present: $(SYSTEM_PACKAGES)"; \
 	else \
 		$(SUDO) apt-get update -qq && \

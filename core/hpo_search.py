@@ -29,10 +29,20 @@ from trainflow.core.data.spec import check_metric
 from trainflow.core.errors import TrainingError
 from trainflow.core.records import HPOSearchResult, LRRangeTestResult
 from trainflow.core.storage.store import ArtifactStore
-from trainflow.core.storage.uris import mask_secrets
 from trainflow.core.tracking.runs import RunLogger
 from trainflow.core.training.spec import TrainingSpec
-from trainflow.core.tuning.hpo_worker import Claim, SearchJob, has_worked, new_claim, run_worker, serve, stop_if_idle
+from trainflow.core.tuning.hpo_worker import (
+    Claim,
+    SearchJob,
+    counted_trials,
+    finish_study,
+    has_worked,
+    new_claim,
+    run_worker,
+    serve,
+    stop_if_idle,
+)
+from trainflow.core.tuning.join import write_join_record
 from trainflow.core.tuning.plan import resolve_space
 from trainflow.core.tuning.study import from_optuna, rdb_storage
 
@@ -46,11 +56,14 @@ def hpo_search(
     store: ArtifactStore,
     store_key: str,
     parent_run: RunLogger | None = None,
+    join_key: str | None = None,
 ) -> HPOSearchResult:
     """Run (or continue) the study until it holds `cfg.n_trials` trials; return the best parameters.
 
     Every trial trains `spec` (`core.tuning.plan.search_spec`) with its drawn values, for the trial budget.
-    With `parent_run` (the stage's MLflow run) every trial is logged as a child run of it.
+    With `parent_run` (the stage's MLflow run) every trial is logged as a child run of it. On a shared
+    `cfg.storage`, the study carries a join record under `join_key` (`core.tuning.join`): `trainflow tune-worker`
+    on other machines joins it, and this stage ends when no trial is running anywhere (`finish_study`).
 
     Raises:
         ConfigError: the metric is not one the data's task has, or given LR bounds clash with the
@@ -66,17 +79,21 @@ def hpo_search(
                     parent_run)  # fmt: skip
     with _spawned_workers(job, min(cfg.parallelism, cfg.n_trials) - 1) as release:  # they warm up meanwhile
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # our log lines say what happens; Optuna's repeat them
-        rdb = rdb_storage(storage)
+        rdb = rdb_storage(storage, cfg)
         study = optuna.create_study(study_name=name, storage=rdb, direction=cfg.direction, load_if_exists=True)
         if cfg.storage is None:  # the study is this machine's alone: a RUNNING trial is one whose worker died
             _fail_interrupted(study)
-        before = len(study.get_trials(deepcopy=False))
+        elif join_key is not None:  # workers elsewhere may join (heartbeats fail a dead one's trials)
+            write_join_record(study, join_key, job)
+        before = counted_trials(study.get_trials(deepcopy=False))
         workers = min(cfg.parallelism, max(1, cfg.n_trials - before))
         threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None
         log.info("hpo_search: study %s has %d trials; running to %d with %d worker(s)", name, before, cfg.n_trials,
                  workers)  # fmt: skip
         release(workers - 1, threads)
         run_worker(replace(job, torch_threads=threads), storage=rdb)
+    if cfg.storage is not None:
+        finish_study(job, rdb)
 
     study = optuna.load_study(study_name=name, storage=rdb)
     trials = study.get_trials(deepcopy=False)
@@ -91,7 +108,7 @@ def hpo_search(
     params = {path: from_optuna(value) for path, value in best.params.items()}
     return HPOSearchResult(
         study_name=name,
-        storage=mask_secrets(storage),
+        storage=storage,  # passwords hidden as references (core.config.secrets): safe to store, and it opens
         n_trials=len(trials),
         n_complete=len(complete),
         n_pruned=states.count(optuna.trial.TrialState.PRUNED),

@@ -20,9 +20,11 @@ from trainflow.core.config import (
     load_config,
 )
 from trainflow.core.config.data import planned_rank, planned_task
+from trainflow.core.config.secrets import carries_password, reference_problems
 from trainflow.core.data.spec import DataSpec, check_metric
-from trainflow.core.errors import DataError
+from trainflow.core.errors import ConfigError, DataError
 from trainflow.core.models import check_model_fits_data
+from trainflow.core.storage.databases import check_database, is_database
 from trainflow.core.storage.store import open_store
 from trainflow.core.tracking.backend import check_reachable, tracking_uri
 
@@ -65,6 +67,9 @@ def preflight(config: Config) -> None:
     Raises:
         TrainflowError: the first problem found, naming the field or file.
     """
+    problems = reference_problems(config.model_dump(mode="json")) + _credential_problems(config)
+    if problems:
+        raise ConfigError(problems)
     task = planned_task(config.data)
     check_model_fits_data(config.model, task, planned_rank(config.data))
     check_metric(config.train.early_stopping.monitor, task, "train.early_stopping.monitor")
@@ -82,9 +87,22 @@ def preflight(config: Config) -> None:
         from trainflow.core.compression.plan import check_compress
 
         check_compress(config.compress, config.model, _nominal_spec(config))
-    _check_data(config)
+    if config.tune.hpo.enabled and config.tune.hpo.storage is not None and is_database(config.tune.hpo.storage):
+        check_database(config.tune.hpo.storage, "tune.hpo.storage")
     check_reachable(tracking_uri(config.tracking.uri))
+    _check_data(config)
     open_store(config.store).check_writable()
+
+
+def _credential_problems(config: Config) -> list[str]:
+    """A credential in tracking.artifact_location would be stored in MLflow's database (it keeps every
+    experiment's location verbatim), so it is refused: the artifact store's own environment supplies it."""
+    location = config.tracking.artifact_location
+    if location is not None and carries_password(location):
+        return ["tracking.artifact_location: carries a password, which MLflow would store with the experiment; "
+                "give the artifact store's credentials through its environment (AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY for s3://, MLFLOW_TRACKING_USERNAME/PASSWORD for a server)"]  # fmt: skip
+    return []
 
 
 def _compress_needs_model(config: Config) -> bool:

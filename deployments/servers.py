@@ -1,13 +1,19 @@
 """`trainflow ui`: a Prefect server (API + UI) and an MLflow server on loopback, started together and
 stopped together, so runs of `trainflow run` can be browsed.
 
-    trainflow ui [--tracking-uri sqlite:///mlflow.db] [--prefect-port 4200] [--mlflow-port 5000]
+    trainflow ui [--tracking-uri sqlite:///mlflow.db] [--artifacts DIR] [--prefect-database URL]
+                 [--prefect-port 4200] [--mlflow-port 5000]
 
 Prefect keeps its database in PREFECT_HOME, the one its temporary server used for earlier runs, so they
-show up. MLflow serves the given database; for SQLite, new experiments put their artifacts beside it
-(`mlruns/`), where trainflow puts them itself, and MLflow's GenAI job runner stays off (7 more processes,
-~1.6 GB) unless MLFLOW_SERVER_ENABLE_JOB_EXECUTION says otherwise. Each server runs in its own process
-group, so Ctrl-C reaches this process only and it stops both groups, workers included.
+show up, unless `--prefect-database` names a PostgreSQL one. MLflow serves the given database (SQLite, or a
+database server such as PostgreSQL); for SQLite, new experiments put their artifacts beside it (`mlruns/`),
+where trainflow puts them itself, else in `--artifacts` (default ./mlartifacts). MLflow's GenAI job runner stays
+off (7 more processes, ~1.6 GB) unless MLFLOW_SERVER_ENABLE_JOB_EXECUTION says otherwise. Each server runs in
+its own process group, so Ctrl-C reaches this process only and it stops both groups, workers included.
+
+Database URLs reach the servers through their environment (MLFLOW_BACKEND_STORE_URI,
+PREFECT_SERVER_DATABASE_CONNECTION_URL), never their command lines, which `ps` shows to every user; `${VAR}`
+references in them are resolved only there. Both databases are checked before either server starts.
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trainflow.core.config.secrets import mask_secrets, resolve
 from trainflow.core.errors import TrainflowError
+from trainflow.core.storage.databases import check_database, is_database, prefect_database_url
 from trainflow.core.tracking.backend import artifacts_beside
 
 HOST = "127.0.0.1"
@@ -48,7 +56,9 @@ class UiServers:
 
     prefect_url: str
     mlflow_url: str
-    tracking_uri: str
+    tracking_uri: str  # passwords hidden (`core.config.secrets`): mask before showing
+    artifacts: str
+    prefect_database: str
     log_dir: Path
     pids: dict[str, int]
     _processes: dict[str, subprocess.Popen[bytes]] = field(repr=False)
@@ -65,14 +75,19 @@ class UiServers:
         return None
 
 
-def run_ui(tracking_uri: str, prefect_port: int, mlflow_port: int) -> int:
+def run_ui(
+    tracking_uri: str, prefect_port: int, mlflow_port: int, artifacts: str | None = None,
+    prefect_database: str | None = None,
+) -> int:  # fmt: skip
     """Start both servers, print where they are and how to report runs to them; on SIGINT/SIGTERM stop both."""
     stop = threading.Event()
     handlers = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with ui_servers(tracking_uri, prefect_port, mlflow_port, cancel=stop) as servers:
-            print(f"Prefect UI  {servers.prefect_url}\n"
-                  f"MLflow UI   {servers.mlflow_url}   ({servers.tracking_uri})\n"
+        with ui_servers(tracking_uri, prefect_port, mlflow_port, cancel=stop, artifacts=artifacts,
+                        prefect_database=prefect_database) as servers:  # fmt: skip
+            print(f"Prefect UI  {servers.prefect_url}   ({mask_secrets(servers.prefect_database)})\n"
+                  f"MLflow UI   {servers.mlflow_url}   ({mask_secrets(servers.tracking_uri)}; artifacts of new "
+                  f"experiments: {servers.artifacts})\n"
                   f"logs        {servers.log_dir}  (prefect.log, mlflow.log)\n"
                   "To make `trainflow run` report to these servers, run it where these are set:\n"
                   f"export PREFECT_API_URL={servers.prefect_api_url}\n"
@@ -102,6 +117,8 @@ def ui_servers(
     env: Mapping[str, str] | None = None,
     timeout_s: float = STARTUP_TIMEOUT_S,
     cancel: threading.Event | None = None,
+    artifacts: str | None = None,
+    prefect_database: str | None = None,
 ) -> Iterator[UiServers]:
     """Start the Prefect and MLflow servers at once, yield when both answer HTTP, stop both on leaving.
 
@@ -111,12 +128,20 @@ def ui_servers(
         log_dir: where `prefect.log` and `mlflow.log` go (default: a new temporary folder).
         env: variables set for both servers on top of this process's (e.g. PREFECT_HOME).
         cancel: when set during start-up, stop both and raise `StartCancelled`.
+        artifacts: the MLflow server's artifact root for experiments it creates (default: `mlruns/` beside an
+            SQLite database, else `./mlartifacts`).
+        prefect_database: the Prefect server's database (`postgresql://` is served through asyncpg); default:
+            SQLite in PREFECT_HOME.
 
     Raises:
         ServerError: a port is taken or equal to the other, the URI is not a database, or a server
             exited or did not answer within `timeout_s` (the other is stopped too).
+        ConfigError: a database server cannot be reached or refuses the login (before either server starts).
     """
-    backend, artifact_root = _backend_store(tracking_uri)
+    backend, artifact_root = _backend_store(tracking_uri, artifacts)
+    prefect_db = prefect_database_url(prefect_database) if prefect_database else None
+    if prefect_db is not None and is_database(prefect_db):
+        check_database(prefect_db, "--prefect-database")
     prefect_port, mlflow_port = _ports(prefect_port, mlflow_port)
     logs = Path(log_dir) if log_dir is not None else Path(tempfile.mkdtemp(prefix="trainflow-ui-"))
     logs.mkdir(parents=True, exist_ok=True)
@@ -126,17 +151,18 @@ def ui_servers(
     prefect_env = {k: v for k, v in base.items() if k != "PREFECT_API_URL"}  # another server's, or ours of last time
     prefect_env.setdefault("PREFECT_UI_API_URL", f"{prefect_url}/api")  # else the UI follows a profile's API URL
     prefect_env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if prefect_db is not None:
+        prefect_env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = resolve(prefect_db, "--prefect-database")
     mlflow_env = dict(base)
+    mlflow_env["MLFLOW_BACKEND_STORE_URI"] = resolve(backend, "--tracking-uri")  # `ps` shows arguments, not this
     mlflow_env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")  # GenAI jobs: 7 more processes, ~1.6 GB
-    artifacts = (
-        ["--default-artifact-root", artifact_root, "--artifacts-destination", artifact_root] if artifact_root else []
-    )
+    artifact_flags = ["--default-artifact-root", artifact_root, "--artifacts-destination", artifact_root]
 
     commands = {
         "Prefect": ([*_tool("prefect"), "server", "start", "--host", HOST, "--port", str(prefect_port), "--ui"],
                     prefect_env, f"{prefect_url}/api/health"),
-        "MLflow": ([*_tool("mlflow"), "server", "--backend-store-uri", backend, *artifacts, "--host", HOST,
-                    "--port", str(mlflow_port), "--workers", "1"], mlflow_env, f"{mlflow_url}/health"),
+        "MLflow": ([*_tool("mlflow"), "server", *artifact_flags, "--host", HOST, "--port", str(mlflow_port),
+                    "--workers", "1"], mlflow_env, f"{mlflow_url}/health"),
     }  # fmt: skip
     processes: dict[str, subprocess.Popen[bytes]] = {}
     try:
@@ -149,27 +175,33 @@ def ui_servers(
         _wait_until_answering({name: health for name, (_, _, health) in commands.items()}, processes, logs,
                               timeout_s, cancel)  # fmt: skip
         pids = {name: process.pid for name, process in processes.items()}
-        yield UiServers(prefect_url, mlflow_url, backend, logs, pids, processes)
+        shown_db = prefect_db or f"SQLite in {base.get('PREFECT_HOME', '~/.prefect')}"
+        yield UiServers(prefect_url, mlflow_url, backend, artifact_root, shown_db, logs, pids, processes)
     finally:
         stop_groups(list(processes.values()))
 
 
-def _backend_store(uri: str) -> tuple[str, str | None]:
-    """The backend store URI to serve (a relative SQLite path made absolute) and the artifact root for new
-    experiments: `mlruns/` beside an SQLite file, as trainflow's own experiments (None: MLflow's default)."""
+def _backend_store(uri: str, artifacts: str | None) -> tuple[str, str]:
+    """The backend store URI to serve (a relative SQLite path made absolute; a database server checked) and the
+    artifact root for new experiments: `artifacts`, else `mlruns/` beside an SQLite file, as trainflow's own
+    experiments, else `./mlartifacts` (absolute)."""
     if uri.startswith(("http://", "https://")):
         raise ServerError(
-            f"tracking URI {uri} is a server, not a database: trainflow ui serves a database itself; "
+            f"tracking URI {mask_secrets(uri)} is a server, not a database: trainflow ui serves a database itself; "
             "pass --tracking-uri sqlite:///mlflow.db (or unset MLFLOW_TRACKING_URI)"
         )
+    if artifacts is not None and "://" not in artifacts:
+        artifacts = str(Path(artifacts).resolve())
     if not uri.startswith("sqlite:///"):
-        return uri, None
+        if is_database(uri):
+            check_database(uri, "--tracking-uri")
+        return uri, artifacts or str(Path("mlartifacts").resolve())
     db = Path(uri.removeprefix("sqlite:///")).resolve()
     if db.is_dir():
         raise ServerError(f"--tracking-uri: {db} is a folder, not an SQLite database file")
     if not db.parent.is_dir():
         raise ServerError(f"--tracking-uri: folder {db.parent} does not exist")
-    return f"sqlite:///{db}", artifacts_beside(uri)
+    return f"sqlite:///{db}", artifacts or str(artifacts_beside(uri))
 
 
 def _ports(prefect_port: int, mlflow_port: int) -> tuple[int, int]:

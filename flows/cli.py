@@ -21,6 +21,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from trainflow.core.config.secrets import hide_passwords
 from trainflow.core.errors import TrainflowError
 from trainflow.core.tracking.backend import quiet_mlflow
 from trainflow.flows.operate import add_commands as add_operating_commands
@@ -135,8 +136,8 @@ def _quiet_user_errors() -> None:
 
 def _print_summary(summary: dict[str, Any], out: Path) -> None:
     """The run's summary (core/report/summary.py), then where its files, runs and UIs are."""
+    from trainflow.core.config.secrets import mask_secrets
     from trainflow.core.report.summary import summarize
-    from trainflow.core.storage.uris import mask_secrets
 
     tracking, tool = summary["mlflow_tracking_uri"], _tool("trainflow")
     where = [f"summary:  {out / 'summary.json'}"]
@@ -166,7 +167,10 @@ def _parser() -> argparse.ArgumentParser:
         prog="trainflow", description="Tune, train, evaluate and publish a PyTorch model from one YAML config."
     )
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
+    # A URL password in a --set is hidden as it is parsed (`core.config.secrets`): the flow run's `overrides`
+    # parameter, the run's name and every log carry its reference only.
     overrides = {"dest": "overrides", "action": "append", "default": [], "metavar": "SECTION.KEY=VALUE",
+                 "type": hide_passwords,
                  "help": "override one config value (repeatable), e.g. --set train.batch_size=32"}  # fmt: skip
 
     validate = commands.add_parser("validate", help="check a config file and exit")

@@ -15,6 +15,7 @@ from prefect import Task
 from prefect.runtime import flow_run
 
 from trainflow.core.config import Config
+from trainflow.core.config.secrets import mask_secrets
 from trainflow.core.errors import StageTimeoutError
 from trainflow.core.records import CompressResult, HPOSearchResult, PrepareDataResult, StageResult
 from trainflow.core.report import write_report
@@ -24,6 +25,7 @@ from trainflow.core.storage.version import code_version, git_commit
 from trainflow.core.tracking.run_meta import log_dataset_input, source_tags
 from trainflow.core.tracking.runs import CONFIG_TAG, PIPELINE_TAG, Tracker, flatten
 from trainflow.core.training.spec import TrainingSpec
+from trainflow.core.tuning.join import join_key
 from trainflow.core.tuning.plan import Tuned
 from trainflow.tasks.artifacts import compression_table, hpo_trials_table, mlflow_run_link, run_summary
 from trainflow.tasks.cache import result_storage
@@ -91,6 +93,7 @@ class PipelineRun:
             parent_run_id=self.run_id,
             name=self.name,
             reuse_only=self.reuse_only,
+            join_key=join_key(config),
         )
         self._storage = result_storage(self.ctx.store)
 
@@ -171,7 +174,7 @@ class PipelineRun:
 
     def _finish(self) -> None:
         """summary.json (output folder and MLflow), the run report, the Prefect summary artifact, the run's tags."""
-        summary = self.summary()
+        summary = json.loads(mask_secrets(json.dumps(self.summary())))  # URLs as shown: no password, no reference
         cached = ",".join(name for name, info in self.stages.items() if info["cached"])
         self.run.set_tags({"trainflow.cached_stages": cached, "trainflow.skipped_stages": ",".join(self.skipped)})
         self.run.log_dict(summary, "summary.json")

@@ -14,8 +14,8 @@ import time
 from typing import Any
 
 from trainflow.core.compression.report import COLUMNS, table_rows
+from trainflow.core.config.secrets import mask_secrets
 from trainflow.core.records import CompressResult, HPOSearchResult
-from trainflow.core.storage.uris import mask_secrets
 from trainflow.core.training.callbacks import Callback
 from trainflow.core.training.state import FitResult
 
@@ -80,7 +80,9 @@ def hpo_trials_table(record: HPOSearchResult, name: str) -> None:
     import optuna
     from prefect.artifacts import create_table_artifact
 
-    study = optuna.load_study(study_name=record.study_name, storage=record.storage)
+    from trainflow.core.tuning.study import rdb_storage
+
+    study = optuna.load_study(study_name=record.study_name, storage=rdb_storage(record.storage))
     rows = []
     for trial in study.trials:
         seconds = (trial.datetime_complete - trial.datetime_start).total_seconds() if trial.datetime_complete else None

@@ -23,6 +23,7 @@ class StageContext(BaseModel):
     parent_run_id: str
     name: str = "pipeline"  # the config's name (file stem): Prefect artifact keys, messages
     reuse_only: frozenset[str] = frozenset()  # stages that may only come from the cache (compress-publish flow)
+    join_key: str | None = None  # how `trainflow tune-worker` finds this run's study (core.tuning.join.join_key)
 
     @property
     def store_uri(self) -> str:

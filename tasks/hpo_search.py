@@ -20,7 +20,7 @@ def hpo_search_task(
 
     store, key = stage_store(ctx.store, "hpo_search")
     with stage_run(ctx, "hpo_search", {"hpo": hpo_cfg.model_dump(mode="json")}) as run:
-        result = hpo_search(hpo_cfg, spec, lr_range, store, key, parent_run=run)
+        result = hpo_search(hpo_cfg, spec, lr_range, store, key, parent_run=run, join_key=ctx.join_key)
         run.log_params({f"best.{path}": value for path, value in result.best_params.items()})
         run.log_artifact(store.local_path(result.plot_uri), "plots")
         if result.importances:

@@ -24,6 +24,7 @@ from trainflow.core.config.data import DataConfig, planned_task
 from trainflow.core.config.messages import format_validation_error
 from trainflow.core.config.model import CNNConfig, ModelConfig
 from trainflow.core.config.overrides import parse_override, set_path
+from trainflow.core.config.secrets import hide_in
 from trainflow.core.config.timeouts import TimeoutsConfig
 from trainflow.core.config.tune import TuneConfig, search_space_problems
 from trainflow.core.data.spec import check_test_metric
@@ -144,6 +145,7 @@ def config_from_dict(
                         "latency_calls, rounds, serving_batch, throughput_calls)")  # fmt: skip
     if problems:
         raise ConfigError(problems)
+    raw = hide_in(raw)  # a literal URL password becomes a reference: what is hashed, logged and stored
     try:
         config = Config.model_validate(raw)
     except ValidationError as exc:

@@ -114,7 +114,7 @@ class HPOConfig(Section):
     n_trials: int = Field(
         20,
         ge=1,
-        description="Trials in the study, pruned and failed ones included; a re-run continues until the study holds this many (parallel workers starting at the same moment can add up to parallelism - 1 more).",
+        description="Trials in the study, pruned and failed ones included (a trial re-queued after its worker died counts once); a re-run continues until the study holds this many. Workers that start a trial at the same moment can add up to workers - 1 more, counting every worker process on every machine.",
     )
     parallelism: int = Field(
         1,
@@ -159,6 +159,19 @@ class HPOConfig(Section):
         description="Study name; null = derived from the config, so re-running the same config continues its study.",
     )
     timeout_s: float | None = Field(None, gt=0, description="Stop starting new trials after this many seconds.")
+    heartbeat_interval_s: int = Field(
+        10, ge=1, description="With a shared storage: seconds between a running trial's heartbeats to the database."
+    )
+    grace_period_s: int = Field(
+        60,
+        ge=2,
+        description="With a shared storage: a running trial whose heartbeat is older than this is failed (its worker died) and its parameters re-queued; keep it well above heartbeat_interval_s.",
+    )
+    max_retries: int = Field(
+        2,
+        ge=0,
+        description="With a shared storage: how often a dead worker's trial is re-queued before it stays failed.",
+    )
 
     @model_validator(mode="after")
     def _space_fits_sampler(self) -> HPOConfig:
@@ -166,6 +179,8 @@ class HPOConfig(Section):
             raise ValueError("enabled=true needs a search space (tune.hpo.space)")
         if self.sampler == "grid" and any(not isinstance(p, CategoricalParam) for p in self.space.values()):
             raise ValueError("sampler 'grid' needs every parameter of the space to be categorical")
+        if self.grace_period_s <= self.heartbeat_interval_s:
+            raise ValueError("grace_period_s must be longer than heartbeat_interval_s (a live trial would be failed)")
         return self
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trainflow.core.config import Config
+from trainflow.core.config.secrets import mask_secrets
 from trainflow.core.report.blocks import Report, Sources
 from trainflow.core.report.render import image_file, render_html, render_markdown
 from trainflow.core.report.results import compress_section, evaluate_section, publish_section, train_section
@@ -85,8 +86,8 @@ def _write(report: Report, folder: Path) -> list[Path]:
         if stale not in images:
             stale.unlink()
     markdown, page = folder / "report.md", folder / "report.html"
-    write_atomic(markdown, render_markdown(report, IMAGE_DIR).encode("utf-8"))
-    write_atomic(page, render_html(report).encode("utf-8"))
+    write_atomic(markdown, mask_secrets(render_markdown(report, IMAGE_DIR)).encode("utf-8"))
+    write_atomic(page, mask_secrets(render_html(report)).encode("utf-8"))  # every URL's password, whatever holds it
     return [markdown, page, *images]
 
 

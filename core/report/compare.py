@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from trainflow.core.errors import TrackingError, TrainflowError
-from trainflow.core.tracking.backend import check_reachable
+from trainflow.core.tracking.backend import check_reachable, client_for
 from trainflow.core.tracking.runs import PIPELINE_TAG, STAGE_TAG
 
 DEFAULT_METRICS = ("test/accuracy", "test/perplexity")  # classification, language modelling
@@ -161,7 +161,6 @@ def plot_comparison(comparison: Comparison, path: Path) -> None:
 
 def _open(uri: str) -> Any:
     """A client on `uri`, checked readable. A missing SQLite file is an error, not a new empty database."""
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
     from sqlalchemy.exc import SQLAlchemyError
 
@@ -170,7 +169,7 @@ def _open(uri: str) -> Any:
     if uri.startswith(("http://", "https://")):
         check_reachable(uri)
     try:
-        client = MlflowClient(tracking_uri=uri)
+        client = client_for(uri)
         client.search_experiments(max_results=1)
     except (MlflowException, SQLAlchemyError) as exc:
         raise TrackingError(f"tracking URI {uri}: cannot be opened ({str(exc).strip().splitlines()[0]})") from None

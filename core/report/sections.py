@@ -14,12 +14,12 @@ import yaml
 from pydantic import BaseModel
 
 from trainflow.core.config import Config
+from trainflow.core.config.secrets import mask_secrets
 from trainflow.core.errors import ConfigError
 from trainflow.core.records import HPOSearchResult, LRRangeTestResult, PrepareDataResult
 from trainflow.core.report.blocks import Code, Image, Section, Sources, Table, Text, facts, fmt
 from trainflow.core.report.plots import importances_png
 from trainflow.core.report.summary import summarize
-from trainflow.core.storage.uris import mask_secrets
 
 if TYPE_CHECKING:
     from mlflow.entities import Run

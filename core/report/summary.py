@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from trainflow.core.compression.report import COLUMNS, table_rows
+from trainflow.core.config.secrets import mask_secrets
 from trainflow.core.records import CompressedVariant
 from trainflow.core.report.blocks import Block, Table, Text, fmt
 from trainflow.core.report.render import markdown_blocks, render_text
-from trainflow.core.storage.uris import mask_secrets
 
 STAGES = ("prepare_data", "lr_range_test", "hpo_search", "train", "evaluate", "compress", "publish")
 # the comparison's columns a summary shows; the report's Compression section and the table artifact show all

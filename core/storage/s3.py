@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from trainflow.core.config.secrets import mask_secrets, resolve_optional
 from trainflow.core.errors import StoreError
 from trainflow.core.storage.files import folder_problem, sha256_file, write_atomic
 from trainflow.core.storage.s3_errors import describe, is_retryable, is_unreachable
@@ -252,11 +253,12 @@ class S3Store:
             s3={"addressing_style": "path" if s.endpoint_url else "auto"},
         )
         session = boto3.session.Session()  # sessions are not thread-safe: one per client
-        return session.client("s3", endpoint_url=s.endpoint_url, region_name=s.region, config=config)
+        endpoint = resolve_optional(s.endpoint_url, "store.endpoint_url")  # resolved here, kept nowhere
+        return session.client("s3", endpoint_url=endpoint, region_name=s.region, config=config)
 
     @property
     def _endpoint(self) -> str:
-        return self.settings.endpoint_url or "AWS S3"
+        return mask_secrets(self.settings.endpoint_url or "AWS S3")
 
     def _object_key(self, key: str) -> str:
         problem = key_problem(key)

@@ -8,9 +8,12 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
+from trainflow.core.config.secrets import hide_passwords, mask_secrets, resolve
 from trainflow.core.errors import TrackingError
+from trainflow.core.storage.databases import check_database, is_database
 from trainflow.core.storage.files import folder_problem
 
 # What MLflow prints by default that a user of trainflow cannot act on (the run's summary says where its runs are).
@@ -31,8 +34,16 @@ def quiet_mlflow() -> None:
 
 
 def tracking_uri(configured: str) -> str:
-    """`MLFLOW_TRACKING_URI` from the environment wins over the config, as MLflow users expect."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or configured
+    """`MLFLOW_TRACKING_URI` from the environment wins over the config, as MLflow users expect. A password in it
+    is hidden (`core.config.secrets`): `client_for` resolves it where the connection is made."""
+    return hide_passwords(os.environ.get("MLFLOW_TRACKING_URI") or configured)
+
+
+def client_for(uri: str) -> Any:
+    """An MlflowClient on `uri`, its `${VAR}` references resolved here and nowhere else."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=resolve(uri, "tracking.uri"))
 
 
 @contextmanager
@@ -46,7 +57,7 @@ def fluent_tracking_uri(uri: str) -> Iterator[None]:
 
     saved_env = os.environ.get("MLFLOW_TRACKING_URI")
     saved = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
+    mlflow.set_tracking_uri(resolve(uri, "tracking.uri"))
     try:
         yield
     finally:
@@ -70,6 +81,7 @@ def point_mlflow_s3_at(endpoint_url: str | None) -> None:
     if current and current != _endpoint_we_set:
         return  # the user's own setting wins
     if endpoint_url:
+        endpoint_url = resolve(endpoint_url, "store.endpoint_url")
         os.environ[_S3_ENDPOINT_ENV] = endpoint_url
     else:
         os.environ.pop(_S3_ENDPOINT_ENV, None)
@@ -84,7 +96,12 @@ def artifacts_beside(uri: str) -> str | None:
 
 
 def check_reachable(uri: str) -> None:
-    """Preflight: the tracking backend can be written (SQLite folder) or answers (HTTP server)."""
+    """Preflight: the tracking backend can be written (SQLite folder), answers (HTTP server) or accepts our login
+    (a database server: `core.storage.databases`)."""
+    if is_database(uri):
+        check_database(uri, "tracking.uri")
+        return
+    shown, uri = mask_secrets(uri), resolve(uri, "tracking.uri")
     parsed = urlparse(uri)
     if parsed.scheme == "sqlite" and uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))
@@ -98,4 +115,5 @@ def check_reachable(uri: str) -> None:
             with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5):
                 pass
         except OSError as exc:
-            raise TrackingError(f"tracking.uri: MLflow server {uri} is not reachable ({exc})") from None
+            reason = mask_secrets(str(exc))
+            raise TrackingError(f"tracking.uri: MLflow server {shown} is not reachable ({reason})") from None

@@ -19,10 +19,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from trainflow.core.config.secrets import hide_passwords, mask_secrets
 from trainflow.core.errors import TrackingError
 from trainflow.core.storage.background import BackgroundWorker
-from trainflow.core.storage.uris import mask_secrets
-from trainflow.core.tracking.backend import artifacts_beside, fluent_tracking_uri, point_mlflow_s3_at, tracking_uri
+from trainflow.core.tracking.backend import (
+    artifacts_beside,
+    client_for,
+    fluent_tracking_uri,
+    point_mlflow_s3_at,
+    tracking_uri,
+)
 
 if TYPE_CHECKING:
     from trainflow.core.config import Config
@@ -41,11 +47,10 @@ class Tracker:
     """One MLflow experiment's runs, addressed by id."""
 
     def __init__(self, uri: str, experiment_id: str, experiment_name: str | None = None, client: Any = None):
-        """`client`: an MlflowClient on `uri` to share (a run's own); default: a new one."""
-        from mlflow import MlflowClient
-
-        self.uri, self.experiment_id, self.experiment_name = uri, experiment_id, experiment_name
-        self.client = client if client is not None else MlflowClient(tracking_uri=uri)
+        """`client`: an MlflowClient on `uri` to share (a run's own); default: a new one. `uri` keeps its `${VAR}`
+        references; only the client holds the resolved URI."""
+        self.uri, self.experiment_id, self.experiment_name = hide_passwords(uri), experiment_id, experiment_name
+        self.client = client if client is not None else client_for(self.uri)
 
     @classmethod
     def for_config(cls, config: Config, config_name: str = "trainflow") -> Tracker:
@@ -147,7 +152,8 @@ class RunLogger:
 
     @property
     def tracking_uri(self) -> str:
-        return self.client.tracking_uri
+        """The client's URI with its password hidden again (`core.config.secrets`): safe to pass on and to show."""
+        return hide_passwords(self.client.tracking_uri)
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled (for a launched rank, an HPO worker process) as where to log: it opens its own client."""
@@ -155,9 +161,7 @@ class RunLogger:
                 "interval": self.write_interval_s}  # fmt: skip
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        from mlflow.tracking import MlflowClient
-
-        self.__init__(MlflowClient(tracking_uri=state["uri"]), state["run_id"], state["experiment_id"],  # type: ignore[misc]
+        self.__init__(client_for(state["uri"]), state["run_id"], state["experiment_id"],  # type: ignore[misc]
                       state["interval"])  # fmt: skip
 
     @contextmanager

@@ -13,7 +13,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 import sys
+import time
 import traceback
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
@@ -32,7 +34,7 @@ from trainflow.core.training.callbacks import Callback, TrackingCallback, is_imp
 from trainflow.core.training.optim import import_optimizer_dependencies
 from trainflow.core.training.spec import TrainingSpec
 from trainflow.core.training.state import StopReason
-from trainflow.core.tuning.study import from_optuna, make_pruner, make_sampler, optuna_choices, rdb_storage
+from trainflow.core.tuning.study import from_optuna, make_pruner, make_sampler, optuna_choices, quietly, rdb_storage
 
 log = logging.getLogger(__name__)
 
@@ -137,13 +139,32 @@ def _warm_up(job: SearchJob) -> None:
         job.parent_run.client.get_experiment(job.parent_run.experiment_id)
 
 
-def run_worker(job: SearchJob, storage: optuna.storages.RDBStorage | None = None) -> None:
-    """Run trials until the study holds `hpo.n_trials` (or the timeout passes); `storage` is opened here unless
-    given.
+def counted_trials(trials: list[optuna.trial.FrozenTrial]) -> int:
+    """The trials the budget counts: all of them, except a failed one whose parameters were re-queued after its
+    worker died (the re-queued copy counts instead; `RetryHeartbeatStaleTrialCallback` records which it replaced)."""
+    retried = {number for t in trials for number in t.system_attrs.get("retry_history", ())}
+    failed = optuna.trial.TrialState.FAIL
+    return sum(1 for t in trials if not (t.state == failed and t.number in retried))
 
-    With parallelism, workers that start a trial at the same moment can take the study up to
-    parallelism - 1 trials past n_trials.
-    """
+
+class StopAtBudget:
+    """Optuna callback: stop this worker once the study's counted trials (`counted_trials`) reach `n_trials`.
+
+    Each worker checks after its own trial, so workers that start a trial at the same moment can take the study
+    past the budget: the study ends with between n_trials and n_trials + workers - 1 counted trials, workers
+    being every process running trials at once, on any machine."""
+
+    def __init__(self, n_trials: int):
+        self.n_trials = n_trials
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if counted_trials(study.get_trials(deepcopy=False)) >= self.n_trials:
+            study.stop()
+
+
+def run_worker(job: SearchJob, storage: optuna.storages.RDBStorage | None = None) -> None:
+    """Run trials until the study's counted trials reach `hpo.n_trials` (or the timeout passes); `storage` is
+    opened here unless given. See `StopAtBudget` for what the study guarantees."""
     import torch
 
     threads = torch.get_num_threads()
@@ -152,8 +173,8 @@ def run_worker(job: SearchJob, storage: optuna.storages.RDBStorage | None = None
     try:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         if storage is None:
-            storage = rdb_storage(job.storage)
-        existing = len(optuna.load_study(study_name=job.study_name, storage=storage).get_trials(deepcopy=False))
+            storage = rdb_storage(job.storage, job.hpo)
+        existing = counted_trials(optuna.load_study(study_name=job.study_name, storage=storage).get_trials())
         if existing >= job.hpo.n_trials:
             return
         sampler = make_sampler(job.hpo, job.space, job.seed, job.worker, existing)
@@ -163,16 +184,41 @@ def run_worker(job: SearchJob, storage: optuna.storages.RDBStorage | None = None
             lambda trial: _objective(trial, job),
             timeout=job.hpo.timeout_s,
             catch=(Exception,),  # a failing trial (NaN, OOM, a bad combination) is recorded; the study goes on
-            callbacks=[optuna.study.MaxTrialsCallback(job.hpo.n_trials, states=None)],
+            callbacks=[StopAtBudget(job.hpo.n_trials)],
         )
     finally:
         torch.set_num_threads(threads)  # worker 0 runs in the stage's process: leave it as it was
+
+
+def finish_study(job: SearchJob, storage: optuna.storages.RDBStorage, poll_s: float = 1.0) -> None:
+    """Node 0 on a shared study, after its own workers stop: until no trial is RUNNING or WAITING, fail the stale
+    ones (a worker elsewhere died: no heartbeat for `hpo.grace_period_s`; the retry callback re-queues them) and
+    run the re-queued ones itself, so a study never waits on a dead machine. Live workers' trials are waited for."""
+    running, waiting = optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING
+    study = optuna.load_study(study_name=job.study_name, storage=storage, sampler=make_sampler(job.hpo, job.space,
+                              job.seed, job.worker), pruner=make_pruner(job.hpo))  # fmt: skip
+    noted: set[int] = set()
+    while True:
+        quietly(optuna.storages.fail_stale_trials, study)
+        open_trials = study.get_trials(deepcopy=False, states=(running, waiting))
+        if not open_trials:
+            return
+        if any(t.state == waiting for t in open_trials):
+            log.info("hpo_search: running a re-queued trial of a worker that stopped answering")
+            study.optimize(lambda trial: _objective(trial, job), n_trials=1, catch=(Exception,))
+            continue
+        for trial in open_trials:
+            if trial.number not in noted:
+                log.info("hpo_search: waiting for trial %d, running elsewhere", trial.number)
+                noted.add(trial.number)
+        time.sleep(poll_s)
 
 
 def _objective(trial: optuna.Trial, job: SearchJob) -> float:
     """Train one trial; its MLflow run (a child of the stage's) ends with the trial's true state: FINISHED,
     KILLED (pruned) or FAILED."""
     params = {path: _suggest(trial, path, p) for path, p in job.space.items()}
+    trial.set_user_attr("worker", worker_name())
     with _trial_run(job, trial.number, params) as run:
         pruning = OptunaPruning(trial, job.hpo.metric, job.hpo.direction)
         try:
@@ -193,6 +239,11 @@ def _objective(trial: optuna.Trial, job: SearchJob) -> float:
     if fit.stop_reason is StopReason.PRUNED:
         raise optuna.TrialPruned(fit.stop_message)
     return pruning.best
+
+
+def worker_name() -> str:
+    """Which machine and process ran a trial (a trial's `worker` user attribute)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def trial_spec(job: SearchJob, params: dict[str, Any]) -> TrainingSpec:

@@ -16,8 +16,8 @@ from typing import Any, TypeVar
 
 import pytest
 
+from trainflow.core.config.secrets import mask_secrets
 from trainflow.core.errors import TrackingError
-from trainflow.core.storage.uris import mask_secrets
 from trainflow.core.tracking.runs import CONFIG_TAG, ERROR_TAG, PIPELINE_TAG, STAGE_TAG, RunLogger, Tracker
 
 T = TypeVar("T")
