@@ -115,7 +115,7 @@ def _tune_worker(args: argparse.Namespace) -> int:
                           "enable tune.hpo and set tune.hpo.storage (postgresql://...) on every machine")  # fmt: skip
     preflight(config)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    import optuna
+    import optuna  # everything a trial needs is loaded before waiting: the first trial starts as the study does
 
     from trainflow.core.prepare_data import prepare_data
     from trainflow.core.storage.store import open_store, resolved
