@@ -16,7 +16,6 @@ from typing import Any, TypeVar
 
 import pytest
 
-from trainflow.core.config.secrets import mask_secrets
 from trainflow.core.errors import TrackingError
 from trainflow.core.tracking.runs import CONFIG_TAG, ERROR_TAG, PIPELINE_TAG, STAGE_TAG, RunLogger, Tracker
 
@@ -246,20 +245,6 @@ def test_a_password_in_any_value_is_masked_in_what_a_run_stores(tracker: Tracker
     result = db.parent / "mlruns" / run.run_id / "artifacts" / "result.json"
     assert json.loads(result.read_text()) == {"storage": masked, "nested": [{"uri": masked}]}
     assert b"s3cret-pw" not in db.read_bytes() + result.read_bytes()
-
-
-@pytest.mark.parametrize(
-    ("text", "shown"),
-    [
-        ("postgresql://optuna:secret@db.example:5432/hpo", "postgresql://optuna:***@db.example:5432/hpo"),
-        ("mysql+pymysql://u:p@host/db", "mysql+pymysql://u:***@host/db"),
-        ("try https://user:pw@h/x and s3://b/k", "try https://user:***@h/x and s3://b/k"),
-        ("sqlite:////tmp/optuna.db", "sqlite:////tmp/optuna.db"),
-        ("http://host:5000/path", "http://host:5000/path"),
-    ],
-)
-def test_mask_secrets_hides_a_url_password_and_nothing_else(text: str, shown: str) -> None:
-    assert mask_secrets(text) == shown
 
 
 # ----------------------------------------------------------------------------- pipeline runs
