@@ -94,6 +94,12 @@ class PostgresCluster:
                            "-At", "-c", "SELECT datname FROM pg_database WHERE NOT datistemplate")  # fmt: skip
         return out.split()
 
+    def set_password(self, password: str) -> None:
+        """Rotate the user's password (connections open with the old one stay open)."""
+        self._client("psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user, "-d", "postgres", "-c",
+                     f"ALTER ROLE {self.user} PASSWORD '{password}'")  # fmt: skip
+        self.password = password
+
     def dump(self, database: str) -> bytes:
         """`pg_dump` of one database as plain SQL: long values are stored compressed, so grep a dump, not files."""
         return self._client("pg_dump", "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user, database).encode()

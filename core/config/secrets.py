@@ -26,8 +26,10 @@ HIDDEN_PREFIX = "TRAINFLOW_SECRET_"
 _URL_PASSWORD = re.compile(
     r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s/:@]*:)(?P<password>[^\s/@]+)@(?P<host>[^\s/?#]*)"
 )
-# the fields whose values are resolved where their connection is made; a reference elsewhere is a mistake
-RESOLVED_FIELDS = ("tracking.uri", "tracking.artifact_location", "tune.hpo.storage", "store.endpoint_url", "data.path")
+# The fields whose values are resolved where their connection is made; a reference elsewhere is a mistake. A data
+# path is a local file or an s3:// object (boto3's chain holds the credentials), never a URL with a password: one
+# typed there is hidden like any other, and the path is then not one a source can read.
+RESOLVED_FIELDS = ("tracking.uri", "tracking.artifact_location", "tune.hpo.storage", "store.endpoint_url")
 
 
 def mask_secrets(text: str) -> str:

@@ -16,7 +16,6 @@ import numpy as np
 import pandas as pd
 
 from trainflow.core.config import SklearnDataConfig, StoreConfig, SyntheticDataConfig, TableDataConfig, TextDataConfig
-from trainflow.core.config.secrets import resolve
 from trainflow.core.data.spec import IMAGE_SHAPES
 from trainflow.core.errors import DataError
 from trainflow.core.storage.s3_data import fetch_dataset, is_s3
@@ -93,9 +92,7 @@ def normalized_dataset_uri(uri: str) -> str:
 
 
 def data_file(path: str, s3: StoreConfig | None = None, field: str = "data.path") -> Path:
-    """The local file of a data path: the file itself, checked readable, or the fetched copy of an s3:// object.
-    A `${VAR}` in the path is resolved here."""
-    path = resolve(path, field)
+    """The local file of a data path: the file itself, checked readable, or the fetched copy of an s3:// object."""
     if is_s3(path):
         return fetch_dataset(path, s3, field)
     check_readable(Path(path), field)

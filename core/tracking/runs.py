@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from trainflow.core.config.secrets import hide_passwords, mask_secrets
+from trainflow.core.config.secrets import hide_passwords, mask_secrets, resolve_optional
 from trainflow.core.errors import TrackingError
 from trainflow.core.storage.background import BackgroundWorker
 from trainflow.core.tracking.backend import (
@@ -56,7 +56,8 @@ class Tracker:
     def for_config(cls, config: Config, config_name: str = "trainflow") -> Tracker:
         """The pipeline's tracker: `tracking.uri` (MLFLOW_TRACKING_URI wins), its experiment, and
         `tracking.artifact_location` for a new experiment, an s3:// one reached through `store.endpoint_url`."""
-        location = config.tracking.artifact_location
+        # no password (the preflight refuses one): MLflow stores the location, its references resolved
+        location = resolve_optional(config.tracking.artifact_location, "tracking.artifact_location")
         if location is not None and location.startswith("s3://"):
             point_mlflow_s3_at(config.store.endpoint_url)
         name = config.tracking.experiment or config_name  # default: one experiment per config file
