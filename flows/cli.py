@@ -58,6 +58,9 @@ def _run(args: argparse.Namespace) -> int:
     config = check_and_hand_over(args.config, args.overrides)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "trainflow")
+    # Prefect's temporary server gets 20 s to boot by default: too little on 2 busy cores (a search worker
+    # importing torch beside it made it time out in the tests)
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from trainflow.flows.startup import prefect_api_booting, warm_up  # imports prefect, which configures logging
 
     with prefect_api_booting() as booting:

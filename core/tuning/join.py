@@ -101,7 +101,8 @@ def worker_job(
 
     record = json.loads(study.user_attrs[JOIN_ATTR])
     spec = TrainingSpec.model_validate(record["spec"])
-    if not store.exists(spec.data.uri):
+    in_this_store = spec.data.uri.startswith(store.uri.rstrip("/") + "/")  # a shared s3:// store: node 0's files
+    if not (in_this_store and store.exists(spec.data.uri)):
         log.info("tune-worker: node 0's prepared data is not in this store; preparing it here")
         data = prepare()
         if data.fingerprint != spec.data.fingerprint:
