@@ -99,3 +99,22 @@ def test_the_study_storage_resolves_its_reference_where_it_connects(
     storage.engine.dispose()
     assert (tmp_path / "study.db").is_file()
     assert "TF_TEST_STUDY_DIR" in os.environ
+
+
+@pytest.mark.parametrize(
+    ("section", "field", "value"),
+    [("store", "endpoint_url", f"http://minio:{PASSWORD}@127.0.0.1:9000"),
+     ("data", "path", f"https://u:{PASSWORD}@files.internal/table.csv")],
+)  # fmt: skip
+def test_a_password_where_no_connection_takes_one_is_refused_without_echoing_it(
+    section: str, field: str, value: str, tmp_path: Path
+) -> None:
+    """boto3 takes no password in an endpoint (its chain supplies keys), and a data path is a file or s3:// object."""
+    raw = tiny_raw()
+    raw[section] = {"uri": "s3://bucket/prefix", field: value} if section == "store" else {
+        "source": "csv", "path": value, "target": "y"}  # fmt: skip
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as caught:
+        preflight(load_config(path))
+    assert f"{section}.{field}" in str(caught.value) and PASSWORD not in str(caught.value)
