@@ -16,6 +16,7 @@ import json
 import logging
 import multiprocessing
 import os
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import replace
@@ -40,7 +41,9 @@ from trainflow.core.tuning.hpo_worker import (
     new_claim,
     run_worker,
     serve,
+    start_worker_server,
     stop_if_idle,
+    worker_args,
 )
 from trainflow.core.tuning.join import write_join_record
 from trainflow.core.tuning.plan import resolve_space
@@ -132,21 +135,39 @@ def _fail_interrupted(study: optuna.Study) -> None:
 
 @contextmanager
 def _spawned_workers(job: SearchJob, count: int) -> Iterator[Callable[[int, int | None], None]]:
-    """Workers 1..count in spawned processes (their own interpreter and torch threads), started at once.
+    """Workers 1..count in their own processes (their own interpreter and torch threads), started at once.
 
-    A fresh process spends ~4-5 s of CPU on imports and first calls before its first training step (a
-    6-epoch digits trial trains for ~1.3 s), so they start before the study is opened and warm up meanwhile
-    (`hpo_worker.serve`). Yields `release(n, threads)`: the first n go to work with `threads` torch threads
-    each, the others stop. Leaving the block stops those that have not taken up work (no trial is left
-    for them; after a failure, none should start) and waits for the others.
+    A fresh process spends ~4-5 s of CPU on imports and first calls before its first training step (a 6-epoch
+    digits trial trains for ~1.3 s), so workers are forked from a server that has done the imports
+    (`hpo_worker.start_worker_server`: once per process, kept for later searches; spawned where there is
+    none), and started before the study is opened, to do the rest meanwhile (`hpo_worker.serve`). They start
+    off this thread: one started before the server has done its imports waits for them, not the stage.
+    Yields `release(n, threads)`: the first n go to work with `threads` torch threads each, the others stop.
+    Leaving the block stops those that have not taken up work (no trial is left for them; after a failure,
+    none should start) and waits for the others.
     """
-    context = multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context(start_worker_server() if count > 0 else "spawn")
     workers: list[tuple[BaseProcess, Connection, Claim]] = []
     failed: list[str] = []
     stopped: set[str] = set()  # terminated by us while idle: their exit code is ours, not a failure
+    started: set[str] = set()
+
+    def start_all(theirs: list[Connection]) -> None:
+        for (process, _, _), end in zip(workers, theirs, strict=True):
+            try:
+                process.start()
+                started.add(process.name)
+            except Exception:
+                log.exception("hpo_search: could not start %s", process.name)
+                failed.append(process.name)
+            finally:
+                end.close()
 
     def stop_idle(stopping: list[tuple[BaseProcess, Connection, Claim]]) -> None:
+        starter.join()  # at once unless the server still imports: then only when stopping before any work
         for process, _, claim in stopping:
+            if process.name not in started:
+                continue
             if process.name not in stopped and process.exitcode not in (None, 0):  # died warming up
                 failed.append(process.name)
             if stop_if_idle(claim):
@@ -155,25 +176,29 @@ def _spawned_workers(job: SearchJob, count: int) -> Iterator[Callable[[int, int 
 
     def release(n: int, threads: int | None) -> None:
         for _, conn, _ in workers[:n]:
-            with suppress(OSError):  # one that died warming up is reported on leaving
+            with suppress(OSError):  # one that died warming up (or never started) is reported on leaving
                 conn.send(threads)
-        stop_idle(workers[n:])
+        if workers[n:]:
+            stop_idle(workers[n:])
 
+    theirs: list[Connection] = []
+    for worker in range(1, count + 1):
+        end, ours = context.Pipe(duplex=False)
+        claim = new_claim(context)
+        process = context.Process(target=serve, args=worker_args(replace(job, worker=worker), end, claim),
+                                  name=f"hpo-worker-{worker}")  # fmt: skip
+        workers.append((process, ours, claim))
+        theirs.append(end)
+    starter = threading.Thread(target=start_all, args=(theirs,), name="hpo-worker-start", daemon=True)
+    starter.start()
     try:
-        for worker in range(1, count + 1):
-            theirs, ours = context.Pipe(duplex=False)
-            claim = new_claim(context)
-            process = context.Process(target=serve, args=(replace(job, worker=worker), theirs, claim),
-                                      name=f"hpo-worker-{worker}")  # fmt: skip
-            process.start()
-            theirs.close()
-            workers.append((process, ours, claim))
         yield release
     finally:
         stop_idle(workers)
         for process, conn, _ in workers:
             conn.close()
-            process.join()
+            if process.name in started:
+                process.join()
     failed += [p.name for p, _, claim in workers if has_worked(claim) and p.exitcode != 0]
     if failed:
         raise TrainingError(f"hpo_search: worker processes {', '.join(sorted(set(failed)))} exited abnormally")

@@ -60,10 +60,16 @@ def warm_up(config: Config, config_name: str, booting: Callable[[], bool]) -> No
     database's schema check and experiment (the flow needs them first thing), and, only while the server is
     still booting, the import of torch._dynamo that torch defers to the first optimizer it builds (about
     1.3 s here): where it overlaps nothing, it is left to the first stage that trains, so a fully cached run
-    never pays it."""
+    never pays it. A search with worker processes gets their server started (`start_worker_server`): its
+    imports (~4 s of CPU in its own process) overlap the boot, prepare_data and the LR range test."""
     from trainflow.core.tracking.runs import Tracker
     from trainflow.core.training.optim import import_optimizer_dependencies
 
+    hpo = config.tune.hpo
+    if hpo.enabled and min(hpo.parallelism, hpo.n_trials) > 1:
+        from trainflow.core.tuning.hpo_worker import start_worker_server
+
+        start_worker_server()
     Tracker.for_config(config, config_name)
     if booting():
         import_optimizer_dependencies()

@@ -104,7 +104,9 @@ def reference_problems(dumped: dict[str, Any]) -> list[str]:
     problems = []
     for field, value in _strings(dumped):
         for name in REFERENCE.findall(value):
-            if field not in RESOLVED_FIELDS:
+            if field not in RESOLVED_FIELDS and name.startswith(HIDDEN_PREFIX):
+                problems.append(f"{field}: carries a password, but no connection is made with this value; remove it")
+            elif field not in RESOLVED_FIELDS:
                 problems.append(f"{field}: ${{{name}}}: references are resolved only in {', '.join(RESOLVED_FIELDS)}")
             elif name not in os.environ:
                 problems.append(f"{field}: ${{{name}}} is not set in the environment{_hidden_hint(name)}")

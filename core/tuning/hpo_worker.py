@@ -4,15 +4,18 @@ Every worker (the stage's own process, or a spawned one per unit of `tune.hpo.pa
 talks to the study through its RDB storage, which is Optuna's distributed mode: workers on other
 machines join by running the same study name against the same storage URL. Each trial is an
 MLflow child run of the hpo_search run, logged by explicit run id and ended with its true state.
-A spawned worker (`serve`) warms up while the stage still opens the study, and exits without the
-interpreter's teardown.
+A started worker (`serve`) is forked from a server process that has imported what workers need
+(`start_worker_server`), warms up while the stage still opens the study, and exits without the interpreter's
+teardown.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import multiprocessing
 import os
+import pickle
 import socket
 import sys
 import time
@@ -80,6 +83,35 @@ Claim = Any  # multiprocessing.Value("b"): a spawned worker's state, changed und
 _WARMING, _WORKING, _STOPPED = 0, 1, 2  # WARMING becomes one of the others, once
 
 
+# Imported once, by the server workers fork from (~4 s of CPU here): the main module (as multiprocessing does),
+# torch, the trainer and Optuna (this module), the first optimizer's torch._dynamo, the study's ORM, MLflow's client.
+WORKER_MODULES = ("__main__", "trainflow.core.tuning.hpo_worker", "torch._dynamo", "optuna.storages._rdb.models",
+                  "mlflow.tracking", "mlflow.store.tracking.sqlalchemy_store")  # fmt: skip
+
+
+def start_worker_server() -> str:
+    """Start the server workers fork from unless it runs; returns the start method for `get_context`.
+
+    One forkserver per stage process, kept until it ends: later searches fork warm workers. It is a fresh
+    interpreter (none of this process's MLflow clients, connections or torch threads) that imports
+    `WORKER_MODULES` in the background: this returns at once; a worker started before the imports end waits
+    for them. Where there is no forkserver (Windows): "spawn", each worker importing everything itself.
+    """
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return "spawn"
+    from multiprocessing import forkserver
+
+    forkserver.set_forkserver_preload(list(WORKER_MODULES))  # read when it starts
+    forkserver.ensure_running()  # a no-op while it runs; restarts one that died
+    return "forkserver"
+
+
+def worker_args(job: SearchJob, release: Connection, claim: Claim) -> tuple[Any, ...]:
+    """`serve`'s arguments: the stage's environment, and the job pickled, to be read once that is applied (the
+    server's is the one it started with; a RunLogger resolves its URI's `${VAR}`s when unpickled)."""
+    return dict(os.environ), pickle.dumps(job), release, claim
+
+
 def new_claim(context: BaseContext) -> Claim:
     return context.Value("b", _WARMING)
 
@@ -104,15 +136,19 @@ def has_worked(claim: Claim) -> bool:
     return claim.value == _WORKING
 
 
-def serve(job: SearchJob, release: Connection, claim: Claim) -> None:
-    """A spawned worker's life: warm up while the stage opens the study, wait on `release` for its torch
-    threads, then take up work unless the stage has stopped it meanwhile (`claim`), and run trials.
+def serve(environment: dict[str, str], pickled_job: bytes, release: Connection, claim: Claim) -> None:
+    """A started worker's life (arguments from `worker_args`): take the stage's environment, warm up while the
+    stage opens the study, wait on `release` for its torch threads, then take up work unless the stage has
+    stopped it meanwhile (`claim`), and run trials.
 
     Ends in `os._exit`: the interpreter's teardown (torch, MLflow, SQLAlchemy) took ~1.5 s here, all of it
     on the stage's path, which joins its workers. Trials, metrics and logs are stored and flushed by then.
     """
     code = 1
     try:
+        os.environ.clear()
+        os.environ.update(environment)
+        job: SearchJob = pickle.loads(pickled_job)
         _warm_up(job)
         try:
             threads = release.recv()
@@ -131,7 +167,8 @@ def serve(job: SearchJob, release: Connection, claim: Claim) -> None:
 
 
 def _warm_up(job: SearchJob) -> None:
-    """What a fresh process's first trial would pay (~1.5-2 s of CPU here), paid while the stage opens the study."""
+    """What a worker's first trial would pay beyond the server's imports, paid while the stage opens the study;
+    the imports too where there is no server (spawned: ~1.5-2 s of CPU here, on top of the module imports)."""
     import_optimizer_dependencies()
     optuna.storages.RDBStorage("sqlite://")  # imports and sets up SQLAlchemy's ORM and alembic, in memory
     load_splits(job.store.local_path(job.spec.data.uri), job.spec.data.spec)  # kept for every trial
@@ -202,6 +239,7 @@ def finish_study(job: SearchJob, storage: optuna.storages.RDBStorage, poll_s: fl
         quietly(optuna.storages.fail_stale_trials, study)
         open_trials = study.get_trials(deepcopy=False, states=(running, waiting))
         if not open_trials:
+            _end_dead_workers_runs(study, job)
             return
         if any(t.state == waiting for t in open_trials):
             log.info("hpo_search: running a re-queued trial of a worker that stopped answering")
@@ -239,6 +277,28 @@ def _objective(trial: optuna.Trial, job: SearchJob) -> float:
     if fit.stop_reason is StopReason.PRUNED:
         raise optuna.TrialPruned(fit.stop_message)
     return pruning.best
+
+
+def _end_dead_workers_runs(study: optuna.Study, job: SearchJob) -> None:
+    """A trial failed for its dead worker left its MLflow run RUNNING (nobody was there to end it): end it FAILED,
+    naming the trial that re-ran its parameters."""
+    if job.parent_run is None:
+        return
+    trials = study.get_trials(deepcopy=False)
+    rerun_as = {number: t.number for t in trials for number in t.system_attrs.get("retry_history", ())}
+    dead = {t.number for t in trials if t.state == optuna.trial.TrialState.FAIL and t.number in rerun_as}
+    if not dead:
+        return
+    client, parent = job.parent_run.client, job.parent_run
+    running = client.search_runs([parent.experiment_id], f"tags.mlflow.parentRunId = '{parent.run_id}' and "
+                                 "attributes.status = 'RUNNING'")  # fmt: skip
+    for run in running:
+        number = run.info.run_name.removeprefix("trial-")
+        if number.isdigit() and int(number) in dead:
+            note = f"its worker stopped answering; failed and re-run as trial {rerun_as[int(number)]}"
+            client.set_tag(run.info.run_id, "trainflow.trial_state", "FAIL")
+            client.set_tag(run.info.run_id, "trainflow.trial_note", note)
+            client.set_terminated(run.info.run_id, status="FAILED")
 
 
 def worker_name() -> str:
