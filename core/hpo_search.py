@@ -141,10 +141,10 @@ def _spawned_workers(job: SearchJob, count: int) -> Iterator[Callable[[int, int 
     digits trial trains for ~1.3 s), so workers are forked from a server that has done the imports
     (`hpo_worker.start_worker_server`: once per process, kept for later searches; spawned where there is
     none), and started before the study is opened, to do the rest meanwhile (`hpo_worker.serve`). They start
-    off this thread: one started before the server has done its imports waits for them, not the stage.
-    Yields `release(n, threads)`: the first n go to work with `threads` torch threads each, the others stop.
-    Leaving the block stops those that have not taken up work (no trial is left for them; after a failure,
-    none should start) and waits for the others.
+    off this thread: while the server still imports, the stage waits for it only to stop a worker. Yields
+    `release(n, threads)`: the first n go to work with `threads` torch threads each, the others stop. Leaving
+    the block stops those that have not taken up work (no trial is left for them; after a failure, none
+    should start) and waits for the others.
     """
     context = multiprocessing.get_context(start_worker_server() if count > 0 else "spawn")
     workers: list[tuple[BaseProcess, Connection, Claim]] = []
@@ -166,9 +166,9 @@ def _spawned_workers(job: SearchJob, count: int) -> Iterator[Callable[[int, int 
     def stop_idle(stopping: list[tuple[BaseProcess, Connection, Claim]]) -> None:
         starter.join()  # at once unless the server still imports: then only when stopping before any work
         for process, _, claim in stopping:
-            if process.name not in started:
+            if process.name not in started or process.name in stopped:  # not started: its failure is noted
                 continue
-            if process.name not in stopped and process.exitcode not in (None, 0):  # died warming up
+            if process.exitcode not in (None, 0):  # died warming up
                 failed.append(process.name)
             if stop_if_idle(claim):
                 process.terminate()  # it has only warmed up: nothing of it is stored

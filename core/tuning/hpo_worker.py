@@ -4,9 +4,8 @@ Every worker (the stage's own process, or a spawned one per unit of `tune.hpo.pa
 talks to the study through its RDB storage, which is Optuna's distributed mode: workers on other
 machines join by running the same study name against the same storage URL. Each trial is an
 MLflow child run of the hpo_search run, logged by explicit run id and ended with its true state.
-A started worker (`serve`) is forked from a server process that has imported what workers need
-(`start_worker_server`), warms up while the stage still opens the study, and exits without the interpreter's
-teardown.
+A started worker (`serve`) is forked from a server that has done its imports (`start_worker_server`), warms
+up while the stage still opens the study, and exits without the interpreter's teardown.
 """
 
 from __future__ import annotations
@@ -83,20 +82,18 @@ Claim = Any  # multiprocessing.Value("b"): a spawned worker's state, changed und
 _WARMING, _WORKING, _STOPPED = 0, 1, 2  # WARMING becomes one of the others, once
 
 
-# Imported once, by the server workers fork from (~4 s of CPU here): the main module (as multiprocessing does),
-# torch, the trainer and Optuna (this module), the first optimizer's torch._dynamo, the study's ORM, MLflow's client.
+# Imported once, by the server workers fork from (~4 s of CPU here): torch, the trainer and Optuna (this module), the
+# first optimizer's torch._dynamo, the study's ORM, MLflow's client; and multiprocessing's default, the main module
+# (Python 3.11's forkserver never gets its path: each worker imports it, as a spawned one does).
 WORKER_MODULES = ("__main__", "trainflow.core.tuning.hpo_worker", "torch._dynamo", "optuna.storages._rdb.models",
                   "mlflow.tracking", "mlflow.store.tracking.sqlalchemy_store")  # fmt: skip
 
 
 def start_worker_server() -> str:
-    """Start the server workers fork from unless it runs; returns the start method for `get_context`.
-
-    One forkserver per stage process, kept until it ends: later searches fork warm workers. It is a fresh
-    interpreter (none of this process's MLflow clients, connections or torch threads) that imports
-    `WORKER_MODULES` in the background: this returns at once; a worker started before the imports end waits
-    for them. Where there is no forkserver (Windows): "spawn", each worker importing everything itself.
-    """
+    """Start the server workers fork from unless it runs; returns the start method for `get_context`. One
+    forkserver per stage process, kept until it ends, so later searches fork warm workers: a fresh interpreter
+    (none of this process's MLflow clients, connections or torch threads) that imports `WORKER_MODULES` in the
+    background; a worker started before that ends waits for it. Without forkserver (Windows): "spawn"."""
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return "spawn"
     from multiprocessing import forkserver
