@@ -173,11 +173,15 @@ def _warm_up(job: SearchJob) -> None:
         job.parent_run.client.get_experiment(job.parent_run.experiment_id)
 
 
+def requeued(trials: list[optuna.trial.FrozenTrial]) -> dict[int, int]:
+    """Failed trials whose parameters were re-queued after their worker died -> the trial that re-ran them
+    (`RetryHeartbeatStaleTrialCallback` records, in each copy, the trials it replaced)."""
+    return {number: t.number for t in trials for number in t.system_attrs.get("retry_history", ())}
+
+
 def counted_trials(trials: list[optuna.trial.FrozenTrial]) -> int:
-    """The trials the budget counts: all of them, except a failed one whose parameters were re-queued after its
-    worker died (the re-queued copy counts instead; `RetryHeartbeatStaleTrialCallback` records which it replaced)."""
-    retried = {number for t in trials for number in t.system_attrs.get("retry_history", ())}
-    failed = optuna.trial.TrialState.FAIL
+    """The trials the budget counts: all of them, except a failed one that was re-queued (its copy counts)."""
+    retried, failed = requeued(trials), optuna.trial.TrialState.FAIL
     return sum(1 for t in trials if not (t.state == failed and t.number in retried))
 
 
@@ -281,20 +285,18 @@ def _end_dead_workers_runs(study: optuna.Study, job: SearchJob) -> None:
     naming the trial that re-ran its parameters."""
     if job.parent_run is None:
         return
-    trials = study.get_trials(deepcopy=False)
-    rerun_as = {number: t.number for t in trials for number in t.system_attrs.get("retry_history", ())}
-    dead = {t.number for t in trials if t.state == optuna.trial.TrialState.FAIL and t.number in rerun_as}
-    if not dead:
+    rerun_as = requeued(study.get_trials(deepcopy=False))
+    if not rerun_as:
         return
     client, parent = job.parent_run.client, job.parent_run
     running = client.search_runs([parent.experiment_id], f"tags.mlflow.parentRunId = '{parent.run_id}' and "
                                  "attributes.status = 'RUNNING'")  # fmt: skip
     for run in running:
         number = run.info.run_name.removeprefix("trial-")
-        if number.isdigit() and int(number) in dead:
-            note = f"its worker stopped answering; failed and re-run as trial {rerun_as[int(number)]}"
-            client.set_tag(run.info.run_id, "trainflow.trial_state", "FAIL")
-            client.set_tag(run.info.run_id, "trainflow.trial_note", note)
+        if number.isdigit() and int(number) in rerun_as:
+            orphan = RunLogger(client, run.info.run_id, parent.experiment_id)
+            _note(orphan, "FAIL", f"its worker stopped answering; failed and re-run as trial {rerun_as[int(number)]}")
+            orphan.close()
             client.set_terminated(run.info.run_id, status="FAILED")
 
 
