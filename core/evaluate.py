@@ -21,6 +21,7 @@ from trainflow.core.compression.measure import held_out, measure_speed
 from trainflow.core.compression.variants import torch_predict
 from trainflow.core.config import MeasureConfig
 from trainflow.core.data.prepared import load_splits
+from trainflow.core.models.lora import merged
 from trainflow.core.records import EvaluateResult, TrainResult
 from trainflow.core.storage.store import ArtifactStore
 from trainflow.core.training.builder import prepared_loaders
@@ -35,9 +36,11 @@ log = logging.getLogger(__name__)
 def evaluate(
     spec: TrainingSpec, measure: MeasureConfig, trained: TrainResult, store: ArtifactStore, store_key: str
 ) -> EvaluateResult:
-    """Evaluate the trained weights on the test split (never seen by training or model selection)."""
+    """Evaluate the trained weights on the test split (never seen by training or model selection). A LoRA model's
+    metrics are those of the model as trained (adapters unmerged); its speed and size those of the merged model
+    that compress and publish get."""
     data, device = spec.data, resolve_device(spec.train.device)
-    model = trained_model(spec, store, trained.checkpoint_uri)
+    model = trained_model(spec, store, trained.checkpoint_uri, merge=False)
     batch = spec.train.batch_size if isinstance(spec.train.batch_size, int) else trained.micro_batch_size or 64
     loaders = prepared_loaders(spec, store, batch)
     task = data.spec.task
@@ -52,7 +55,7 @@ def evaluate(
         bits_per_byte = result.loss / math.log(2)
         metrics = {"loss": result.loss, "perplexity": perplexity(result.loss), "bits_per_byte": bits_per_byte}
 
-    model = model.to("cpu")  # the compress stage's fp32 row: eager PyTorch on the CPU
+    model = merged(model).to("cpu")  # the compress stage's fp32 row: eager PyTorch on the CPU
     test = held_out(load_splits(store.local_path(data.uri), data.spec), task, data.spec.seq_len)
     speed = measure_speed({"fp32": torch_predict(model)}, test.x, measure)["fp32"]
     log.info("evaluate: %s; latency p50 %.2f ms", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()),

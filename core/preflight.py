@@ -47,6 +47,10 @@ def checked_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
 
 def _checked(path: str | Path, overrides: Sequence[str]) -> Config:
     config = load_config(path, list(overrides))
+    if config.model.init_from is not None:  # models:/<name>@<alias> -> the version it names now, once per run
+        from trainflow.core.models.warm_start import resolve_alias
+
+        config = resolve_alias(config)
     preflight(config)
     return config
 
@@ -90,6 +94,7 @@ def preflight(config: Config) -> None:
     if config.tune.hpo.enabled and config.tune.hpo.storage is not None and is_database(config.tune.hpo.storage):
         check_database(config.tune.hpo.storage, "tune.hpo.storage")
     check_reachable(tracking_uri(config.tracking.uri))
+    _check_finetune(config)
     _check_data(config)
     open_store(config.store).check_writable()
 
@@ -103,6 +108,38 @@ def _credential_problems(config: Config) -> list[str]:
                 "give the artifact store's credentials through its environment (AWS_ACCESS_KEY_ID and "
                 "AWS_SECRET_ACCESS_KEY for s3://, MLFLOW_TRACKING_USERNAME/PASSWORD for a server)"]  # fmt: skip
     return []
+
+
+def _check_finetune(config: Config) -> None:
+    """model.init_from exists and fits the model the config builds, LoRA's extra is installed and its patterns name
+    modules, train.finetune's patterns name modules, and FSDP is not asked to shard frozen parameters."""
+    model, finetune = config.model, config.train.finetune
+    if model.init_from is None and model.lora is None and not finetune.active:
+        return
+    fsdp = config.train.distributed.enabled and config.train.distributed.strategy == "fsdp"
+    if fsdp and (model.lora is not None or finetune.freeze):
+        raise ConfigError("train.distributed.strategy: fsdp does not shard frozen parameters here (model.lora, "
+                          "train.finetune.freeze); use strategy: ddp")  # fmt: skip
+    if model.lora is not None:
+        from trainflow.core.models.lora import check_peft
+
+        check_peft()
+    from trainflow.core.models import build_model
+    from trainflow.core.models.warm_start import check_fits, warm_start_of
+
+    warm = warm_start_of(config)
+    built = build_model(model, _nominal_spec(config))
+    if warm is not None and not isinstance(config.data, TableDataConfig):  # a table's width is known once prepared
+        check_fits(model, built, warm, config.store)
+    if finetune.active:
+        from trainflow.core.training.finetune import Finetuning, lr_scales
+
+        Finetuning(finetune, built)
+        lr_scales(built, finetune)
+    if model.lora is not None:
+        from trainflow.core.models.lora import apply_lora
+
+        apply_lora(built, model.lora)
 
 
 def _compress_needs_model(config: Config) -> bool:

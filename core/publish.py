@@ -26,7 +26,7 @@ from trainflow.core.records import (
     PublishResult,
     TrainResult,
 )
-from trainflow.core.serving.registry import Decision, champion_metric, judge, record, served_metrics
+from trainflow.core.serving.registry import TAG, Decision, champion_metric, judge, record, served_metrics
 from trainflow.core.storage.files import sha256_file
 from trainflow.core.storage.store import ArtifactStore
 from trainflow.core.storage.version import code_version, git_commit
@@ -85,7 +85,7 @@ def publish(
         aliases = [cfg.alias] + ([cfg.champion_alias] if decision.promote else [])
 
     files = {
-        "model.pt": store.local_path(trained.checkpoint_uri).read_bytes(),
+        "model.pt": _fp32_weights(spec, trained, store),
         "config.yaml": yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False).encode(),
         "evaluation.json": evaluated.model_dump_json(indent=2).encode(),
     }
@@ -108,6 +108,7 @@ def publish(
         "git_commit": git_commit(),
         "mlflow_run_id": run.run_id if run is not None else None,
         "mlflow_train_run_id": trained.mlflow_run_id,
+        "parent": spec.warm_start.model_dump(mode="json") if spec.warm_start else None,  # lineage: what it grew from
         "mlflow_model_uri": model_uri,
         "registered_model": _registered_entry(config, version, aliases, metric, decision),
         "metrics": evaluated.metrics,
@@ -121,7 +122,7 @@ def publish(
             "config_sha256": config.sha256(),
             "variant": variant,
             "champion_metric": metric,
-        }
+        } | {k.removeprefix(TAG): v for k, v in (trained.run_tags()).items()}
         aliases = record(
             run.client,
             *registered,
@@ -241,6 +242,20 @@ def log_mlflow_model(
             registered_model_name=cfg.registered_model_name,
         )
     return info.model_uri, info.registered_version
+
+
+def _fp32_weights(spec: TrainingSpec, trained: TrainResult, store: ArtifactStore) -> bytes:
+    """The published model.pt: the fit's file, or for a LoRA fit (whose file holds adapters) the merged weights,
+    which load into the plain model and serve without peft."""
+    if spec.model.lora is None:
+        return store.local_path(trained.checkpoint_uri).read_bytes()
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save({"model": trained_model(spec, store, trained.checkpoint_uri).state_dict(), "merged_lora": True}, buffer)
+    return buffer.getvalue()
 
 
 def _put(store: ArtifactStore, content: bytes, key: str) -> PublishedObject:

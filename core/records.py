@@ -44,6 +44,28 @@ def stage_key(stage: str, inputs: Mapping[str, Any]) -> str:
     return f"{stage}-{digest[:24]}"
 
 
+class WarmStart(BaseModel):
+    """Where a training's first weights came from (`model.init_from`, resolved): the version an alias pointed to,
+    never the alias, and the sha256 of the weights, so a moved alias or a replaced file re-runs training."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    source: str  # models:/<name>/<version>, a manifest URI, or the state dict's path
+    weights_uri: str  # the fp32 state dict loaded: a published folder's model.pt, or the file itself
+    sha256: str
+    registered_model: str | None = None
+    version: int | None = None
+    run_id: str | None = None  # the registered version's run (publish), else the manifest's
+    data_fingerprint: str | None = None  # the data the parent was trained and tested on
+    manifest_uri: str | None = None
+    preprocessor_uri: str | None = None  # the parent's fitted preprocessing (re-used unless data.refit_preprocessing)
+
+    def lineage(self) -> dict[str, str]:
+        """What this model grew from, as `trainflow.parent.*` tags (MLflow runs and versions, the manifest)."""
+        facts = {"source": self.source, "sha256": self.sha256, "registered_model": self.registered_model,
+                 "version": self.version, "run_id": self.run_id, "data_fingerprint": self.data_fingerprint}  # fmt: skip
+        return {f"trainflow.parent.{k}": str(v) for k, v in facts.items() if v is not None}
+
+
 class PrepareDataResult(StageResult):
     fingerprint: str  # content, settings and seed of the split: equal fingerprints, equal arrays
     uri: str  # .npz with x_train, y_train, x_val, ... (tokens only for text)
@@ -114,12 +136,18 @@ class TrainResult(StageResult):
     world_size: int = 1
     nonfinite_steps: int
     n_parameters: int
+    trainable_parameters: int = 0  # at the end of the fit: LoRA's adapters, or what train.finetune left unfrozen
+    total_parameters: int = 0  # every parameter of the model as trained (a LoRA model's base and adapters)
+    parent: WarmStart | None = None  # model.init_from, resolved: which model this one grew from
     resumed_from_step: int | None
-    checkpoint_uri: str  # the weights handed on: the best evaluation's when restore_best is on
+    checkpoint_uri: str  # the weights handed on (a LoRA fit's: its adapters); the best evaluation's with restore_best
     mlflow_run_id: str | None
 
     def artifact_uris(self) -> list[str]:
         return [self.checkpoint_uri]
+
+    def run_tags(self) -> dict[str, str]:
+        return self.parent.lineage() if self.parent is not None else {}
 
 
 class EvaluateResult(StageResult):

@@ -41,6 +41,10 @@ class _DataCommon(Section):
         0.15, gt=0, lt=1, description="Share of the data held out for the final evaluation only."
     )
     loader: LoaderConfig = Field(default_factory=LoaderConfig, description="torch DataLoader settings.")
+    refit_preprocessing: bool = Field(
+        False,
+        description="With model.init_from naming a published model: fit the scaling and encoding on this data instead of re-using the parent's (whose weights learned the parent's scaling).",
+    )
 
     @model_validator(mode="after")
     def _fractions_leave_training_data(self) -> _DataCommon:

@@ -8,9 +8,36 @@ from typing import Annotated, Any, Literal
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from trainflow.core.config.base import Section
+from trainflow.core.config.finetune import PATTERNS, LoraConfig
 
 
-class MLPConfig(Section):
+class _ModelCommon(Section):
+    """What every model of the zoo and every factory model takes: where its first weights come from, LoRA."""
+
+    init_from: str | None = Field(
+        None,
+        description="Start from trained weights instead of a random init: models:/<name>@<alias> or models:/<name>/<version> (the registered version's published fp32 model.pt, not its served variant), a published manifest.json (local path or s3://), or a .pt / .safetensors state dict. An alias is resolved to a version once, when the config is resolved, so a moved alias re-runs training. Matching tensors load; see reinit.",
+    )
+    reinit: list[str] = Field(
+        [],
+        description=f"Modules that start fresh (seeded init) instead of loading from init_from: a head for a new number of classes. Any other tensor whose shape differs from the parent's is an error listing them, before any stage runs. {PATTERNS}",
+    )
+    lora: LoraConfig | None = Field(
+        None,
+        description="Train low-rank adapters (peft, `pip install 'trainflow[finetune]'`) instead of the weights: only adapters and modules_to_save train; compress and publish get the merged model, which serves without peft.",
+    )
+
+    @field_validator("init_from")
+    @classmethod
+    def _known_source(cls, value: str | None) -> str | None:
+        if value is None or value.startswith("s3://") or not value.startswith("models:"):
+            return value
+        if not re.fullmatch(r"models:/[^/@]+(@[\w-]+|/\d+)", value):
+            raise ValueError(f"'{value}' is not models:/<name>@<alias> or models:/<name>/<version>")
+        return value
+
+
+class MLPConfig(_ModelCommon):
     name: Literal["mlp"] = Field("mlp", description="Multi-layer perceptron for tabular features.")
     hidden_sizes: list[Annotated[int, Field(ge=1)]] = Field(
         [128, 128], min_length=1, description="Width of each hidden layer."
@@ -22,7 +49,7 @@ class MLPConfig(Section):
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout probability after each hidden layer.")
 
 
-class CNNConfig(Section):
+class CNNConfig(_ModelCommon):
     name: Literal["cnn"] = Field("cnn", description="Small ResNet-style convolutional network for images.")
     channels: list[Annotated[int, Field(ge=1)]] = Field(
         [32, 64],
@@ -33,7 +60,7 @@ class CNNConfig(Section):
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout before the classifier head.")
 
 
-class GPTConfig(Section):
+class GPTConfig(_ModelCommon):
     name: Literal["gpt"] = Field("gpt", description="Decoder-only transformer for language modelling.")
     n_layer: int = Field(4, ge=1, description="Transformer blocks.")
     n_head: int = Field(4, ge=1, description="Attention heads per block; must divide n_embd.")
@@ -55,7 +82,7 @@ class GPTConfig(Section):
         return self
 
 
-class FactoryModelConfig(Section):
+class FactoryModelConfig(_ModelCommon):
     name: Literal["factory"] = Field("factory", description="A model built by your own function.")
     factory: str = Field(
         description="'package.module:function' called as function(spec, **params) where spec describes the data: task, input_shape (one sample), n_classes (the classes, or the vocabulary of a language model), class_names, seq_len. Its module's code is part of the training's cache key: edit it and training runs again."

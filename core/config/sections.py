@@ -11,6 +11,7 @@ from pydantic import Field, field_validator, model_validator
 
 from trainflow.core.config.base import Section
 from trainflow.core.config.distributed import DistributedConfig
+from trainflow.core.config.finetune import FinetuneConfig
 from trainflow.core.storage.s3_names import split_s3_uri
 
 
@@ -127,6 +128,10 @@ class TrainConfig(Section):
         default_factory=DistributedConfig,
         description="Data-parallel training on several processes or machines (DDP or FSDP) through torch's elastic launcher.",
     )
+    finetune: FinetuneConfig = Field(
+        default_factory=FinetuneConfig,
+        description="Fine-tuning a model started from model.init_from: frozen modules, when they unfreeze, per-layer learning rates.",
+    )
 
     @field_validator("device")
     @classmethod
@@ -156,11 +161,17 @@ class PublishConfig(Section):
     )
     champion_alias: str = Field(
         "champion",
-        description="Registry alias of the best version so far: moved to a new version only when its champion_metric beats the current champion's on the same test data (same data fingerprint), or when there is none.",
+        description="Registry alias of the best version so far: moved to a new version only when its champion_metric beats the current champion's by promote_margin, both scored in the same run on the new version's test split, or when there is none.",
     )
     champion_metric: str | None = Field(
         None,
         description="Test metric that decides the champion: null = accuracy (classification, higher is better) or perplexity (language modelling, lower is better); any metric of the evaluate stage (loss, perplexity and bits_per_byte: lower is better).",
+    )
+
+    promote_margin: float | None = Field(
+        None,
+        ge=0,
+        description="How much better the new version must be to take the champion alias, so noise does not churn it: absolute points where higher is better (null = 0.005, half a point of accuracy), relative where lower is better (null = 0.01, 1% of perplexity or loss).",
     )
 
     @field_validator("alias", "champion_alias")

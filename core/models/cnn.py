@@ -48,3 +48,7 @@ class ResNetCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.blocks(self.stem(x)))  # (B, C, H, W) -> (B, n_classes)
+
+    def lr_blocks(self) -> list[list[nn.Module]]:
+        """Blocks from input to head for `train.finetune.layer_lr_decay`: the stem, each residual block, the head."""
+        return [[self.stem], *([block] for block in self.blocks), [self.head]]

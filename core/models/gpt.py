@@ -95,6 +95,12 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def lr_blocks(self) -> list[list[nn.Module]]:
+        """Blocks from input to head for `train.finetune.layer_lr_decay`: the position embedding, each block, then
+        the final norm and lm_head with the token embedding tied to it (it is the output layer too; fastai groups a
+        tied encoder with its decoder the same way)."""
+        return [[self.pos_emb], *([block] for block in self.blocks), [self.norm, self.lm_head, self.tok_emb]]
+
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         _, T = idx.shape
         if self.block_size < T:

@@ -15,11 +15,12 @@ from torch.utils.data import Dataset
 from trainflow.core.data.loaders import Batch, Loaders, build_loaders, rebatched
 from trainflow.core.data.prepared import load_splits
 from trainflow.core.data.spec import check_metric
-from trainflow.core.models import build_model
 from trainflow.core.storage.store import ArtifactStore
 from trainflow.core.training.callbacks import Callback
 from trainflow.core.training.distributed import SINGLE, Rank
+from trainflow.core.training.finetune import Finetuning
 from trainflow.core.training.flops import model_flops_per_token
+from trainflow.core.training.initial import initial_model
 from trainflow.core.training.optim import build_optimizer, build_scheduler
 from trainflow.core.training.parallel import enable_fast_matmul, uses_channels_last, wrap_model
 from trainflow.core.training.precision import resolve_device
@@ -41,8 +42,9 @@ def build_trainer(
     """The seeded model, optimizer, LR schedule and loaders of `spec` in a Trainer.
 
     Args:
-        model: a pre-built model to train instead of `build_model(spec.model, ...)` (a pruned model whose
-            shapes no longer match `spec.model`, a distillation student); moved to the device.
+        model: a pre-built model to train instead of `initial_model(spec)` (a pruned model whose shapes no
+            longer match `spec.model`, a distillation student); moved to the device. `train.finetune` applies
+            only to the spec's own model.
         loss: the training loss hook (default: cross-entropy); see `Trainer`.
         rank: this process's place among data-parallel ranks: loaders hold its shard, the model is wrapped
             (DDP/FSDP) and the LR scaled by `train.distributed.lr_scaling`.
@@ -55,7 +57,9 @@ def build_trainer(
     device = resolve_device(train_cfg.device) if device is None else device
     check_metric(train_cfg.early_stopping.monitor, data.spec.task, "train.early_stopping.monitor")
     seed_everything(spec.seed)  # the same on every rank: every replica starts from the same weights
-    module = (build_model(spec.model, data.spec) if model is None else model).to(device)
+    module = (initial_model(spec, store) if model is None else model).to(device)
+    finetune = spec.train.finetune if model is None and spec.train.finetune.active else None
+    phases = [Finetuning(finetune, module)] if finetune is not None else []  # before the freeze: all it may train
     auto = train_cfg.batch_size == "auto"
     loaders = prepared_loaders(spec, store, 1 if auto else int(train_cfg.batch_size), device.type == "cuda", rank)
     if auto:  # the search trains on the loaded split; the loaders then take the size found
@@ -70,12 +74,14 @@ def build_trainer(
     enable_fast_matmul(device)
     wrapped = wrap_model(module, train_cfg, rank, device)
     lr = spec.optim.lr * (train_cfg.distributed.lr_scale() if rank.distributed else 1.0)
-    optimizer = build_optimizer(wrapped, spec.optim, lr)
+    optimizer = build_optimizer(module, spec.optim, lr, finetune)
     _, total_steps = step_budget(len(loaders.train), train_cfg)
     scheduler = build_scheduler(optimizer, spec.optim, total_steps)
     flops = model_flops_per_token(module, data.spec.seq_len) if data.spec.seq_len else None
-    trainer = Trainer(wrapped, optimizer, scheduler, loaders, train_cfg, device, data.spec.task, callbacks, rank,
-                      loss, module, flops)  # fmt: skip
+    trainer = Trainer(wrapped, optimizer, scheduler, loaders, train_cfg, device, data.spec.task,
+                      [*phases, *callbacks], rank, loss, module, flops)  # fmt: skip
+    for phase in phases:  # the first phase now: the LR range test sweeps what the first epoch trains
+        phase.apply(trainer)
     if channels_last:
         trainer.input_format = torch.channels_last
     return trainer

@@ -37,6 +37,9 @@ class Callback:
     def on_fit_start(self, trainer: Trainer) -> None:
         """Called once before the first step, after any resumed state is restored."""
 
+    def on_epoch_start(self, trainer: Trainer) -> None:
+        """Called before each epoch's first step (also a resumed one's)."""
+
     def on_step_end(self, trainer: Trainer) -> None:
         """Called after every optimizer step (skipped non-finite steps included)."""
 

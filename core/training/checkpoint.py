@@ -29,10 +29,12 @@ from torch import nn
 from trainflow.core.config import CheckpointConfig, EarlyStoppingConfig
 from trainflow.core.errors import TrainingError
 from trainflow.core.models import build_model
+from trainflow.core.models.lora import is_lora, load_weights, merged
 from trainflow.core.storage.files import sha256_file
 from trainflow.core.storage.store import ArtifactStore
 from trainflow.core.storage.uploads import BackgroundUploads, ListingStore
 from trainflow.core.training.callbacks import Callback, is_improvement, monitored_value
+from trainflow.core.training.initial import initial_model
 from trainflow.core.training.sharded import SHARDS_SUFFIX
 from trainflow.core.training.spec import TrainingSpec
 from trainflow.core.training.state import FitResult
@@ -73,11 +75,12 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         ) from None
 
 
-def trained_model(spec: TrainingSpec, store: ArtifactStore, weights_uri: str) -> nn.Module:
-    """`spec`'s model holding the weights a fit handed on (a `TrainResult.checkpoint_uri`), on CPU, in eval mode."""
-    model = build_model(spec.model, spec.data.spec)
-    model.load_state_dict(load_checkpoint(store.local_path(weights_uri))["model"])
-    return model.eval()
+def trained_model(spec: TrainingSpec, store: ArtifactStore, weights_uri: str, merge: bool = True) -> nn.Module:
+    """`spec`'s model holding the weights a fit handed on (a `TrainResult.checkpoint_uri`), on CPU, in eval mode.
+    A LoRA training's adapters are merged into the weights unless `merge` is false (evaluate runs them unmerged)."""
+    model = initial_model(spec, store) if spec.model.lora is not None else build_model(spec.model, spec.data.spec)
+    load_weights(model, load_checkpoint(store.local_path(weights_uri))["model"])
+    return (merged(model) if merge else model).eval()
 
 
 def remove_checkpoint(path: Path) -> None:
@@ -180,12 +183,14 @@ class ModelCheckpoint(Callback):
             save_checkpoint(best, self.folder / BEST)
             self._upload(BEST)
         if restore and not trainer.sharded:
-            trainer.module.load_state_dict(self.best_weights)  # type: ignore[arg-type]
+            load_weights(trainer.module, self.best_weights)  # type: ignore[arg-type]
         if restore:
             log.info("restored the weights of step %s (%s=%.5g)", self.best_step, self.monitor.monitor, self.best)
         final = self.best_weights if restore and trainer.sharded else trainer.full_state_dict()  # full, even FSDP
         if self.writer:
-            save_checkpoint({"model": final, "step": trainer.state.step}, self.folder / FINAL)
+            base = {"adapters_of": self.extra.get("config", {}).get("warm_start") or "seeded init"} if is_lora(
+                trainer.module) else {}  # fmt: skip
+            save_checkpoint({"model": final, "step": trainer.state.step, **base}, self.folder / FINAL)
             self._upload(FINAL)
         if self.uploads is not None:
             self.uploads.close()  # the stage returns only once everything is in the store; a failure raises

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 from trainflow.core.config import OptimConfig
+from trainflow.core.config.finetune import FinetuneConfig
+from trainflow.core.training.finetune import param_groups
 from trainflow.core.training.large_batch import LAMB, LARS
 from trainflow.core.training.spec import OptimSpec
 
@@ -20,22 +22,23 @@ def import_optimizer_dependencies() -> None:
     importlib.import_module("torch._dynamo")
 
 
-def build_optimizer(model: nn.Module, cfg: OptimSpec, lr: float | None = None) -> torch.optim.Optimizer:
-    """AdamW, SGD, LARS or LAMB; parameters with fewer than 2 dims (norm scales, biases) get no weight decay,
-    and under LARS/LAMB no trust ratio either.
+def build_optimizer(
+    model: nn.Module, cfg: OptimSpec, lr: float | None = None, finetune: FinetuneConfig | None = None
+) -> torch.optim.Optimizer:
+    """AdamW, SGD, LARS or LAMB over the parameters that require gradients; parameters with fewer than 2 dims
+    (norm scales, biases) get no weight decay, and under LARS/LAMB no trust ratio either. `finetune` gives
+    blocks their own LR factors (`core.training.finetune.param_groups`).
 
     `lr` overrides `cfg.lr` (scaled for several ranks). AdamW is fused when every parameter is on CUDA:
     one kernel for all tensors, and GradScaler's inf check skips its step on the device.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    if cfg.name in ("lars", "lamb"):
-        groups[1]["trust_adaptation"] = False
-    groups = [g for g in groups if g["params"]]
     lr = cfg.lr if lr is None else lr
+    groups = param_groups(model, finetune or FinetuneConfig(), cfg.weight_decay, lr)
+    params = [p for g in groups for p in g["params"]]
+    if cfg.name in ("lars", "lamb"):
+        for group in groups:  # param_groups keeps matrices and vectors apart
+            if group["params"][0].ndim < 2:
+                group["trust_adaptation"] = False
     if cfg.name == "lars":
         return LARS(groups, lr=lr, momentum=cfg.momentum, trust_coefficient=cfg.trust_coefficient)
     if cfg.name == "lamb":

@@ -18,7 +18,8 @@ from trainflow.core.config import Config, FactoryModelConfig, LoaderConfig, Mode
 from trainflow.core.config.messages import format_validation_error
 from trainflow.core.config.overrides import set_path
 from trainflow.core.errors import ConfigError
-from trainflow.core.records import PrepareDataResult
+from trainflow.core.models.warm_start import warm_start_of
+from trainflow.core.records import PrepareDataResult, WarmStart
 from trainflow.core.storage.version import model_code_version
 
 # How long and how often the loop runs, evaluates, logs and saves: the tuning stages set their own budget for
@@ -45,6 +46,7 @@ class TrainingSpec(BaseModel):
     seed: int
     data: PrepareDataResult
     model_code: str | None = None  # a model.factory's code: its files' hash or `dist==version`; None for the zoo
+    warm_start: WarmStart | None = None  # model.init_from resolved: a registered version and its weights' sha256
 
     @classmethod
     def of(cls, config: Config, data: PrepareDataResult, lr: float | None = None) -> TrainingSpec:
@@ -64,6 +66,7 @@ class TrainingSpec(BaseModel):
             seed=config.seed,
             data=data,
             model_code=_model_code(config.model),
+            warm_start=warm_start_of(config),
         )
 
     def with_values(self, values: Mapping[str, Any]) -> TrainingSpec:
@@ -88,8 +91,9 @@ class TrainingSpec(BaseModel):
         return self.model_copy(update=update)
 
     def with_model(self, model: ModelConfig) -> TrainingSpec:
-        """The same training of another model (a distillation student)."""
-        return self.model_copy(update={"model": model, "model_code": _model_code(model)})
+        """The same training of another model (a distillation student, which starts from its own init)."""
+        warm = self.warm_start if model.init_from == self.model.init_from else None
+        return self.model_copy(update={"model": model, "model_code": _model_code(model), "warm_start": warm})
 
     def for_tuning(self) -> TrainingSpec:
         """The loop settings at their defaults (`LOOP_SETTINGS`): what the tuning stages' results depend on."""
@@ -99,7 +103,8 @@ class TrainingSpec(BaseModel):
 
     def sections(self) -> dict[str, Any]:
         """model, optim, train, loader and seed as plain data: logged as params, kept in checkpoints."""
-        return self.model_dump(mode="json", include={"model", "optim", "train", "loader", "seed", "model_code"})
+        return self.model_dump(mode="json", include={"model", "optim", "train", "loader", "seed", "model_code",
+                                                     "warm_start"})
 
 
 class _Loader(BaseModel):

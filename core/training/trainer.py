@@ -2,6 +2,7 @@
 
 Order of events in `fit`:
     on_fit_start
+    at each epoch start: on_epoch_start
     for each optimizer step: train_step -> on_log (every log_every_steps) -> validation if due
         (on_eval_end) -> on_step_end
     at each epoch end (eval_every_steps unset): validation (on_eval_end)
@@ -34,6 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from trainflow.core.config import TrainConfig
 from trainflow.core.data.loaders import Batch, Loaders, rebatched
+from trainflow.core.models.lora import load_weights, weights_to_save
 from trainflow.core.training.callbacks import Callback
 from trainflow.core.training.distributed import SINGLE, Rank, broadcast_object, reduced_eval
 from trainflow.core.training.flops import mfu_factor
@@ -145,10 +147,10 @@ class Trainer:
         log.info("effective batch %d = %d per micro-batch x %d accumulation x %d processes; %d steps",
                  self.effective_batch_size, s.micro_batch, s.grad_accum, self.rank.world_size,
                  self.total_steps)  # fmt: skip
+        self.model.train()
         self._call("on_fit_start")
         self._fit_started, self._fit_samples, self.eval_seconds = time.perf_counter(), s.samples_seen, 0.0
         self.log_window.reset(s.samples_seen)  # the first window starts now, after any resume
-        self.model.train()
         try:
             while s.stop_reason is None:
                 if s.epoch >= cfg.max_epochs:
@@ -156,6 +158,7 @@ class Trainer:
                     break
                 start = s.batch_in_epoch * s.micro_batch * self.rank.world_size
                 self.loaders.sampler.set_epoch(s.epoch, start=start)
+                self._call("on_epoch_start")
                 if self._run_epoch():
                     self.updating = True
                     s.epoch, s.batch_in_epoch = s.epoch + 1, 0
@@ -276,8 +279,10 @@ class Trainer:
         return self.state.micro_batch * self.state.grad_accum * self.rank.world_size
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The plain weights on CPU, on the main rank (None elsewhere); collective under FSDP."""
-        return full_state_dict(self.module, self.rank.is_main)
+        """The plain weights on CPU, on the main rank (None elsewhere); collective under FSDP. A LoRA model's are
+        its adapters (`core.models.lora.weights_to_save`)."""
+        state = full_state_dict(self.module, self.rank.is_main)
+        return None if state is None else weights_to_save(self.module, state)
 
     def main_decides(self, flag: bool) -> bool:
         """The main rank's `flag` on every rank (a time-based decision that collectives must share)."""
@@ -290,7 +295,7 @@ class Trainer:
         values (and, with a fused optimizer, checks the window's non-finite steps)."""
         for finite in self.log_window.deferred_finite():
             self._check_finite(finite)
-        lm, lr = self.task == "language_modeling", self.scheduler.get_last_lr()[0]
+        lm, lr = self.task == "language_modeling", self.peak_lr
         metrics = self.log_window.metrics(self.state.samples_seen, lm, self.rank, self.device, lr, self.mfu_factor)
         return metrics | {"train/micro_batch_size": float(self.state.micro_batch)}
 
@@ -305,7 +310,22 @@ class Trainer:
             "total_steps": self.total_steps,
             "device": str(self.device),
             "n_parameters": sum(p.numel() for p in self.module.parameters()),
+            "trainable_parameters": sum(p.numel() for p in self.module.parameters() if p.requires_grad),
         }
+
+    @property
+    def peak_lr(self) -> float:
+        """The LR now of parameters at factor 1 (`train.finetune` gives lower blocks a fraction of it)."""
+        group = self.optimizer.param_groups[0]
+        return float(group["lr"]) / group.get("lr_scale", 1.0)
+
+    def rewrap(self) -> None:
+        """After parameters were frozen or unfrozen: DDP registers the trainable ones when it wraps, so wrap again
+        (a collective; every rank changes phase at the same epoch)."""
+        if isinstance(getattr(self.model, "_orig_mod", self.model), DistributedDataParallel):
+            from trainflow.core.training.parallel import wrap_model
+
+            self.model = wrap_model(self.module, self.cfg, self.rank, self.device)
 
     def checkpoint_state(self, shards: Path | None = None) -> dict[str, Any]:
         """Everything `restore` needs. Under FSDP (collective) the weights and optimizer state go to `shards`,
@@ -314,7 +334,7 @@ class Trainer:
             assert shards is not None, "a sharded model saves its state into a shards folder"
             save_shards(self.module, self.optimizer, shards)
         return {
-            "model": None if self.sharded else self.module.state_dict(),
+            "model": None if self.sharded else weights_to_save(self.module, self.module.state_dict()),
             "optimizer": None if self.sharded else self.optimizer.state_dict(),
             "shards": shards.name if self.sharded and shards is not None else None,
             "scheduler": self.scheduler.state_dict(),
@@ -331,7 +351,7 @@ class Trainer:
             assert folder is not None, "a sharded checkpoint's weights are in its folder"
             load_shards(self.module, self.optimizer, folder / payload["shards"])
         else:
-            self.module.load_state_dict(payload["model"])
+            load_weights(self.module, payload["model"])
             self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
         self.scaler.load_state_dict(payload["scaler"])
@@ -348,7 +368,7 @@ class Trainer:
 
     # -------------------------------------------------------------------------------- helpers
     def _check_finite(self, finite: bool) -> None:
-        count_nonfinite(self.state, finite, self.cfg.max_nonfinite_steps, self.scheduler.get_last_lr()[0])
+        count_nonfinite(self.state, finite, self.cfg.max_nonfinite_steps, self.peak_lr)
 
     def _gradient_sync(self, last: bool) -> AbstractContextManager[object]:
         # Under DDP/FSDP only the last micro-batch of a step all-reduces (reduce-scatters) gradients.

@@ -49,11 +49,11 @@ def lr_sweep(
     average, best, diverged = 0.0, math.inf, False
     try:
         with isolate_rng():
-            for group in trainer.optimizer.param_groups:
-                group["lr"], group["initial_lr"] = min_lr, min_lr
+            for group in trainer.optimizer.param_groups:  # blocks at a fraction of the LR keep it (train.finetune)
+                group["lr"] = group["initial_lr"] = min_lr * group.get("lr_scale", 1.0)
             trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda i: growth**i)
             for step, micro_batches in zip(range(num_steps), _endless_steps(trainer), strict=False):
-                lr = trainer.optimizer.param_groups[0]["lr"]
+                lr = trainer.peak_lr
                 loss = trainer.train_step(micro_batches).loss.item()
                 if not math.isfinite(loss):
                     diverged = True
