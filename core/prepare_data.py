@@ -7,7 +7,8 @@ prepared.py (the stored .npz), spec.py (what the models are told).
 
 Beside splits.npz, a table or image source also gets `preprocessor.pkl`: the fitted transformer, the raw
 columns and their dtypes, class names, image shape and a few raw test rows, so a served model can take raw
-inputs (see core/serving/).
+inputs (see core/serving/); and `raw_test.pkl`, the test split as it came in, on which the publish stage scores
+the champion's served model against the new version.
 """
 
 from __future__ import annotations
@@ -15,23 +16,34 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from typing import Any
 
 from trainflow.core.config import DataConfig, StoreConfig, TextDataConfig
 from trainflow.core.data.prepared import SPLITS, splits_to_npz
 from trainflow.core.data.preprocess import split_table, split_text
 from trainflow.core.data.sources import RawText, dataset_uri, load_source
 from trainflow.core.data.spec import DataSpec
-from trainflow.core.records import PrepareDataResult
+from trainflow.core.errors import DataError
+from trainflow.core.records import PrepareDataResult, ReusedPreprocessing
+from trainflow.core.storage.files import sha256_file
 from trainflow.core.storage.store import ArtifactStore
 
 log = logging.getLogger(__name__)
 
-PREPARE_VERSION = 2  # bump when the preprocessing changes what it writes (2: preprocessor.pkl)
+PREPARE_VERSION = 3  # bump when the preprocessing changes what it writes (2: preprocessor.pkl, 3: raw_test.pkl)
 
 
-def prepare_data(cfg: DataConfig, seed: int, store: ArtifactStore, s3: StoreConfig | None = None) -> PrepareDataResult:
+def prepare_data(
+    cfg: DataConfig,
+    seed: int,
+    store: ArtifactStore,
+    s3: StoreConfig | None = None,
+    preprocessing: ReusedPreprocessing | None = None,
+) -> PrepareDataResult:
     """Prepare the train/val/test arrays for `cfg`, re-using the store's copy when the fingerprint matches.
     `s3`: S3 settings for an s3:// `data.path` (the `store` section; default: an S3 store's own).
+    `preprocessing`: a parent model's fitted preprocessor to apply instead of fitting one (`model.init_from`);
+    its sha256 is part of the fingerprint.
 
     Raises:
         DataError: the source is missing, empty or cannot be encoded (the message names file and column).
@@ -40,26 +52,30 @@ def prepare_data(cfg: DataConfig, seed: int, store: ArtifactStore, s3: StoreConf
     settings = cfg.model_dump(mode="json", exclude={"loader"})
     split_seed = None if isinstance(raw, RawText) else seed  # text splits are contiguous: no seed involved
     identity = {"content": raw.content_sha256, "settings": settings, "seed": split_seed, "version": PREPARE_VERSION}
+    if preprocessing is not None and not isinstance(raw, RawText):
+        identity["preprocessor"] = preprocessing.sha256
     fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     folder = f"data/{fingerprint[:16]}"
     record_uri = store.uri_for(f"{folder}/record.json")
     if store.exists(record_uri):
         result = PrepareDataResult.model_validate_json(store.local_path(record_uri).read_text())
-        complete = isinstance(raw, RawText) or result.preprocessor_uri is not None  # a table ships its preprocessing
+        complete = isinstance(raw, RawText) or result.raw_test_uri is not None  # a table ships its preprocessing
         if complete and all(store.exists(uri) for uri in result.artifact_uris()):
             log.info("prepare_data: %s already prepared (fingerprint %s)", raw.name, fingerprint[:12])
             return result
 
-    preprocessor_uri = None
+    preprocessor_uri = raw_test_uri = None
     if isinstance(raw, RawText):
         assert isinstance(cfg, TextDataConfig)
         splits = split_text(raw, cfg.val_fraction, cfg.test_fraction, cfg.seq_len)
         counts = [(len(splits.x[s]) - 1) // cfg.seq_len for s in SPLITS]
         spec = DataSpec(task="language_modeling", input_shape=(cfg.seq_len,), n_classes=256)
     else:
-        fitted = split_table(raw, cfg.val_fraction, cfg.test_fraction, cfg.scale, seed)
+        parent = _parent_preprocessor(preprocessing, s3 if s3 is not None else getattr(store, "settings", None))
+        fitted = split_table(raw, cfg.val_fraction, cfg.test_fraction, cfg.scale, seed, parent)
         splits = fitted.splits
         preprocessor_uri = store.put_bytes(fitted.preprocessor_bytes(), f"{folder}/preprocessor.pkl")
+        raw_test_uri = store.put_bytes(fitted.raw_test_bytes(), f"{folder}/raw_test.pkl")
         counts = [len(splits.y[s]) for s in SPLITS]
         spec = DataSpec(
             task="classification",
@@ -78,7 +94,23 @@ def prepare_data(cfg: DataConfig, seed: int, store: ArtifactStore, s3: StoreConf
         n_test=counts[2],
         spec=spec,
         preprocessor_uri=preprocessor_uri,
+        raw_test_uri=raw_test_uri,
     )
     store.put_bytes(result.model_dump_json(indent=2).encode(), f"{folder}/record.json")
     log.info("prepare_data: %s -> %d/%d/%d train/val/test", raw.name, *counts)
     return result
+
+
+def _parent_preprocessor(preprocessing: ReusedPreprocessing | None, s3: StoreConfig | None) -> dict[str, Any] | None:
+    """The parent's fitted preprocessor payload, checked against the sha256 it was resolved with."""
+    if preprocessing is None:
+        return None
+    import pickle
+
+    from trainflow.core.models.warm_start import fetch
+
+    path = fetch(preprocessing.uri, s3)
+    if sha256_file(path) != preprocessing.sha256:
+        raise DataError(f"{preprocessing.uri}: the parent's preprocessor changed since this run resolved it")
+    log.info("prepare_data: re-using the parent model's preprocessing (%s)", preprocessing.uri)
+    return pickle.loads(path.read_bytes())

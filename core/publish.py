@@ -26,7 +26,16 @@ from trainflow.core.records import (
     PublishResult,
     TrainResult,
 )
-from trainflow.core.serving.registry import TAG, Decision, champion_metric, judge, record, served_metrics
+from trainflow.core.serving.champion import served_scores
+from trainflow.core.serving.registry import (
+    TAG,
+    Decision,
+    champion_metric,
+    judge,
+    promote_margin,
+    record,
+    served_metrics,
+)
 from trainflow.core.storage.files import sha256_file
 from trainflow.core.storage.store import ArtifactStore
 from trainflow.core.storage.version import code_version, git_commit
@@ -80,7 +89,8 @@ def publish(
             metric=metric,
             higher_is_better=higher_is_better,
             metrics=figures,
-            data_fingerprint=data.fingerprint,
+            margin=promote_margin(cfg, higher_is_better),
+            score_champion=lambda uri: served_scores(uri, data, store, run.tracking_uri),
         )
         aliases = [cfg.alias] + ([cfg.champion_alias] if decision.promote else [])
 
@@ -144,6 +154,8 @@ def publish(
         aliases=aliases,
         champion_decision=decision.name if decision else None,
         champion_reason=decision.reason if decision else None,
+        challenger_score=decision.challenger_score if decision else None,
+        champion_score=decision.champion_score if decision else None,
     )
 
 
@@ -155,7 +167,9 @@ def _registered_entry(
         return None
     entry: dict[str, object] = {"name": config.publish.registered_model_name, "version": version, "aliases": aliases}
     if decision is not None:
-        entry |= {"champion_metric": metric, "champion_decision": decision.name, "champion_reason": decision.reason}
+        entry |= {"champion_metric": metric, "champion_decision": decision.name, "champion_reason": decision.reason,
+                  "challenger_score": decision.challenger_score, "champion_score": decision.champion_score,
+                  "champion_version": decision.champion_version}  # fmt: skip
     return entry
 
 

@@ -44,6 +44,14 @@ def stage_key(stage: str, inputs: Mapping[str, Any]) -> str:
     return f"{stage}-{digest[:24]}"
 
 
+class ReusedPreprocessing(BaseModel):
+    """A parent model's fitted preprocessor that prepare_data applies instead of fitting one."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    uri: str
+    sha256: str
+
+
 class WarmStart(BaseModel):
     """Where a training's first weights came from (`model.init_from`, resolved): the version an alias pointed to,
     never the alias, and the sha256 of the weights, so a moved alias or a replaced file re-runs training."""
@@ -57,7 +65,7 @@ class WarmStart(BaseModel):
     run_id: str | None = None  # the registered version's run (publish), else the manifest's
     data_fingerprint: str | None = None  # the data the parent was trained and tested on
     manifest_uri: str | None = None
-    preprocessor_uri: str | None = None  # the parent's fitted preprocessing (re-used unless data.refit_preprocessing)
+    preprocessor: ReusedPreprocessing | None = None  # the parent's fitted preprocessing (data.refit_preprocessing)
 
     def lineage(self) -> dict[str, str]:
         """What this model grew from, as `trainflow.parent.*` tags (MLflow runs and versions, the manifest)."""
@@ -76,9 +84,10 @@ class PrepareDataResult(StageResult):
     n_test: int
     spec: DataSpec
     preprocessor_uri: str | None = None  # pickled fitted transformer + raw columns (tables and images)
+    raw_test_uri: str | None = None  # the test split's raw rows and class names (tables and images)
 
     def artifact_uris(self) -> list[str]:
-        return [self.uri] + ([self.preprocessor_uri] if self.preprocessor_uri else [])
+        return [self.uri] + [uri for uri in (self.preprocessor_uri, self.raw_test_uri) if uri]
 
     def run_tags(self) -> dict[str, str]:
         return {"trainflow.data_fingerprint": self.fingerprint}
@@ -220,6 +229,8 @@ class PublishResult(StageResult):
     aliases: list[str] = []  # aliases set on the new version: the candidate alias, and champion when promoted
     champion_decision: str | None = None  # promoted | kept
     champion_reason: str | None = None  # why, with the new version's and the champion's figures
+    challenger_score: float | None = None  # the new version's champion_metric on its test split
+    champion_score: float | None = None  # the champion's served model scored in this run on the same split
 
     def artifact_uris(self) -> list[str]:
         return [o.uri for o in self.objects]
@@ -233,4 +244,5 @@ class PublishResult(StageResult):
             "trainflow.aliases": ",".join(self.aliases),
             "trainflow.champion_decision": self.champion_decision or "",
             "trainflow.champion_reason": (self.champion_reason or "")[:5000],
-        }
+        } | {f"trainflow.{k}": repr(v) for k in ("challenger_score", "champion_score")
+             if (v := getattr(self, k)) is not None}  # fmt: skip

@@ -104,19 +104,18 @@ def _tune_worker(args: argparse.Namespace) -> int:
     database (`tune.hpo.storage`) and MLflow; the data is prepared again here unless the store is shared."""
     import logging
 
-    from trainflow.core.config import load_config
     from trainflow.core.errors import ConfigError
-    from trainflow.core.preflight import preflight
+    from trainflow.core.preflight import checked_config
 
-    config = load_config(args.config, args.overrides)
+    config = checked_config(args.config, args.overrides)  # model.init_from's alias resolved as node 0 resolved it
     hpo = config.tune.hpo
     if not hpo.enabled or hpo.storage is None:
         raise ConfigError("tune.hpo.storage: a tune-worker joins a search in a database every machine reaches; "
                           "enable tune.hpo and set tune.hpo.storage (postgresql://...) on every machine")  # fmt: skip
-    preflight(config)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     import optuna  # everything a trial needs is loaded before waiting: the first trial starts as the study does
 
+    from trainflow.core.models.warm_start import reused_preprocessing
     from trainflow.core.prepare_data import prepare_data
     from trainflow.core.storage.store import open_store, resolved
     from trainflow.core.tracking.backend import tracking_uri
@@ -130,7 +129,8 @@ def _tune_worker(args: argparse.Namespace) -> int:
     study = optuna.load_study(study_name=wait_for_study(storage, join_key(config), args.wait), storage=storage)
     store = open_store(resolved(config.store))
     job = worker_job(study, hpo.storage, store, tracking_uri(config.tracking.uri),
-                     prepare=lambda: prepare_data(config.data, config.seed, store, config.store))  # fmt: skip
+                     prepare=lambda: prepare_data(config.data, config.seed, store, config.store,
+                                                  reused_preprocessing(config)))  # fmt: skip
     print(f"tune-worker: joined study {study.study_name}", flush=True)
     run_worker(job, storage)
     mine = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("worker") == worker_name()]

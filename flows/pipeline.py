@@ -15,6 +15,7 @@ from typing import Any
 from prefect import flow
 
 from trainflow.core.data.sources import data_version
+from trainflow.core.models.warm_start import reused_preprocessing
 from trainflow.core.preflight import checked_config
 from trainflow.core.tracking.backend import quiet_mlflow
 from trainflow.core.tuning.plan import hpo_search_plan, lr_range_test_plan, lr_range_test_spec, search_spec, tuned
@@ -39,7 +40,8 @@ def run_stages(
     config = checked_config(config_path, overrides or [])
     with PipelineRun(config, config_path, out_dir, reuse_only, overrides) as run:
         data = run.stage(prepare_data_task, data_cfg=config.data, seed=config.seed,
-                         source_version=data_version(config.data, config.store))  # fmt: skip
+                         source_version=data_version(config.data, config.store),
+                         preprocessing=reused_preprocessing(config))  # fmt: skip
         # The tuning stages train with the loop settings at their defaults: training longer re-runs neither.
         lr_range = run.stage_if(lr_range_test_plan(config), lr_range_test_task, spec=lr_range_test_spec(config, data),
                                 lr_range_test_cfg=config.tune.lr_range_test)  # fmt: skip

@@ -34,6 +34,12 @@ class FittedTable:
     dtypes: dict[str, str]  # every raw feature column, in source order -> its pandas dtype
     image_shape: tuple[int, ...] | None
     examples: pd.DataFrame  # the first raw test rows, exactly as they came in
+    raw_test: pd.DataFrame  # every raw test row: a served model (the champion) is scored on them
+
+    def raw_test_bytes(self) -> bytes:
+        """The raw test split as a pickle: `features` (DataFrame as it came in) and `labels` (class names)."""
+        labels = [self.splits.class_names[i] for i in self.splits.y["test"]]
+        return pickle.dumps({"features": self.raw_test, "labels": labels}, protocol=pickle.HIGHEST_PROTOCOL)
 
     def preprocessor(self) -> dict[str, Any]:
         """The pickled payload: plain dict, scikit-learn and pandas objects only, so a served model
@@ -57,17 +63,33 @@ class FittedTable:
         return pickle.dumps(self.preprocessor(), protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def split_table(raw: RawTable, val_fraction: float, test_fraction: float, scale: str, seed: int) -> FittedTable:
-    """Stratified train/val/test split, then impute/encode/scale fitted on the training rows only.
+def split_table(
+    raw: RawTable,
+    val_fraction: float,
+    test_fraction: float,
+    scale: str,
+    seed: int,
+    fitted: dict[str, Any] | None = None,
+) -> FittedTable:
+    """Stratified train/val/test split, then impute/encode/scale fitted on the training rows only, or with the
+    already fitted preprocessor payload `fitted` (a parent model's: its weights learned that scaling).
 
     Raises:
-        DataError: a content problem (see `check_table`), naming the source and column.
+        DataError: a content problem (see `check_table`), naming the source and column; columns that differ
+            from `fitted`'s.
     """
     rows = _split_rows(raw, val_fraction, test_fraction, seed)
-    numeric, categorical = _column_kinds(raw.features, raw.name)
+    if fitted is None:
+        numeric, categorical = _column_kinds(raw.features, raw.name)
+        transformer = _feature_transformer(numeric, categorical, scale)
+        transformer.fit(categories_as_strings(raw.features, categorical).iloc[rows.index["train"]])
+    else:
+        columns = [str(c) for c in raw.features.columns]
+        if columns != list(fitted["columns"]):
+            raise DataError(f"{raw.name}: columns {columns[:5]}... differ from the parent model's preprocessing "
+                            f"({list(fitted['columns'])[:5]}...); set data.refit_preprocessing: true")  # fmt: skip
+        numeric, categorical, transformer = fitted["numeric"], fitted["categorical"], fitted["transformer"]
     features = categories_as_strings(raw.features, categorical)
-    transformer = _feature_transformer(numeric, categorical, scale)
-    transformer.fit(features.iloc[rows.index["train"]])
     x = {name: _to_float32(transformer.transform(features.iloc[index])) for name, index in rows.index.items()}
     n_features = x["train"].shape[1]
     if raw.image_shape is not None:
@@ -81,6 +103,7 @@ def split_table(raw: RawTable, val_fraction: float, test_fraction: float, scale:
         dtypes={str(c): str(t) for c, t in raw.features.dtypes.items()},
         image_shape=raw.image_shape,
         examples=_plain(raw.features.iloc[rows.index["test"][:N_EXAMPLES]].reset_index(drop=True)),
+        raw_test=_plain(raw.features.iloc[rows.index["test"]].reset_index(drop=True)),
     )
 
 

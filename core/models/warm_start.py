@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from trainflow.core.config import Config, ModelConfig, StoreConfig
 from trainflow.core.errors import ConfigError
 from trainflow.core.models.parts import first_match
-from trainflow.core.records import WarmStart
+from trainflow.core.records import ReusedPreprocessing, WarmStart
 from trainflow.core.storage.files import sha256_file
 
 if TYPE_CHECKING:
@@ -115,10 +115,20 @@ def _from_manifest(uri: str, store: StoreConfig, source: str) -> WarmStart:
     sha = sha256_file(_local(weights, store))
     if sha != files["model.pt"]["sha256"]:
         raise ConfigError(f"model.init_from: {weights}: sha256 differs from its manifest (trainflow verify {uri})")
-    preprocessor = f"{folder}/preprocessor.pkl" if "preprocessor.pkl" in files else None
+    entry = files.get("preprocessor.pkl")
+    preprocessor = ReusedPreprocessing(uri=f"{folder}/preprocessor.pkl", sha256=entry["sha256"]) if entry else None
     return WarmStart(source=source, weights_uri=weights, sha256=sha, run_id=manifest.get("mlflow_run_id"),
                      data_fingerprint=manifest.get("data_fingerprint"), manifest_uri=uri,
-                     preprocessor_uri=preprocessor)  # fmt: skip
+                     preprocessor=preprocessor)  # fmt: skip
+
+
+def reused_preprocessing(config: Config) -> ReusedPreprocessing | None:
+    """The parent's fitted preprocessor that prepare_data applies: a published parent's, unless
+    `data.refit_preprocessing` (text has none: bytes are its tokens)."""
+    warm = warm_start_of(config)
+    if warm is None or warm.preprocessor is None or config.data.refit_preprocessing:
+        return None
+    return warm.preprocessor
 
 
 def fetch(uri: str, store: StoreConfig | None) -> Path:

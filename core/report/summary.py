@@ -86,6 +86,13 @@ def _results(tuned: dict[str, Any], evaluated: dict[str, Any] | None, trained: d
     if trained:
         lines.append(Text(f"train: {trained['epochs_run']} epochs, stopped by {trained['stop_reason']}, "
                           f"{trained['samples_per_s']:.0f} samples/s"))  # fmt: skip
+        total, trainable = trained.get("total_parameters") or 0, trained.get("trainable_parameters") or 0
+        if total and trainable < total:
+            lines.append(Text(f"trained {trainable:,} of {total:,} parameters ({trainable / total:.2%})"))
+        parent = trained.get("parent")
+        if parent:
+            version = f" (version {parent['version']}, run {parent['run_id']})" if parent.get("version") else ""
+            lines.append(Text(f"started from: {parent['source']}{version}, sha256 {parent['sha256'][:12]}"))
     return lines
 
 
@@ -107,4 +114,6 @@ def _published(published: dict[str, Any]) -> list[Text]:
         aliases = ", ".join(published.get("aliases") or []) or "none"
         lines.append(Text(f"registered: {published['registered_model']} version {published['registered_version']} "
                           f"(aliases: {aliases})"))  # fmt: skip
+    if published.get("champion_decision"):
+        lines.append(Text(f"champion: {published['champion_decision']}: {published.get('champion_reason') or ''}"))
     return lines

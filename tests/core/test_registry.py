@@ -1,6 +1,7 @@
 """The registry's candidate/champion aliases: every published version becomes the candidate, the champion
-moves only to a version that beats it on the same test data, and the decision is recorded with both figures
-(version tags, publish run tags, manifest). MLflow runs on a throwaway SQLite file."""
+moves only to a version that beats it by the margin, the champion's served model scored in the same run on the
+new version's test split, and the decision is recorded with both figures (version tags, publish run tags,
+manifest). MLflow runs on a throwaway SQLite file."""
 
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ from trainflow.core.records import (
     PrepareDataResult,
     PublishResult,
 )
-from trainflow.core.serving.registry import champion_metric, judge, record, served_metrics
+from trainflow.core.serving.champion import served_scores
+from trainflow.core.serving.registry import champion_metric, judge, promote_margin, record, served_metrics
 from trainflow.core.tracking.backend import fluent_tracking_uri
 from trainflow.core.tracking.runs import Tracker
 
@@ -87,7 +89,7 @@ def registry(trained: Trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 
 
 # ---------------------------------------------------------------------------- through publish
-def test_candidate_always_champion_only_when_beaten_and_it_loads_by_alias(registry: Registry) -> None:
+def test_candidate_always_champion_only_when_beaten_by_the_margin_on_the_new_test_split(registry: Registry) -> None:
     first, run1 = registry.publish(0.8)
     assert (first.registered_model, first.registered_version) == (NAME, 1)
     assert first.aliases == ["candidate", "champion"] and first.champion_decision == "promoted"
@@ -100,24 +102,37 @@ def test_candidate_always_champion_only_when_beaten_and_it_loads_by_alias(regist
     assert float(tags["trainflow.metric.accuracy"]) == 0.8 and "trainflow.metric.f1_macro" in tags
     assert registry.client.get_run(run1).data.tags["trainflow.aliases"] == "candidate,champion"
 
-    second, run2 = registry.publish(0.7)  # worse: candidate only
+    # the champion is scored now, through its served model on the raw test rows: the evaluate stage's real figure,
+    # not the 0.8 its version was published with
+    real = registry.trained.evaluated.metrics["accuracy"]
+    assert served_scores(f"models:/{NAME}/1", registry.trained.data, registry.trained.store, registry.uri)[
+        "accuracy"] == pytest.approx(real, abs=1e-12)  # fmt: skip
+    second, run2 = registry.publish(real - 0.1)  # worse: candidate only
     assert second.registered_version == 2 and second.aliases == ["candidate"]
     assert (registry.holder("candidate"), registry.holder("champion")) == (2, 1)
     tags = registry.tags(2)
     assert tags["trainflow.champion_decision"] == "kept" == second.champion_decision
-    assert "0.7 (v2)" in tags["trainflow.champion_reason"] and "0.8 (champion v1)" in tags["trainflow.champion_reason"]
+    reason = tags["trainflow.champion_reason"]
+    assert f"{real - 0.1:.6g} (v2)" in reason and f"{real:.6g} (champion v1), both on v2's test split" in reason
     assert tags["trainflow.champion_reason"] == second.champion_reason
+    assert float(tags["trainflow.champion_score"]) == second.champion_score == pytest.approx(real)
+    assert float(tags["trainflow.challenger_score"]) == pytest.approx(real - 0.1)
     run_tags = registry.client.get_run(run2).data.tags
     assert run_tags["trainflow.champion_decision"] == "kept" and run_tags["trainflow.registered_version"] == "2"
     assert second.run_tags()["trainflow.champion_reason"] == second.champion_reason  # the pipeline's parent run
     manifest = registry.manifest(second)["registered_model"]
     assert manifest == {"name": NAME, "version": 2, "aliases": ["candidate"], "champion_metric": "accuracy",
-                        "champion_decision": "kept", "champion_reason": second.champion_reason}  # fmt: skip
+                        "champion_decision": "kept", "champion_reason": second.champion_reason,
+                        "challenger_score": real - 0.1, "champion_score": second.champion_score,
+                        "champion_version": 1}  # fmt: skip
 
-    third, _ = registry.publish(0.9)  # better: champion moves
+    noise, _ = registry.publish(real + 0.004)  # better, but within the default margin of 0.005: no churn
+    assert noise.champion_decision == "kept" and "does not beat the champion by +0.004" in (noise.champion_reason or "")
+    third, _ = registry.publish(real + 0.01)  # better by more than the margin: champion moves
     assert third.aliases == ["candidate", "champion"] and third.champion_decision == "promoted"
-    assert "0.9 (v3) vs 0.8 (champion v1): beats" in (third.champion_reason or "")
-    assert (registry.holder("candidate"), registry.holder("champion")) == (3, 3)
+    assert f"{real + 0.01:.6g} (v4) vs {real:.6g} (champion v1), both on v4's test split: beats" in (
+        third.champion_reason or "")  # fmt: skip
+    assert (registry.holder("candidate"), registry.holder("champion")) == (4, 4)
 
     import mlflow.pyfunc
 
@@ -130,14 +145,15 @@ def test_candidate_always_champion_only_when_beaten_and_it_loads_by_alias(regist
     np.testing.assert_allclose(out.filter(like="proba_").sum(axis=1), 1.0, atol=1e-5)
 
 
-def test_a_champion_tested_on_other_data_is_not_compared(registry: Registry) -> None:
+def test_a_champion_trained_on_other_data_is_scored_on_the_new_data(registry: Registry) -> None:
+    """Continual training always changes the data fingerprint: the champion is compared on the new test split
+    instead of being kept because its own figures came from other data."""
     registry.publish(0.5)
     other = registry.trained.data.model_copy(update={"fingerprint": "f" * 64})
     result, _ = registry.publish(0.99, data=other)
-    assert result.aliases == ["candidate"] and result.champion_decision == "kept"
-    reason = result.champion_reason or ""
-    assert "tested on other data" in reason and "0.99 (v2)" in reason and "0.5 (champion v1)" in reason
-    assert registry.holder("champion") == 1
+    real = registry.trained.evaluated.metrics["accuracy"]
+    assert result.champion_score == pytest.approx(real)
+    assert result.champion_decision == ("promoted" if 0.99 - real > 0.005 else "kept")
     assert registry.tags(2)["trainflow.data_fingerprint"] == "f" * 64
 
 
@@ -150,10 +166,16 @@ def _version(client: MlflowClient, name: str) -> int:
 
 
 def _judge_and_record(client: MlflowClient, name: str, metrics: dict[str, float], task: str) -> tuple[int, str]:
-    metric, higher = champion_metric(PublishConfig(), task)  # type: ignore[arg-type]
+    cfg = PublishConfig()
+    metric, higher = champion_metric(cfg, task)  # type: ignore[arg-type]
     version = _version(client, name)
+
+    def recorded(uri: str) -> dict[str, float]:  # the champion's own figure stands in for a fresh scoring
+        tags = client.get_model_version(name, uri.rsplit("/", 1)[1]).tags
+        return {metric: float(tags[f"trainflow.metric.{metric}"])}
+
     decision = judge(client, name, version, champion_alias="champion", metric=metric, higher_is_better=higher,
-                     metrics=metrics, data_fingerprint="abc")  # fmt: skip
+                     metrics=metrics, margin=promote_margin(cfg, higher), score_champion=recorded)  # fmt: skip
     record(client, name, version, decision, alias="candidate", champion_alias="champion",
            tags={"data_fingerprint": "abc"}, metrics=metrics)  # fmt: skip
     return version, decision.name
@@ -168,9 +190,12 @@ def test_perplexity_lower_is_better_for_a_language_model(tmp_path: Path) -> None
     _, figures = served_metrics(lm, None)
     assert _judge_and_record(client, "gpt", figures, "language_modeling") == (1, "promoted")
     assert _judge_and_record(client, "gpt", {**figures, "perplexity": 6.0}, "language_modeling") == (2, "kept")
-    assert _judge_and_record(client, "gpt", {**figures, "perplexity": 4.0}, "language_modeling") == (3, "promoted")
-    assert int(client.get_model_version_by_alias("gpt", "champion").version) == 3
-    assert "lower is better" in client.get_model_version("gpt", "3").tags["trainflow.champion_reason"]
+    # 0.6% lower: within the default 1% relative margin, so the champion stays
+    assert _judge_and_record(client, "gpt", {**figures, "perplexity": 4.97}, "language_modeling") == (3, "kept")
+    assert _judge_and_record(client, "gpt", {**figures, "perplexity": 4.0}, "language_modeling") == (4, "promoted")
+    assert int(client.get_model_version_by_alias("gpt", "champion").version) == 4
+    reason = client.get_model_version("gpt", "4").tags["trainflow.champion_reason"]
+    assert "lower is better" in reason and "by +20.00%, margin 1.00% (relative)" in reason
 
 
 def test_the_served_figures_are_the_recommended_variants_when_compress_ran(trained: Trained) -> None:
