@@ -103,7 +103,8 @@ def student_config(teacher: ModelConfig, width: float) -> ModelConfig:
         update = {"n_embd": per_head * teacher.n_head}
     else:
         raise TypeError(f"unknown model config {type(teacher).__name__}")
-    return type(teacher).model_validate(teacher.model_dump() | update)
+    fresh = {"init_from": None, "reinit": [], "lora": None}  # a smaller network starts from its own init, in full
+    return type(teacher).model_validate(teacher.model_dump() | update | fresh)
 
 
 def count_parameters(cfg: ModelConfig, spec: DataSpec) -> int:

@@ -21,7 +21,7 @@ class LoraConfig(Section):
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input.")
     target_modules: list[str] = Field(
         min_length=1,
-        description="Linear, Conv2d or Embedding modules that get adapters, by name or trailing name: the GPT's `qkv`, `proj`, `up`, `down`; the MLP's hidden `net.1`, `net.5` ... and `net.head`; the CNN's `conv1`, `conv2`, `head.3`; any of a factory model's.",
+        description="Linear, Conv1d, Conv2d or Embedding modules that get adapters, by name or trailing name: the GPT's `qkv`, `proj`, `up`, `down`; the MLP's hidden Linear layers (`net.1`, then every 4th with a norm, every 3rd without) and `net.head`; the CNN's `conv1`, `conv2`, `head.3`; any of a factory model's.",
     )
     modules_to_save: list[str] = Field(
         [],
@@ -50,7 +50,7 @@ class FinetuneConfig(Section):
         None,
         gt=0,
         le=1,
-        description="Discriminative learning rates (ULMFiT, fastai): the head block trains at optim.lr, each block below at this factor once more (0.5: lr, lr/2, lr/4 ...). Blocks from input to head: mlp = each hidden layer, then head; cnn = stem, each residual block, head; gpt = embeddings, each transformer block, then final norm and lm_head (with the tied tok_emb); a factory model = its lr_blocks() if it has one, else its top-level children. Combines with weight decay by splitting every block into decay and no-decay groups.",
+        description="Discriminative learning rates (ULMFiT, fastai): the head block trains at optim.lr, each block below at this factor once more (0.5: lr, lr/2, lr/4 ...). Blocks from input to head: mlp = each hidden layer, then head; cnn = stem, each residual block, head; gpt = the position embedding, each transformer block, then the final norm with lm_head and the token embedding tied to it; a factory model = its lr_blocks() if it has one, else its top-level children. Combines with weight decay by splitting every block into decay and no-decay groups.",
     )
     lr_multipliers: dict[str, Annotated[float, Field(gt=0)]] = Field(
         {},

@@ -20,7 +20,7 @@ class _ModelCommon(Section):
     )
     reinit: list[str] = Field(
         [],
-        description=f"Modules that start fresh (seeded init) instead of loading from init_from: a head for a new number of classes. Any other tensor whose shape differs from the parent's is an error listing them, before any stage runs. {PATTERNS}",
+        description=f"Modules that start fresh (seeded init) instead of loading from init_from: a head for a new number of classes. Any other tensor whose shape differs from the parent's is an error listing them, in the preflight (table data: when the first stage builds the model, its width being known once prepared). A weight tied to a fresh one (the GPT's tok_emb to lm_head) starts fresh too. {PATTERNS}",
     )
     lora: LoraConfig | None = Field(
         None,

@@ -90,10 +90,14 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 
 def merged(model: nn.Module) -> nn.Module:
-    """A plain model with the adapters folded into its weights (a copy; `model` keeps its adapters)."""
+    """A plain model with the adapters folded into its weights (a copy; `model` keeps its adapters), every parameter
+    trainable again, as any trained model is (compress fine-tunes and distils it)."""
     if not is_lora(model):
         return model
-    return copy.deepcopy(model).merge_and_unload()
+    plain = copy.deepcopy(model).merge_and_unload()
+    for p in plain.parameters():
+        p.requires_grad_(True)
+    return plain
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:

@@ -172,8 +172,11 @@ def read_state_dict(warm: WarmStart, store: StoreConfig | None) -> dict[str, tor
         raise ConfigError(f"model.init_from: {warm.weights_uri} changed since this run resolved it; run again")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
+            try:
+                from safetensors.torch import load_file
+            except ImportError:
+                raise ConfigError(f"model.init_from: {warm.weights_uri}: reading .safetensors needs the safetensors "
+                                  "package (pip install 'trainflow[finetune]')") from None
             payload: Any = load_file(path)
         else:
             payload = torch.load(path, map_location="cpu", weights_only=True)
@@ -197,6 +200,8 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], reinit: list[str
     """
     own = model.state_dict()
     fresh = [k for k in own if first_match(k, reinit)]
+    shared = {own[k].data_ptr() for k in fresh}  # a tied weight (the GPT's lm_head and tok_emb) is fresh under both
+    fresh += [k for k in own if k not in fresh and own[k].numel() and own[k].data_ptr() in shared]
     problems = []
     for key, tensor in own.items():
         if key in fresh:

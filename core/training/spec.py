@@ -91,9 +91,11 @@ class TrainingSpec(BaseModel):
         return self.model_copy(update=update)
 
     def with_model(self, model: ModelConfig) -> TrainingSpec:
-        """The same training of another model (a distillation student, which starts from its own init)."""
-        warm = self.warm_start if model.init_from == self.model.init_from else None
-        return self.model_copy(update={"model": model, "model_code": _model_code(model), "warm_start": warm})
+        """The same training of another model (a distillation student): from its own init, every parameter trained
+        (`train.finetune` names the first model's modules)."""
+        train = self.train.model_copy(update={"finetune": type(self.train.finetune)()})
+        return self.model_copy(update={"model": model, "model_code": _model_code(model), "warm_start": None,
+                                       "train": train})  # fmt: skip
 
     def for_tuning(self) -> TrainingSpec:
         """The loop settings at their defaults (`LOOP_SETTINGS`): what the tuning stages' results depend on."""
