@@ -193,6 +193,23 @@ def test_the_gpt_ties_its_embedding_to_the_head_block_and_lr_multipliers_match_b
     assert lr_of[id(gpt.tok_emb.weight)] == 0.01
 
 
+def test_a_gpt_head_named_in_reinit_starts_fresh_with_its_tied_embedding(store) -> None:
+    raw = _raw(data={"source": "text", "seq_len": 16}, model={"name": "gpt", "n_layer": 1, "n_embd": 16, "n_head": 2})
+    cfg = config_from_dict(raw)
+    data = prepare_data(cfg.data, cfg.seed, store)
+    torch.manual_seed(1)
+    parent = build_model(cfg.model, data.spec).state_dict()
+    torch.save(parent, store.root / "gpt.pt")
+    child = cfg.with_values({"model.init_from": str(store.root / "gpt.pt"), "model.reinit": ["lm_head"]})
+    seed_everything(0)
+    model = initial_model(TrainingSpec.of(child, data))
+    seed_everything(0)
+    fresh = build_model(cfg.model, data.spec).state_dict()
+    assert model.lm_head.weight is model.tok_emb.weight  # still tied
+    torch.testing.assert_close(model.tok_emb.weight, fresh["tok_emb.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(model.pos_emb.weight, parent["pos_emb.weight"], rtol=0, atol=0)
+
+
 def test_the_search_can_search_layer_lr_decay(store) -> None:
     cfg = config_from_dict(tiny_raw(tune={"hpo": {"enabled": True, "n_trials": 2, "space": {
         "train.finetune.layer_lr_decay": {"type": "float", "low": 0.3, "high": 1.0}}}}))  # fmt: skip

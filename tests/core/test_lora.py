@@ -15,6 +15,7 @@ import torch
 
 from tests.conftest import REPO, tiny_raw
 from tests.core.serving_support import open_run
+from trainflow.core.compress import compress
 from trainflow.core.config import config_from_dict
 from trainflow.core.errors import ConfigError
 from trainflow.core.evaluate import evaluate
@@ -85,7 +86,12 @@ def test_merged_and_unmerged_outputs_agree_and_only_adapters_train(data, model, 
 
 def test_a_lora_fit_trains_one_percent_checkpoints_adapters_and_publishes_a_plain_model(in_tmp: Path) -> None:
     store = LocalStore(in_tmp / "artifacts")
-    base = _config(TEXT, GPT, train={"max_epochs": 1, "max_steps": 6}, optim={"lr": 3e-3})
+    from pydoc_data.topics import topics
+
+    corpus = in_tmp / "small.txt"  # 24 KB: compress's fine-tune and student run whole epochs over it
+    corpus.write_text("".join(topics.values())[:24_000], encoding="utf-8")
+    base = _config(TEXT | {"path": str(corpus)}, GPT, train={"max_epochs": 1, "max_steps": 6}, optim={"lr": 3e-3},
+                   compress={"distillation": {"max_epochs": 1}})  # fmt: skip
     data = prepare_data(base.data, base.seed, store)
     parent = train(TrainingSpec.of(base, data), store, "parent")
     parent_file = store.local_path(parent.checkpoint_uri)
@@ -107,6 +113,12 @@ def test_a_lora_fit_trains_one_percent_checkpoints_adapters_and_publishes_a_plai
     torch.testing.assert_close(base_qkv, parent_weights["blocks.0.attn.qkv.weight"], rtol=0, atol=0)  # frozen base
 
     evaluated = evaluate(spec, cfg.compress.measure, trained, store, "evaluate")
+    only_training = {"pruning": {"enabled": False}, "combinations": [], "quantization": {
+        "onnx": False, "onnx_int8": "off", "torch_int8": False, "half": "off"}}  # fmt: skip
+    small = cfg.with_values({f"compress.{k}": v for k, v in only_training.items()}).compress
+    compressed = compress(small, spec, trained, store, "compress")  # fine-tunes and distils the merged model
+    failed = {v.name: v.reason for v in compressed.variants if v.status != "ok"}
+    assert {"pruned_structured", "distilled"} <= {v.base for v in compressed.variants if v.status == "ok"}, failed
     tracker = Tracker.for_experiment(f"sqlite:///{in_tmp / 'mlflow.db'}", "lora")
     run = open_run(tracker, "publish")
     published = publish(cfg, spec, trained, evaluated, store, "published", run)

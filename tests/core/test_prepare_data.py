@@ -318,7 +318,12 @@ def test_tables_keep_their_fitted_preprocessor_and_raw_examples(store: LocalStor
     mixed_frame().to_csv(path, index=False)
     result, splits = prepare(store, source="csv", path=str(path), target="label")
     assert result.preprocessor_uri == result.uri.replace("splits.npz", "preprocessor.pkl")
-    assert result.artifact_uris() == [result.uri, result.preprocessor_uri]
+    assert result.artifact_uris() == [result.uri, result.preprocessor_uri, result.raw_test_uri]
+    raw_test = pd.read_pickle(store.local_path(result.raw_test_uri))  # every raw test row, for scoring a champion
+    assert len(raw_test["features"]) == result.n_test == len(raw_test["labels"])
+    pd.testing.assert_frame_equal(raw_test["features"].head(5), pre_examples := pd.read_pickle(
+        store.local_path(result.preprocessor_uri))["examples"])  # fmt: skip
+    assert raw_test["labels"] == [["maybe", "no", "yes"][i] for i in splits.y["test"]] and len(pre_examples) == 5
     pre = pd.read_pickle(store.local_path(result.preprocessor_uri))
     assert pre["columns"] == ["height", "colour", "smoker", "weight"]
     assert pre["dtypes"] == {"height": "float64", "colour": "str", "smoker": "bool", "weight": "float64"}

@@ -219,6 +219,9 @@ def test_the_mlflow_model_loads_and_predicts_like_the_published_weights(
         "champion_metric": "accuracy",
         "champion_decision": "promoted",
         "champion_reason": result.champion_reason,
+        "challenger_score": result.challenger_score,
+        "champion_score": None,
+        "champion_version": None,
     }
 
     import mlflow.pyfunc
