@@ -210,6 +210,58 @@ def test_a_gpt_head_named_in_reinit_starts_fresh_with_its_tied_embedding(store) 
     torch.testing.assert_close(model.pos_emb.weight, parent["pos_emb.weight"], rtol=0, atol=0)
 
 
+def test_the_lr_range_test_sweeps_the_first_phase_with_each_block_at_its_factor(parent, store) -> None:
+    from trainflow.core.tuning.lr_finder import lr_sweep
+
+    finetune = {"freeze": ["net.1", "net.2"], "unfreeze_at_epoch": 1, "layer_lr_decay": 0.5}
+    cfg = config_from_dict(_child(parent[1]) | {"train": {**tiny_raw()["train"], "finetune": finetune}})
+    trainer = build_trainer(TrainingSpec.of(cfg, prepare_data(cfg.data, cfg.seed, store)), store)
+    frozen = [trainer.module.net[1].weight, trainer.module.net[1].bias]
+    assert not any(p.requires_grad for p in frozen)  # the first phase, before any fit: what the sweep trains
+    assert trainer.module.net[2].weight.requires_grad  # BatchNorm in a frozen module trains (batchnorm: train)
+    seen: list[tuple[float, ...]] = []
+    step = trainer.train_step
+
+    def recording(micro_batches):  # the LRs of every group at each step of the sweep
+        seen.append(tuple(g["lr"] / g["lr_scale"] for g in trainer.optimizer.param_groups))
+        out = step(micro_batches)
+        assert all(p.grad is None for p in frozen)
+        return out
+
+    trainer.train_step = recording
+    curve = lr_sweep(trainer, 1e-4, 1.0, 12, 0.0, 1e9)
+    assert [round(lrs[0], 12) for lrs in seen] == [round(lr, 12) for lr in curve.lrs]
+    assert all(len(set(round(x, 12) for x in lrs)) == 1 for lrs in seen)  # one peak LR, scaled per block
+
+
+def test_a_parents_preprocessing_is_reused_unless_refit(parent, store, tmp_path: Path) -> None:
+    """The child's arrays are scaled as the parent's weights learned, so a warm start sees the inputs it knows;
+    `data.refit_preprocessing` fits a new scaler on the new data; the fingerprint tells the two apart."""
+    import pickle
+
+    from trainflow.core.records import ReusedPreprocessing
+
+    wine = __import__("sklearn.datasets", fromlist=["load_wine"]).load_wine(as_frame=True).frame
+    old, new = tmp_path / "old.csv", tmp_path / "new.csv"
+    wine.head(120).to_csv(old, index=False)
+    (wine.assign(proline=wine["proline"] * 3)).to_csv(new, index=False)  # the new data's scale moved
+    source = {"source": "csv", "target": "target"}
+    first = config_from_dict(_raw(data=source | {"path": str(old)}))
+    parent_data = prepare_data(first.data, 0, store)
+    file = store.local_path(parent_data.preprocessor_uri)
+    reuse = ReusedPreprocessing(uri=str(file), sha256=__import__("hashlib").sha256(file.read_bytes()).hexdigest())
+    second = config_from_dict(_raw(data=source | {"path": str(new)}))
+    reused = prepare_data(second.data, 0, store, preprocessing=reuse)
+    refit = prepare_data(second.data, 0, store)
+    assert len({reused.fingerprint, refit.fingerprint, parent_data.fingerprint}) == 3
+    scaler = lambda data: pickle.loads(store.local_path(data.preprocessor_uri).read_bytes())["transformer"]  # noqa: E731
+    parent_scaler, reused_scaler = scaler(parent_data), scaler(reused)
+    assert str(parent_scaler.transform(wine.drop(columns="target").head(3))) == str(
+        reused_scaler.transform(wine.drop(columns="target").head(3)))  # fmt: skip
+    assert str(scaler(refit).transform(wine.drop(columns="target").head(3))) != str(
+        parent_scaler.transform(wine.drop(columns="target").head(3)))  # fmt: skip
+
+
 def test_the_search_can_search_layer_lr_decay(store) -> None:
     cfg = config_from_dict(tiny_raw(tune={"hpo": {"enabled": True, "n_trials": 2, "space": {
         "train.finetune.layer_lr_decay": {"type": "float", "low": 0.3, "high": 1.0}}}}))  # fmt: skip
