@@ -106,6 +106,18 @@ def _kill_main_rank_at(step: int, cfg: Any, store: LocalStore, key: str) -> None
                       callbacks=[KillAtStep(step)])  # fmt: skip
 
 
+def test_ddp_unfreezing_mid_run_ends_with_the_weights_of_one_process(store: LocalStore) -> None:
+    """DDP registers the trainable parameters when it wraps: the unfreeze at epoch 1 (step 8) wraps again, and the
+    newly trainable layer is averaged over the ranks like the rest."""
+    finetune = {"finetune": {"freeze": ["net.1"], "unfreeze_at_epoch": 1, "layer_lr_decay": 0.5}}
+    one = _fit(_cfg(1, 16, **finetune), store, "ft-one")
+    two = _fit(_cfg(2, 8, **finetune), store, "ft-two")
+    assert one.steps == two.steps == 12 and two.world_size == 2
+    weights = _weights(store, "ft-two")
+    _assert_same(_weights(store, "ft-one"), weights)
+    assert two.trainable_parameters == two.total_parameters  # unfrozen by the end
+
+
 def test_a_killed_main_rank_fails_the_stage_and_a_rerun_resumes_mid_epoch_to_the_same_weights(
     store: LocalStore,
 ) -> None:
