@@ -28,6 +28,7 @@ from trainflow.core.storage.store import LocalStore
 from trainflow.core.tracking.runs import Tracker
 from trainflow.core.train import train
 from trainflow.core.training.checkpoint import load_checkpoint, trained_model
+from trainflow.core.training.initial import initial_model
 from trainflow.core.training.spec import TrainingSpec
 
 pytestmark = pytest.mark.slow  # peft loads (about 6 s) and models train: left out of `pytest -m 'not slow'`
@@ -129,6 +130,11 @@ def test_a_lora_fit_trains_one_percent_checkpoints_adapters_and_publishes_a_plai
     ids = torch.randint(0, 256, (2, 32))
     with torch.no_grad():
         torch.testing.assert_close(plain(ids), adapters.eval()(ids), rtol=0, atol=1e-5)
+    # the published folder is a warm start of its own: its manifest names the merged fp32 weights
+    again = TrainingSpec.of(base.with_values({"model.init_from": str(store.local_path(published.manifest_uri))}), data)
+    assert again.warm_start.manifest_uri and again.warm_start.weights_uri.endswith("published/model.pt")
+    torch.testing.assert_close(initial_model(again).state_dict()["blocks.0.attn.qkv.weight"],
+                               plain.state_dict()["blocks.0.attn.qkv.weight"], rtol=0, atol=0)  # fmt: skip
     # the served model loads and predicts where peft cannot be imported
     import mlflow.artifacts
 

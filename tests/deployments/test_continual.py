@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from mlflow import MlflowClient
@@ -81,6 +83,11 @@ def test_new_data_retrains_from_the_champion_and_the_margin_rule_decides(tmp_pat
     assert "both on v2's test split" in published["champion_reason"]
     manifest = json.loads(Path(published["manifest_uri"].removeprefix("file://")).read_text())
     assert manifest["parent"]["version"] == 1 and manifest["registered_model"]["champion_score"] == old
+    # the champion's fitted scaling carried over (its weights learned it), not refitted on the grown data
+    scalers = [pd.read_pickle(Path(s["stages"]["prepare_data"]["preprocessor_uri"].removeprefix("file://")))
+               for s in (champion, summary)]  # fmt: skip
+    features = wine.drop(columns="target").head(4)
+    np.testing.assert_array_equal(*(s["transformer"].transform(features) for s in scalers))
 
     # the champion moves (by the rule, or by hand): the same config re-trains from the new holder, not `Cached`
     client.set_registered_model_alias(NAME, "champion", "2")
