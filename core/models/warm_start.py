@@ -175,8 +175,10 @@ def read_state_dict(warm: WarmStart, store: StoreConfig | None) -> dict[str, tor
             try:
                 from safetensors.torch import load_file
             except ImportError:
-                raise ConfigError(f"model.init_from: {warm.weights_uri}: reading .safetensors needs the safetensors "
-                                  "package (pip install 'trainflow[finetune]')") from None
+                raise ConfigError(
+                    f"model.init_from: {warm.weights_uri}: reading .safetensors needs the safetensors "
+                    "package (pip install 'trainflow[finetune]')"
+                ) from None
             payload: Any = load_file(path)
         else:
             payload = torch.load(path, map_location="cpu", weights_only=True)

@@ -105,8 +105,9 @@ class TrainingSpec(BaseModel):
 
     def sections(self) -> dict[str, Any]:
         """model, optim, train, loader and seed as plain data: logged as params, kept in checkpoints."""
-        return self.model_dump(mode="json", include={"model", "optim", "train", "loader", "seed", "model_code",
-                                                     "warm_start"})
+        return self.model_dump(
+            mode="json", include={"model", "optim", "train", "loader", "seed", "model_code", "warm_start"}
+        )
 
 
 class _Loader(BaseModel):
