@@ -66,6 +66,7 @@ class WarmStart(BaseModel):
     data_fingerprint: str | None = None  # the data the parent was trained and tested on
     manifest_uri: str | None = None
     preprocessor: ReusedPreprocessing | None = None  # the parent's fitted preprocessing (data.refit_preprocessing)
+    endpoint_url: str | None = None  # an s3:// parent's S3 endpoint (store.endpoint_url): where ranks fetch it from
 
     def lineage(self) -> dict[str, str]:
         """What this model grew from, as `trainflow.parent.*` tags (MLflow runs and versions, the manifest)."""

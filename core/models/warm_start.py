@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trainflow.core.config import Config, ModelConfig, StoreConfig
-from trainflow.core.errors import ConfigError
+from trainflow.core.errors import ConfigError, StoreError
 from trainflow.core.models.parts import first_match
 from trainflow.core.records import ReusedPreprocessing, WarmStart
 from trainflow.core.storage.files import sha256_file
@@ -79,7 +79,8 @@ def _resolve(source: str, tracking: str, store: StoreConfig, stamp: tuple[float,
     path = _local(source, store)
     if path.suffix not in (".pt", ".safetensors"):
         raise ConfigError(f"model.init_from: {source}: expected models:/..., a manifest.json, .pt or .safetensors")
-    return WarmStart(source=source, weights_uri=source, sha256=sha256_file(path))
+    endpoint = store.endpoint_url if source.startswith("s3://") else None
+    return WarmStart(source=source, weights_uri=source, sha256=sha256_file(path), endpoint_url=endpoint)
 
 
 def _from_version(source: str, name: str, version: int, tracking: str, store: StoreConfig) -> WarmStart:
@@ -117,9 +118,10 @@ def _from_manifest(uri: str, store: StoreConfig, source: str) -> WarmStart:
         raise ConfigError(f"model.init_from: {weights}: sha256 differs from its manifest (trainflow verify {uri})")
     entry = files.get("preprocessor.pkl")
     preprocessor = ReusedPreprocessing(uri=f"{folder}/preprocessor.pkl", sha256=entry["sha256"]) if entry else None
+    endpoint = store.endpoint_url if uri.startswith("s3://") else None
     return WarmStart(source=source, weights_uri=weights, sha256=sha, run_id=manifest.get("mlflow_run_id"),
                      data_fingerprint=manifest.get("data_fingerprint"), manifest_uri=uri,
-                     preprocessor=preprocessor)  # fmt: skip
+                     preprocessor=preprocessor, endpoint_url=endpoint)  # fmt: skip
 
 
 def reused_preprocessing(config: Config) -> ReusedPreprocessing | None:
@@ -143,7 +145,10 @@ def _local(uri: str, store: StoreConfig) -> Path:
         from trainflow.core.storage.store import open_store
 
         bucket = "/".join(uri.split("/", 3)[:3])
-        return open_store(store.model_copy(update={"uri": bucket})).local_path(uri)
+        try:
+            return open_store(store.model_copy(update={"uri": bucket})).local_path(uri)
+        except StoreError as exc:
+            raise ConfigError(f"model.init_from: {exc}") from None
     path = Path(uri.removeprefix("file://")).expanduser()
     if not path.is_file():
         raise ConfigError(f"model.init_from: {uri}: file not found")
@@ -167,6 +172,10 @@ def read_state_dict(warm: WarmStart, store: StoreConfig | None) -> dict[str, tor
     """
     import torch
 
+    if store is None and warm.endpoint_url is not None:  # a local run's store section named the S3 endpoint
+        from trainflow.core.config import StoreConfig as Settings
+
+        store = Settings(endpoint_url=warm.endpoint_url)
     path = fetch(warm.weights_uri, store)
     if sha256_file(path) != warm.sha256:
         raise ConfigError(f"model.init_from: {warm.weights_uri} changed since this run resolved it; run again")
