@@ -40,10 +40,10 @@ def lr_scales(model: nn.Module, cfg: FinetuneConfig) -> dict[int, float]:
         if missing:
             raise ConfigError(f"train.finetune.lr_multipliers: {missing[0]!r} names no module of this model")
         patterns = list(cfg.lr_multipliers)
-        scales = {}
-        for name, p in model.named_parameters():
-            found = first_match(name, patterns)
-            scales[id(p)] = cfg.lr_multipliers[found] if found else 1.0
+        scales: dict[int, float] = {}
+        for p, names in _all_names(model).items():  # a tied weight answers to each of its names
+            found = next((f for f in (first_match(n, patterns) for n in names) if f), None)
+            scales[p] = cfg.lr_multipliers[found] if found else 1.0
         return {id(p): scales[id(p)] for p in params}
     return {id(p): 1.0 for p in params}
 
@@ -86,12 +86,13 @@ class Finetuning(Callback):
             if isinstance(sub, _BATCHNORM):  # statistics fixed while frozen, else as the loop's mode
                 held = self.cfg.batchnorm == "frozen" and _in(name, frozen) and not _in(name, thawed)
                 sub.train(module.training and not held)
-        for name, p in module.named_parameters():
+        named = _all_names(module)
+        for p in module.parameters():
             if id(p) not in self.trainable:
                 continue
-            owner = name.rsplit(".", 1)[0]
-            still_frozen = _in(owner, frozen) and not _in(owner, thawed)
-            bn_trains = self.cfg.batchnorm == "train" and isinstance(module.get_submodule(owner), _BATCHNORM)
+            owners = [name.rsplit(".", 1)[0] for name in named[id(p)]]  # a tied weight: frozen under any name
+            still_frozen = any(_in(o, frozen) and not _in(o, thawed) for o in owners)
+            bn_trains = self.cfg.batchnorm == "train" and isinstance(module.get_submodule(owners[0]), _BATCHNORM)
             p.requires_grad_(not still_frozen or bn_trains)
         after = [p.requires_grad for p in module.parameters()]
         if after != before:
@@ -108,6 +109,14 @@ class Finetuning(Callback):
 
     def on_eval_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         self.apply(trainer)
+
+
+def _all_names(model: nn.Module) -> dict[int, list[str]]:
+    """Every name of each parameter (by id): the GPT's tied `tok_emb.weight` is `lm_head.weight` too."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return names
 
 
 def _in(name: str, patterns: list[str]) -> bool:

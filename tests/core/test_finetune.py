@@ -191,6 +191,15 @@ def test_the_gpt_ties_its_embedding_to_the_head_block_and_lr_multipliers_match_b
     gpt = trainer.module
     assert lr_of[id(gpt.blocks[0].ff.up.weight)] == 0.005 and lr_of[id(gpt.blocks[1].ff.up.weight)] == 0.0025
     assert lr_of[id(gpt.tok_emb.weight)] == 0.01
+    by_head = cfg.with_values({"train.finetune": {"lr_multipliers": {"lm_head": 0.1}, "freeze": ["lm_head"]}})
+    trainer = build_trainer(TrainingSpec.of(by_head, data), store)  # the tied weight answers to lm_head too
+    assert (
+        not trainer.module.lm_head.weight.requires_grad
+        and trainer.module.tok_emb.weight is trainer.module.lm_head.weight
+    )
+    assert {
+        g["lr"] for g in trainer.optimizer.param_groups for p in g["params"] if p is trainer.module.lm_head.weight
+    } == {0.001}
 
 
 def test_a_gpt_head_named_in_reinit_starts_fresh_with_its_tied_embedding(store) -> None:
