@@ -4,6 +4,7 @@ to the weights of an uninterrupted run, and the preflight's one-line errors."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from sklearn.datasets import load_wine
 
 from tests.conftest import REPO, tiny_raw
 from trainflow.core.config import config_from_dict
@@ -23,6 +25,7 @@ from trainflow.core.records import TrainResult
 from trainflow.core.storage.store import LocalStore
 from trainflow.core.train import train
 from trainflow.core.training.builder import build_trainer
+from trainflow.core.training.callbacks import Callback
 from trainflow.core.training.checkpoint import load_checkpoint
 from trainflow.core.training.initial import initial_model
 from trainflow.core.training.seed import seed_everything
@@ -250,7 +253,7 @@ def test_a_parents_preprocessing_is_reused_unless_refit(parent, store, tmp_path:
 
     from trainflow.core.records import ReusedPreprocessing
 
-    wine = __import__("sklearn.datasets", fromlist=["load_wine"]).load_wine(as_frame=True).frame
+    wine = load_wine(as_frame=True).frame
     old, new = tmp_path / "old.csv", tmp_path / "new.csv"
     wine.head(120).to_csv(old, index=False)
     (wine.assign(proline=wine["proline"] * 3)).to_csv(new, index=False)  # the new data's scale moved
@@ -258,7 +261,7 @@ def test_a_parents_preprocessing_is_reused_unless_refit(parent, store, tmp_path:
     first = config_from_dict(_raw(data=source | {"path": str(old)}))
     parent_data = prepare_data(first.data, 0, store)
     file = store.local_path(parent_data.preprocessor_uri)
-    reuse = ReusedPreprocessing(uri=str(file), sha256=__import__("hashlib").sha256(file.read_bytes()).hexdigest())
+    reuse = ReusedPreprocessing(uri=str(file), sha256=hashlib.sha256(file.read_bytes()).hexdigest())
     second = config_from_dict(_raw(data=source | {"path": str(new)}))
     reused = prepare_data(second.data, 0, store, preprocessing=reuse)
     refit = prepare_data(second.data, 0, store)
@@ -282,7 +285,7 @@ def test_the_search_can_search_layer_lr_decay(store) -> None:
 def _frozen_run(store: LocalStore, key: str, parent_file: Path, batchnorm: str) -> tuple[dict, dict, dict]:
     """Weights at the start, after the frozen epochs (0-1) and at the end of a fit that unfreezes at epoch 2."""
 
-    class Snap(__import__("trainflow.core.training.callbacks", fromlist=["Callback"]).Callback):
+    class Snap(Callback):
         def __init__(self) -> None:
             self.at: dict[int, dict[str, torch.Tensor]] = {}
 
