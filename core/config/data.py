@@ -99,6 +99,54 @@ class TextDataConfig(_DataCommon):
     _s3_path = field_validator("path")(_check_s3_path)
 
 
+class ImageFolderDataConfig(_DataCommon):
+    source: Literal["image_folder"] = Field(
+        description="Images (PNG, JPEG) in a folder, one sub-folder per class, or listed in an index file; decoded once with Pillow into uint8 arrays cached in the store."
+    )
+    path: str | None = Field(
+        None,
+        description="Folder with one sub-folder per class (its name is the class); files of other kinds are bad files.",
+    )
+    index: str | None = Field(
+        None,
+        description="Instead of path: a .csv or .jsonl file with columns path,label (paths relative to the index file).",
+    )
+    image_size: int = Field(
+        32,
+        ge=4,
+        le=1024,
+        description="Side of the square every image is brought to: the shorter side resized to it (bilinear, antialiased), then the centre cropped square. Served images of any size go the same way.",
+    )
+    color: Literal["rgb", "gray"] = Field("rgb", description="rgb = 3 channels; gray = 1 channel (Pillow's L mode).")
+    skip_bad_files: bool = Field(
+        False,
+        description="false = a bad file (unreadable, truncated, not an image, a label not among the classes) stops the preflight naming it; true = skip it, counted in the record and the report.",
+    )
+
+    @model_validator(mode="after")
+    def _one_location(self) -> ImageFolderDataConfig:
+        if (self.path is None) == (self.index is None):
+            raise ValueError("give exactly one of path (a folder of class sub-folders) and index (a CSV/JSONL file)")
+        for value in (self.path, self.index):
+            if value is not None and value.startswith("s3://"):
+                raise ValueError("an image folder must be local (s3:// folders are not supported yet)")
+        return self
+
+
+class TextFolderDataConfig(_DataCommon):
+    source: Literal["text_folder"] = Field(
+        description="UTF-8 text files under a folder, modelled as bytes; split by file, so no file is in two splits."
+    )
+    path: str = Field(description="Folder holding the text files.")
+    glob: str = Field("**/*.txt", description="Which files under path are read (pathlib glob, relative to path).")
+    separator: str = Field("\n\n", description="Joins the files of a split, taken in sorted path order.")
+    seq_len: int = Field(64, ge=2, description="Context length in bytes of each training window.")
+    skip_bad_files: bool = Field(
+        False,
+        description="false = a file that is not UTF-8 or cannot be read stops the preflight naming it; true = skip it, counted in the record and the report.",
+    )
+
+
 class SyntheticDataConfig(_DataCommon):
     source: Literal["synthetic"] = Field(
         description="A generated classification problem (scikit-learn make_classification), sized for scale tests."
@@ -123,18 +171,22 @@ DataConfig = Annotated[
     | Annotated[TableDataConfig, Tag("csv")]
     | Annotated[TableDataConfig, Tag("parquet")]
     | Annotated[TextDataConfig, Tag("text")]
-    | Annotated[SyntheticDataConfig, Tag("synthetic")],
+    | Annotated[SyntheticDataConfig, Tag("synthetic")]
+    | Annotated[ImageFolderDataConfig, Tag("image_folder")]
+    | Annotated[TextFolderDataConfig, Tag("text_folder")],
     Discriminator(_data_source),
 ]
 
 
 def planned_task(cfg: DataConfig) -> Task:
     """The task `cfg`'s data will be prepared for (known before any data is read)."""
-    return "language_modeling" if isinstance(cfg, TextDataConfig) else "classification"
+    return "language_modeling" if isinstance(cfg, TextDataConfig | TextFolderDataConfig) else "classification"
 
 
 def planned_rank(cfg: DataConfig) -> int:
     """Dimensions of one prepared sample: 3 for images (C, H, W), 1 for table rows and text windows."""
     if isinstance(cfg, SklearnDataConfig) and cfg.name in IMAGE_SHAPES:
         return len(IMAGE_SHAPES[cfg.name])
+    if isinstance(cfg, ImageFolderDataConfig):
+        return 3
     return 1

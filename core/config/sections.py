@@ -9,7 +9,9 @@ from urllib.parse import urlparse
 
 from pydantic import Field, field_validator, model_validator
 
+from trainflow.core.config.augment import AugmentConfig
 from trainflow.core.config.base import Section
+from trainflow.core.config.diagnostics import DiagnosticsConfig
 from trainflow.core.config.distributed import DistributedConfig
 from trainflow.core.config.finetune import FinetuneConfig
 from trainflow.core.storage.s3_names import split_s3_uri
@@ -131,6 +133,14 @@ class TrainConfig(Section):
     finetune: FinetuneConfig = Field(
         default_factory=FinetuneConfig,
         description="Fine-tuning a model started from model.init_from: frozen modules, when they unfreeze, per-layer learning rates.",
+    )
+    augment: AugmentConfig = Field(
+        default_factory=AugmentConfig,
+        description="Augmentation of each training batch on the training device, each sample with its own draw.",
+    )
+    diagnostics: DiagnosticsConfig = Field(
+        default_factory=DiagnosticsConfig,
+        description="The training doctor: per-layer statistics on a schedule and findings with a remedy.",
     )
 
     @field_validator("device")

@@ -43,6 +43,10 @@ class Callback:
     def on_step_end(self, trainer: Trainer) -> None:
         """Called after every optimizer step (skipped non-finite steps included)."""
 
+    def on_before_optimizer_step(self, trainer: Trainer) -> None:
+        """Called inside each step once its gradients are final (accumulated, unscaled, clipped), before the
+        update; the parameters still hold their old values."""
+
     def on_log(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         """Called every `train.log_every_steps` steps with the training metrics since the last call."""
 

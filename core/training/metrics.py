@@ -17,7 +17,10 @@ from trainflow.core.data.spec import EVAL_METRICS, Task
 
 
 def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over every target: (B, C) vs (B,) for classification, (B, T, V) vs (B, T) for LM."""
+    """Mean cross-entropy over every target: (B, C) vs (B,) for classification, (B, T, V) vs (B, T) for LM; (B, C)
+    vs soft targets (B, C), class probabilities (mixup, cutmix)."""
+    if target.is_floating_point():
+        return F.cross_entropy(logits.float(), target.float())
     return F.cross_entropy(logits.flatten(0, -2).float(), target.flatten())
 
 

@@ -3,7 +3,8 @@
 Order of events in `fit`:
     on_fit_start
     at each epoch start: on_epoch_start
-    for each optimizer step: train_step -> on_log (every log_every_steps) -> validation if due
+    for each optimizer step: train_step (on_before_optimizer_step once its gradients are final) -> on_log
+        (every log_every_steps) -> validation if due
         (on_eval_end) -> on_step_end
     at each epoch end (eval_every_steps unset): validation (on_eval_end)
     on_fit_end, or on_exception when an exception leaves fit (it is re-raised)
@@ -52,6 +53,8 @@ log = logging.getLogger(__name__)
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 """The training loss of one micro-batch from (model, x, y), averaged over its targets."""
+Augment = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""(x, y) on the device -> augmented (x, y); y may become soft targets (B, C) that the loss takes as they are."""
 
 
 def task_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -98,6 +101,7 @@ class Trainer:
         self._compile_pending = hasattr(model, "_orig_mod")  # torch.compile: the first step may fail to compile
         self.log_window = LogWindow(self.state.samples_seen)
         self.updating = False  # inside an optimizer update or an epoch's end: no consistent state to save
+        self.augment: Augment | None = None  # train.augment: applied to each training micro-batch on the device
 
     # ------------------------------------------------------------------------------- the step
     def train_step(self, micro_batches: Sequence[Batch]) -> StepOutput:
@@ -111,12 +115,15 @@ class Trainer:
         n_targets = sum(y.numel() for _, y in micro_batches)
         loss: torch.Tensor | None = None
         for i, (x, y) in enumerate(micro_batches):
+            share = y.numel() / n_targets
             x = x.to(self.device, non_blocking=True, memory_format=self.input_format)
             y = y.to(self.device, non_blocking=True)
+            if self.augment is not None:  # on the device, each sample its own draw; may give soft targets
+                x, y = self.augment(x, y)
             with self._gradient_sync(last=i == len(micro_batches) - 1), self.autocast:
                 micro_loss = loss_of(model, x, y)
             if len(micro_batches) > 1:  # one micro-batch is the whole step: no weighting op on the hot path
-                micro_loss = micro_loss * (y.numel() / n_targets)
+                micro_loss = micro_loss * share
             scaler.scale(micro_loss).backward()
             loss = micro_loss.detach() if loss is None else loss + micro_loss.detach()
         assert loss is not None, "a step has at least one micro-batch"
@@ -125,6 +132,7 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.grad_clip_norm or math.inf)
         if hasattr(grad_norm, "full_tensor"):  # FSDP: a replicated DTensor
             grad_norm = grad_norm.full_tensor()
+        self._call("on_before_optimizer_step")  # gradients final: unscaled, clipped, accumulated
         finite_t = torch.isfinite(loss if scaler.is_enabled() else grad_norm)
         if self.deferred_finite_check:
             if not scaler.is_enabled():  # an enabled scaler hands its own found_inf to a fused optimizer

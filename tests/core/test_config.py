@@ -95,7 +95,8 @@ BAD_CONFIGS = [
         "unknown data source",
         "data: {source: s3}",
         [],
-        r"config\.yaml: data\.source: 's3' is not one of sklearn, csv, parquet, text, synthetic",
+        r"config\.yaml: data\.source: 's3' is not one of sklearn, csv, parquet, text, synthetic, image_folder, "
+        r"text_folder",
     ),
     (
         "csv without target",
