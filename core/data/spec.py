@@ -37,6 +37,11 @@ class DataSpec(BaseModel):
     input_shape: tuple[int, ...]  # one sample: (features,), (C, H, W) or (seq_len,)
     n_classes: int  # classes, or the vocabulary size for language modelling
     class_names: list[str] = []
+    # images: per-channel mean and std of the [0, 1] pixels the inputs were normalised with ((p - mean) / std);
+    # empty when images are scaled otherwise (digits: per pixel). Colour augmentation works in pixel space.
+    pixel_mean: list[float] = []
+    pixel_std: list[float] = []
+    numeric_features: int = 0  # tables: leading columns that are scaled numbers (one-hot columns follow)
 
     @property
     def seq_len(self) -> int | None:
