@@ -30,7 +30,8 @@ from trainflow.core.storage.store import ArtifactStore
 
 log = logging.getLogger(__name__)
 
-PREPARE_VERSION = 3  # bump when the preprocessing changes what it writes (2: preprocessor.pkl, 3: raw_test.pkl)
+PREPARE_VERSION = 4  # bump when the preprocessing changes what it writes (2: preprocessor.pkl, 3: raw_test.pkl,
+# 4: image folders, the spec's numeric_features)
 
 
 def prepare_data(
@@ -82,6 +83,7 @@ def prepare_data(
             input_shape=tuple(splits.x["train"].shape[1:]),
             n_classes=len(splits.class_names),
             class_names=splits.class_names,
+            numeric_features=len(fitted.numeric),
         )
     uri = store.put_bytes(splits_to_npz(splits), f"{folder}/splits.npz")
     result = PrepareDataResult(
