@@ -25,8 +25,10 @@ def lr_range_test(
     cfg: LRRangeTestConfig, spec: TrainingSpec, store: ArtifactStore, store_key: str
 ) -> LRRangeTestResult:
     """Run the range test with the training's model, optimizer, precision and accumulation (`spec`, whose LR the
-    sweep replaces: `core.tuning.plan.lr_range_test_spec`)."""
+    sweep replaces: `core.tuning.plan.lr_range_test_spec`); augmented only with `train.augment.in_lr_range_test`."""
     trainer = build_trainer(spec, store)
+    if not spec.train.augment.in_lr_range_test:  # the sweep measures the loss curve of the plain data
+        trainer.augment = None
     curve = lr_sweep(trainer, cfg.min_lr, cfg.max_lr, cfg.num_steps, cfg.smoothing, cfg.diverge_factor)
     suggestions = {rule: suggest_lr(curve, rule, cfg.skip_start, cfg.skip_end)[0] for rule in RULES}
     lr, reason = suggest_lr(curve, cfg.rule, cfg.skip_start, cfg.skip_end)

@@ -19,6 +19,7 @@ from trainflow.core.config import (
     TextDataConfig,
     load_config,
 )
+from trainflow.core.config.augment import augment_problem
 from trainflow.core.config.data import planned_rank, planned_task
 from trainflow.core.config.secrets import carries_password, reference_problems
 from trainflow.core.data.spec import DataSpec, check_metric
@@ -76,6 +77,9 @@ def preflight(config: Config) -> None:
         raise ConfigError(problems)
     task = planned_task(config.data)
     check_model_fits_data(config.model, task, planned_rank(config.data))
+    augment = augment_problem(config.train.augment, task, planned_rank(config.data))
+    if augment:
+        raise ConfigError(augment)
     check_metric(config.train.early_stopping.monitor, task, "train.early_stopping.monitor")
     if config.tune.hpo.enabled:
         check_metric(config.tune.hpo.metric, task, "tune.hpo.metric")

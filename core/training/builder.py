@@ -16,6 +16,7 @@ from trainflow.core.data.loaders import Batch, Loaders, build_loaders, rebatched
 from trainflow.core.data.prepared import load_splits
 from trainflow.core.data.spec import check_metric
 from trainflow.core.storage.store import ArtifactStore
+from trainflow.core.training.augment import build_augment
 from trainflow.core.training.callbacks import Callback
 from trainflow.core.training.distributed import SINGLE, Rank
 from trainflow.core.training.finetune import Finetuning
@@ -43,8 +44,8 @@ def build_trainer(
 
     Args:
         model: a pre-built model to train instead of `initial_model(spec)` (a pruned model whose shapes no
-            longer match `spec.model`, a distillation student); moved to the device. `train.finetune` applies
-            only to the spec's own model.
+            longer match `spec.model`, a distillation student); moved to the device. `train.finetune` and
+            `train.augment` apply only to the spec's own model.
         loss: the training loss hook (default: cross-entropy); see `Trainer`.
         rank: this process's place among data-parallel ranks: loaders hold its shard, the model is wrapped
             (DDP/FSDP) and the LR scaled by `train.distributed.lr_scaling`.
@@ -84,6 +85,8 @@ def build_trainer(
         phase.apply(trainer)
     if channels_last:
         trainer.input_format = torch.channels_last
+    if model is None:  # the spec's own model (training, HPO trials, a student); a pruned model's fine-tune: none
+        trainer.augment = build_augment(train_cfg.augment, data.spec)
     return trainer
 
 
