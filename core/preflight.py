@@ -13,10 +13,12 @@ from pathlib import Path
 
 from trainflow.core.config import (
     Config,
+    ImageFolderDataConfig,
     SklearnDataConfig,
     SyntheticDataConfig,
     TableDataConfig,
     TextDataConfig,
+    TextFolderDataConfig,
     load_config,
 )
 from trainflow.core.config.augment import augment_problem
@@ -162,6 +164,13 @@ def _nominal_spec(config: Config) -> DataSpec:
         return DataSpec(task="classification", input_shape=shape, n_classes=classes)
     if isinstance(data, SyntheticDataConfig):
         return DataSpec(task="classification", input_shape=(data.n_features,), n_classes=data.n_classes)
+    if isinstance(data, TextFolderDataConfig):
+        return DataSpec(task="language_modeling", input_shape=(data.seq_len,), n_classes=256)
+    if isinstance(data, ImageFolderDataConfig):
+        from trainflow.core.data.folders import listing_of
+
+        shape = (3 if data.color == "rgb" else 1, data.image_size, data.image_size)
+        return DataSpec(task="classification", input_shape=shape, n_classes=len(listing_of(data).classes))
     return DataSpec(task="classification", input_shape=(16,), n_classes=2)
 
 
@@ -194,3 +203,13 @@ def _check_data(config: Config) -> None:
         from trainflow.core.data.sources import check_synthetic
 
         check_synthetic(data)
+    elif isinstance(data, ImageFolderDataConfig):  # every file decoded (once, cached in the store): bad ones now
+        from trainflow.core.data.images import decoded_images
+        from trainflow.core.data.preprocess import split_rows
+
+        raw = decoded_images(data, open_store(config.store))
+        split_rows(raw.target, raw.name, data.val_fraction, data.test_fraction, config.seed, raw.classes)
+    elif isinstance(data, TextFolderDataConfig):
+        from trainflow.core.data.text_files import load_text_files, split_text_files
+
+        split_text_files(load_text_files(data), data.val_fraction, data.test_fraction, data.seq_len, config.seed)

@@ -18,11 +18,13 @@ import json
 import logging
 from typing import Any
 
-from trainflow.core.config import DataConfig, StoreConfig, TextDataConfig
+from trainflow.core.config import DataConfig, ImageFolderDataConfig, StoreConfig, TextDataConfig, TextFolderDataConfig
+from trainflow.core.data.images import RawImages, decoded_images, split_images
 from trainflow.core.data.prepared import SPLITS, splits_to_npz
-from trainflow.core.data.preprocess import split_table, split_text
+from trainflow.core.data.preprocess import split_rows, split_table, split_text
 from trainflow.core.data.sources import RawText, dataset_uri, load_source
 from trainflow.core.data.spec import DataSpec
+from trainflow.core.data.text_files import RawTextFiles, load_text_files, split_text_files
 from trainflow.core.errors import DataError
 from trainflow.core.records import PrepareDataResult, ReusedPreprocessing
 from trainflow.core.storage.files import sha256_file
@@ -49,24 +51,45 @@ def prepare_data(
     Raises:
         DataError: the source is missing, empty or cannot be encoded (the message names file and column).
     """
-    raw = load_source(cfg, seed, s3 if s3 is not None else getattr(store, "settings", None))
+    raw = _load(cfg, seed, store, s3)
     settings = cfg.model_dump(mode="json", exclude={"loader"})
     split_seed = None if isinstance(raw, RawText) else seed  # text splits are contiguous: no seed involved
     identity = {"content": raw.content_sha256, "settings": settings, "seed": split_seed, "version": PREPARE_VERSION}
-    if preprocessing is not None and not isinstance(raw, RawText):
+    if preprocessing is not None and not isinstance(raw, RawText | RawTextFiles):
         identity["preprocessor"] = preprocessing.sha256
     fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     folder = f"data/{fingerprint[:16]}"
     record_uri = store.uri_for(f"{folder}/record.json")
     if store.exists(record_uri):
         result = PrepareDataResult.model_validate_json(store.local_path(record_uri).read_text())
-        complete = isinstance(raw, RawText) or result.raw_test_uri is not None  # a table ships its preprocessing
+        complete = (
+            isinstance(raw, RawText | RawTextFiles) or result.raw_test_uri is not None
+        )  # a table ships its preprocessing
         if complete and all(store.exists(uri) for uri in result.artifact_uris()):
             log.info("prepare_data: %s already prepared (fingerprint %s)", raw.name, fingerprint[:12])
             return result
 
     preprocessor_uri = raw_test_uri = None
-    if isinstance(raw, RawText):
+    skipped = [f"{file}: {why}" for file, why in getattr(raw, "skipped", [])]
+    if isinstance(raw, RawTextFiles):
+        assert isinstance(cfg, TextFolderDataConfig)
+        splits, files = split_text_files(raw, cfg.val_fraction, cfg.test_fraction, cfg.seq_len, seed)
+        counts = [(len(splits.x[s]) - 1) // cfg.seq_len for s in SPLITS]
+        spec = DataSpec(task="language_modeling", input_shape=(cfg.seq_len,), n_classes=256)
+        log.info("prepare_data: %d/%d/%d files in train/val/test", *(len(files[s]) for s in SPLITS))
+    elif isinstance(raw, RawImages):
+        assert isinstance(cfg, ImageFolderDataConfig)
+        parent = _parent_preprocessor(preprocessing, s3 if s3 is not None else getattr(store, "settings", None))
+        rows = split_rows(raw.target, raw.name, cfg.val_fraction, cfg.test_fraction, seed, raw.classes)
+        images = split_images(raw, cfg, seed, rows.index, rows.labels, parent)
+        splits = images.splits
+        preprocessor_uri = store.put_bytes(images.preprocessor_bytes(), f"{folder}/preprocessor.pkl")
+        raw_test_uri = store.put_bytes(images.raw_test_bytes(), f"{folder}/raw_test.pkl")
+        counts = [len(splits.y[s]) for s in SPLITS]
+        spec = DataSpec(task="classification", input_shape=tuple(raw.pixels.shape[1:]), n_classes=len(raw.classes),
+                        class_names=raw.classes, pixel_mean=images.payload["pixel_mean"],
+                        pixel_std=images.payload["pixel_std"])  # fmt: skip
+    elif isinstance(raw, RawText):
         assert isinstance(cfg, TextDataConfig)
         splits = split_text(raw, cfg.val_fraction, cfg.test_fraction, cfg.seq_len)
         counts = [(len(splits.x[s]) - 1) // cfg.seq_len for s in SPLITS]
@@ -97,10 +120,20 @@ def prepare_data(
         spec=spec,
         preprocessor_uri=preprocessor_uri,
         raw_test_uri=raw_test_uri,
+        skipped_files=skipped,
     )
     store.put_bytes(result.model_dump_json(indent=2).encode(), f"{folder}/record.json")
     log.info("prepare_data: %s -> %d/%d/%d train/val/test", raw.name, *counts)
     return result
+
+
+def _load(cfg: DataConfig, seed: int, store: ArtifactStore, s3: StoreConfig | None) -> Any:
+    """The source read: folders through their own readers (images decoded once, cached in `store`)."""
+    if isinstance(cfg, ImageFolderDataConfig):
+        return decoded_images(cfg, store)
+    if isinstance(cfg, TextFolderDataConfig):
+        return load_text_files(cfg)
+    return load_source(cfg, seed, s3 if s3 is not None else getattr(store, "settings", None))
 
 
 def _parent_preprocessor(preprocessing: ReusedPreprocessing | None, s3: StoreConfig | None) -> dict[str, Any] | None:

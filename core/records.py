@@ -86,6 +86,7 @@ class PrepareDataResult(StageResult):
     spec: DataSpec
     preprocessor_uri: str | None = None  # pickled fitted transformer + raw columns (tables and images)
     raw_test_uri: str | None = None  # the test split's raw rows and class names (tables and images)
+    skipped_files: list[str] = []  # folder sources under data.skip_bad_files: "file: why", each left out
 
     def artifact_uris(self) -> list[str]:
         return [self.uri] + [uri for uri in (self.preprocessor_uri, self.raw_test_uri) if uri]

@@ -117,6 +117,11 @@ class ImageFolderDataConfig(_DataCommon):
         le=1024,
         description="Side of the square every image is brought to: the shorter side resized to it (bilinear, antialiased), then the centre cropped square. Served images of any size go the same way.",
     )
+    classes: list[str] | None = Field(
+        None,
+        min_length=2,
+        description="The class names in order; a file labelled otherwise is a bad file. null = the sub-folder names (or the index's labels), numbers in numeric order.",
+    )
     color: Literal["rgb", "gray"] = Field("rgb", description="rgb = 3 channels; gray = 1 channel (Pillow's L mode).")
     skip_bad_files: bool = Field(
         False,

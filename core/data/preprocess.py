@@ -144,15 +144,23 @@ class _Rows:
 
 
 def _split_rows(raw: RawTable, val_fraction: float, test_fraction: float, seed: int) -> _Rows:
-    classes = _ordered_classes(raw.target)
-    labels = pd.Categorical(raw.target, categories=classes).codes.astype(np.int64)
+    return split_rows(raw.target, raw.name, val_fraction, test_fraction, seed)
+
+
+def split_rows(
+    target: pd.Series, name: str, val_fraction: float, test_fraction: float, seed: int, classes: list[str] | None = None
+) -> _Rows:
+    """Stratified, seeded train/val/test row indices of a classification target; `classes` fixes the label order
+    (default: natural order of the names)."""
+    classes = _ordered_classes(target) if classes is None else classes
+    labels = pd.Categorical(target, categories=classes).codes.astype(np.int64)
     if len(classes) < 2:
-        raise DataError(f"{raw.name}: target has a single class ('{classes[0]}'); classification needs two or more")
-    counts = np.bincount(labels)
+        raise DataError(f"{name}: target has a single class ('{classes[0]}'); classification needs two or more")
+    counts = np.bincount(labels, minlength=len(classes))
     rarest = int(np.argmin(counts))
     if counts[rarest] < 3:
         raise DataError(
-            f"{raw.name}: class '{classes[rarest]}' has {counts[rarest]} sample(s); a stratified "
+            f"{name}: class '{classes[rarest]}' has {counts[rarest]} sample(s); a stratified "
             "train/val/test split needs at least 3 per class"
         )
     rows = np.arange(len(labels))
@@ -161,7 +169,7 @@ def _split_rows(raw: RawTable, val_fraction: float, test_fraction: float, seed: 
         val_share = val_fraction / (1 - test_fraction)
         train, val = train_test_split(rest, test_size=val_share, stratify=labels[rest], random_state=seed)
     except ValueError as exc:
-        raise DataError(f"{raw.name}: cannot split {len(labels)} rows into train/val/test ({exc})") from None
+        raise DataError(f"{name}: cannot split {len(labels)} rows into train/val/test ({exc})") from None
     return _Rows(classes, labels, dict(zip(SPLITS, (train, val, test), strict=True)))
 
 

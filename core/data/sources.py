@@ -15,7 +15,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from trainflow.core.config import SklearnDataConfig, StoreConfig, SyntheticDataConfig, TableDataConfig, TextDataConfig
+from trainflow.core.config import (
+    ImageFolderDataConfig,
+    SklearnDataConfig,
+    StoreConfig,
+    SyntheticDataConfig,
+    TableDataConfig,
+    TextDataConfig,
+    TextFolderDataConfig,
+)
 from trainflow.core.data.spec import IMAGE_SHAPES
 from trainflow.core.errors import DataError
 from trainflow.core.storage.s3_data import fetch_dataset, is_s3
@@ -72,7 +80,7 @@ def dataset_uri(cfg: object) -> str:
     """The one name of a configured dataset, wherever it is written: an s3:// URI as given, a local file as an
     absolute file:// URI, `sklearn:<name>`, `text:pydoc` for the bundled text, `synthetic` for generated data.
     The dataset event (`trainflow emit-dataset-updated URI`) and MLflow's dataset inputs use it."""
-    path = getattr(cfg, "path", None)
+    path = getattr(cfg, "path", None) or getattr(cfg, "index", None)
     if isinstance(cfg, SklearnDataConfig):
         return f"sklearn:{cfg.name}"
     if isinstance(cfg, SyntheticDataConfig):
@@ -103,6 +111,10 @@ def data_version(cfg: object, s3: StoreConfig | None = None) -> str:
     """What a configured data file holds now, cheaply: size and modification time of a local file, the sha256
     of an s3:// object's fetched copy; empty for bundled and generated data. Part of the prepare_data stage's
     cache key, so a file rewritten in place (or an object replaced under the same URI) prepares again."""
+    if isinstance(cfg, ImageFolderDataConfig | TextFolderDataConfig):  # listed once per process (folders.py)
+        from trainflow.core.data.folders import listing_of
+
+        return f"listing:{listing_of(cfg).version()}"
     path = getattr(cfg, "path", None)
     if not isinstance(cfg, TableDataConfig | TextDataConfig) or path is None:
         return ""

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SERVING_FILE = Path(__file__).resolve().with_name("trainflow_serving.py")
+IMAGES_FILE = SERVING_FILE.with_name("trainflow_images.py")  # the image resizing rule, shipped beside it
 RUNTIMES = {".onnx": "onnxruntime", ".pt2": "torch", ".ts": "torch"}
 N_TEXT_EXAMPLES = 2
 
@@ -49,13 +50,14 @@ class ServingModelInfo:
 def serving_module() -> ModuleType:
     """trainflow_serving imported under its top-level name, as a served model imports it, so that
     cloudpickle records `trainflow_serving.RawInputModel` rather than a `core.` path."""
-    if (module := sys.modules.get("trainflow_serving")) is None:
-        spec = importlib.util.spec_from_file_location("trainflow_serving", SERVING_FILE)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["trainflow_serving"] = module
-        spec.loader.exec_module(module)
-    return module
+    for name, file in (("trainflow_images", IMAGES_FILE), ("trainflow_serving", SERVING_FILE)):
+        if name not in sys.modules:
+            spec = importlib.util.spec_from_file_location(name, file)
+            assert spec is not None and spec.loader is not None
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+    return sys.modules["trainflow_serving"]
 
 
 def log_serving_model(
@@ -94,10 +96,10 @@ def log_serving_model(
                 name=name,
                 python_model=serving_module().RawInputModel(),  # stateless: pickled by reference
                 artifacts=artifacts,
-                code_paths=[str(SERVING_FILE)],
+                code_paths=[str(SERVING_FILE), str(IMAGES_FILE)],
                 signature=signature,
                 input_example=example,
-                pip_requirements=serving_requirements(runtime, preprocessor is not None),
+                pip_requirements=serving_requirements(runtime, preprocessor is not None, meta["input_kind"]),
                 registered_model_name=registered_model_name,
             )
             onnx_uri = None
@@ -117,6 +119,8 @@ def serving_meta(
         kind = "text"
     else:
         kind = "image" if preprocessor and preprocessor.get("image_shape") else "table"
+        if preprocessor and preprocessor.get("kind") == "image_file":
+            kind = "image_file"
     return {
         "format": serving_module().SERVING_FORMAT,
         "task": spec.task,
@@ -149,6 +153,8 @@ def raw_example(
     if preprocessor is None:
         raise ValueError(f"{data.uri}: prepared without a preprocessor (prepare it again to serve raw inputs)")
     examples = preprocessor["examples"]
+    if preprocessor.get("kind") == "image_file":  # uint8 (N, H, W, C) at the training size
+        return examples
     shape = preprocessor.get("image_shape")
     if shape:  # pixels as an array; a single channel drops its axis: (N, H, W)
         return examples.to_numpy().reshape(-1, *(shape[1:] if shape[0] == 1 else shape))
@@ -173,7 +179,7 @@ def serving_signature(kind: str, example: Any, prediction: pd.DataFrame) -> Mode
         inferred = infer_signature(example, prediction, params=params)
     if kind == "text":
         return inferred
-    if kind == "image":
+    if kind in ("image", "image_file"):
         return ModelSignature(inputs=None, outputs=inferred.outputs)
     strict = (DataType.long, DataType.integer, DataType.boolean, DataType.float)
     columns = [
@@ -183,10 +189,13 @@ def serving_signature(kind: str, example: Any, prediction: pd.DataFrame) -> Mode
     return ModelSignature(inputs=Schema(columns), outputs=inferred.outputs)
 
 
-def serving_requirements(runtime: str, with_preprocessor: bool) -> list[str]:
-    """Pinned, minimal: the runtime, numpy, pandas, scikit-learn (only to unpickle a preprocessor) and
-    mlflow-skinny (MLflow would otherwise add the full `mlflow`; skinny loads and serves a pyfunc)."""
-    names = [runtime, "numpy", "pandas", *(["scikit-learn"] if with_preprocessor else []), "mlflow-skinny"]
+def serving_requirements(runtime: str, with_preprocessor: bool, kind: str = "table") -> list[str]:
+    """Pinned, minimal: the runtime, numpy, pandas, scikit-learn (only to unpickle a preprocessor), Pillow (to
+    decode and resize an image model's inputs) and mlflow-skinny (MLflow would otherwise add the full `mlflow`;
+    skinny loads and serves a pyfunc)."""
+    sklearn = with_preprocessor and kind != "image_file"  # an image model's preprocessor is numpy only
+    names = [runtime, "numpy", "pandas", *(["scikit-learn"] if sklearn else []),
+             *(["pillow"] if kind == "image_file" else []), "mlflow-skinny"]  # fmt: skip
     return [f"{name}=={installed_version(name).split('+')[0]}" for name in names]
 
 

@@ -8,7 +8,9 @@ trainflow nor its source. MLflow puts this file on sys.path (`code_paths`), henc
 Inputs, raw as the data came in:
 - table: a DataFrame with the original feature columns (any order, extra ones ignored; NaN is imputed and
   an unseen category encodes as all zeros, as in training), a dict or a list of dicts;
-- image: pixels (N, H, W), (N, C, H, W) or (N, C*H*W), or a DataFrame of the raw pixel columns;
+- image (bundled digits): pixels (N, H, W), (N, C, H, W) or (N, C*H*W), or a DataFrame of the raw pixel columns;
+- image_file (an image folder): images of any size, encoded (PNG/JPEG bytes) or as pixels (N, H, W, C) or a list
+  of (H, W[, C]) arrays, resized as in training (`trainflow_images.square_image`: shorter side, centre square);
 - text: strings (DataFrame column `text`, else its first column; a list; one string).
 Outputs: a classifier gives `label` and `proba_<class>` per class. The byte-level GPT gives the top
 next-byte candidates after the prompt (`top<k>_byte`, `top<k>_char`, `top<k>_proba`) and a continuation of
@@ -61,6 +63,9 @@ class RawInputModel(mlflow.pyfunc.PythonModel):
         """
         if self.meta["input_kind"] == "text":
             return self._generate(_texts(model_input), {**TEXT_PARAMS, **(params or {})})
+        if self.meta["input_kind"] == "image_file":
+            logits = self.runner(self._pictures(model_input))
+            return _class_frame(logits, self.meta["class_names"])
         logits = self.runner(self._features(model_input))
         return _class_frame(logits, self.meta["class_names"])
 
@@ -80,6 +85,21 @@ class RawInputModel(mlflow.pyfunc.PythonModel):
         x = np.ascontiguousarray(pre["transformer"].transform(frame), dtype=np.float32)
         shape = pre.get("image_shape")
         return x.reshape(-1, *shape) if shape else x
+
+    def _pictures(self, model_input: Any) -> np.ndarray:
+        """Images of any size (encoded bytes, or pixel arrays) brought to the training square and normalised."""
+        from trainflow_images import normalized, square_image
+
+        pre = self.preprocessor
+        assert pre is not None, "an image model ships its preprocessor"
+        images = _images(model_input, pre["color"])
+        pixels = []
+        for i, image in enumerate(images):
+            try:
+                pixels.append(square_image(image, int(pre["image_size"]), pre["color"]))
+            except ValueError as exc:
+                raise ValueError(f"image {i}: {exc}") from None
+        return normalized(np.stack(pixels), pre["pixel_mean"], pre["pixel_std"])
 
     # ------------------------------------------------------------------------------------------- text
     def _generate(self, texts: list[str], params: dict[str, Any]) -> pd.DataFrame:
@@ -176,6 +196,25 @@ def _raw_frame(model_input: Any, columns: list[str]) -> pd.DataFrame:
     if array.ndim < 2 or array.size != len(array) * len(columns):
         raise ValueError(f"expected {len(columns)} values per row, got an array of shape {array.shape}")
     return pd.DataFrame(array.reshape(len(array), -1), columns=columns)
+
+
+def _images(model_input: Any, color: str) -> list[Any]:
+    """One entry per image from: encoded bytes; a list of bytes or pixel arrays (sizes may differ); an array
+    (N, H, W, C), or (N, H, W) for a gray model, or one (H, W[, C]) image; a DataFrame of one such column
+    (`image`, else its first)."""
+    if isinstance(model_input, pd.DataFrame):
+        column = model_input["image"] if "image" in model_input.columns else model_input.iloc[:, 0]
+        return list(column)
+    if isinstance(model_input, bytes | bytearray):
+        return [model_input]
+    if isinstance(model_input, list | tuple):
+        return list(model_input)
+    array = np.asarray(model_input)
+    if array.ndim == 4 or (array.ndim == 3 and color == "gray" and array.shape[-1] not in (1, 3, 4)):
+        return list(array)
+    if array.ndim in (2, 3):
+        return [array]
+    raise ValueError(f"expected images (N, H, W, C), (H, W, C), encoded bytes or a list of them; got {array.shape}")
 
 
 def _texts(model_input: Any) -> list[str]:

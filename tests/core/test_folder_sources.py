@@ -1,0 +1,203 @@
+"""data.source image_folder and text_folder: decoded once and cached under a content fingerprint, split (images
+stratified, texts by file), bad files named before any stage or skipped and counted."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import tiny_raw
+from tests.core.folder_support import digit_picture, write_digits, write_texts
+from trainflow.core.config import Config, config_from_dict
+from trainflow.core.data import images as images_module
+from trainflow.core.data.prepared import load_splits
+from trainflow.core.errors import DataError
+from trainflow.core.preflight import preflight
+from trainflow.core.prepare_data import prepare_data
+from trainflow.core.records import PrepareDataResult
+from trainflow.core.serving.trainflow_images import square_image
+from trainflow.core.storage.store import LocalStore
+
+
+def image_config(tmp_path: Path, **data: object) -> Config:
+    raw = tiny_raw()
+    raw["model"] = {"name": "cnn", "channels": [4, 8]}
+    raw["data"] = {"source": "image_folder", "image_size": 16, "color": "gray", **data}
+    raw["store"] = {"uri": str(tmp_path / "store")}
+    raw["tracking"] = {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    return config_from_dict(raw)
+
+
+def prepared(cfg: Config, tmp_path: Path) -> PrepareDataResult:
+    return prepare_data(cfg.data, cfg.seed, LocalStore(tmp_path / "store"))
+
+
+def test_an_image_folder_is_decoded_once_split_by_class_and_normalised(tmp_path: Path) -> None:
+    root = write_digits(tmp_path / "digits", per_class=12, size=16)
+    cfg = image_config(tmp_path, path=str(root))
+    result = prepared(cfg, tmp_path)
+    assert result.spec.class_names == ["0", "1", "2"] and result.spec.input_shape == (1, 16, 16)
+    assert (result.n_train, result.n_val, result.n_test) == (24, 6, 6)
+    splits = load_splits(LocalStore(tmp_path / "store").local_path(result.uri), result.spec)
+    train = splits.x["train"]
+    assert train.dtype == np.float32 and abs(float(train.mean())) < 1e-4 and abs(float(train.std()) - 1) < 1e-3
+    assert np.bincount(splits.y["test"]).tolist() == [2, 2, 2]  # stratified
+    cache = list((tmp_path / "store" / "images").iterdir())
+    assert len(cache) == 1 and (cache[0] / "pixels.npy").exists()  # uint8 pixels in the store
+
+    images_module._DECODED.clear()  # a new process: the store's decoded copy is read, no file decoded again
+    decoded = []
+    original = images_module._decode_one
+    images_module._decode_one = lambda *a: decoded.append(a) or original(*a)  # type: ignore[assignment]
+    try:
+        again = prepared(cfg, tmp_path)
+    finally:
+        images_module._decode_one = original  # type: ignore[assignment]
+    assert decoded == [] and again.fingerprint == result.fingerprint
+
+
+@pytest.mark.parametrize("change", ["edited", "added", "removed"])
+def test_a_changed_added_or_removed_file_changes_the_fingerprint(tmp_path: Path, change: str) -> None:
+    root = write_digits(tmp_path / "digits", per_class=6, size=16)
+    cfg = image_config(tmp_path, path=str(root))
+    before = prepared(cfg, tmp_path).fingerprint
+    target = root / "1" / "000.png"
+    if change == "edited":  # replaced as editors save: a new file renamed over the old one
+        picture = Image.open(target).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        picture.save(root / "1" / "tmp.png")
+        os.replace(root / "1" / "tmp.png", target)
+    elif change == "added":
+        Image.open(target).save(root / "2" / "new.png")
+    else:
+        target.unlink()
+    time.sleep(0.01)
+    assert prepared(cfg, tmp_path).fingerprint != before
+
+
+def test_an_index_file_labels_images_by_relative_path(tmp_path: Path) -> None:
+    root = write_digits(tmp_path / "pool", per_class=6, size=16)
+    rows = [
+        {"path": f"pool/{p.parent.name}/{p.name}", "label": f"digit{p.parent.name}"}
+        for p in sorted(root.rglob("*.png"))
+    ]
+    (tmp_path / "index.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    with open(tmp_path / "index.csv", "w") as f:
+        f.write("path,label\n" + "".join(f"{r['path']},{r['label']}\n" for r in rows))
+    fingerprints = []
+    for name in ("index.csv", "index.jsonl"):
+        result = prepared(image_config(tmp_path, index=str(tmp_path / name)), tmp_path)
+        assert result.spec.class_names == ["digit0", "digit1", "digit2"]
+        assert result.n_train + result.n_val + result.n_test == 18
+        fingerprints.append(result.fingerprint)
+    assert len(set(fingerprints)) == 2  # same images, other settings (the index path) in the fingerprint
+
+
+def bad_folder(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A digits folder with one bad file of each kind; what each is called in the message."""
+    root = write_digits(tmp_path / "digits", per_class=6, size=16)
+    good = (root / "0" / "000.png").read_bytes()
+    (root / "0" / "truncated.png").write_bytes(good[: len(good) // 2])
+    (root / "1" / "notes.txt").write_text("not an image")
+    (root / "2" / "fake.png").write_bytes(b"GIF89a this is not a png")
+    (root / "3").mkdir()
+    return root, {
+        "truncated.png": "not a readable image",
+        "notes.txt": "not an image (PNG or JPEG expected)",
+        "fake.png": "not a readable image",
+        "3": "empty class folder",
+    }
+
+
+def test_bad_files_stop_the_preflight_naming_the_file_and_nothing_is_written(tmp_path: Path) -> None:
+    root, _ = bad_folder(tmp_path)
+    cfg = image_config(tmp_path, path=str(root))
+    with pytest.raises(DataError) as caught:
+        preflight(cfg)
+    message = str(caught.value)
+    assert "\n" not in message and "data.skip_bad_files: true" in message and "more bad file(s)" in message
+    assert message.startswith(str(root / "3")) and "empty class folder" in message
+    assert not (tmp_path / "store" / "images").exists()  # no decoded cache of a bad folder
+
+    for bad, why in ((root / "0" / "truncated.png", "not a readable image"),
+                     (root / "2" / "fake.png", "not a readable image")):  # fmt: skip
+        single = write_digits(tmp_path / f"one-{bad.name}", per_class=6, size=16)
+        (single / bad.parent.name / bad.name).write_bytes(bad.read_bytes())
+        with pytest.raises(DataError, match=f"^{single / bad.parent.name / bad.name}: {why}"):
+            preflight(image_config(tmp_path, path=str(single)))
+
+    labelled = tmp_path / "index.csv"
+    labelled.write_text("path,label\ndigits/0/000.png,0\ndigits/1/000.png,7\n")
+    with pytest.raises(DataError, match=r"000\.png: label '7' is not among the classes \(0, 1\)"):
+        preflight(image_config(tmp_path, index=str(labelled), classes=["0", "1"]))
+
+
+def test_skipped_bad_files_are_counted_in_the_record(tmp_path: Path) -> None:
+    root, kinds = bad_folder(tmp_path)
+    result = prepared(image_config(tmp_path, path=str(root), skip_bad_files=True), tmp_path)
+    assert result.spec.class_names == ["0", "1", "2"]  # the empty class is left out
+    assert result.n_train + result.n_val + result.n_test == 18
+    assert sorted(Path(s.split(": ", 1)[0]).name for s in result.skipped_files) == sorted(kinds)
+    for line in result.skipped_files:
+        name = Path(line.split(": ", 1)[0]).name
+        assert kinds[name] in line
+
+
+def test_images_of_any_size_are_brought_to_the_square_the_same_way() -> None:
+    wide = np.zeros((20, 40, 3), np.uint8)
+    wide[:, 6:34] = 255  # white beyond the centre square of a wide image: the centre crop is all white
+    square = square_image(wide, 10, "rgb")
+    assert square.shape == (3, 10, 10) and square.min() == 255
+    assert square_image(wide.astype(np.float32) / 255, 10, "rgb").tolist() == square.tolist()  # floats in 0-1
+    gray = square_image(wide, 10, "gray")
+    assert gray.shape == (1, 10, 10)
+    exact = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    assert (square_image(exact, 8, "gray")[0] == exact).all()  # already at the size: unchanged
+    with pytest.raises(ValueError, match="not a readable image"):
+        square_image(b"\x89PNG\r\n\x1a\n broken", 8, "gray")
+    picture = digit_picture(np.eye(8) * 16, 24, rgb=True)
+    assert square_image(picture, 12, "rgb").shape == (3, 12, 12)
+
+
+def text_config(tmp_path: Path, **data: object) -> Config:
+    raw = tiny_raw()
+    raw["model"] = {"name": "gpt", "n_layer": 1, "n_head": 2, "n_embd": 16}
+    raw["data"] = {"source": "text_folder", "path": str(tmp_path / "texts"), "seq_len": 16, **data}
+    raw["store"] = {"uri": str(tmp_path / "store")}
+    return config_from_dict(raw)
+
+
+def test_a_text_folder_is_split_by_file(tmp_path: Path) -> None:
+    names = write_texts(tmp_path / "texts", n=6)
+    (tmp_path / "texts" / "skipped.md").write_text("not matched by the glob")
+    (tmp_path / "texts" / "empty.txt").write_text("")
+    cfg = text_config(tmp_path, val_fraction=0.15, test_fraction=0.15, separator="\n\x00\n")
+    result = prepared(cfg, tmp_path)
+    splits = load_splits(LocalStore(tmp_path / "store").local_path(result.uri), result.spec)
+    texts = {s: splits.x[s].tobytes() for s in ("train", "val", "test")}
+    owner = {}
+    for name in names:
+        content = (tmp_path / "texts" / name).read_bytes()
+        holders = [s for s, data in texts.items() if content in data.split(b"\n\x00\n")]
+        assert len(holders) == 1, f"{name} is in {holders}"
+        owner[name] = holders[0]
+    assert set(owner.values()) == {"train", "val", "test"}
+    assert b"not matched" not in b"".join(texts.values())
+    assert result.n_train == (len(texts["train"]) - 1) // 16
+    other = text_config(tmp_path)
+    reseeded = prepare_data(other.data, 1, LocalStore(tmp_path / "store"))
+    assert reseeded.fingerprint != result.fingerprint  # a seeded deal
+
+
+def test_a_text_file_that_is_not_utf8_is_named_or_skipped(tmp_path: Path) -> None:
+    write_texts(tmp_path / "texts", n=5)
+    (tmp_path / "texts" / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1\.txt: not UTF-8 text \(byte 3\); .*skip_bad_files"):
+        preflight(text_config(tmp_path))
+    result = prepared(text_config(tmp_path, skip_bad_files=True), tmp_path)
+    assert len(result.skipped_files) == 1 and "latin1.txt: not UTF-8" in result.skipped_files[0]
