@@ -122,6 +122,7 @@ def publish(
         "mlflow_model_uri": model_uri,
         "registered_model": _registered_entry(config, version, aliases, metric, decision),
         "metrics": evaluated.metrics,
+        "class_names": data.spec.class_names,  # what the model's outputs are called, in order
         "recommended": _recommended_entry(compressed, served_model),
     }
     objects.append(_put(store, json.dumps(manifest, indent=2).encode(), f"{store_key}/manifest.json"))

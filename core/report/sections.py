@@ -80,6 +80,14 @@ def with_tuned(config: Config, tuned: dict[str, Any]) -> tuple[Config, str]:
         return config, f"as given; the tuned values above could not be applied here: {exc}"
 
 
+def _skipped(lines: list[str]) -> str | None:
+    """data.skip_bad_files: how many, and the first few with why."""
+    if not lines:
+        return None
+    shown = "; ".join(lines[:3])
+    return f"{len(lines)}: {shown}" + (f"; and {len(lines) - 3} more" if len(lines) > 3 else "")
+
+
 def data_section(summary: dict[str, Any]) -> Section:
     def build(section: Section, r: PrepareDataResult) -> None:
         section.add(
@@ -90,6 +98,7 @@ def data_section(summary: dict[str, Any]) -> Section:
                 "input shape": list(r.spec.input_shape),
                 "classes" if r.spec.task == "classification" else "vocabulary": r.spec.n_classes,
                 "class names": ", ".join(r.spec.class_names) or None,
+                "bad files skipped": _skipped(r.skipped_files),
                 "fingerprint": r.fingerprint,
                 "prepared arrays": r.uri,
                 "preprocessor": r.preprocessor_uri,

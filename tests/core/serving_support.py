@@ -141,6 +141,15 @@ def text_case(folder: Path) -> Case:
     return make_case(folder, "text", {"source": "text", "seq_len": SEQ_LEN}, GPT)
 
 
+def image_case(folder: Path) -> Case:
+    """Tinted RGB digits (3 classes) in an image folder at 12 px, and a small CNN."""
+    from tests.core.folder_support import write_digits
+
+    root = write_digits(folder / "digit-images", per_class=9, size=20, rgb=True)
+    data = {"source": "image_folder", "path": str(root), "image_size": 12, "color": "rgb"}
+    return make_case(folder, "images", data, {"name": "cnn", "channels": [4, 8]})
+
+
 def assert_classes(served: pd.DataFrame, proba: np.ndarray, class_names: list[str]) -> None:
     assert list(served.columns) == ["label", *(f"proba_{c}" for c in class_names)]
     np.testing.assert_allclose(served.iloc[:, 1:].to_numpy(), proba, rtol=0, atol=1e-5)

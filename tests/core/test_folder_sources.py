@@ -9,11 +9,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
 from tests.conftest import tiny_raw
-from tests.core.folder_support import digit_picture, write_digits, write_texts
+from tests.core.folder_support import digit_picture, png_bytes, write_digits, write_texts
 from trainflow.core.config import Config, config_from_dict
 from trainflow.core.data import images as images_module
 from trainflow.core.data.prepared import load_splits
@@ -201,3 +202,31 @@ def test_a_text_file_that_is_not_utf8_is_named_or_skipped(tmp_path: Path) -> Non
         preflight(text_config(tmp_path))
     result = prepared(text_config(tmp_path, skip_bad_files=True), tmp_path)
     assert len(result.skipped_files) == 1 and "latin1.txt: not UTF-8" in result.skipped_files[0]
+
+
+def test_the_served_image_model_takes_images_of_any_size_and_encoded_bytes(tmp_path: Path) -> None:
+    from tests.core.serving_support import assert_classes, image_case, open_tracking
+    from trainflow.core.serving.trainflow_images import normalized
+
+    case, tracking = image_case(tmp_path), open_tracking(tmp_path)
+    served = tracking.load(tracking.log(case, case.export(".onnx"), "digit-images"))
+    pre = case.pre
+    assert pre["kind"] == "image_file" and pre["class_names"] == ["0", "1", "2"]
+    raw = pd.read_pickle(case.store.local_path(case.data.raw_test_uri))
+    pictures = raw["features"]  # uint8 (N, H, W, C) at the training size, as the champion is scored on them
+    expected = case.proba(normalized(pictures.transpose(0, 3, 1, 2), pre["pixel_mean"], pre["pixel_std"]))
+    assert_classes(served.predict(pictures), expected, case.data.spec.class_names)
+    np.testing.assert_allclose(expected, case.proba(case.x_test()), atol=1e-6)  # the prepared inputs, exactly
+
+    bigger = [Image.fromarray(p).resize((36, 24), Image.Resampling.BILINEAR) for p in pictures]  # other sizes
+    arrays = [np.asarray(b) for b in bigger]
+    encoded = [png_bytes(b) for b in bigger]
+    by_rule = np.stack([square_image(a, 12, "rgb") for a in arrays])
+    want = case.proba(normalized(by_rule, pre["pixel_mean"], pre["pixel_std"]))
+    assert_classes(served.predict(arrays), want, case.data.spec.class_names)
+    assert_classes(served.predict(encoded), want, case.data.spec.class_names)
+    assert_classes(served.predict(pd.DataFrame({"image": encoded})), want, case.data.spec.class_names)
+    with pytest.raises(ValueError, match="image 1: not a readable image"):
+        served.predict([encoded[0], b"not a picture"])
+    requirements = Path(tracking.download(tracking.log(case, case.export(".onnx"), "again"), tmp_path / "dl"))
+    assert "pillow==" in (requirements / "requirements.txt").read_text()

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from tests.core.serving_support import (
     PROMPTS,
@@ -22,12 +23,14 @@ from tests.core.serving_support import (
     Tracking,
     assert_classes,
     greedy,
+    image_case,
     open_tracking,
     people,
     people_case,
     text_case,
 )
 from trainflow.core.data.preprocess import categories_as_strings
+from trainflow.core.serving.trainflow_images import normalized, square_image
 
 pytestmark = pytest.mark.slow  # a fresh virtual environment installed: left out of `pytest -m 'not slow'`
 
@@ -54,6 +57,11 @@ def text(folder: Path) -> Case:
     return text_case(folder)
 
 
+@pytest.fixture(scope="module")
+def images(folder: Path) -> Case:
+    return image_case(folder)
+
+
 VENV_SCRIPT = """
 import importlib, json, sys
 for name in ("core", "flows", "tasks", "trainflow", "torch"):
@@ -65,10 +73,13 @@ for name in ("core", "flows", "tasks", "trainflow", "torch"):
 import mlflow.pyfunc
 import pandas as pd
 
-table_dir, text_dir, rows_csv, prompts_json, out = sys.argv[1:]
+table_dir, text_dir, image_dir, pngs, rows_csv, prompts_json, out = sys.argv[1:]
 table = mlflow.pyfunc.load_model(table_dir).predict(pd.read_csv(rows_csv))
 text = mlflow.pyfunc.load_model(text_dir).predict(json.load(open(prompts_json)), params={"max_new_bytes": 6})
-json.dump({"table": table.to_dict(orient="list"), "text": text.to_dict(orient="list")}, open(out, "w"))
+encoded = [open(f"{pngs}/{name}", "rb").read() for name in sorted(__import__("os").listdir(pngs))]
+image = mlflow.pyfunc.load_model(image_dir).predict(encoded)
+json.dump({"table": table.to_dict(orient="list"), "text": text.to_dict(orient="list"),
+           "image": image.to_dict(orient="list")}, open(out, "w"))
 """
 
 
@@ -103,14 +114,22 @@ def clean_env() -> dict[str, str]:
 def test_the_model_loads_and_predicts_in_a_fresh_venv_without_trainflow(
     csv_people: Case,
     text: Case,
+    images: Case,
     tracking: Tracking,
     fresh_venv: Callable[[list[Path]], Path],
     tmp_path: Path,
 ) -> None:
     table = tracking.download(tracking.log(csv_people, csv_people.export(".onnx"), "people-venv"), tmp_path / "t")
     gpt = tracking.download(tracking.log(text, text.export(".onnx"), "gpt-venv"), tmp_path / "g")
+    picture = tracking.download(tracking.log(images, images.export(".onnx"), "images-venv"), tmp_path / "i")
+    pngs = tmp_path / "pngs"  # the test images at other sizes, as files a user would send
+    pngs.mkdir()
+    raw_test = pd.read_pickle(images.store.local_path(images.data.raw_test_uri))["features"]
+    sent = [Image.fromarray(p).resize((17 + 3 * k, 12 + 2 * k)) for k, p in enumerate(raw_test[:4])]
+    for k, im in enumerate(sent):
+        im.save(pngs / f"{k}.png")
     started = time.perf_counter()
-    python = fresh_venv([table / "requirements.txt", gpt / "requirements.txt"])
+    python = fresh_venv([table / "requirements.txt", gpt / "requirements.txt", picture / "requirements.txt"])
     installed = time.perf_counter() - started
     rows = people().head(20).drop(columns="label")
     rows.loc[0, "colour"], rows.loc[1, "height"] = "purple", np.nan
@@ -118,7 +137,7 @@ def test_the_model_loads_and_predicts_in_a_fresh_venv_without_trainflow(
     (tmp_path / "prompts.json").write_text(json.dumps(PROMPTS))
     work = tmp_path / "empty"
     work.mkdir()
-    args = [table, gpt, tmp_path / "rows.csv", tmp_path / "prompts.json", tmp_path / "out.json"]
+    args = [table, gpt, picture, pngs, tmp_path / "rows.csv", tmp_path / "prompts.json", tmp_path / "out.json"]
     command = [str(python), "-c", VENV_SCRIPT, *map(str, args)]
     started = time.perf_counter()
     done = subprocess.run(command, cwd=work, env=clean_env(), capture_output=True, text=True, timeout=300)
@@ -130,6 +149,10 @@ def test_the_model_loads_and_predicts_in_a_fresh_venv_without_trainflow(
     pre = csv_people.pre
     x = pre["transformer"].transform(categories_as_strings(raw, pre["categorical"])).astype(np.float32)
     assert_classes(pd.DataFrame(out["table"]), csv_people.proba(x), csv_people.data.spec.class_names)
+    pre = images.pre  # images of other sizes, PNG-encoded: decoded and resized in the venv as in training
+    square = np.stack([square_image(np.asarray(im), pre["image_size"], pre["color"]) for im in sent])
+    expected = images.proba(normalized(square, pre["pixel_mean"], pre["pixel_std"]))
+    assert_classes(pd.DataFrame(out["image"]), expected, images.data.spec.class_names)
     for k, prompt in enumerate(PROMPTS):
         continuation, top, _ = greedy(text.model, prompt, 6)
         assert out["text"]["continuation"][k] == continuation
