@@ -309,3 +309,38 @@ def test_a_data_file_rewritten_in_place_prepares_again(tmp_path: Path) -> None:
     assert second_run["stages"]["prepare_data"]["fingerprint"] != first_run["stages"]["prepare_data"]["fingerprint"]
     third_run = csv_project.run(out="third")
     assert third_run["stages"]["prepare_data"]["cached"], "an unchanged file stays cached"
+
+
+def test_an_image_folder_trains_publishes_its_class_names_and_serves_raw_images(tmp_path: Path) -> None:
+    """A folder of PNGs with one bad file skipped: counted in the record and the report, the manifest names the
+    classes, and the published MLflow model answers class names for encoded images of another size."""
+    import mlflow
+    import numpy as np
+    from PIL import Image
+
+    from tests.core.folder_support import png_bytes, write_digits
+
+    root = write_digits(tmp_path / "pictures", per_class=15, size=20, classes=3)
+    (root / "2" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n nothing more")
+    images = Project(tmp_path, compress={"enabled": False}, train={"max_epochs": 4})
+    raw = yaml.safe_load(images.config.read_text())
+    raw["data"] = {"source": "image_folder", "path": str(root), "image_size": 12, "color": "gray",
+                   "skip_bad_files": True}  # fmt: skip
+    raw["model"] = {"name": "cnn", "channels": [4, 8]}
+    images.config.write_text(yaml.safe_dump(raw))
+    summary = images.run()
+    data = summary["stages"]["prepare_data"]
+    assert data["spec"]["class_names"] == ["0", "1", "2"] and data["n_train"] + data["n_val"] + data["n_test"] == 45
+    assert len(data["skipped_files"]) == 1 and "broken.png: not a readable image" in data["skipped_files"][0]
+    report = (tmp_path / "out" / "report.html").read_text()
+    assert "bad files skipped" in report and "broken.png" in report
+    published = summary["stages"]["publish"]
+    manifest = json.loads(LocalStore(tmp_path / "artifacts").local_path(published["manifest_uri"]).read_text())
+    assert manifest["class_names"] == ["0", "1", "2"]
+    pictures = [Image.open(p).resize((30, 26)) for p in sorted((root / "1").glob("*.png"))[:4]]
+    with fluent_tracking_uri(images.tracking_uri):
+        served = mlflow.pyfunc.load_model(published["mlflow_model_uri"])
+        answer = served.predict([png_bytes(p) for p in pictures])
+    assert list(answer.columns) == ["label", "proba_0", "proba_1", "proba_2"]
+    assert set(answer["label"]) <= {"0", "1", "2"}
+    np.testing.assert_allclose(answer[["proba_0", "proba_1", "proba_2"]].sum(axis=1), 1.0, atol=1e-6)
