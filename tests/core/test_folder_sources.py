@@ -230,3 +230,23 @@ def test_the_served_image_model_takes_images_of_any_size_and_encoded_bytes(tmp_p
         served.predict([encoded[0], b"not a picture"])
     requirements = Path(tracking.download(tracking.log(case, case.export(".onnx"), "again"), tmp_path / "dl"))
     assert "pillow==" in (requirements / "requirements.txt").read_text()
+
+
+def test_a_folder_is_listed_once_for_the_preflight_the_cache_key_and_the_stage(tmp_path: Path) -> None:
+    from trainflow.core.data import folders
+    from trainflow.core.data.sources import data_version
+
+    root = write_digits(tmp_path / "digits", per_class=6, size=16)
+    cfg = image_config(tmp_path, path=str(root))
+    scans = []
+    original = folders._list_class_folders
+    folders._list_class_folders = lambda *a: scans.append(a) or original(*a)  # type: ignore[assignment]
+    try:
+        preflight(cfg)
+        version = data_version(cfg.data, cfg.store)
+        prepared(cfg, tmp_path)
+        assert len(scans) == 1
+        Image.open(root / "0" / "000.png").save(root / "0" / "extra.png")  # the folder changed: listed again
+        assert data_version(cfg.data, cfg.store) != version and len(scans) == 2
+    finally:
+        folders._list_class_folders = original  # type: ignore[assignment]
