@@ -250,3 +250,23 @@ def test_a_folder_is_listed_once_for_the_preflight_the_cache_key_and_the_stage(t
         assert data_version(cfg.data, cfg.store) != version and len(scans) == 2
     finally:
         folders._list_class_folders = original  # type: ignore[assignment]
+
+
+def test_a_warm_start_keeps_the_parents_pixel_normalisation(tmp_path: Path) -> None:
+    from trainflow.core.records import ReusedPreprocessing
+    from trainflow.core.storage.files import sha256_file
+
+    parent_root = write_digits(tmp_path / "parent", per_class=6, size=16)
+    parent = prepared(image_config(tmp_path, path=str(parent_root)), tmp_path)
+    store = LocalStore(tmp_path / "store")
+    path = store.local_path(parent.preprocessor_uri)
+    reused = ReusedPreprocessing(uri=str(path), sha256=sha256_file(path))
+    child_root = write_digits(tmp_path / "child", per_class=9, size=16, rgb=False)
+    cfg = image_config(tmp_path, path=str(child_root))
+    child = prepare_data(cfg.data, cfg.seed, store, preprocessing=reused)
+    fresh = prepared(cfg, tmp_path)
+    assert child.spec.pixel_mean == parent.spec.pixel_mean != fresh.spec.pixel_mean
+    assert child.fingerprint != fresh.fingerprint
+    rgb = image_config(tmp_path, path=str(child_root), color="rgb")
+    with pytest.raises(DataError, match=r"not for 16px rgb images; set data\.refit_preprocessing: true"):
+        prepare_data(rgb.data, rgb.seed, store, preprocessing=reused)
