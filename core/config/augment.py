@@ -100,7 +100,7 @@ class Mixup(Section):
     alpha: float = Field(
         0.2,
         gt=0,
-        description="Each sample's weight on itself is drawn from Beta(a, a), a = s * alpha at strength s (Zhang et al. 2018): a larger a mixes more evenly.",
+        description="Each sample's weight on itself is drawn from Beta(a, a), a = s * alpha at strength s (Zhang et al. 2018), and folded to the larger of w and 1 - w: a larger a mixes more evenly, a small one barely.",
     )
     p: float = Field(
         1.0,
@@ -115,7 +115,7 @@ class CutMix(Section):
     alpha: float = Field(
         1.0,
         gt=0,
-        description="Each sample's kept share is drawn from Beta(a, a), a = s * alpha at strength s (Yun et al. 2019); images: a box of the rest is pasted from the partner; table rows: that share of columns.",
+        description="Each sample's kept share is drawn from Beta(a, a), a = s * alpha at strength s (Yun et al. 2019), and folded to the larger of w and 1 - w; images: a box of the rest (at most half) is pasted from the partner; table rows: that share of columns.",
     )
     p: float = Field(
         1.0,

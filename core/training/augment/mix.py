@@ -47,9 +47,17 @@ class Mix:
 
 
 def _beta(alpha: float, b: int, device: torch.device) -> Tensor:
-    """(B,) draws of Beta(alpha, alpha) from the global generator of `device` (torch's gamma sampler draws there)."""
-    concentration = torch.full((b,), alpha, device=device)
-    return torch.distributions.Beta(concentration, concentration).sample()
+    """(B,) shares each sample keeps of itself: lambda ~ Beta(alpha, alpha) from the global generator of `device`
+    (torch's gamma sampler draws there), folded to max(lambda, 1 - lambda) as fastai's MixUp does: the partner is a
+    random permutation, so this only says which of the two is the sample, and a small alpha (strength near 0)
+    leaves each sample nearly as it is instead of swapping half of them for their partners."""
+    # Beta as G1 / (G1 + G2) of two Gamma(alpha) draws, in log space: Gamma(alpha) = Gamma(alpha + 1) * U ** (1 / alpha)
+    # (Marsaglia & Tsang 2000); float32 gamma draws underflow to 0 for alpha below ~0.01, which torch's Beta
+    # then answers with 0.5
+    boosted = torch.distributions.Gamma(torch.tensor(alpha + 1.0, device=device), torch.tensor(1.0, device=device))
+    log_gamma = boosted.sample((2, b)).log() + torch.log(1 - torch.rand(2, b, device=device)) / alpha
+    lam = torch.sigmoid(log_gamma[0] - log_gamma[1])
+    return torch.maximum(lam, 1 - lam)
 
 
 def _cut(x: Tensor, share: Tensor) -> Tensor:
