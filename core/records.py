@@ -75,6 +75,24 @@ class WarmStart(BaseModel):
         return {f"trainflow.parent.{k}": str(v) for k, v in facts.items() if v is not None}
 
 
+class Finding(BaseModel):
+    """What the training doctor found (core/training/diagnostics.py): the rule, where, when, how bad, what to do.
+    One per rule and layer: the step it was first seen, the worst figure seen."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    rule: str  # diverging_loss, exploding_gradients, vanishing_gradients, dead_units, saturation, plateau, ...
+    layer: str | None  # the module's name; None when the finding is about the loop (loss, loader, LR)
+    step: int  # optimizer step it was first seen at
+    figure: float | None  # the worst value seen (None: not finite); what it measures is in `message`
+    threshold: float  # the figure beyond which the rule fires
+    message: str  # one line: the figure against the threshold
+    remedy: str
+
+    def line(self) -> str:
+        where = f", {self.layer}" if self.layer else ""
+        return f"{self.rule} (step {self.step}{where}): {self.message}. Remedy: {self.remedy}"
+
+
 class PrepareDataResult(StageResult):
     fingerprint: str  # content, settings and seed of the split: equal fingerprints, equal arrays
     uri: str  # .npz with x_train, y_train, x_val, ... (tokens only for text)
@@ -104,6 +122,7 @@ class LRRangeTestResult(StageResult):
     suggestions: dict[str, float | None]  # what every rule picks from the same curve
     curve_uri: str  # JSON {"lr": [...], "loss": [...]}
     plot_uri: str  # PNG: loss against LR, log x, suggestions marked
+    findings: list[Finding] = []  # the training doctor's over the sweep (train.diagnostics.in_search only)
 
     def artifact_uris(self) -> list[str]:
         return [self.curve_uri, self.plot_uri]
@@ -153,12 +172,27 @@ class TrainResult(StageResult):
     resumed_from_step: int | None
     checkpoint_uri: str  # the weights handed on (a LoRA fit's: its adapters); the best evaluation's with restore_best
     mlflow_run_id: str | None
+    findings: list[Finding] = []  # the training doctor's (train.diagnostics), in the order first seen
+    diagnosis_uri: str | None = None  # diagnosis.json: the findings and the per-layer figures; None: doctor off
 
     def artifact_uris(self) -> list[str]:
-        return [self.checkpoint_uri]
+        return [self.checkpoint_uri] + ([self.diagnosis_uri] if self.diagnosis_uri else [])
 
     def run_tags(self) -> dict[str, str]:
-        return self.parent.lineage() if self.parent is not None else {}
+        tags = self.parent.lineage() if self.parent is not None else {}
+        if self.diagnosis_uri is not None:
+            tags["trainflow.diagnosis"] = diagnosis_tag(self.findings)
+        return tags
+
+
+def diagnosis_tag(findings: list[Finding]) -> str:
+    """`none`, or the count and the first finding: `2 findings, first dead_units (net.0) at step 50`."""
+    if not findings:
+        return "none"
+    first = findings[0]
+    where = f" ({first.layer})" if first.layer else ""
+    plural = "s" if len(findings) > 1 else ""
+    return f"{len(findings)} finding{plural}, first {first.rule}{where} at step {first.step}"
 
 
 class EvaluateResult(StageResult):

@@ -47,10 +47,14 @@ class TrainingSpec(BaseModel):
     data: PrepareDataResult
     model_code: str | None = None  # a model.factory's code: its files' hash or `dist==version`; None for the zoo
     warm_start: WarmStart | None = None  # model.init_from resolved: a registered version and its weights' sha256
+    lr_suggestion: float | None = None  # the LR range test's, when it ran: the doctor compares optim.lr with it
 
     @classmethod
-    def of(cls, config: Config, data: PrepareDataResult, lr: float | None = None) -> TrainingSpec:
-        """The spec of `config`'s training on `data`, at `lr` (default: `optim.lr`, which must then be a number).
+    def of(
+        cls, config: Config, data: PrepareDataResult, lr: float | None = None, lr_suggestion: float | None = None
+    ) -> TrainingSpec:
+        """The spec of `config`'s training on `data`, at `lr` (default: `optim.lr`, which must then be a number);
+        `lr_suggestion`: the LR range test's, when it ran.
 
         Raises:
             ConfigError: `optim.lr` is auto and no `lr` is given (the tuning stages decide it).
@@ -67,6 +71,7 @@ class TrainingSpec(BaseModel):
             data=data,
             model_code=_model_code(config.model),
             warm_start=warm_start_of(config),
+            lr_suggestion=lr_suggestion,
         )
 
     def with_values(self, values: Mapping[str, Any]) -> TrainingSpec:
@@ -98,10 +103,12 @@ class TrainingSpec(BaseModel):
                                        "train": train})  # fmt: skip
 
     def for_tuning(self) -> TrainingSpec:
-        """The loop settings at their defaults (`LOOP_SETTINGS`): what the tuning stages' results depend on."""
+        """The loop settings at their defaults (`LOOP_SETTINGS`): what the tuning stages' results depend on. The
+        doctor's settings too, unless it watches the search (`train.diagnostics.in_search`)."""
         defaults = TrainConfig()
+        names = LOOP_SETTINGS + (() if self.train.diagnostics.in_search else ("diagnostics",))
         return self.model_copy(update={"train": self.train.model_copy(
-            update={name: getattr(defaults, name) for name in LOOP_SETTINGS})})  # fmt: skip
+            update={name: getattr(defaults, name) for name in names})})  # fmt: skip
 
     def sections(self) -> dict[str, Any]:
         """model, optim, train, loader and seed as plain data: logged as params, kept in checkpoints."""

@@ -14,6 +14,7 @@ class StopReason(str, Enum):
     MAX_STEPS = "max_steps"
     EARLY_STOPPING = "early_stopping"
     PRUNED = "pruned"
+    DIAGNOSIS = "diagnosis"  # the training doctor's finding (train.diagnostics.on_finding: stop); a re-run resumes
 
 
 @dataclass
