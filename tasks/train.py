@@ -19,7 +19,7 @@ RUN_FILE = "mlflow_run.json"  # the child run id, so a resumed training logs int
 @task(**stage_cache("train"))
 def train_task(spec: TrainingSpec, ctx: StageContext) -> TrainResult:
     """Fit the model; checkpoints live in the store folder named by this stage's cache key."""
-    from trainflow.core.train import train  # loaded when it runs: tasks/__init__.py
+    from trainflow.core.train import raise_if_stopped_by_doctor, train  # loaded when it runs: tasks/__init__.py
 
     store, key = stage_store(ctx.store, "train")
     run_file = store.workdir(key) / RUN_FILE
@@ -29,4 +29,7 @@ def train_task(spec: TrainingSpec, ctx: StageContext) -> TrainResult:
         log_dataset_input(run.client, run.run_id, spec.data)  # the Dataset column of the train run, too
         result = train(spec, store, key, logger=run, run_id=run.run_id, callbacks=[TrainingProgress(ctx.name)])
         log_result(run, result)
+        if result.diagnosis_uri is not None:  # the doctor's findings and per-layer figures
+            run.log_artifact(store.local_path(result.diagnosis_uri))
+        raise_if_stopped_by_doctor(result)  # not cached: a re-run resumes
     return result

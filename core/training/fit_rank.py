@@ -21,6 +21,7 @@ from trainflow.core.storage.uploads import BackgroundUploads
 from trainflow.core.training.builder import build_trainer
 from trainflow.core.training.callbacks import Callback, EarlyStopping, MetricLogger, ProgressBar, TrackingCallback
 from trainflow.core.training.checkpoint import FINAL, ModelCheckpoint
+from trainflow.core.training.diagnostics import Doctor
 from trainflow.core.training.distributed import SINGLE, Rank
 from trainflow.core.training.interrupt import CheckpointOnSignal
 from trainflow.core.training.resume import resume_checkpoint, resume_ranks
@@ -70,6 +71,7 @@ def fit_rank(job: FitJob, rank: Rank = SINGLE, device: torch.device | None = Non
     if not rank.is_main:
         return None
     facts = trainer.describe()
+    doctor = next((cb for cb in trainer.callbacks if isinstance(cb, Doctor)), None)
     return TrainResult(
         epochs_run=fit.epochs_run,
         steps=fit.steps,
@@ -91,6 +93,8 @@ def fit_rank(job: FitJob, rank: Rank = SINGLE, device: torch.device | None = Non
         resumed_from_step=resumed_from,
         checkpoint_uri=store.put_file(folder / FINAL, f"{job.store_key}/{FINAL}"),
         mlflow_run_id=job.run_id,
+        findings=doctor.findings if doctor is not None else [],
+        diagnosis_uri=store.put_bytes(doctor.diagnosis_json(), f"{job.store_key}/diagnosis.json") if doctor else None,
     )
 
 

@@ -96,7 +96,8 @@ def tuned(
     if search is not None:
         changes |= search.best_params
     tuned_config = config.with_values(changes)
-    return Tuned(changes, tuned_config, TrainingSpec.of(tuned_config, data))
+    suggestion = lr_range.suggested_lr if lr_range is not None else None  # the doctor compares optim.lr with it
+    return Tuned(changes, tuned_config, TrainingSpec.of(tuned_config, data, lr_suggestion=suggestion))
 
 
 def resolve_space(

@@ -43,7 +43,7 @@ def test_auto_lr_takes_the_suggestion_and_reports_it() -> None:
     assert result.changes == {"optim.lr": 0.0123}
     assert result.config.optim.lr == result.spec.optim.lr == 0.0123
     assert result.config.model_dump(exclude={"optim": {"lr"}}) == config.model_dump(exclude={"optim": {"lr"}})
-    assert result.spec == TrainingSpec.of(result.config, DATA)
+    assert result.spec == TrainingSpec.of(result.config, DATA, lr_suggestion=0.0123)  # the doctor compares with it
 
 
 @pytest.mark.parametrize(
