@@ -15,6 +15,7 @@ from trainflow.core.config import LRRangeTestConfig
 from trainflow.core.records import LRRangeTestResult
 from trainflow.core.storage.store import ArtifactStore
 from trainflow.core.training.builder import build_trainer
+from trainflow.core.training.diagnostics import search_doctor
 from trainflow.core.training.spec import TrainingSpec
 from trainflow.core.tuning.lr_finder import RULES, LRCurve, lr_sweep, suggest_lr
 
@@ -26,10 +27,13 @@ def lr_range_test(
 ) -> LRRangeTestResult:
     """Run the range test with the training's model, optimizer, precision and accumulation (`spec`, whose LR the
     sweep replaces: `core.tuning.plan.lr_range_test_spec`); augmented only with `train.augment.in_lr_range_test`."""
-    trainer = build_trainer(spec, store)
+    doctor = search_doctor(spec)  # train.diagnostics.in_search: per-layer rules over the sweep
+    trainer = build_trainer(spec, store, doctor)
     if not spec.train.augment.in_lr_range_test:  # the sweep measures the loss curve of the plain data
         trainer.augment = None
     curve = lr_sweep(trainer, cfg.min_lr, cfg.max_lr, cfg.num_steps, cfg.smoothing, cfg.diverge_factor)
+    for watching in doctor:
+        watching.close()
     suggestions = {rule: suggest_lr(curve, rule, cfg.skip_start, cfg.skip_end)[0] for rule in RULES}
     lr, reason = suggest_lr(curve, cfg.rule, cfg.skip_start, cfg.skip_end)
     if lr is None:
@@ -46,6 +50,7 @@ def lr_range_test(
         suggestions=suggestions,
         curve_uri=store.put_bytes(curve_json, f"{store_key}/lr_curve.json"),
         plot_uri=store.put_bytes(_plot(curve, suggestions, cfg.rule), f"{store_key}/lr_range_test.png"),
+        findings=doctor[0].findings if doctor else [],
     )
 
 

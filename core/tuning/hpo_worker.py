@@ -29,10 +29,12 @@ import optuna
 
 from trainflow.core.config import CategoricalParam, FloatParam, HPOConfig, ParamSpec
 from trainflow.core.data.prepared import load_splits
+from trainflow.core.records import diagnosis_tag
 from trainflow.core.storage.store import ArtifactStore
 from trainflow.core.tracking.runs import RunLogger
 from trainflow.core.training.builder import build_trainer
 from trainflow.core.training.callbacks import Callback, TrackingCallback, is_improvement, monitored_value
+from trainflow.core.training.diagnostics import search_doctor
 from trainflow.core.training.optim import import_optimizer_dependencies
 from trainflow.core.training.spec import TrainingSpec
 from trainflow.core.training.state import StopReason
@@ -262,7 +264,11 @@ def _objective(trial: optuna.Trial, job: SearchJob) -> float:
         pruning = OptunaPruning(trial, job.hpo.metric, job.hpo.direction)
         try:
             callbacks = [TrackingCallback(run)] if run else []
-            fit = build_trainer(trial_spec(job, params), job.store, [*callbacks, pruning]).fit()
+            spec = trial_spec(job, params)
+            doctor = search_doctor(spec)  # train.diagnostics.in_search
+            fit = build_trainer(spec, job.store, [*callbacks, pruning, *doctor]).fit()
+            if run and doctor:
+                run.set_tags({"trainflow.diagnosis": diagnosis_tag(doctor[0].findings)})
             if pruning.best is None or not math.isfinite(pruning.best):
                 raise ValueError(f"{job.hpo.metric} was {pruning.best} (diverged)")
         except Exception as exc:

@@ -35,13 +35,15 @@ class LRCurve:
 def lr_sweep(
     trainer: Trainer, min_lr: float, max_lr: float, num_steps: int, smoothing: float, diverge_factor: float
 ) -> LRCurve:
-    """Run the range test with `trainer`'s step; every state it touches is restored on return."""
+    """Run the range test with `trainer`'s step; every state it touches is restored on return. Its callbacks see
+    `on_fit_start` and each step's `on_step_end` (the step counted from the sweep's start), nothing else."""
     saved = {
         "model": copy.deepcopy(trainer.module.state_dict()),
         "optimizer": copy.deepcopy(trainer.optimizer.state_dict()),
         "scheduler": trainer.scheduler,
         "scaler": copy.deepcopy(trainer.scaler.state_dict()),
         "data_position": (trainer.loaders.sampler.epoch, trainer.loaders.sampler.start),
+        "step": trainer.state.step,
     }
     growth = (max_lr / min_lr) ** (1 / (num_steps - 1))
     lrs: list[float] = []
@@ -52,9 +54,14 @@ def lr_sweep(
             for group in trainer.optimizer.param_groups:  # blocks at a fraction of the LR keep it (train.finetune)
                 group["lr"] = group["initial_lr"] = min_lr * group.get("lr_scale", 1.0)
             trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda i: growth**i)
+            for callback in trainer.callbacks:  # the doctor, when it watches the sweep (train.diagnostics.in_search)
+                callback.on_fit_start(trainer)
             for step, micro_batches in zip(range(num_steps), _endless_steps(trainer), strict=False):
                 lr = trainer.peak_lr
                 loss = trainer.train_step(micro_batches).loss.item()
+                trainer.state.step += 1
+                for callback in trainer.callbacks:
+                    callback.on_step_end(trainer)
                 if not math.isfinite(loss):
                     diverged = True
                     break
@@ -72,6 +79,7 @@ def lr_sweep(
         trainer.scheduler = saved["scheduler"]
         trainer.scaler.load_state_dict(saved["scaler"])
         trainer.loaders.sampler.set_epoch(*saved["data_position"])
+        trainer.state.step = saved["step"]
         trainer.optimizer.zero_grad(set_to_none=True)
     return LRCurve(lrs, losses, diverged)
 
