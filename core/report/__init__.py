@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from trainflow.core.config import Config
 from trainflow.core.config.secrets import mask_secrets
 from trainflow.core.report.blocks import Report, Sources
+from trainflow.core.report.diagnosis import diagnosis_section
 from trainflow.core.report.render import image_file, render_html, render_markdown
 from trainflow.core.report.results import compress_section, evaluate_section, publish_section, train_section
 from trainflow.core.report.sections import config_section, data_section, hpo_section, lr_range_test_section, overview
@@ -69,6 +70,7 @@ def build_report(summary: dict[str, Any], config: Config, sources: Sources, run_
             lr_range_test_section(summary, sources),
             hpo_section(summary, config, sources),
             train_section(summary, sources),
+            diagnosis_section(summary, sources),
             evaluate_section(summary, sources),
             compress_section(summary, sources),
             publish_section(summary, sources),

@@ -1,5 +1,6 @@
 """The report's own plots, only where the pipeline saved none: training curves from the MLflow metric
-history and the HPO parameter importances. PNG bytes, drawn with matplotlib's Agg backend."""
+history, the HPO parameter importances and the training doctor's per-layer figures. PNG bytes, drawn with
+matplotlib's Agg backend."""
 
 from __future__ import annotations
 
@@ -40,6 +41,35 @@ def importances_png(importances: dict[str, float]) -> bytes:
         ax.barh([name for name, _ in ordered], [value for _, value in ordered], color="tab:blue")
         ax.set_xlabel("importance")
         ax.set_title("HPO parameter importances")
+        figure.tight_layout()
+        return _png(figure)
+
+
+def layer_figures_png(figures: dict[str, dict[str, list[tuple[int, float]]]], panels: list[tuple[str, str]]) -> bytes:
+    """The training doctor's per-layer figures: one panel per (figure, title), one line per layer against the step,
+    coloured from the first layer (dark) to the last (light); a figure spanning decades on a log scale."""
+    plt = _pyplot()
+    panels = [(key, title) for key, title in panels if figures.get(key)]
+    with plt.style.context("default"):
+        columns = min(2, len(panels))
+        rows = (len(panels) + columns - 1) // columns
+        figure, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 3.4 * rows), squeeze=False)
+        for ax, (key, title) in zip(axes.flat, panels, strict=False):
+            layers = figures[key]
+            colours = plt.cm.viridis([i / max(1, len(layers) - 1) * 0.9 for i in range(len(layers))])
+            positive = [v for points in layers.values() for _, v in points if v > 0]
+            for (layer, points), colour in zip(layers.items(), colours, strict=True):
+                steps, values = zip(*points, strict=True)
+                ax.plot(steps, values, color=colour, linewidth=1, marker="o" if len(steps) <= 20 else None,
+                        markersize=2, label=layer)  # fmt: skip
+            if positive and max(positive) / min(positive) > 100:
+                ax.set_yscale("log")
+            ax.set(title=title, xlabel="step")
+            ax.grid(alpha=0.3)
+            if len(layers) <= 12:
+                ax.legend(fontsize=7)
+        for ax in list(axes.flat)[len(panels) :]:
+            ax.set_visible(False)
         figure.tight_layout()
         return _png(figure)
 

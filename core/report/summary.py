@@ -3,8 +3,8 @@ shown three ways: plain text at the end of `trainflow run` (flows/cli.py), Markd
 `run-summary-<config>` (tasks/artifacts.py), and the report's Run section (sections.py `overview`).
 
 What it holds: each stage's time and cache status (or why it was skipped), the tuned values, the test metrics
-and latency, the training, the compression recommendation and table, what was published. Every text passes
-`mask_secrets`, so a password a URL carries reaches no console, artifact or report.
+and latency, the training and the doctor's findings, the compression recommendation and table, what was
+published. Every text passes `mask_secrets`, so a password a URL carries reaches no console, artifact or report.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 from trainflow.core.compression.report import COLUMNS, table_rows
 from trainflow.core.config.secrets import mask_secrets
-from trainflow.core.records import CompressedVariant
+from trainflow.core.records import CompressedVariant, Finding
 from trainflow.core.report.blocks import Block, Table, Text, fmt
 from trainflow.core.report.render import markdown_blocks, render_text
 
@@ -93,6 +93,19 @@ def _results(tuned: dict[str, Any], evaluated: dict[str, Any] | None, trained: d
         if parent:
             version = f" (version {parent['version']}, run {parent['run_id']})" if parent.get("version") else ""
             lines.append(Text(f"started from: {parent['source']}{version}, sha256 {parent['sha256'][:12]}"))
+        if trained.get("diagnosis_uri"):
+            lines += diagnosis_lines(trained.get("findings") or [])
+    return lines
+
+
+def diagnosis_lines(findings: list[dict[str, Any]], shown: int = 5) -> list[Text]:
+    """The training doctor's findings, one line each (the first `shown`), or that it found nothing."""
+    if not findings:
+        return [Text("doctor: no findings")]
+    lines = [Text(f"doctor: {len(findings)} finding(s)")]
+    lines += [Text(f"- {Finding.model_validate(f).line()}") for f in findings[:shown]]
+    if len(findings) > shown:
+        lines.append(Text(f"- ... and {len(findings) - shown} more (diagnosis.json of the train run)"))
     return lines
 
 
