@@ -52,7 +52,7 @@ class Rotate(Section):
         15.0,
         gt=0,
         le=180,
-        description="Rotation drawn uniformly from [-d, d], d = min(s * degrees, 180) at strength s; corners outside the image are filled with 0 (the mean of normalised pixels).",
+        description="Rotation drawn uniformly from [-d, d], d = min(s * degrees, 180) at strength s; corners from outside the image take the nearest edge pixel.",
     )
     p: float = Field(1.0, ge=0, le=1, description="Share of samples rotated.")
 

@@ -20,8 +20,9 @@ GRAY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscal
 
 class Geometry:
     """Crop (area and aspect drawn as Inception's RandomResizedCrop, resized back to H x W), mirror and rotation of
-    each sample, composed into one 2x3 matrix per sample and sampled once (bilinear; outside the image: 0, the
-    mean of normalised pixels)."""
+    each sample, composed into one 2x3 matrix per sample and sampled once (bilinear; a rotated corner outside the
+    image takes the nearest edge pixel, not a constant patch: on digits' black background a fill of 0, the mean
+    pixel, drew grey corners)."""
 
     def __init__(
         self, crop: RandomResizedCrop | None, flip: HFlip | None, rotate: Rotate | None, strength: float
@@ -39,7 +40,7 @@ class Geometry:
         b, _, h, w = x.shape
         theta = self.matrices(b, h, w, x.device)
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False), y
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False), y
 
     def matrices(self, b: int, h: int, w: int, device: torch.device) -> Tensor:
         """(B, 2, 3): each output pixel's place in the input, in affine_grid's normalised coordinates: rotate,
