@@ -92,6 +92,12 @@ def test_a_crop_of_the_whole_image_and_a_vanishing_strength_are_the_identity(ops
     assert targets.argmax(dim=1).tolist() == y.tolist() if targets.is_floating_point() else torch.equal(targets, y)
 
 
+def test_a_channels_last_batch_stays_channels_last() -> None:
+    x = torch.rand(8, 3, 16, 16).contiguous(memory_format=torch.channels_last)  # a channels-last CNN on CUDA
+    out, _ = _augment(RGB, *IMAGE_OPS[:5])(x, torch.zeros(8).long())
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_strength_0_or_no_ops_is_no_augmentation() -> None:
     assert build_augment(AugmentConfig(ops=IMAGE_OPS, strength=0.0), RGB) is None
     assert build_augment(AugmentConfig(), RGB) is None

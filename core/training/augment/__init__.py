@@ -75,8 +75,11 @@ class Pipeline:
 
     @torch.no_grad()
     def __call__(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
         for step in self.steps:
             x, y = step(x, y)
+        if channels_last:  # a channels-last CNN on CUDA: grid_sample and friends answer in NCHW
+            x = x.contiguous(memory_format=torch.channels_last)
         return x, y
 
 
