@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from trainflow.core.records import Finding
 
 DIVERGE_FACTOR = 2.0  # train/loss above its first log window's and above 2x its lowest so far: diverging
-EXPLODE_FACTOR = 10.0  # a gradient norm above 10x its median over the earlier logs (measurements): exploding
-MIN_HISTORY = 3  # earlier figures a median needs
+EXPLODE_FACTOR = 10.0  # a gradient norm above 10x the largest of the earlier logs (measurements): exploding
+MIN_HISTORY = 3  # earlier figures needed first (early training moves norms by several times)
 PLATEAU_GAIN = 0.01  # the last window's lowest train/loss less than 1% below the lowest before it ...
 PLATEAU_HIGH = 0.5  # ... while above half the first log window's train/loss (a low loss has converged): plateau
 GAP_RISE = 0.2  # val/loss 20% above its best while train/loss kept falling: a growing gap ...
@@ -86,17 +86,17 @@ def diverging_loss(step: int, loss: float, start: float, lowest: float) -> Findi
 
 def exploding_gradients(step: int, norm: float, earlier: Sequence[float], layer: str | None = None) -> Finding | None:
     """A gradient norm (the loop's train/grad_norm before clipping, or a layer's) that is not finite, or above
-    EXPLODE_FACTOR x its median over the earlier logs (measurements)."""
+    EXPLODE_FACTOR x the largest of the earlier logs (measurements), once there are MIN_HISTORY of them."""
     what = f"{layer}'s gradient norm" if layer else "train/grad_norm"
     if not math.isfinite(norm):
         return finding("exploding_gradients", step, None, EXPLODE_FACTOR, f"{what} is not finite", layer)
     finite = [n for n in earlier if math.isfinite(n)]
     if len(finite) < MIN_HISTORY:
         return None
-    median = statistics.median(finite)
-    if median > 0 and norm > EXPLODE_FACTOR * median:
-        return finding("exploding_gradients", step, norm / median, EXPLODE_FACTOR,
-                       f"{what} {norm:.4g} is {norm / median:.0f}x its median {median:.4g} so far "
+    largest = max(finite)
+    if largest > 0 and norm > EXPLODE_FACTOR * largest:
+        return finding("exploding_gradients", step, norm / largest, EXPLODE_FACTOR,
+                       f"{what} {norm:.4g} is {norm / largest:.3g}x the largest before it, {largest:.4g} "
                        f"(> {EXPLODE_FACTOR:g}x)", layer)  # fmt: skip
     return None
 

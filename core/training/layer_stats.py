@@ -6,9 +6,9 @@ so it is never "vanishing"). Hooks exist only from `arm` (before the measured st
 `after_backward` (its gradients final), so other steps, and validation, pay nothing. Everything stays on the
 device until `finish`, which stacks the figures into one tensor and copies that to the host once.
 
-Dead units are seen at a layer's input: a unit (channel of a convolution or batch norm, else the last dimension)
-that was never non-zero there over the window belongs to the trainable layer the forward pass ran just before
-(the one whose output, through its activation, feeds this input).
+The statistics are those of the step's first micro-batch. Dead units are seen at a layer's input: a unit (channel
+of a convolution or batch norm, else the last dimension) that was never non-zero there over the window belongs to
+the trainable layer the forward pass ran just before (the one whose output, through its activation, feeds it).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-NEAR_ZERO = 1e-6  # |activation| at most this counts as zero (ReLU's zeros are exact)
 SATURATION_MARGIN = 0.01  # a tanh within 0.01 of -1 or 1, a sigmoid within 0.01 of 0 or 1
 _SATURATING = (nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardsigmoid, nn.Softsign)
 _CHANNEL_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)  # units along dim 1, else the last
@@ -32,8 +31,8 @@ class Measured:
     """One measurement, on the host."""
 
     step: int
-    # layer -> out_mean, out_std, out_zero_share (its output), act_zero_share (what the next layer receives: after
-    # its activation), grad_norm, grad_rms, update_ratio
+    # layer -> out_mean, out_std (its output), act_zero_share (share of exact zeros in what the next layer receives:
+    # after its activation), grad_norm, grad_rms, update_ratio
     layers: dict[str, dict[str, float]]
     loop: dict[str, float]  # the step's own figures read in the same copy (its loss)
     order: list[str]  # the trainable layers in the order the forward pass ran them
@@ -61,10 +60,11 @@ class LayerProbe:
         trainable = {n: [p for p in m.parameters(recurse=False) if p.requires_grad] for n, m in named}
         self.params = {n: ps for n, ps in trainable.items() if ps}
         self.kinds = {n: type(m).__name__ for n, m in named if n in self.params}
-        self.stats: dict[str, tuple[torch.Tensor, int]] = {}  # layer -> ([sum, sum of squares, zeros], count)
+        self.stats: dict[str, tuple[torch.Tensor, int]] = {}  # layer -> ([sum, sum of squares], count)
         self.fed: dict[str, tuple[torch.Tensor, int]] = {}  # producer -> (zeros at the next layer's input, count)
         self.saturation: dict[str, tuple[torch.Tensor, int, str | None]] = {}  # activation -> (at bounds, n, layer)
         self.order: list[str] = []
+        self.seen: set[str] = set()  # layers whose first call of the step was measured
         self.last: str | None = None  # the trainable layer whose forward ran last
         if self.activations:
             for name, module in named:
@@ -94,11 +94,11 @@ class LayerProbe:
         layout: list[tuple[str, list[str]]] = [("loop", list(loop))] if loop else []  # (what, names) of each part
         act = [n for n in self.order if n in self.stats]
         if act:
-            parts.append(torch.stack([_moments(*self.stats[n]) for n in act]))  # (L, 3): mean, std, zero share
+            parts.append(torch.stack([_moments(*self.stats[n]) for n in act]))  # (L, 2): mean, std
             layout.append(("out", act))
         fed = [n for n in self.fed if n in self.params]
         if fed:
-            parts.append(torch.stack([self.fed[n][0] / self.fed[n][1] for n in fed]))
+            parts.append(torch.stack([self.fed[n][0].float() / self.fed[n][1] for n in fed]))
             layout.append(("fed", fed))
         if self.gradients and self.measuring:
             names = list(self.params)
@@ -130,47 +130,40 @@ class LayerProbe:
 
     # ------------------------------------------------------------------------------------------- hooks
     def _layer_hook(self, name: str, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        # The step's first micro-batch only; each tensor is read twice at most (the output's var_mean; the input's
+        # != 0 and its per-unit count).
+        if name in self.seen:
+            self.last = name
+            return
+        self.seen.add(name)
         out = output[0] if isinstance(output, tuple | list) else output
-        if isinstance(out, torch.Tensor) and out.is_floating_point():
-            o = out.detach().float()
-            sums = torch.stack([o.sum(), o.square().sum(), (o.abs() <= NEAR_ZERO).sum().float()])
-            if name in self.stats:
-                previous, count = self.stats[name]
-                self.stats[name] = (previous + sums, count + o.numel())
-            else:
-                self.stats[name] = (sums, o.numel())
-                self.order.append(name)
+        if isinstance(out, torch.Tensor) and out.is_floating_point() and out.numel():
+            o, n = out.detach(), out.numel()
+            var, mean = torch.var_mean(o if o.dtype in (torch.float32, torch.float64) else o.float(), correction=0)
+            self.stats[name] = (torch.stack([mean * n, (var + mean.square()) * n]).float(), n)  # sum, sum of squares
+            self.order.append(name)
         x = inputs[0] if inputs else None
         if self.last is not None and isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() >= 2:
-            dim = 1 if isinstance(module, _CHANNEL_FIRST) else x.dim() - 1
-            nonzero = x.detach().abs() > NEAR_ZERO
-            active = nonzero.movedim(dim, -1).reshape(-1, x.shape[dim]).any(0)
+            unit = 1 if isinstance(module, _CHANNEL_FIRST) else x.dim() - 1
+            nonzero = (x.detach() != 0).sum(dim=[d for d in range(x.dim()) if d != unit])  # (units,): non-zeros each
             seen = self.active.get(name)
+            active = nonzero > 0
             self.active[name] = active if seen is None or seen.shape != active.shape else seen | active
             self.producer[name] = self.last
-            zeros = (~nonzero).sum().float()
-            if self.last in self.fed:
-                previous, count = self.fed[self.last]
-                zeros, numel = previous + zeros, count + x.numel()
-            else:
-                numel = x.numel()
-            self.fed[self.last] = (zeros, numel)
+            if self.last not in self.fed:  # a layer feeding two: the first
+                self.fed[self.last] = (x.numel() - nonzero.sum(), x.numel())
         self.last = name
 
     def _frozen_hook(self, name: str, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
         self.last = None  # what a frozen layer feeds is not a trainable layer's output
 
     def _saturation_hook(self, name: str, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-        if not isinstance(output, torch.Tensor):
+        if not isinstance(output, torch.Tensor) or name in self.saturation:  # the first micro-batch only
             return
         low, high = _bounds(module)
-        y = output.detach().float()
+        y = output.detach()
         at = ((y <= low + SATURATION_MARGIN) | (y >= high - SATURATION_MARGIN)).sum().float()
-        if name in self.saturation:
-            previous, count, layer = self.saturation[name]
-            self.saturation[name] = (previous + at, count + y.numel(), layer)
-        else:
-            self.saturation[name] = (at, y.numel(), self.last)
+        self.saturation[name] = (at, y.numel(), self.last)
 
     def _remove_hooks(self) -> None:
         for handle in self.handles:
@@ -181,14 +174,14 @@ class LayerProbe:
         m = Measured(step, {}, {}, list(self.order), dict(self.kinds))
         i = 0
         for what, names in layout:
-            width = {"out": 3, "grad": 2}.get(what, 1)
+            width = {"out": 2, "grad": 2}.get(what, 1)
             for name in names:
                 row = values[i : i + width]
                 i += width
                 if what == "loop":
                     m.loop[name] = row[0]
                 elif what == "out":
-                    m.layers.setdefault(name, {}).update(out_mean=row[0], out_std=row[1], out_zero_share=row[2])
+                    m.layers.setdefault(name, {}).update(out_mean=row[0], out_std=row[1])
                 elif what == "fed":
                     m.layers.setdefault(name, {})["act_zero_share"] = row[0]
                 elif what == "grad":
@@ -205,9 +198,9 @@ class LayerProbe:
 
 
 def _moments(sums: torch.Tensor, count: int) -> torch.Tensor:
-    """[mean, std, zero share] from [sum, sum of squares, zeros] over `count` values (on the device)."""
+    """[mean, std] from [sum, sum of squares] over `count` values (on the device)."""
     mean = sums[0] / count
-    return torch.stack([mean, (sums[1] / count - mean.square()).clamp_min(0).sqrt(), sums[2] / count])
+    return torch.stack([mean, (sums[1] / count - mean.square()).clamp_min(0).sqrt()])
 
 
 def _per_layer_sq(norms: list[torch.Tensor] | tuple[torch.Tensor, ...], params: dict[str, list[Any]]) -> torch.Tensor:
