@@ -73,6 +73,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="effect: seeds")
     parser.add_argument("--epochs", type=int, default=200, help="effect: epochs per run")
     parser.add_argument("--effect-channels", default="16,32", help="effect: the CNN's channels per stage")
+    parser.add_argument(
+        "--effect-model",
+        choices=["cnn", "mlp"],
+        default="cnn",
+        help="effect: the CNN, or an MLP (hidden [256, 128]: no convolution's shift invariance)",
+    )
     parser.add_argument("--share", type=float, default=0.2, help="effect: share of the training split used")
     parser.add_argument("--work", type=Path, default=None, help="folder for the PNGs and the store (default: temp)")
     args = parser.parse_args()
@@ -121,8 +127,9 @@ def throughput_part(folder: Path, store: LocalStore, args: argparse.Namespace) -
 
 
 def effect_part(folder: Path, store: LocalStore, args: argparse.Namespace) -> str:
-    channels = [int(c) for c in args.effect_channels.split(",")]
-    print(f"\n== 2. effect: digits {SIZE}x{SIZE} grey, {args.share:.0%} of the training split, CNN {channels}, "
+    cnn = {"name": "cnn", "channels": [int(c) for c in args.effect_channels.split(",")]}
+    model = cnn if args.effect_model == "cnn" else {"name": "mlp", "hidden_sizes": [256, 128]}
+    print(f"\n== 2. effect: digits {SIZE}x{SIZE} grey, {args.share:.0%} of the training split, {model}, "
           f"{args.epochs} epochs, batch 32, AdamW lr 3e-3 cosine; augment: "
           f"{', '.join(str(o) for o in DIGIT_OPS)}")  # fmt: skip
     accuracy: dict[str, dict[int, float]] = {"off": {}, "on": {}}
@@ -130,7 +137,7 @@ def effect_part(folder: Path, store: LocalStore, args: argparse.Namespace) -> st
         data = train_share(prepared_folder(folder, SIZE, "gray", seed, store), args.share, seed, store)
         for arm, ops in (("off", []), ("on", DIGIT_OPS)):
             started = time.perf_counter()
-            accuracy[arm][seed] = _fit_and_test(folder, data, seed, channels, args.epochs, ops, store)
+            accuracy[arm][seed] = _fit_and_test(folder, data, seed, model, args.epochs, ops, store)
             print(
                 f"  seed {seed}, augmentation {arm}: test accuracy {accuracy[arm][seed]:.4f} "
                 f"({data.n_train} training images, {data.n_test} test; {time.perf_counter() - started:.0f} s)"
@@ -148,11 +155,11 @@ def effect_part(folder: Path, store: LocalStore, args: argparse.Namespace) -> st
     )
 
 
-def _fit_and_test(folder: Path, data: object, seed: int, channels: list[int], epochs: int, ops: list,
+def _fit_and_test(folder: Path, data: object, seed: int, model: dict, epochs: int, ops: list,
                   store: LocalStore) -> float:  # fmt: skip
     """Test accuracy after `epochs` of the train stage's Trainer on `data` (a PrepareDataResult)."""
     raw = {"seed": seed, "data": {"source": "image_folder", "path": str(folder), "image_size": SIZE, "color": "gray"},
-           "model": {"name": "cnn", "channels": channels}, "optim": {"lr": 3e-3},
+           "model": model, "optim": {"lr": 3e-3},
            "train": {"max_epochs": epochs, "batch_size": 32, "device": "cpu", "progress_bar": False,
                      "eval_every_steps": 10**9, "early_stopping": {"enabled": False, "restore_best": False},
                      "augment": {"ops": ops}}}  # fmt: skip
