@@ -203,6 +203,12 @@ def test_language_modelling_reports_perplexity_and_bits_per_byte(text: Trained) 
     assert text.evaluated.throughput_per_s > 0
 
 
+def test_the_doctor_finds_nothing_wrong_with_the_healthy_runs(wine: Trained, text: Trained) -> None:
+    """The MLP and the GPT these tests train were watched (train.diagnostics is on by default): no finding."""
+    for trained in (wine.trained, text.trained):
+        assert trained.diagnosis_uri is not None and trained.findings == []
+
+
 def test_a_diverged_language_model_is_reported_not_a_crash(text: Trained) -> None:
     weights = load_checkpoint(text.store.local_path(text.trained.checkpoint_uri))["model"]
     weights["norm.weight"] = weights["norm.weight"] * 1e5  # logits in the thousands: a loss far above 709 nats

@@ -133,6 +133,21 @@ def test_mlflow_has_a_parent_run_with_one_child_per_stage(project: Project, firs
     assert "plots/confusion_matrix.png" in {a.path for a in client.list_artifacts(evaluate_run.info.run_id, "plots")}
 
 
+def test_the_doctor_watched_the_training_and_found_nothing(project: Project, first: dict[str, Any]) -> None:
+    """A healthy run: no finding in the record, the tag on the train run and the parent, diagnosis.json logged."""
+    from trainflow.core.report.summary import summarize
+
+    trained = first["stages"]["train"]
+    assert trained["findings"] == [] and trained["diagnosis_uri"].endswith("/diagnosis.json")
+    client = MlflowClient(project.tracking_uri)
+    assert client.get_run(trained["mlflow_run_id"]).data.tags["trainflow.diagnosis"] == "none"
+    assert client.get_run(first["mlflow_run_id"]).data.tags["trainflow.diagnosis"] == "none"
+    assert "diagnosis.json" in {a.path for a in client.list_artifacts(trained["mlflow_run_id"])}
+    diagnosis = json.loads(LocalStore(project.root / "artifacts").local_path(trained["diagnosis_uri"]).read_text())
+    assert [m["step"] for m in diagnosis["measurements"]] == [1]  # 48 steps at every_steps 50
+    assert "\ndoctor: no findings\n" in summarize(first).text()
+
+
 def test_the_published_model_and_manifest(project: Project, first: dict[str, Any], tmp_path: Path) -> None:
     publish = first["stages"]["publish"]
     store = LocalStore(project.root / "artifacts")

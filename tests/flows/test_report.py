@@ -123,7 +123,7 @@ def test_the_markdown_images_are_files_beside_it(project: Project, markdown: str
 def test_the_sections_show_this_run(project: Project, run: dict[str, Any], markdown: str, page: str) -> None:
     stages, by_title = run["stages"], sections(markdown)
     assert list(by_title) == ["Run", "Config", "Data", "LR range test", "Hyperparameter search", "Training",
-                              "Evaluation", "Compression", "Publish"]  # fmt: skip
+                              "Diagnosis", "Evaluation", "Compression", "Publish"]  # fmt: skip
     assert run["mlflow_run_id"] in by_title["Run"] and run["prefect_flow_run_id"] in by_title["Run"]
     assert run["config_sha256"] in by_title["Run"]
     assert table(by_title["Run"], "stage")[1] == ["lr_range_test", f"{stages['lr_range_test']['seconds']:.1f}", "no"]
@@ -146,6 +146,8 @@ def test_the_sections_show_this_run(project: Project, run: dict[str, Any], markd
 
     assert f"{stages['train']['epochs_run']} epoch(s)" in by_title["Training"]
     assert "training_curves.png" in by_title["Training"]
+    assert "No findings" in by_title["Diagnosis"] and "diagnosis_layers.png" in by_title["Diagnosis"]  # healthy
+    assert "doctor: no findings" in by_title["Run"]
     accuracy = stages["evaluate"]["metrics"]["accuracy"]
     assert ["accuracy", f"{accuracy:.4g}"] in table(by_title["Evaluation"], "test metric")
     assert f"Recommended: **{stages['compress']['recommended']}**." in by_title["Compression"]
@@ -184,6 +186,7 @@ def test_a_cached_rerun_reads_back_what_the_report_made_and_reports_itself(
     monkeypatch.setattr("trainflow.core.report.results.training_curves_png", made_again)
     monkeypatch.setattr("trainflow.core.report.sections.importances_png", made_again)
     monkeypatch.setattr("trainflow.core.report.sections._read_trial_rows", made_again)
+    monkeypatch.setattr("trainflow.core.report.diagnosis.layer_figures_png", made_again)
 
     again = project.run(out="again")
 
@@ -196,7 +199,8 @@ def test_a_cached_rerun_reads_back_what_the_report_made_and_reports_itself(
     assert by_title["Training"].lstrip().startswith("cached:")
     assert table(by_title["Hyperparameter search"], "trial") == table(before["Hyperparameter search"], "trial")
     images = sorted(p.name for p in (second / "report_files").iterdir())
-    assert "training_curves.png" in images and images == sorted(p.name for p in (first / "report_files").iterdir())
+    assert {"training_curves.png", "diagnosis_layers.png"} <= set(images)
+    assert images == sorted(p.name for p in (first / "report_files").iterdir())
     for name in images:
         assert (second / "report_files" / name).read_bytes() == (first / "report_files" / name).read_bytes()
 
