@@ -14,12 +14,16 @@ stage rows (goals: >= 0.85 at 20 digits epochs, >= 0.97 at 100, ahead of Lightni
     record); against `loops.bare_fit` and Lightning's `fit` (`lightning_loop.py`), rotating the order per round.
     Each round uses a new seed, so the stage never resumes or reuses a cached result, and all three sides train
     that seed's split and initialisation.
+doctor rows (goal >= 0.97, i.e. at most 3% slower): the loop rows' train task body with the training doctor at
+    its default schedule (`train.diagnostics`, measuring step 1 and every 50th) against the same body with
+    `train.diagnostics.enabled: false`: same model, data, seed and steps, alternating the order per round.
 
 Every side runs after its imports and one untimed warm-up (torch imports torch._dynamo lazily at the first
 optimizer, about 1.3 s here): the figures compare the work of a run, not interpreter start-up.
 
-    .venv/bin/python benchmarks/trainer_overhead.py                  # loop and stage rows (about 10 minutes)
+    .venv/bin/python benchmarks/trainer_overhead.py                  # loop, stage and doctor rows (about 15 minutes)
     .venv/bin/python benchmarks/trainer_overhead.py --rows loop --rounds 3
+    .venv/bin/python benchmarks/trainer_overhead.py --rows doctor --rounds 10
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -54,7 +59,7 @@ from trainflow.core.training.optim import import_optimizer_dependencies
 from trainflow.core.training.spec import TrainingSpec
 from trainflow.tasks.context import StageContext, log_result, stage_run
 
-LOOP_GOAL, STAGE_GOALS = 0.95, {20: 0.85, 100: 0.97}
+LOOP_GOAL, STAGE_GOALS, DOCTOR_GOAL = 0.95, {20: 0.85, 100: 0.97}, 0.97
 DIGITS = {"data": {"source": "sklearn", "name": "digits"}, "model": {"name": "cnn"}}
 GPT = {"data": {"source": "text", "seq_len": 64}, "model": {"name": "gpt", "n_layer": 2, "n_embd": 64}}
 
@@ -69,12 +74,14 @@ class Row:
 LOOP_ROWS = [Row("digits, CNN 77k params, 20 epochs x 20 steps of 64", DIGITS, 20),
              Row("pydoc text, GPT 2x64 (119k params), 2 epochs x 103 steps of 64", GPT, 2)]  # fmt: skip
 STAGE_ROWS = [Row("digits CNN, 20 epochs", DIGITS, 20), Row("digits CNN, 100 epochs", DIGITS, 100)]
+DOCTOR_ROWS = [Row("doctor on vs off: digits, CNN, 20 epochs x 20 steps of 64", DIGITS, 20),
+               Row("doctor on vs off: pydoc text, GPT 2x64, 2 epochs x 103 steps of 64", GPT, 2)]  # fmt: skip
 
 
 def main() -> None:
     default_threads = torch.get_num_threads()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", choices=["loop", "stage", "all"], default="all")
+    parser.add_argument("--rows", choices=["loop", "stage", "doctor", "all"], default="all")
     parser.add_argument("--only", help="run only the rows whose label contains this text, e.g. '100 epochs'")
     parser.add_argument("--rounds", type=int, default=6, help="timed rounds per row, after one warm-up round")
     parser.add_argument("--quick", action="store_true", help="smoke test: 2 rounds, 2 and 4 epochs")
@@ -102,6 +109,8 @@ def main() -> None:
             lines += [_loop_row(row, Path(tmp), args.rounds, args.quick) for row in LOOP_ROWS if _chosen(row, args)]
         if args.rows in ("stage", "all"):
             lines += [_stage_row(row, Path(tmp), args.rounds, args.quick) for row in STAGE_ROWS if _chosen(row, args)]
+        if args.rows in ("doctor", "all"):
+            lines += [_doctor_row(row, Path(tmp), args.rounds, args.quick) for row in DOCTOR_ROWS if _chosen(row, args)]
     print(f"\nload average at the end: {load_average()}\n")
     print("| row | engine s | bare s | Lightning s | engine vs bare: ratio of medians (95% interval) "
           "| paired per round | Lightning vs bare | goal (on the ratio of medians) |")  # fmt: skip
@@ -114,12 +123,16 @@ def _chosen(row: Row, args: argparse.Namespace) -> bool:
     return args.only is None or args.only in row.label
 
 
-def _config(row: Row, epochs: int, seed: int, root: Path) -> Config:
+def _config(row: Row, epochs: int, seed: int, root: Path, doctor: bool = True) -> Config:
     raw = {
         **row.sections,
         "seed": seed,
         "optim": {"lr": 3e-3},
-        "train": {"max_epochs": epochs, "early_stopping": {"patience": epochs + 1}},
+        "train": {
+            "max_epochs": epochs,
+            "early_stopping": {"patience": epochs + 1},
+            "diagnostics": {"enabled": doctor},
+        },
         "compress": {
             "enabled": False,
             "measure": {"warmup": 1, "latency_calls": 20, "rounds": 1, "throughput_calls": 1},
@@ -210,6 +223,77 @@ def _pipeline_train_stage(
     """The train stage's seconds as summary.json reports them, from a whole pipeline run of `config_file`."""
     stage = pipeline(str(config_file), [], None)["stages"]["train"]
     return Sample(stage["seconds"], _samples(data, cfg), stage["steps"], stage["best_val_loss"])
+
+
+# --------------------------------------------------------------------------------------- doctor rows
+def _doctor_row(row: Row, root: Path, rounds: int, quick: bool) -> str:
+    """The train task body with the doctor at its default schedule ("engine") against it without ("bare")."""
+    store, epochs = LocalStore(root / "artifacts"), (1 if quick else row.epochs)
+    on, off = _config(row, epochs, 0, root), _config(row, epochs, 0, root, doctor=False)
+    data = prepare_data(on.data, on.seed, store)
+    tracker = Tracker.for_experiment(on.tracking.uri, on.tracking.experiment or "trainflow")
+    parent = tracker.client.create_run(tracker.experiment_id, run_name="trainer_overhead doctor").info.run_id
+    ctx = StageContext(store=StoreConfig(uri=store.uri), tracking_uri=tracker.uri, experiment_id=tracker.experiment_id,
+                       parent_run_id=parent)  # fmt: skip
+    every = on.train.diagnostics.every_steps
+    print(f"\ndoctor row: {row.label}: {data.n_train} train samples; every_steps {every}; {rounds} rounds after a "
+          "warm-up")  # fmt: skip
+    watched, plain = [], []
+    for i in range(rounds + 1):
+        sides: list[tuple[list[Sample], Callable[[], Sample]]] = [
+            (watched, lambda i=i: _engine_fit(on, data, store, ctx, f"doctor/{row.epochs}/on/{i}")),
+            (plain, lambda i=i: _engine_fit(off, data, store, ctx, f"doctor/{row.epochs}/off/{i}")),
+        ]
+        for samples, run in sides if i % 2 else sides[::-1]:
+            sample = run()
+            if i > 0:
+                samples.append(sample)
+    print("  (engine = doctor on, bare = doctor off)")
+    for schedule in (every, 1):  # the default schedule, then a measurement at every step: the doctor's own time
+        cfg = _config(row, epochs, 0, root).with_values({"train.diagnostics.every_steps": schedule})
+        with _doctor_clock() as clock:
+            sample = _engine_fit(cfg, data, store, ctx, f"doctor/{row.epochs}/clock/{schedule}")
+        per = clock.seconds / max(1, clock.measured) * 1e3
+        print(f"  inside the doctor at every_steps {schedule}: {clock.seconds * 1e3:.0f} ms of {sample.seconds:.2f} s "
+              f"({clock.seconds / sample.seconds:.2%}; {clock.measured} measurements, {per:.1f} ms each with the "
+              "unmeasured steps' share)")  # fmt: skip
+    return _report(row.label, watched, plain, None, DOCTOR_GOAL)
+
+
+class _Clock:
+    seconds, measured = 0.0, 0
+
+
+@contextmanager
+def _doctor_clock() -> Iterator[_Clock]:
+    """Time spent in the doctor's callbacks and forward hooks (each call timed), and its measurements counted."""
+    from trainflow.core.training.diagnostics import Doctor
+    from trainflow.core.training.layer_stats import LayerProbe
+
+    clock = _Clock()
+    names = [(Doctor, n) for n in ("on_fit_start", "on_before_optimizer_step", "on_step_end", "on_log",
+                                   "on_eval_end", "on_fit_end")]  # fmt: skip
+    names += [(LayerProbe, n) for n in ("_layer_hook", "_frozen_hook", "_saturation_hook", "finish")]
+    originals = {(cls, n): getattr(cls, n) for cls, n in names}
+
+    def timed(original: Callable[..., Any], name: str) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                clock.seconds += time.perf_counter() - started
+                clock.measured += name == "finish"
+
+        return call
+
+    for (cls, name), original in originals.items():
+        setattr(cls, name, timed(original, name))
+    try:
+        yield clock
+    finally:
+        for (cls, name), original in originals.items():
+            setattr(cls, name, original)
 
 
 # --------------------------------------------------------------------------------------------- report
