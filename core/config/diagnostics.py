@@ -43,7 +43,7 @@ class DiagnosticsConfig(Section):
         0.2,
         gt=0,
         lt=1,
-        description="Share of training time waiting for the loader above which the loop is loader-bound (two log windows in a row, the fit's first one left out).",
+        description="Share of training time waiting for the loader above which the loop is loader-bound (three log windows in a row, the fit's first one left out).",
     )
     saturated_share: float = Field(
         0.5,

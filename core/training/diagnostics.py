@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 MAX_SERIES = 256  # measurements kept for diagnosis.json; beyond it every other one is dropped (the first kept)
+LOADER_WINDOWS = 3  # log windows in a row above train.diagnostics.data_wait_fraction: loader-bound (not a hiccup)
 
 
 class Doctor(Callback):
@@ -44,13 +45,14 @@ class Doctor(Callback):
         self.cfg, self.lr, self.lr_suggestion = cfg, lr, lr_suggestion
         self.found: dict[tuple[str, str | None], Finding] = {}
         self.series: list[dict[str, Any]] = []  # per measurement: step and per-layer figures (diagnosis.json)
-        self.losses: list[tuple[int, float]] = []  # (step, train/loss) of each log
-        self.norms: list[float] = []  # train/grad_norm of each log
-        self.layer_norms: dict[str, list[float]] = {}  # each layer's gradient norm at the measurements
+        self.start: float | None = None  # where the loss started: step 1's (measured), else the first log's
+        self.lowest = math.inf  # the lowest finite train/loss logged
+        self.train_loss = math.nan  # the last train/loss logged
+        self.losses: list[tuple[int, float]] = []  # (step, finite train/loss) of the logs: a window's, older folded
+        self.norms: dict[str | None, tuple[int, float]] = {}  # layer (None: the loop) -> (count, largest) grad norm
         self.vanishing: set[str] = set()  # layers vanishing at the last measurement
         self.best_val: tuple[float, float, int] | None = None  # (val/loss, train/loss then, step)
         self.nonfinite_seen = 0
-        self.first_loss: float | None = None  # the loss of the first step measured (step 1)
         self._reset_fit()
 
     @property
@@ -105,28 +107,29 @@ class Doctor(Callback):
     def on_log(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         if not self.main:
             return
-        step, loss, norm = trainer.state.step, metrics["train/loss"], metrics["train/grad_norm"]
-        finite = [value for _, value in self.losses if math.isfinite(value)]
-        start = self.first_loss if self.first_loss is not None else (finite[0] if finite else loss)
-        self._add(rules.diverging_loss(step, loss, start, min([start, *finite])))
-        self._add(rules.exploding_gradients(step, norm, self.norms))
-        self.losses.append((step, loss))
-        self.norms.append(norm)
-        self._add(rules.plateau(step, self.losses, self.cfg.window_steps))
+        step, loss, self.train_loss = trainer.state.step, metrics["train/loss"], metrics["train/loss"]
+        if self.start is None and math.isfinite(loss):
+            self.start = loss
+        start = self.start if self.start is not None else loss
+        self._add(rules.diverging_loss(step, loss, start, min(start, self.lowest)))
+        self._add(rules.exploding_gradients(step, metrics["train/grad_norm"], self._largest(None)))
+        self._count_norm(None, metrics["train/grad_norm"])
+        if math.isfinite(loss):
+            self.lowest = min(self.lowest, loss)
+            self.losses = _folded([*self.losses, (step, loss)], step - self.cfg.window_steps)
+            self._add(rules.plateau(step, self.losses, self.cfg.window_steps, start))
         self.waits.append(metrics.get("train/data_wait_fraction", 0.0))
-        if len(self.waits) >= 3:  # the fit's first window (loader start-up) left out, two in a row
-            self._add(rules.loader_bound(step, self.waits[-2:], self.cfg.data_wait_fraction))
+        if len(self.waits) > LOADER_WINDOWS:  # the fit's first window (the loader's start-up) left out
+            self._add(rules.loader_bound(step, self.waits[-LOADER_WINDOWS:], self.cfg.data_wait_fraction))
 
     def on_eval_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
-        val = metrics.get("val/loss", math.nan)
-        if not self.main or not self.losses or not math.isfinite(val):
+        val, train = metrics.get("val/loss", math.nan), self.train_loss
+        if not self.main or self.start is None or not math.isfinite(val) or not math.isfinite(train):
             return
-        train = self.losses[-1][1]
         if self.best_val is None or val < self.best_val[0]:
             self.best_val = (val, train, trainer.state.step)
         else:
-            start = self.first_loss if self.first_loss is not None else self.losses[0][1]
-            self._add(rules.growing_gap(trainer.state.step, val, train, self.best_val, start))
+            self._add(rules.growing_gap(trainer.state.step, val, train, self.best_val, self.start))
 
     def on_fit_end(self, trainer: Trainer, result: FitResult) -> None:
         self.close()
@@ -145,18 +148,19 @@ class Doctor(Callback):
                 self.probe.arm()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"findings": [f.model_dump() for f in self.findings], "series": self.series, "losses": self.losses,
-                "norms": self.norms, "layer_norms": self.layer_norms, "vanishing": sorted(self.vanishing),
-                "best_val": self.best_val, "nonfinite_seen": self.nonfinite_seen,
-                "first_loss": self.first_loss}  # fmt: skip
+        return {"findings": [f.model_dump() for f in self.findings], "series": self.series, "start": self.start,
+                "lowest": self.lowest, "train_loss": self.train_loss, "losses": self.losses,
+                "norms": [[layer, *seen] for layer, seen in self.norms.items()], "vanishing": sorted(self.vanishing),
+                "best_val": self.best_val, "nonfinite_seen": self.nonfinite_seen}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         found = [Finding.model_validate(f) for f in state["findings"]]
         self.found = {(f.rule, f.layer): f for f in found}
-        self.series, self.losses, self.norms = state["series"], [tuple(x) for x in state["losses"]], state["norms"]
-        self.layer_norms, self.vanishing = state["layer_norms"], set(state["vanishing"])
+        self.series, self.start, self.lowest = state["series"], state["start"], state["lowest"]
+        self.train_loss, self.losses = state["train_loss"], [(s, loss) for s, loss in state["losses"]]
+        self.norms = {layer: (count, largest) for layer, count, largest in state["norms"]}
+        self.vanishing, self.nonfinite_seen = set(state["vanishing"]), state["nonfinite_seen"]
         self.best_val = tuple(state["best_val"]) if state["best_val"] is not None else None  # type: ignore[assignment]
-        self.nonfinite_seen, self.first_loss = state["nonfinite_seen"], state["first_loss"]
 
     def __getstate__(self) -> dict[str, Any]:
         return self.__dict__ | {"probe": None}  # hooks and device tensors stay in their process
@@ -176,8 +180,8 @@ class Doctor(Callback):
 
     def _judge(self, m: Measured) -> None:
         """The per-layer rules on one measurement; the measurement joins the series."""
-        if self.first_loss is None and math.isfinite(m.loop.get("loss", math.nan)):
-            self.first_loss = m.loop["loss"]  # the fit's first measured step's (step 1): where the loss started
+        if self.start is None and math.isfinite(m.loop.get("loss", math.nan)):
+            self.start = m.loop["loss"]  # the fit's first measured step's (step 1): where the loss started
         self.series.append({"step": m.step, "loss": m.loop.get("loss"), "layers": m.layers, "dead": m.dead,
                             "saturated": {k: v[1] for k, v in m.saturated.items()}})  # fmt: skip
         if len(self.series) > MAX_SERIES:
@@ -185,9 +189,8 @@ class Doctor(Callback):
         rms = {name: m.layers[name]["grad_rms"] for name in _forward_order(m) if "grad_rms" in m.layers[name]}
         for name, figures in m.layers.items():
             if "grad_norm" in figures:
-                earlier = self.layer_norms.setdefault(name, [])
-                self._add(rules.exploding_gradients(m.step, figures["grad_norm"], earlier, name))
-                earlier.append(figures["grad_norm"])
+                self._add(rules.exploding_gradients(m.step, figures["grad_norm"], self._largest(name), name))
+                self._count_norm(name, figures["grad_norm"])
         vanishing = rules.vanishing_layers(rms, m.kinds, self.cfg.vanishing_ratio)
         for name in [name for name in vanishing if name in self.vanishing]:  # forward order
             self._add(rules.vanishing_gradients(m.step, name, vanishing[name], self.cfg.vanishing_ratio))
@@ -196,6 +199,16 @@ class Doctor(Callback):
             self._add(found)
         for found in rules.saturation(m.step, m.saturated, self.cfg.saturated_share):
             self._add(found)
+
+    def _largest(self, layer: str | None) -> float | None:
+        """The largest finite gradient norm seen of `layer` (None: the loop's), once there are enough of them."""
+        count, largest = self.norms.get(layer, (0, 0.0))
+        return largest if count >= rules.MIN_HISTORY else None
+
+    def _count_norm(self, layer: str | None, norm: float) -> None:
+        if math.isfinite(norm):
+            count, largest = self.norms.get(layer, (0, 0.0))
+            self.norms[layer] = (count + 1, max(largest, norm))
 
     def _add(self, found: Finding | None) -> None:
         if found is None or not rules.merge(self.found, found):
@@ -236,6 +249,14 @@ def _forward_order(m: Measured) -> list[str]:
     """The measured layers in forward order when the hooks saw it, else in the module's order."""
     seen = [name for name in m.order if name in m.layers]
     return seen + [name for name in m.layers if name not in seen]
+
+
+def _folded(losses: list[tuple[int, float]], before: int) -> list[tuple[int, float]]:
+    """`losses` with the entries at or before step `before` folded into one: their lowest, at the first's step."""
+    old = [loss for s, loss in losses if s <= before]
+    if len(old) < 2:
+        return losses
+    return [(losses[0][0], min(old)), *((s, loss) for s, loss in losses if s > before)]
 
 
 def _finite(value: Any) -> Any:

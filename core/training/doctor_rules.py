@@ -84,40 +84,37 @@ def diverging_loss(step: int, loss: float, start: float, lowest: float) -> Findi
     return None
 
 
-def exploding_gradients(step: int, norm: float, earlier: Sequence[float], layer: str | None = None) -> Finding | None:
+def exploding_gradients(step: int, norm: float, largest: float | None, layer: str | None = None) -> Finding | None:
     """A gradient norm (the loop's train/grad_norm before clipping, or a layer's) that is not finite, or above
-    EXPLODE_FACTOR x the largest of the earlier logs (measurements), once there are MIN_HISTORY of them."""
+    EXPLODE_FACTOR x `largest`, the largest finite one of the earlier logs (measurements), given once there are
+    MIN_HISTORY of them."""
     what = f"{layer}'s gradient norm" if layer else "train/grad_norm"
     if not math.isfinite(norm):
         return finding("exploding_gradients", step, None, EXPLODE_FACTOR, f"{what} is not finite", layer)
-    finite = [n for n in earlier if math.isfinite(n)]
-    if len(finite) < MIN_HISTORY:
-        return None
-    largest = max(finite)
-    if largest > 0 and norm > EXPLODE_FACTOR * largest:
+    if largest is not None and largest > 0 and norm > EXPLODE_FACTOR * largest:
         return finding("exploding_gradients", step, norm / largest, EXPLODE_FACTOR,
                        f"{what} {norm:.4g} is {norm / largest:.3g}x the largest before it, {largest:.4g} "
                        f"(> {EXPLODE_FACTOR:g}x)", layer)  # fmt: skip
     return None
 
 
-def plateau(step: int, losses: Sequence[tuple[int, float]], window_steps: int) -> Finding | None:
+def plateau(step: int, losses: Sequence[tuple[int, float]], window_steps: int, start: float) -> Finding | None:
     """Over the last `window_steps` steps the lowest train/loss gained less than PLATEAU_GAIN on the lowest before,
-    while still above PLATEAU_HIGH x the first log window's. `losses`: (step, train/loss) of each log so far."""
-    finite = [(s, loss) for s, loss in losses if math.isfinite(loss)]
-    if not finite or step - finite[0][0] < window_steps:
+    while still above PLATEAU_HIGH x `start` (where it started). `losses`: (step, finite train/loss) of the logs
+    so far, oldest first; those older than a window may be folded into one entry (their lowest, the first step)."""
+    if not losses or step - losses[0][0] < window_steps:
         return None
-    before = [loss for s, loss in finite if s <= step - window_steps]
-    recent = [loss for s, loss in finite if s > step - window_steps]
+    before = [loss for s, loss in losses if s <= step - window_steps]
+    recent = [loss for s, loss in losses if s > step - window_steps]
     if not before or not recent:
         return None
-    low_before, low_recent, first = min(before), min(recent), finite[0][1]
+    low_before, low_recent = min(before), min(recent)
     gain = (low_before - low_recent) / low_before if low_before > 0 else 1.0
-    if gain < PLATEAU_GAIN and low_recent > PLATEAU_HIGH * first:
+    if gain < PLATEAU_GAIN and low_recent > PLATEAU_HIGH * start:
         return finding("plateau", step, gain, PLATEAU_GAIN,
                        f"the lowest train/loss of the last {window_steps} steps, {low_recent:.4g}, is {gain:.1%} below "
-                       f"the lowest before ({low_before:.4g}; < {PLATEAU_GAIN:.0%}) and above half the first "
-                       f"log window's {first:.4g}")  # fmt: skip
+                       f"the lowest before ({low_before:.4g}; < {PLATEAU_GAIN:.0%}) and above half where it started, "
+                       f"{start:.4g}")  # fmt: skip
     return None
 
 

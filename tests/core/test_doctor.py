@@ -113,7 +113,7 @@ def test_a_layer_initialised_dead_is_named_with_its_share_and_remedy() -> None:
 
 def test_a_loader_that_sleeps_makes_the_loop_loader_bound() -> None:
     doctor = Doctor(DiagnosticsConfig(every_steps=50))
-    _fit(_relu_mlp(), doctor, train=_Sleepy(_data(96), 0.01), max_epochs=1)  # 6 steps, 3 log windows
+    _fit(_relu_mlp(), doctor, train=_Sleepy(_data(96), 0.01), max_epochs=1, log_every_steps=1)  # 6 log windows
     bound = _rules(doctor)[("loader_bound", None)]
     assert bound.figure is not None and bound.figure > 0.2
     assert "more loader workers (data.loader.num_workers), augmentation on the device (train.augment)" in bound.remedy
@@ -327,7 +327,7 @@ def test_diverging_loss_needs_the_loss_above_its_start_and_twice_its_lowest(
      ([(s, 1.0) for s in range(0, 100, 10)], False)],  # shorter than a window
 )  # fmt: skip
 def test_plateau_table(losses: list[tuple[int, float]], fires: bool) -> None:
-    assert (rules.plateau(losses[-1][0], losses, 100) is not None) == fires
+    assert (rules.plateau(losses[-1][0], losses, 100, start=losses[0][1]) is not None) == fires
 
 
 def test_one_finding_per_rule_and_layer_keeps_the_first_step_and_the_worst_figure() -> None:
