@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 MAX_SERIES = 256  # measurements kept for diagnosis.json; beyond it every other one is dropped (the first kept)
+GAP_EVALS = 2  # evaluations in a row with a growing gap (one noisy validation is not a trend)
 LOADER_WINDOWS = 3  # log windows in a row above train.diagnostics.data_wait_fraction: loader-bound (not a hiccup)
 
 
@@ -52,6 +53,7 @@ class Doctor(Callback):
         self.norms: dict[str | None, tuple[int, float]] = {}  # layer (None: the loop) -> (count, largest) grad norm
         self.vanishing: set[str] = set()  # layers vanishing at the last measurement
         self.best_val: tuple[float, float, int] | None = None  # (val/loss, train/loss then, step)
+        self.gap_evals = 0  # evaluations in a row with a growing gap
         self.nonfinite_seen = 0
         self._reset_fit()
 
@@ -127,9 +129,12 @@ class Doctor(Callback):
         if not self.main or self.start is None or not math.isfinite(val) or not math.isfinite(train):
             return
         if self.best_val is None or val < self.best_val[0]:
-            self.best_val = (val, train, trainer.state.step)
-        else:
-            self._add(rules.growing_gap(trainer.state.step, val, train, self.best_val, self.start))
+            self.best_val, self.gap_evals = (val, train, trainer.state.step), 0
+            return
+        gap = rules.growing_gap(trainer.state.step, val, train, self.best_val, self.start)
+        self.gap_evals = self.gap_evals + 1 if gap is not None else 0
+        if self.gap_evals >= GAP_EVALS:
+            self._add(gap)
 
     def on_fit_end(self, trainer: Trainer, result: FitResult) -> None:
         self.close()
@@ -151,7 +156,8 @@ class Doctor(Callback):
         return {"findings": [f.model_dump() for f in self.findings], "series": self.series, "start": self.start,
                 "lowest": self.lowest, "train_loss": self.train_loss, "losses": self.losses,
                 "norms": [[layer, *seen] for layer, seen in self.norms.items()], "vanishing": sorted(self.vanishing),
-                "best_val": self.best_val, "nonfinite_seen": self.nonfinite_seen}  # fmt: skip
+                "best_val": self.best_val, "gap_evals": self.gap_evals,
+                "nonfinite_seen": self.nonfinite_seen}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         found = [Finding.model_validate(f) for f in state["findings"]]
@@ -161,6 +167,7 @@ class Doctor(Callback):
         self.norms = {layer: (count, largest) for layer, count, largest in state["norms"]}
         self.vanishing, self.nonfinite_seen = set(state["vanishing"]), state["nonfinite_seen"]
         self.best_val = tuple(state["best_val"]) if state["best_val"] is not None else None  # type: ignore[assignment]
+        self.gap_evals = state["gap_evals"]
 
     def __getstate__(self) -> dict[str, Any]:
         return self.__dict__ | {"probe": None}  # hooks and device tensors stay in their process
