@@ -307,6 +307,24 @@ def test_under_fsdp_the_activations_are_measured_not_the_sharded_gradients(store
     assert {"out_mean", "out_std", "act_zero_share"} <= set(figures) and "grad_norm" not in figures
 
 
+def test_the_search_is_watched_only_when_asked(store: LocalStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """HPO trials and the LR range test train a `for_tuning` spec: the doctor's settings there are the defaults
+    (so they stay out of the tuning stages' cache keys) unless `in_search` keeps them, and the doctor with them."""
+    from trainflow.core import lr_range_test as stage
+    from trainflow.core.training.diagnostics import search_doctor
+
+    plain, asked = _spec(store).for_tuning(), _spec(store, in_search=True, every_steps=5).for_tuning()
+    assert search_doctor(plain) == [] and plain.train.diagnostics == DiagnosticsConfig()
+    assert [type(d) for d in search_doctor(asked)] == [Doctor] and asked.train.diagnostics.every_steps == 5
+    made: list[list[Doctor]] = []
+    monkeypatch.setattr(stage, "search_doctor", lambda spec: made.append(search_doctor(spec)) or made[-1])
+    sweep_cfg = {"num_steps": 20, "max_lr": 1e-3, "skip_start": 2, "skip_end": 2}
+    lr_test = config_from_dict(tiny_raw(tune={"lr_range_test": sweep_cfg})).tune.lr_range_test
+    sweep = stage.lr_range_test(lr_test, asked, store, "lrt")
+    assert [m["step"] for m in made[0][0].series] == [1, 5, 10, 15, 20] and sweep.findings == made[0][0].findings
+    assert stage.lr_range_test(lr_test, plain, store, "lrt-plain").findings == [] and made[1] == []
+
+
 # ------------------------------------------------------------------------------------- rules as tables
 @pytest.mark.parametrize(
     ("loss", "start", "lowest", "fires"),
