@@ -227,6 +227,17 @@ def test_each_measurement_is_read_in_one_device_to_host_copy(monkeypatch: pytest
     assert set(doctor.series[-1]["layers"]) == {"0", "2", "4"}
 
 
+def test_gradients_are_measured_once_final_after_the_last_micro_batch() -> None:
+    """32 samples in one micro-batch or in two of 16 accumulated: the same gradients, so the same figures."""
+    measured = []
+    for batch, accum in ((32, 1), (16, 2)):
+        doctor = Doctor(DiagnosticsConfig())
+        _fit(_relu_mlp(), doctor, max_steps=1, batch_size=batch, grad_accum_steps=accum)
+        measured.append({name: figures["grad_norm"] for name, figures in doctor.series[0]["layers"].items()})
+    assert measured[0].keys() == {"0", "2", "4"}
+    assert measured[0] == pytest.approx(measured[1], rel=1e-5)
+
+
 def test_unmeasured_steps_carry_no_hooks() -> None:
     model = _relu_mlp()
     doctor = Doctor(DiagnosticsConfig(every_steps=10))
