@@ -8,9 +8,10 @@ steps pay a few attribute reads. With `on_finding: stop` the first new finding e
 (`StopReason.DIAGNOSIS`); a re-run resumes from the checkpoint, and the findings it holds do not stop it again.
 
 Data-parallel it runs on every rank, but measures and judges on the main rank only (DDP's gradients are already
-all-reduced there); a stop is the main rank's decision, shared at measured steps. Under FSDP the parameters and
-gradients are sharded: the activation figures and the loop's signals are watched, not the per-layer gradient and
-update figures (their norms would be collectives). Under torch.compile no activation hooks (they would recompile).
+all-reduced there); a stop is the main rank's decision, shared at every `every_steps`-th step. Under FSDP the
+parameters and gradients are sharded: the activation figures and the loop's signals are watched, not the per-layer
+gradient and update figures (their norms would be collectives). Under torch.compile no activation hooks (they would
+recompile the graph).
 """
 
 from __future__ import annotations
