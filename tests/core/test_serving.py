@@ -169,7 +169,7 @@ def test_the_model_folder_carries_only_the_serving_module_and_minimal_requiremen
     table = tracking.download(tracking.log(csv_people, csv_people.export(".onnx"), "people-folder"), tmp_path / "t")
     gpt = tracking.download(tracking.log(text, text.export(".pt2"), "gpt-folder"), tmp_path / "g")
     for model in (table, gpt):
-        assert sorted(p.name for p in (model / "code").iterdir()) == ["trainflow_serving.py"]
+        assert sorted(p.name for p in (model / "code").iterdir()) == ["trainflow_images.py", "trainflow_serving.py"]
         pickled = (model / "python_model.pkl").read_bytes()
         assert b"trainflow_serving" in pickled and b"core" not in pickled, "RawInputModel pickled by reference"
     names = [line.split("==")[0] for line in (table / "requirements.txt").read_text().split()]
@@ -179,14 +179,20 @@ def test_the_model_folder_carries_only_the_serving_module_and_minimal_requiremen
     assert sorted(p.name for p in (table / "artifacts").iterdir()) == ["meta.json", "model.onnx", "preprocessor.pkl"]
 
 
-def test_the_serving_module_imports_nothing_of_trainflow() -> None:
-    """Checked statically here; test_serving_venv.py proves it where trainflow is not installed."""
-    source = Path(trainflow.core.serving.__file__).with_name("trainflow_serving.py").read_text(encoding="utf-8")
+def _imports(name: str) -> set[str]:
+    source = Path(trainflow.core.serving.__file__).with_name(name).read_text(encoding="utf-8")
     imported = set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module.split(".")[0])
         elif isinstance(node, ast.Import):
             imported |= {alias.name.split(".")[0] for alias in node.names}
-    assert imported == {"__future__", "json", "pickle", "collections", "pathlib", "typing", "mlflow", "numpy",
-                        "pandas", "onnxruntime", "torch"}  # fmt: skip
+    return imported
+
+
+def test_the_serving_module_imports_nothing_of_trainflow() -> None:
+    """Checked statically here; test_serving_venv.py proves it where trainflow is not installed."""
+    assert _imports("trainflow_serving.py") == {"__future__", "json", "pickle", "collections", "pathlib", "typing",
+                                                "mlflow", "numpy", "pandas", "onnxruntime", "torch",
+                                                "trainflow_images"}  # fmt: skip
+    assert _imports("trainflow_images.py") == {"__future__", "io", "typing", "numpy", "PIL"}
