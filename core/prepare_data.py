@@ -22,7 +22,7 @@ from trainflow.core.config import DataConfig, ImageFolderDataConfig, StoreConfig
 from trainflow.core.data.images import RawImages, decoded_images, split_images
 from trainflow.core.data.prepared import SPLITS, splits_to_npz
 from trainflow.core.data.preprocess import split_rows, split_table, split_text
-from trainflow.core.data.sources import RawText, dataset_uri, load_source
+from trainflow.core.data.sources import RawTable, RawText, dataset_uri, load_source
 from trainflow.core.data.spec import DataSpec
 from trainflow.core.data.text_files import RawTextFiles, load_text_files, split_text_files
 from trainflow.core.errors import DataError
@@ -51,7 +51,14 @@ def prepare_data(
     Raises:
         DataError: the source is missing, empty or cannot be encoded (the message names file and column).
     """
-    raw = _load(cfg, seed, store, s3)
+    s3 = s3 if s3 is not None else getattr(store, "settings", None)
+    raw: RawTable | RawText | RawImages | RawTextFiles
+    if isinstance(cfg, ImageFolderDataConfig):
+        raw = decoded_images(cfg, store)  # decoded once per listing, cached in the store
+    elif isinstance(cfg, TextFolderDataConfig):
+        raw = load_text_files(cfg)
+    else:
+        raw = load_source(cfg, seed, s3)
     settings = cfg.model_dump(mode="json", exclude={"loader"})
     split_seed = None if isinstance(raw, RawText) else seed  # text splits are contiguous: no seed involved
     identity = {"content": raw.content_sha256, "settings": settings, "seed": split_seed, "version": PREPARE_VERSION}
@@ -79,7 +86,7 @@ def prepare_data(
         log.info("prepare_data: %d/%d/%d files in train/val/test", *(len(files[s]) for s in SPLITS))
     elif isinstance(raw, RawImages):
         assert isinstance(cfg, ImageFolderDataConfig)
-        parent = _parent_preprocessor(preprocessing, s3 if s3 is not None else getattr(store, "settings", None))
+        parent = _parent_preprocessor(preprocessing, s3)
         rows = split_rows(raw.target, raw.name, cfg.val_fraction, cfg.test_fraction, seed, raw.classes)
         images = split_images(raw, cfg, seed, rows.index, rows.labels, parent)
         splits = images.splits
@@ -95,7 +102,7 @@ def prepare_data(
         counts = [(len(splits.x[s]) - 1) // cfg.seq_len for s in SPLITS]
         spec = DataSpec(task="language_modeling", input_shape=(cfg.seq_len,), n_classes=256)
     else:
-        parent = _parent_preprocessor(preprocessing, s3 if s3 is not None else getattr(store, "settings", None))
+        parent = _parent_preprocessor(preprocessing, s3)
         fitted = split_table(raw, cfg.val_fraction, cfg.test_fraction, cfg.scale, seed, parent)
         splits = fitted.splits
         preprocessor_uri = store.put_bytes(fitted.preprocessor_bytes(), f"{folder}/preprocessor.pkl")
@@ -125,15 +132,6 @@ def prepare_data(
     store.put_bytes(result.model_dump_json(indent=2).encode(), f"{folder}/record.json")
     log.info("prepare_data: %s -> %d/%d/%d train/val/test", raw.name, *counts)
     return result
-
-
-def _load(cfg: DataConfig, seed: int, store: ArtifactStore, s3: StoreConfig | None) -> Any:
-    """The source read: folders through their own readers (images decoded once, cached in `store`)."""
-    if isinstance(cfg, ImageFolderDataConfig):
-        return decoded_images(cfg, store)
-    if isinstance(cfg, TextFolderDataConfig):
-        return load_text_files(cfg)
-    return load_source(cfg, seed, s3 if s3 is not None else getattr(store, "settings", None))
 
 
 def _parent_preprocessor(preprocessing: ReusedPreprocessing | None, s3: StoreConfig | None) -> dict[str, Any] | None:
