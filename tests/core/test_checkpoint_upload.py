@@ -72,7 +72,8 @@ def test_checkpoints_reach_the_bucket_during_training_and_the_weights_before_the
     during = set().union(*(names for step, names in watch.seen.items() if step < 20))
     assert {"step-000000005.pt", "checkpoints.json"} <= during, "periodic checkpoints arrive while training runs"
     stored = _keys(s3_endpoint, bucket, "train/a")
-    assert set(stored) == {"step-000000015.pt", "step-000000020.pt", "checkpoints.json", "best.pt", "model.pt"}
+    assert set(stored) == {"step-000000015.pt", "step-000000020.pt", "checkpoints.json", "best.pt", "model.pt",
+                           "diagnosis.json"}  # fmt: skip
     assert result.checkpoint_uri == f"s3://{bucket}/{PREFIX}/train/a/model.pt"
     index = json.loads(
         s3_client(s3_endpoint).get_object(Bucket=bucket, Key=f"{PREFIX}/train/a/checkpoints.json")["Body"].read()
@@ -165,9 +166,10 @@ def test_a_local_store_is_used_as_before(store: LocalStore, monkeypatch: pytest.
     result = _fit(store, "train/e", _cfg())
     assert submitted == [], "no background uploads for a local store"
     assert [k for k in puts if k.startswith("train/")] == ["train/e/model.pt"]  # as before: one in-place put
+    # (and the doctor's diagnosis.json, written as bytes)
     folder = store.root / "train/e"
     files = sorted(p.name for p in folder.iterdir() if p.name != ".fit.lock")  # the lock: one fit here at a time
-    assert files == ["best.pt", "model.pt", "step-000000015.pt", "step-000000020.pt"]
+    assert files == ["best.pt", "diagnosis.json", "model.pt", "step-000000015.pt", "step-000000020.pt"]
     assert result.checkpoint_uri == (folder / "model.pt").as_uri()
 
 
