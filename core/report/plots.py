@@ -58,16 +58,19 @@ def layer_figures_png(figures: dict[str, dict[str, list[tuple[int, float]]]], pa
             layers = figures[key]
             colours = plt.cm.viridis([i / max(1, len(layers) - 1) * 0.9 for i in range(len(layers))])
             positive = [v for points in layers.values() for _, v in points if v > 0]
+            log_scale = bool(positive) and max(positive) / min(positive) > 100
             for (layer, points), colour in zip(layers.items(), colours, strict=True):
-                steps, values = zip(*points, strict=True)
-                ax.plot(steps, values, color=colour, linewidth=1, marker="o" if len(steps) <= 20 else None,
-                        markersize=2, label=layer)  # fmt: skip
-            if positive and max(positive) / min(positive) > 100:
+                shown = [(s, v) for s, v in points if v > 0 or not log_scale]  # a zero has no place on a log scale
+                if shown:
+                    steps, values = zip(*shown, strict=True)
+                    ax.plot(steps, values, color=colour, linewidth=1, marker="o" if len(steps) <= 20 else None,
+                            markersize=2, label=layer)  # fmt: skip
+            if log_scale:
                 ax.set_yscale("log")
             ax.set(title=title, xlabel="step")
             ax.grid(alpha=0.3)
             if len(layers) <= 12:
-                ax.legend(fontsize=7)
+                ax.legend(fontsize=6)
         for ax in list(axes.flat)[len(panels) :]:
             ax.set_visible(False)
         figure.tight_layout()
