@@ -75,7 +75,7 @@ LOOP_ROWS = [Row("digits, CNN 77k params, 20 epochs x 20 steps of 64", DIGITS, 2
              Row("pydoc text, GPT 2x64 (119k params), 2 epochs x 103 steps of 64", GPT, 2)]  # fmt: skip
 STAGE_ROWS = [Row("digits CNN, 20 epochs", DIGITS, 20), Row("digits CNN, 100 epochs", DIGITS, 100)]
 DOCTOR_ROWS = [Row("doctor on vs off: digits, CNN, 20 epochs x 20 steps of 64", DIGITS, 20),
-               Row("doctor on vs off: pydoc text, GPT 2x64, 2 epochs x 103 steps of 64", GPT, 2)]  # fmt: skip
+               Row("doctor on vs off: pydoc text, GPT 2x64, 2 epochs x 80 steps of 64", GPT, 2)]  # fmt: skip
 
 
 def main() -> None:
