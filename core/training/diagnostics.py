@@ -88,6 +88,10 @@ class Doctor(Callback):
             self._add(rules.lr_far_from_suggestion(s.step, self.lr, self.lr_suggestion, self.cfg.lr_factor))
         self._arm_if_due(trainer)
 
+    def on_epoch_start(self, trainer: Trainer) -> None:
+        if self.probe is not None and self.probe.armed:  # train.finetune may have frozen or thawed layers just now
+            self.probe.arm()
+
     def on_before_optimizer_step(self, trainer: Trainer) -> None:
         if self.probe is not None and self.probe.armed:
             self.probe.after_backward()

@@ -56,14 +56,15 @@ class _Sleepy(torch.utils.data.Dataset):
 
 def _fit(
     model: nn.Module,
-    doctor: Doctor,
+    doctor: Doctor | list[Any],
     train: Any = None,
     val: Any = None,
     optim: dict[str, Any] | None = None,
     loss: Any = None,
     **settings: Any,
 ) -> Any:
-    """`model` fitted on `train` (default: 128 random samples), validated on `val`, watched by `doctor`."""
+    """`model` fitted on `train` (default: 128 random samples), validated on `val`, watched by `doctor` (or given
+    these callbacks)."""
     train = _data() if train is None else train
     cfg = TrainConfig(**({"max_epochs": 4, "batch_size": 16, "progress_bar": False, "grad_clip_norm": None,
                           "log_every_steps": 2} | settings))  # fmt: skip
@@ -76,7 +77,8 @@ def _fit(
     optimizer = build_optimizer(model, optim_cfg)
     scheduler = build_scheduler(optimizer, optim_cfg, total_steps=1000)
     trainer = Trainer(model, optimizer, scheduler, Loaders(loader, val_loader, val_loader, sampler), cfg,
-                      torch.device("cpu"), "classification", [doctor], loss=loss)  # fmt: skip
+                      torch.device("cpu"), "classification", doctor if isinstance(doctor, list) else [doctor],
+                      loss=loss)  # fmt: skip
     return trainer.fit()
 
 
@@ -165,6 +167,19 @@ def test_frozen_layers_are_never_measured_nor_reported_as_vanishing() -> None:
     measured = {layer for m in doctor.series for layer in m["layers"]}
     assert measured == {str(i) for i in range(20, 33, 2)}
     assert [f for f in doctor.findings if f.rule == "vanishing_gradients"] == []
+
+
+def test_a_layer_unfrozen_at_an_epoch_is_measured_from_that_epoch() -> None:
+    """Unfreezing at epoch 1 happens at that epoch's start, after the doctor armed its hooks for the step: it takes
+    the layers again, so the first step of epoch 1 (step 9 with 8 steps an epoch) measures the thawed layer."""
+    from trainflow.core.config.finetune import FinetuneConfig
+    from trainflow.core.training.finetune import Finetuning
+
+    model = _relu_mlp()
+    phase = Finetuning(FinetuneConfig(freeze=["0"], unfreeze_at_epoch=1), model)
+    doctor = Doctor(DiagnosticsConfig(every_steps=9))
+    _fit(model, [phase, doctor], max_epochs=2)
+    assert [(m["step"], sorted(m["layers"])) for m in doctor.series] == [(1, ["2", "4"]), (9, ["0", "2", "4"])]
 
 
 def test_a_skipped_non_finite_step_is_a_finding() -> None:
