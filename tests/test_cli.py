@@ -398,23 +398,3 @@ def test_a_run_on_prefects_temporary_server_ends_cleanly_and_a_rerun_is_cached(t
         assert port, done.stderr[-2000:]
         with socket.socket() as probe:  # the server process is gone, not orphaned
             assert probe.connect_ex(("127.0.0.1", int(port.group(1)))) != 0
-
-
-@pytest.mark.slow
-def test_a_bad_image_in_a_folder_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
-    from tests.core.folder_support import write_digits
-
-    root = write_digits(tmp_path / "pictures", per_class=6, size=12)
-    good = (root / "1" / "002.png").read_bytes()
-    (root / "1" / "002.png").write_bytes(good[: len(good) // 2])
-    (tmp_path / "config.yaml").write_text(
-        "data: {source: image_folder, path: pictures, image_size: 12, color: gray}\nmodel: {name: cnn}\n"
-    )
-    before = listing(tmp_path)
-    result = trainflow(tmp_path, "run", "config.yaml")
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stdout + result.stderr
-    assert len(result.stderr.splitlines()) == 1, result.stderr
-    assert re.fullmatch(r"error: pictures/1/002\.png: not a readable image \(.*\); fix or remove it, or set "
-                        r"data\.skip_bad_files: true", result.stderr.strip()), result.stderr  # fmt: skip
-    assert listing(tmp_path) == before

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from PIL import Image
 
 from tests.conftest import tiny_raw
 from tests.core.folder_support import digit_picture, png_bytes, write_digits, write_texts
+from tests.test_cli import listing, trainflow
 from trainflow.core.config import Config, config_from_dict
 from trainflow.core.data import images as images_module
 from trainflow.core.data.prepared import load_splits
@@ -270,3 +272,21 @@ def test_a_warm_start_keeps_the_parents_pixel_normalisation(tmp_path: Path) -> N
     rgb = image_config(tmp_path, path=str(child_root), color="rgb")
     with pytest.raises(DataError, match=r"not for 16px rgb images; set data\.refit_preprocessing: true"):
         prepare_data(rgb.data, rgb.seed, store, preprocessing=reused)
+
+
+@pytest.mark.slow
+def test_a_bad_image_in_a_folder_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
+    root = write_digits(tmp_path / "pictures", per_class=6, size=12)
+    good = (root / "1" / "002.png").read_bytes()
+    (root / "1" / "002.png").write_bytes(good[: len(good) // 2])
+    (tmp_path / "config.yaml").write_text(
+        "data: {source: image_folder, path: pictures, image_size: 12, color: gray}\nmodel: {name: cnn}\n"
+    )
+    before = listing(tmp_path)
+    result = trainflow(tmp_path, "run", "config.yaml")
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert re.fullmatch(r"error: pictures/1/002\.png: not a readable image \(.*\); fix or remove it, or set "
+                        r"data\.skip_bad_files: true", result.stderr.strip()), result.stderr  # fmt: skip
+    assert listing(tmp_path) == before
