@@ -19,7 +19,7 @@ from trainflow.core.errors import ConfigError
 from trainflow.core.records import HPOSearchResult, LRRangeTestResult, PrepareDataResult
 from trainflow.core.report.blocks import Code, Image, Section, Sources, Table, Text, facts, fmt
 from trainflow.core.report.plots import importances_png
-from trainflow.core.report.summary import summarize
+from trainflow.core.report.summary import diagnosis_lines, summarize
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -124,6 +124,8 @@ def lr_range_test_section(summary: dict[str, Any], sources: Sources) -> Section:
             section.add(Text(f"Curve: {len(curve['lr'])} points, lr {min(curve['lr']):.3g} to {max(curve['lr']):.3g}; "
                              f"lowest loss {low[1]:.4g} at lr {low[0]:.3g}."))  # fmt: skip
         sources.png(r.plot_uri, "lr_range_test", "LR range test: loss against learning rate", section)
+        if r.findings:  # train.diagnostics.in_search: the doctor watched the sweep
+            section.add(*diagnosis_lines([f.model_dump() for f in r.findings]))
 
     return stage_section(summary, "lr_range_test", "LR range test", LRRangeTestResult, build)
 
