@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,7 +101,7 @@ def _walk(folder: Path, root: Path, folders: dict[str, int]) -> list[tuple[str, 
 
 def _list_class_folders(root: Path, classes: list[str] | None) -> Listing:
     folders: dict[str, int] = {str(root): os.stat(root).st_mtime_ns}
-    names = sorted((d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")), key=_natural)
+    names = ordered_classes(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not names:
         raise DataError(f"{root}: no class sub-folders (data.path holds one sub-folder per class)")
     entries, problems = [], []
@@ -139,7 +140,7 @@ def _list_index(index: Path, classes: list[str] | None) -> Listing:
             problems.append((str(file), f"listed in {index.name} but cannot be read ({exc.strerror})"))
             continue
         entries.append(Entry(Path(rel).as_posix(), label, stat.st_size, stat.st_mtime_ns))
-    natural = sorted(set(frame["label"].astype(str)), key=_natural)
+    natural = ordered_classes(frame["label"].astype(str))
     return _labelled(root, entries, problems, folders, classes or natural)
 
 
@@ -171,7 +172,18 @@ def _list_glob(root: Path, pattern: str) -> Listing:
     return Listing(root, entries, [], [], folders)
 
 
-def _natural(name: str) -> tuple[int, float, str]:
-    """Numbers in numeric order (2 before 10), then names."""
-    number = pd.to_numeric(name, errors="coerce")
-    return (0, float(number), "") if pd.notna(number) else (1, 0.0, name)
+def ordered_classes(names: Iterable[str]) -> list[str]:
+    """Class names in natural order: numerically when every name is a number (2 before 10), else sorted. The one
+    rule for tables (`preprocess.split_rows`) and folders."""
+    unique = sorted(set(names))
+    numbers = pd.to_numeric(pd.Series(unique, dtype=object), errors="coerce")
+    if numbers.notna().all():
+        return [name for _, name in sorted(zip(numbers, unique, strict=True))]
+    return unique
+
+
+def bad_files_error(skipped: list[tuple[str, str]]) -> DataError:
+    """The one line for a folder's bad files: the first, how many more, and the way out."""
+    file, why = skipped[0]
+    more = f" (and {len(skipped) - 1} more bad file(s))" if len(skipped) > 1 else ""
+    return DataError(f"{file}: {why}{more}; fix or remove it, or set data.skip_bad_files: true")

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from trainflow.core.config import ImageFolderDataConfig
-from trainflow.core.data.folders import Entry, Listing, listing_of
+from trainflow.core.data.folders import Entry, Listing, bad_files_error, listing_of
 from trainflow.core.data.prepared import SPLITS, ArraySplits
 from trainflow.core.errors import DataError
 from trainflow.core.serving.trainflow_images import normalized, square_image
@@ -74,9 +74,7 @@ _DECODED: dict[str, RawImages] = {}
 
 def _checked(raw: RawImages, cfg: ImageFolderDataConfig) -> RawImages:
     if raw.skipped and not cfg.skip_bad_files:
-        file, why = raw.skipped[0]
-        more = f" (and {len(raw.skipped) - 1} more bad file(s))" if len(raw.skipped) > 1 else ""
-        raise DataError(f"{file}: {why}{more}; fix or remove it, or set data.skip_bad_files: true")
+        raise bad_files_error(raw.skipped)
     if len(raw.target) == 0:
         raise DataError(f"{raw.name}: no readable image")
     return raw

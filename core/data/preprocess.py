@@ -14,6 +14,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
+from trainflow.core.data.folders import ordered_classes
 from trainflow.core.data.prepared import SPLITS, ArraySplits
 from trainflow.core.data.sources import RawTable, RawText
 from trainflow.core.errors import DataError
@@ -152,7 +153,7 @@ def split_rows(
 ) -> _Rows:
     """Stratified, seeded train/val/test row indices of a classification target; `classes` fixes the label order
     (default: natural order of the names)."""
-    classes = _ordered_classes(target) if classes is None else classes
+    classes = ordered_classes(target) if classes is None else classes
     labels = pd.Categorical(target, categories=classes).codes.astype(np.int64)
     if len(classes) < 2:
         raise DataError(f"{name}: target has a single class ('{classes[0]}'); classification needs two or more")
@@ -230,15 +231,6 @@ def _feature_transformer(numeric: list[str], categorical: list[str], scale: str)
         ],
         sparse_threshold=0.0,
     )
-
-
-def _ordered_classes(target: pd.Series) -> list[str]:
-    """Class names in natural order: numerically when every label is a number (2 before 10)."""
-    names = sorted(set(target))
-    numbers = pd.to_numeric(pd.Series(names), errors="coerce")
-    if numbers.notna().all():
-        return [name for _, name in sorted(zip(numbers, names, strict=True))]
-    return names
 
 
 def _looks_like_dates(series: pd.Series) -> bool:

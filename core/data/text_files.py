@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from trainflow.core.config import TextFolderDataConfig
-from trainflow.core.data.folders import listing_of
+from trainflow.core.data.folders import Listing, bad_files_error, listing_of
 from trainflow.core.data.prepared import SPLITS, ArraySplits
 from trainflow.core.errors import DataError
 
@@ -24,9 +24,29 @@ class RawTextFiles:
 
 
 def load_text_files(cfg: TextFolderDataConfig) -> RawTextFiles:
-    """Every matching file read once. Raises DataError naming a file that is not UTF-8 or cannot be read (unless
-    data.skip_bad_files), or a folder with fewer than 3 non-empty files (one per split)."""
+    """Every matching file, read once per listing (the preflight and the stage share the read).
+
+    Raises:
+        DataError: a file that is not UTF-8 or cannot be read (unless data.skip_bad_files), or fewer than 3
+            non-empty files (one per split).
+    """
     listing = listing_of(cfg)
+    key = f"{listing.version()}:{cfg.separator}"
+    raw = _READ.get(key) or _read(listing, cfg)
+    _READ.clear()  # one corpus in memory at a time
+    _READ[key] = raw
+    if raw.skipped and not cfg.skip_bad_files:
+        raise bad_files_error(raw.skipped)
+    if len(raw.files) < 3:
+        raise DataError(f"{cfg.path}: {len(raw.files)} non-empty file(s) match data.glob '{cfg.glob}'; a split by "
+                        "file needs at least 3 (train, val, test)")  # fmt: skip
+    return raw
+
+
+_READ: dict[str, RawTextFiles] = {}
+
+
+def _read(listing: Listing, cfg: TextFolderDataConfig) -> RawTextFiles:
     files, skipped, content = [], [], hashlib.sha256()
     for entry in listing.entries:
         path = listing.root / entry.path
@@ -42,13 +62,6 @@ def load_text_files(cfg: TextFolderDataConfig) -> RawTextFiles:
         if data:
             files.append((entry.path, data))
             content.update(f"{entry.path}\t{hashlib.sha256(data).hexdigest()}\n".encode())
-    if skipped and not cfg.skip_bad_files:
-        file, why = skipped[0]
-        more = f" (and {len(skipped) - 1} more bad file(s))" if len(skipped) > 1 else ""
-        raise DataError(f"{file}: {why}{more}; fix or remove it, or set data.skip_bad_files: true")
-    if len(files) < 3:
-        raise DataError(f"{cfg.path}: {len(files)} non-empty file(s) match data.glob '{cfg.glob}'; a split by file "
-                        "needs at least 3 (train, val, test)")  # fmt: skip
     return RawTextFiles(str(listing.root), files, cfg.separator.encode("utf-8"), content.hexdigest(), skipped)
 
 

@@ -290,3 +290,19 @@ def test_a_bad_image_in_a_folder_is_one_line_and_writes_nothing(tmp_path: Path) 
     assert re.fullmatch(r"error: pictures/1/002\.png: not a readable image \(.*\); fix or remove it, or set "
                         r"data\.skip_bad_files: true", result.stderr.strip()), result.stderr  # fmt: skip
     assert listing(tmp_path) == before
+
+
+def test_a_text_folder_is_read_once_for_the_preflight_and_the_stage(tmp_path: Path) -> None:
+    from trainflow.core.data import text_files
+
+    write_texts(tmp_path / "texts", n=5)
+    cfg = text_config(tmp_path)
+    reads = []
+    original = text_files._read
+    text_files._read = lambda *a: reads.append(a) or original(*a)  # type: ignore[assignment]
+    try:
+        preflight(cfg)
+        prepared(cfg, tmp_path)
+        assert len(reads) == 1
+    finally:
+        text_files._read = original  # type: ignore[assignment]
