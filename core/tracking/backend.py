@@ -54,14 +54,18 @@ def fluent_tracking_uri(uri: str) -> Iterator[None]:
     run's config look like the user's environment setting to every later run in this process.
     """
     import mlflow
+    from mlflow.tracking._tracking_service import utils as tracking_utils
 
     saved_env = os.environ.get("MLFLOW_TRACKING_URI")
-    saved = mlflow.get_tracking_uri()
+    # the raw setting, None when never set: `mlflow.get_tracking_uri()` would give the default, and setting that
+    # back would leave it "set", so a later `tracking_uri=` argument (download_artifacts of a models:/ URI) lost
+    # to it; MLflow's own `_use_tracking_uri` restores the raw value the same way
+    saved = tracking_utils._tracking_uri
     mlflow.set_tracking_uri(resolve(uri, "tracking.uri"))
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(saved)
+        mlflow.set_tracking_uri(saved)  # type: ignore[arg-type]
         if saved_env is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:

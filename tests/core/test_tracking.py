@@ -271,3 +271,17 @@ def test_the_code_version_hashes_every_stage_source_file() -> None:
         p.relative_to(root).as_posix() for folder in ("core", "tasks") for p in (root / folder).rglob("*.py")
     }
     assert code_version() != hashlib.sha256().hexdigest()[:16], "the hash of nothing"
+
+
+def test_a_fluent_block_leaves_an_unset_tracking_uri_unset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Restored as it was: set back to the default instead, it would win over a later call's `tracking_uri=`
+    (download_artifacts of a models:/ URI then looked in the wrong database)."""
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    from trainflow.core.tracking.backend import fluent_tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(tracking_utils, "_tracking_uri", None)
+    with fluent_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}"):
+        assert tracking_utils.is_tracking_uri_set()
+    assert not tracking_utils.is_tracking_uri_set()
