@@ -104,7 +104,7 @@ def main() -> None:
 
 def throughput_part(folder: Path, store: LocalStore, args: argparse.Namespace) -> str:
     data = prepared_folder(folder, SIZE, "rgb", 0, store)
-    arrays = load_splits(store.local_path(data.uri), data.spec)
+    arrays = load_splits(store, data)
     x, y = torch.from_numpy(arrays.x["train"]), torch.from_numpy(arrays.y["train"])
     channels = [int(c) for c in args.channels.split(",")]
     print(f"\n== 1. throughput: {len(y)} images of {tuple(x.shape[1:])}, ops {', '.join(o['op'] for o in OPS)} "

@@ -43,7 +43,7 @@ def prepared_folder(folder: Path, size: int, color: str, seed: int, store: Local
 def train_share(data: PrepareDataResult, share: float, seed: int, store: LocalStore) -> PrepareDataResult:
     """`data` with only `share` of its training split, the same share of every class (seeded); validation and test
     kept whole. A new prepared .npz and its record, as prepare_data writes them."""
-    arrays = load_splits(store.local_path(data.uri), data.spec)
+    arrays = load_splits(store, data)
     rng = np.random.default_rng(seed)
     y = arrays.y["train"]
     keep = np.sort(np.concatenate([

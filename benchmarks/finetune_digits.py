@@ -59,7 +59,7 @@ def prepared(store: LocalStore, name: str, splits: dict[str, tuple[np.ndarray, n
 def digits_data(seed: int, store: LocalStore) -> tuple[PrepareDataResult, PrepareDataResult, str]:
     """(classes 0-4, the fine-tuning set, a description) from the stage's ten-class split of `seed`."""
     full = prepare_data(digits_config(seed, 1).data, seed, store)
-    arrays = load_splits(store.local_path(full.uri), full.spec)
+    arrays = load_splits(store, full)
     rng = np.random.default_rng(seed)
     old_data: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     new_data: dict[str, tuple[np.ndarray, np.ndarray]] = {}

@@ -68,7 +68,7 @@ def compress(
     data = spec.data
     plan = plan_formats(cfg, spec.model, spec.train)
     check_student(cfg, spec.model, data.spec)
-    splits = load_splits(store.local_path(data.uri), data.spec)
+    splits = load_splits(store, data)
     test = held_out(splits, data.spec.task, data.spec.seq_len)
     teacher = trained_model(spec, store, trained.checkpoint_uri)
     folder = store.workdir(f"{store_key}/variants")

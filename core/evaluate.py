@@ -56,7 +56,7 @@ def evaluate(
         metrics = {"loss": result.loss, "perplexity": perplexity(result.loss), "bits_per_byte": bits_per_byte}
 
     model = merged(model).to("cpu")  # the compress stage's fp32 row: eager PyTorch on the CPU
-    test = held_out(load_splits(store.local_path(data.uri), data.spec), task, data.spec.seq_len)
+    test = held_out(load_splits(store, data), task, data.spec.seq_len)
     speed = measure_speed({"fp32": torch_predict(model)}, test.x, measure)["fp32"]
     log.info("evaluate: %s; latency p50 %.2f ms", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()),
              speed.latency_ms_p50)  # fmt: skip

@@ -18,9 +18,11 @@ import json
 import logging
 from typing import Any
 
+import numpy as np
+
 from trainflow.core.config import DataConfig, ImageFolderDataConfig, StoreConfig, TextDataConfig, TextFolderDataConfig
 from trainflow.core.data.images import RawImages, decoded_images, split_images
-from trainflow.core.data.prepared import SPLITS, splits_to_npz
+from trainflow.core.data.prepared import SPLITS, ArraySplits, layout_for, write_splits
 from trainflow.core.data.preprocess import split_rows, split_table, split_text
 from trainflow.core.data.sources import RawTable, RawText, dataset_uri, load_source
 from trainflow.core.data.spec import DataSpec
@@ -32,8 +34,9 @@ from trainflow.core.storage.store import ArtifactStore
 
 log = logging.getLogger(__name__)
 
-PREPARE_VERSION = 4  # bump when the preprocessing changes what it writes (2: preprocessor.pkl, 3: raw_test.pkl,
-# 4: image folders, the spec's numeric_features)
+PREPARE_VERSION = 5  # bump when the preprocessing changes what it writes (2: preprocessor.pkl, 3: raw_test.pkl,
+# 4: image folders, the spec's numeric_features, 5: shards, pixel statistics from integer sums)
+STORAGE_FIELDS = {"loader", "in_memory_max_mb", "shard_mb"}  # how the arrays are held, not what they are
 
 
 def prepare_data(
@@ -59,7 +62,7 @@ def prepare_data(
         raw = load_text_files(cfg)
     else:
         raw = load_source(cfg, seed, s3)
-    settings = cfg.model_dump(mode="json", exclude={"loader"})
+    settings = cfg.model_dump(mode="json", exclude=STORAGE_FIELDS)
     split_seed = None if isinstance(raw, RawText) else seed  # text splits are contiguous: no seed involved
     identity = {"content": raw.content_sha256, "settings": settings, "seed": split_seed, "version": PREPARE_VERSION}
     if preprocessing is not None and not isinstance(raw, RawText | RawTextFiles):
@@ -72,7 +75,8 @@ def prepare_data(
         complete = (
             isinstance(raw, RawText | RawTextFiles) or result.raw_test_uri is not None
         )  # a table ships its preprocessing
-        if complete and all(store.exists(uri) for uri in result.artifact_uris()):
+        fits = result.layout == layout_for(result.nbytes, cfg.in_memory_max_mb)  # else: written again, as asked
+        if complete and fits and all(store.exists(uri) for uri in result.artifact_uris()):
             log.info("prepare_data: %s already prepared (fingerprint %s)", raw.name, fingerprint[:12])
             return result
 
@@ -88,8 +92,10 @@ def prepare_data(
         assert isinstance(cfg, ImageFolderDataConfig)
         parent = _parent_preprocessor(preprocessing, s3)
         rows = split_rows(raw.target, raw.name, cfg.val_fraction, cfg.test_fraction, seed, raw.classes)
-        images = split_images(raw, cfg, seed, rows.index, rows.labels, parent)
-        splits = images.splits
+        nbytes = len(rows.labels) * (int(np.prod(raw.pixels.shape[1:])) * 4 + 8)  # float32 pixels, int64 label
+        layout = layout_for(nbytes, cfg.in_memory_max_mb)
+        images = split_images(raw, cfg, seed, rows.index, rows.labels, parent, layout)
+        splits, pixels = images.splits, images.pixels if layout == "shards" else None
         preprocessor_uri = store.put_bytes(images.preprocessor_bytes(), f"{folder}/preprocessor.pkl")
         raw_test_uri = store.put_bytes(images.raw_test_bytes(), f"{folder}/raw_test.pkl")
         counts = [len(splits.y[s]) for s in SPLITS]
@@ -115,7 +121,10 @@ def prepare_data(
             class_names=splits.class_names,
             numeric_features=len(fitted.numeric),
         )
-    uri = store.put_bytes(splits_to_npz(splits), f"{folder}/splits.npz")
+    if not isinstance(raw, RawImages):
+        nbytes = _nbytes(splits)
+        layout, pixels = layout_for(nbytes, cfg.in_memory_max_mb), None
+    uri = write_splits(splits, store, folder, layout, cfg.shard_mb, pixels)
     result = PrepareDataResult(
         fingerprint=fingerprint,
         uri=uri,
@@ -128,10 +137,16 @@ def prepare_data(
         preprocessor_uri=preprocessor_uri,
         raw_test_uri=raw_test_uri,
         skipped_files=skipped,
+        layout=layout,
+        nbytes=nbytes,
     )
     store.put_bytes(result.model_dump_json(indent=2).encode(), f"{folder}/record.json")
-    log.info("prepare_data: %s -> %d/%d/%d train/val/test", raw.name, *counts)
+    log.info("prepare_data: %s -> %d/%d/%d train/val/test (%s, %.1f MB)", raw.name, *counts, layout, nbytes / 2**20)
     return result
+
+
+def _nbytes(splits: ArraySplits) -> int:
+    return sum(int(a.nbytes) for group in (splits.x, splits.y) for a in group.values())
 
 
 def _parent_preprocessor(preprocessing: ReusedPreprocessing | None, s3: StoreConfig | None) -> dict[str, Any] | None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 from pydantic_core import to_jsonable_python
@@ -95,7 +95,7 @@ class Finding(BaseModel):
 
 class PrepareDataResult(StageResult):
     fingerprint: str  # content, settings and seed of the split: equal fingerprints, equal arrays
-    uri: str  # .npz with x_train, y_train, x_val, ... (tokens only for text)
+    uri: str  # .npz with x_train, y_train, x_val, ... (tokens only for text), or splits.json indexing their shards
     source: str  # the source as read: a file path as configured, sklearn:<name>, pydoc_data.topics, synthetic
     dataset_uri: str = ""  # the dataset's one name (core.data.sources.dataset_uri): MLflow inputs, the data event
     n_train: int  # samples, or seq_len windows for text
@@ -105,6 +105,8 @@ class PrepareDataResult(StageResult):
     preprocessor_uri: str | None = None  # pickled fitted transformer + raw columns (tables and images)
     raw_test_uri: str | None = None  # the test split's raw rows and class names (tables and images)
     skipped_files: list[str] = []  # folder sources under data.skip_bad_files: "file: why", each left out
+    layout: Literal["memory", "shards"] = "memory"  # read whole, or lazily from shards (data.in_memory_max_mb)
+    nbytes: int = 0  # the model-ready arrays' size in memory (float32 pixels, features, tokens, labels)
 
     def artifact_uris(self) -> list[str]:
         return [self.uri] + [uri for uri in (self.preprocessor_uri, self.raw_test_uri) if uri]

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from trainflow.core.config import MeasureConfig
-from trainflow.core.data.prepared import ArraySplits
+from trainflow.core.data.prepared import ArraySplits, Rows
+from trainflow.core.data.shards import LazyRows
 from trainflow.core.data.spec import Task
 from trainflow.core.training.metrics import classification_metrics, perplexity
 
@@ -47,9 +48,22 @@ class Candidate:
 class HeldOut:
     """Model inputs and targets of the test split, as the models take them."""
 
-    x: np.ndarray  # (N, ...) features, or (N, T) int64 token windows
-    y: np.ndarray  # (N,) labels, or (N, T) next tokens
+    x: Rows  # (N, ...) features, or (N, T) int64 token windows; read a batch at a time
+    y: Rows  # (N,) labels, or (N, T) next tokens
     task: Task
+
+
+class Windows(LazyRows):
+    """The non-overlapping `seq_len` windows of a byte-token array as int64 rows, read on demand; `shift` 1 gives
+    the targets (each window moved on by one token)."""
+
+    def __init__(self, tokens: Rows, seq_len: int, shift: int = 0):
+        self.tokens, self.seq_len, self.shift = tokens, seq_len, shift
+        self.shape, self.dtype = ((len(tokens) - 1) // seq_len, seq_len), np.dtype(np.int64)
+
+    def _take(self, index: np.ndarray) -> np.ndarray:
+        positions = index[:, None] * self.seq_len + self.shift + np.arange(self.seq_len)[None, :]
+        return np.asarray(self.tokens[positions]).astype(np.int64)
 
 
 def held_out(splits: ArraySplits, task: Task, seq_len: int | None) -> HeldOut:
@@ -57,25 +71,29 @@ def held_out(splits: ArraySplits, task: Task, seq_len: int | None) -> HeldOut:
     evaluate stage's loader does), so every variant sees the same fixed-shape batches."""
     if task == "language_modeling":
         assert seq_len is not None
-        tokens = splits.x["test"].astype(np.int64)
-        n = (len(tokens) - 1) // seq_len
-        starts = np.arange(n)[:, None] * seq_len + np.arange(seq_len)[None, :]
-        return HeldOut(tokens[starts], tokens[starts + 1], task)
+        tokens = splits.x["test"]
+        return HeldOut(Windows(tokens, seq_len), Windows(tokens, seq_len, shift=1), task)
     return HeldOut(splits.x["test"], splits.y["test"], task)
 
 
 def task_metrics(predict: Predict, test: HeldOut, batch_size: int = 256) -> dict[str, float]:
     """The evaluate stage's metrics for `predict` on the test set (accuracy, macro precision/recall/F1, loss |
     loss, perplexity, bits per byte)."""
-    logits = np.concatenate([predict(test.x[i : i + batch_size]) for i in range(0, len(test.x), batch_size)])
-    logits = logits.astype(np.float64).reshape(-1, logits.shape[-1])
-    targets = test.y.reshape(-1)
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-    loss = float(-log_probs[np.arange(len(targets)), targets].mean())
+    total, count, targets, predictions = 0.0, 0, [], []
+    for i in range(0, len(test.x), batch_size):  # a batch at a time: a large test split is never held whole
+        logits = np.asarray(predict(test.x[i : i + batch_size]))
+        logits = logits.astype(np.float64).reshape(-1, logits.shape[-1])
+        y = np.asarray(test.y[i : i + batch_size]).reshape(-1)
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        total, count = total - float(log_probs[np.arange(len(y)), y].sum()), count + len(y)
+        if test.task == "classification":
+            targets.append(y)
+            predictions.append(logits.argmax(axis=1))
+    loss = total / max(count, 1)
     if test.task == "language_modeling":
         return {"loss": loss, "perplexity": perplexity(loss), "bits_per_byte": loss / math.log(2)}
-    return classification_metrics(targets, logits.argmax(axis=1), loss)
+    return classification_metrics(np.concatenate(targets), np.concatenate(predictions), loss)
 
 
 @dataclass(frozen=True)
@@ -85,7 +103,7 @@ class Speed:
     throughput: float  # samples per second at the serving batch
 
 
-def measure_speed(predicts: Mapping[str, Predict], test_x: np.ndarray, cfg: MeasureConfig) -> dict[str, Speed]:
+def measure_speed(predicts: Mapping[str, Predict], test_x: Rows, cfg: MeasureConfig) -> dict[str, Speed]:
     """Batch-1 latency percentiles and serving-batch throughput of each model on the same test inputs, with
     `cfg.threads` intra-op threads: the one harness, for the evaluate stage's trained model and every variant.
 
@@ -122,9 +140,9 @@ def measure_speed(predicts: Mapping[str, Predict], test_x: np.ndarray, cfg: Meas
     return speeds
 
 
-def serving_batch(x: np.ndarray, size: int) -> np.ndarray:
+def serving_batch(x: Rows, size: int) -> np.ndarray:
     """`size` test inputs, repeated when the test split is smaller (throughput needs a full batch)."""
-    return x[np.arange(size) % len(x)]
+    return np.asarray(x[np.arange(size) % len(x)])
 
 
 @contextmanager

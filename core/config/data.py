@@ -41,6 +41,14 @@ class _DataCommon(Section):
         0.15, gt=0, lt=1, description="Share of the data held out for the final evaluation only."
     )
     loader: LoaderConfig = Field(default_factory=LoaderConfig, description="torch DataLoader settings.")
+    in_memory_max_mb: float = Field(
+        1024,
+        ge=0,
+        description="Prepared splits whose model-ready arrays are larger than this are written as memory-mapped shards that every stage reads lazily (data larger than memory); smaller ones are read whole into memory, the fastest. 0 = always shards.",
+    )
+    shard_mb: float = Field(
+        64, gt=0, description="Size of one shard file of a sharded split (and of the decoded-image cache)."
+    )
     refit_preprocessing: bool = Field(
         False,
         description="With model.init_from naming a published model: fit the scaling and encoding on this data instead of re-using the parent's (whose weights learned the parent's scaling).",

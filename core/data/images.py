@@ -1,5 +1,6 @@
 """An image folder decoded once: every file through the serving rule (`trainflow_images.square_image`) into
-uint8 (N, C, H, W), on every core, cached in the store under the listing's identity, then split and normalised.
+uint8 (N, C, H, W), on every core, straight into shards in the store (`images/<listing>/`; never the whole folder in
+memory), then split and normalised: in memory for small data, or as uint8 split shards normalised on every read.
 
 Bad files (unreadable, truncated, not an image, a label not among the classes, an empty class folder) stop the
 preflight with a line naming the first, nothing written; with `data.skip_bad_files` they are left out and
@@ -7,16 +8,18 @@ counted in the record and the report."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import io
 import json
 import logging
 import os
 import pickle
+import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,21 +27,24 @@ import pandas as pd
 
 from trainflow.core.config import ImageFolderDataConfig
 from trainflow.core.data.folders import Entry, Listing, bad_files_error, listing_of
-from trainflow.core.data.prepared import SPLITS, ArraySplits
+from trainflow.core.data.prepared import SPLITS, ArraySplits, Layout, Rows
+from trainflow.core.data.shards import CHUNK_BYTES, LazyRows, Selected, ShardedArray, ShardWriter
 from trainflow.core.errors import DataError
 from trainflow.core.serving.trainflow_images import normalized, square_image
-from trainflow.core.storage.store import ArtifactStore
+from trainflow.core.storage.store import ArtifactStore, LocalStore
 
 log = logging.getLogger(__name__)
 
-IMAGES_FORMAT = "trainflow-images/1"
+IMAGES_FORMAT = "trainflow-images/2"  # 2: pixels as shards
 N_EXAMPLES = 5  # raw test images kept with the preprocessor: the served model's input example
+RAW_TEST_MAX = 5000  # sharded data: raw test images kept for scoring the champion (a seeded random sample)
+DECODE_BATCH = 512  # files in flight at once: decoding holds no more than these
 
 
 @dataclass(frozen=True)
 class RawImages:
     name: str  # the folder or index file, for messages
-    pixels: np.ndarray  # uint8 (N, C, H, W), every image at data.image_size
+    pixels: LazyRows  # uint8 (N, C, H, W), every image at data.image_size, read from the shards on demand
     target: pd.Series  # class name per image
     classes: list[str]
     files: list[str]  # relative paths, in the pixels' order
@@ -46,9 +52,9 @@ class RawImages:
     skipped: list[tuple[str, str]]  # (file, why) left out under data.skip_bad_files
 
 
-def decoded_images(cfg: ImageFolderDataConfig, store: ArtifactStore | None = None) -> RawImages:
+def decoded_images(cfg: ImageFolderDataConfig, store: ArtifactStore) -> RawImages:
     """The folder's images, decoded once per listing: from this process's memory, the store's cache, or by
-    decoding every file (in threads: Pillow releases the GIL while it decodes and resizes).
+    decoding every file (in threads: Pillow releases the GIL while it decodes and resizes) into shards.
 
     Raises:
         DataError: the first bad file, naming it (unless data.skip_bad_files), or too little left to train on.
@@ -58,18 +64,34 @@ def decoded_images(cfg: ImageFolderDataConfig, store: ArtifactStore | None = Non
     if key in _DECODED:
         return _checked(_DECODED[key], cfg)
     folder = f"images/{key}"
-    raw = _read_cache(store, folder, listing) if store is not None else None
+    raw = _read_cache(store, folder, listing)
     if raw is None:
-        raw = _decode_all(listing, cfg)
-        _checked(raw, cfg)  # nothing is written for a folder with bad files
-        if store is not None:
-            _write_cache(store, folder, raw)
+        created = _missing_folders(store, folder)
+        workdir = store.workdir(folder)
+        raw = _decode_all(listing, cfg, workdir, int(cfg.shard_mb * (1 << 20)))
+        try:
+            _checked(raw, cfg)
+        except DataError:
+            shutil.rmtree(workdir, ignore_errors=True)  # nothing is kept for a folder with bad files
+            for path in created:
+                with contextlib.suppress(OSError):
+                    path.rmdir()
+            raise
+        _write_cache(store, folder, workdir, raw)
     _DECODED.clear()  # one folder's pixels in memory at a time
     _DECODED[key] = raw
     return _checked(raw, cfg)
 
 
 _DECODED: dict[str, RawImages] = {}
+
+
+def _missing_folders(store: ArtifactStore, folder: str) -> list[Path]:
+    """The folders of a local store that `store.workdir(folder)` will create, deepest first."""
+    if not isinstance(store, LocalStore):
+        return []  # an s3:// store's workdir is its cache
+    path = store.local_path(store.uri_for(folder))
+    return [p for p in (path, *path.parents) if not p.exists()]
 
 
 def _checked(raw: RawImages, cfg: ImageFolderDataConfig) -> RawImages:
@@ -96,94 +118,125 @@ def _decode_one(listing: Listing, entry: Entry, size: int, color: str) -> tuple[
         return None, digest, str(exc)
 
 
-def _decode_all(listing: Listing, cfg: ImageFolderDataConfig) -> RawImages:
+def _decode_all(listing: Listing, cfg: ImageFolderDataConfig, workdir: Path, shard_bytes: int) -> RawImages:
+    """Every file decoded in order, `DECODE_BATCH` at a time, each kept image appended to the pixel shards."""
     entries, started = listing.entries, time.perf_counter()
     workers = max(1, os.cpu_count() or 1)
     log.info("decoding %d images from %s on %d threads", len(entries), listing.root, workers)
     from tqdm.auto import tqdm
 
-    with ThreadPoolExecutor(workers) as pool:
-        results = pool.map(lambda e: _decode_one(listing, e, cfg.image_size, cfg.color), entries)
-        decoded = list(tqdm(results, total=len(entries), unit="img", desc="decoding", disable=not sys.stderr.isatty()))
-    skipped = list(listing.problems)
-    kept: list[tuple[Entry, np.ndarray, str]] = []
-    for entry, (pixels, digest, why) in zip(entries, decoded, strict=True):
-        if pixels is None:
-            skipped.append((str(listing.root / entry.path), why))
-        else:
-            kept.append((entry, pixels, digest))
-    labels = [e.label or "" for e, _, _ in kept]
-    classes = [c for c in listing.classes if c in set(labels)]  # a class with no readable image is left out
-    content = hashlib.sha256()
-    for entry, _, digest in kept:
-        content.update(f"{entry.path}\t{entry.label}\t{digest}\n".encode())
     channels = 3 if cfg.color == "rgb" else 1
-    pixels = (
-        np.stack([p for _, p, _ in kept]) if kept else np.zeros((0, channels, cfg.image_size, cfg.image_size), np.uint8)
-    )
+    writer = ShardWriter(workdir, "pixels", (channels, cfg.image_size, cfg.image_size), np.uint8, shard_bytes)
+    skipped, kept, content = list(listing.problems), [], hashlib.sha256()
+    progress = tqdm(total=len(entries), unit="img", desc="decoding", disable=not sys.stderr.isatty())
+    with ThreadPoolExecutor(workers) as pool, progress:
+        for start in range(0, len(entries), DECODE_BATCH):
+            batch = entries[start : start + DECODE_BATCH]
+            for entry, (pixels, digest, why) in zip(
+                batch, pool.map(lambda e: _decode_one(listing, e, cfg.image_size, cfg.color), batch), strict=True
+            ):
+                if pixels is None:
+                    skipped.append((str(listing.root / entry.path), why))
+                    continue
+                writer.append(pixels[None])
+                kept.append(entry)
+                content.update(f"{entry.path}\t{entry.label}\t{digest}\n".encode())
+            progress.update(len(batch))
+    index = writer.close()
+    labels = [e.label or "" for e in kept]
+    classes = [c for c in listing.classes if c in set(labels)]  # a class with no readable image is left out
     log.info("decoded %d images in %.1f s (%d bad)", len(kept), time.perf_counter() - started, len(skipped))
-    return RawImages(str(listing.root), pixels, pd.Series(labels, dtype=object), classes, [e.path for e, _, _ in kept],
+    pixels = ShardedArray(index, lambda file: str(workdir / file), Path)
+    return RawImages(str(listing.root), pixels, pd.Series(labels, dtype=object), classes, [e.path for e in kept],
                      content.hexdigest(), skipped)  # fmt: skip
 
 
-def _write_cache(store: ArtifactStore, folder: str, raw: RawImages) -> None:
-    buffer = io.BytesIO()
-    np.save(buffer, raw.pixels, allow_pickle=False)
-    store.put_bytes(buffer.getvalue(), f"{folder}/pixels.npy")
+def _write_cache(store: ArtifactStore, folder: str, workdir: Path, raw: RawImages) -> None:
+    assert isinstance(raw.pixels, ShardedArray)
+    index = {"dtype": raw.pixels.dtype.str, "shape": list(raw.pixels.shape), "shards": []}
+    for uri, rows in zip(raw.pixels.uris, np.diff(raw.pixels.starts), strict=True):
+        file = Path(uri).name
+        store.put_file(workdir / file, f"{folder}/{file}")
+        index["shards"].append({"file": file, "rows": int(rows)})
     meta = {"format": IMAGES_FORMAT, "name": raw.name, "labels": raw.target.tolist(), "classes": raw.classes,
-            "files": raw.files, "content_sha256": raw.content_sha256, "skipped": raw.skipped}  # fmt: skip
+            "files": raw.files, "content_sha256": raw.content_sha256, "skipped": raw.skipped,
+            "pixels": index}  # fmt: skip
     store.put_bytes(json.dumps(meta).encode(), f"{folder}/images.json")  # written last: the cache is complete
 
 
 def _read_cache(store: ArtifactStore, folder: str, listing: Listing) -> RawImages | None:
-    meta_uri, pixels_uri = store.uri_for(f"{folder}/images.json"), store.uri_for(f"{folder}/pixels.npy")
-    if not (store.exists(meta_uri) and store.exists(pixels_uri)):
+    meta_uri = store.uri_for(f"{folder}/images.json")
+    if not store.exists(meta_uri):
         return None
     meta = json.loads(store.local_path(meta_uri).read_text(encoding="utf-8"))
     if meta.get("format") != IMAGES_FORMAT:
         return None
-    pixels = np.load(store.local_path(pixels_uri), allow_pickle=False)
+    pixels = ShardedArray(meta["pixels"], lambda file: store.uri_for(f"{folder}/{file}"), store.local_path)
     log.info("images of %s already decoded (%d)", listing.root, len(pixels))
     return RawImages(meta["name"], pixels, pd.Series(meta["labels"], dtype=object), meta["classes"], meta["files"],
                      meta["content_sha256"], [tuple(s) for s in meta["skipped"]])  # fmt: skip
+
+
+def pixel_stats(pixels: LazyRows | np.ndarray, rows: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the [0, 1] pixels of `rows`, from exact integer sums read a chunk at a time:
+    the same figures whatever the chunking, so in-memory and sharded preparations normalise identically."""
+    channels, height, width = pixels.shape[1:]
+    total, squares = np.zeros(channels, np.int64), np.zeros(channels, np.int64)
+    per_chunk = max(1, CHUNK_BYTES // (channels * height * width))
+    ordered = np.sort(np.asarray(rows, dtype=np.int64))
+    for start in range(0, len(ordered), per_chunk):
+        chunk = np.asarray(pixels[ordered[start : start + per_chunk]])
+        total += chunk.sum(axis=(0, 2, 3), dtype=np.int64)
+        squares += np.square(chunk, dtype=np.uint16).sum(axis=(0, 2, 3), dtype=np.int64)
+    count = max(1, len(ordered) * height * width)
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean**2, 0.0)) / 255.0
+    return (mean / 255.0).tolist(), np.maximum(std, 1e-3).tolist()
 
 
 @dataclass(frozen=True)
 class FittedImages:
     """`split_images`' arrays and what a served model needs to redo the preprocessing on raw images."""
 
-    splits: ArraySplits
+    splits: ArraySplits  # float32 in memory; for shards, uint8 pixels to normalise with `pixels` on every read
     payload: dict[str, Any]  # the preprocessor pickle's content
-    raw_test: np.ndarray  # uint8 (N, H, W, C): the test images as a user would send them
+    raw_test: np.ndarray  # uint8 (N, H, W, C): the (first RAW_TEST_MAX, sharded) test images as a user sends them
+
+    @property
+    def pixels(self) -> tuple[list[float], list[float]]:
+        return self.payload["pixel_mean"], self.payload["pixel_std"]
 
     def preprocessor_bytes(self) -> bytes:
         return pickle.dumps(self.payload, protocol=pickle.HIGHEST_PROTOCOL)
 
     def raw_test_bytes(self) -> bytes:
-        labels = [self.splits.class_names[i] for i in self.splits.y["test"]]
+        labels = [self.splits.class_names[i] for i in np.asarray(self.splits.y["test"][: len(self.raw_test)])]
         return pickle.dumps({"features": self.raw_test, "labels": labels}, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def split_images(
     raw: RawImages, cfg: ImageFolderDataConfig, seed: int, rows: dict[str, np.ndarray], labels: np.ndarray,
-    fitted: dict[str, Any] | None = None,
+    fitted: dict[str, Any] | None = None, layout: Layout = "memory",
 ) -> FittedImages:  # fmt: skip
-    """Normalised float32 splits of `rows` (split name -> image indices): per-channel mean and std of the training
-    pixels, or the parent's (`fitted`, a warm start's preprocessor: its weights learned that scaling)."""
+    """The splits of `rows` (split name -> image indices), normalised with the per-channel mean and std of the
+    training pixels, or the parent's (`fitted`, a warm start's preprocessor: its weights learned that scaling):
+    float32 arrays in memory, or (`layout` shards) lazy uint8 rows that `write_splits` streams into shards."""
     from trainflow.core.data.preprocess import PREPROCESSOR_FORMAT
 
     if fitted is None:
-        train = raw.pixels[rows["train"]].astype(np.float64) / 255.0
-        mean = train.mean(axis=(0, 2, 3)).tolist()
-        std = np.maximum(train.std(axis=(0, 2, 3)), 1e-3).tolist()
+        mean, std = pixel_stats(raw.pixels, rows["train"])
     else:
         if fitted.get("kind") != "image_file" or (fitted["image_size"], fitted["color"]) != (cfg.image_size, cfg.color):
             raise DataError(f"{raw.name}: the parent model's preprocessing is not for {cfg.image_size}px {cfg.color} "
                             "images; set data.refit_preprocessing: true")  # fmt: skip
         mean, std = fitted["pixel_mean"], fitted["pixel_std"]
-    x = {s: normalized(raw.pixels[rows[s]], mean, std) for s in SPLITS}
-    y = {s: labels[rows[s]] for s in SPLITS}
-    hwc = raw.pixels[rows["test"]].transpose(0, 2, 3, 1)
+    x: dict[str, Rows] = {
+        s: normalized(raw.pixels[rows[s]], mean, std) if layout == "memory" else Selected(raw.pixels, rows[s])
+        for s in SPLITS
+    }
+    y: dict[str, Rows] = {s: labels[rows[s]] for s in SPLITS}
+    test_rows = rows["test"] if layout == "memory" else rows["test"][:RAW_TEST_MAX]
+    hwc = np.asarray(raw.pixels[test_rows]).transpose(0, 2, 3, 1)
     payload = {
         "format": PREPROCESSOR_FORMAT,
         "kind": "image_file",

@@ -1,7 +1,8 @@
 """DataLoaders over the prepared arrays, with a resumable, seeded shuffle.
 
 Datasets implement `__getitems__`, so a DataLoader fetches each batch with one tensor index
-instead of collating `batch_size` single samples.
+instead of collating `batch_size` single samples. Over sharded splits (`core/data/shards.py`) they read just
+the batch's rows from the mapped shards: a DDP rank reads only its share of each global batch.
 """
 
 from __future__ import annotations
@@ -14,24 +15,34 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from trainflow.core.config import LoaderConfig
-from trainflow.core.data.prepared import ArraySplits
+from trainflow.core.data.prepared import ArraySplits, Rows
+from trainflow.core.data.shards import LazyRows
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 class ArrayDataset(Dataset[Batch]):
-    """(features, label) pairs held as two tensors."""
+    """(features, label) pairs: two tensors in memory, or two lazy arrays read a batch at a time."""
 
-    def __init__(self, x: np.ndarray, y: np.ndarray):
-        self.x, self.y = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
+    def __init__(self, x: Rows, y: Rows):
+        self.lazy = isinstance(x, LazyRows) or isinstance(y, LazyRows)
+        if self.lazy:
+            self.x, self.y = x, y
+        else:
+            self.x, self.y = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
 
     def __len__(self) -> int:
         return len(self.y)
 
     def __getitem__(self, i: int) -> Batch:
+        if self.lazy:
+            return torch.from_numpy(self.x[i]), torch.as_tensor(self.y[i])
         return self.x[i], self.y[i]
 
     def __getitems__(self, indices: list[int]) -> Batch:
+        if self.lazy:
+            index = np.asarray(indices, dtype=np.int64)
+            return torch.from_numpy(self.x[index]), torch.from_numpy(self.y[index])
         index = torch.as_tensor(indices)
         return self.x[index], self.y[index]
 
@@ -39,10 +50,11 @@ class ArrayDataset(Dataset[Batch]):
 class TokenWindows(Dataset[Batch]):
     """Non-overlapping windows of `seq_len` bytes; the target is the window shifted by one."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int):
-        self.tokens = torch.from_numpy(tokens.astype(np.int64))
+    def __init__(self, tokens: Rows, seq_len: int):
+        self.lazy = isinstance(tokens, LazyRows)
+        self.tokens: Rows | torch.Tensor = tokens if self.lazy else torch.from_numpy(np.asarray(tokens, np.int64))
         self.seq_len = seq_len
-        self.offsets = torch.arange(seq_len)
+        self.offsets = torch.arange(seq_len + 1)
 
     def __len__(self) -> int:
         return (len(self.tokens) - 1) // self.seq_len
@@ -53,8 +65,11 @@ class TokenWindows(Dataset[Batch]):
 
     def __getitems__(self, indices: list[int]) -> Batch:
         starts = torch.as_tensor(indices).unsqueeze(1) * self.seq_len
-        window = starts + self.offsets  # (B, T)
-        return self.tokens[window], self.tokens[window + 1]
+        if self.lazy:  # one read of (B, T + 1) bytes: the inputs and, shifted by one, the targets
+            tokens = torch.from_numpy(self.tokens[(starts + self.offsets).numpy()].astype(np.int64))
+            return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+        window = starts + self.offsets[:-1]  # (B, T)
+        return self.tokens[window], self.tokens[window + 1]  # type: ignore[index]
 
 
 class EpochSampler(Sampler[int]):

@@ -51,9 +51,10 @@ def served_scores(model_uri: str, data: PrepareDataResult, store: ArtifactStore,
 
 def _language_model_scores(model: Any, data: PrepareDataResult, store: ArtifactStore) -> dict[str, float]:
     """Next-byte cross-entropy of the served program over non-overlapping test windows of its block size."""
-    tokens = load_splits(store.local_path(data.uri), data.spec).x["test"].astype(np.int64)
+    test = load_splits(store, data).x["test"]
     length = int(model.meta.get("fixed_length") or model.meta["seq_len"])
-    count = min((len(tokens) - 1) // length, MAX_WINDOWS)
+    count = min((len(test) - 1) // length, MAX_WINDOWS)
+    tokens = np.asarray(test[: count * length + 1]).astype(np.int64)  # only the windows scored
     if count < 1:
         raise ValueError(f"{data.uri}: the test split is shorter than the served model's block size {length}")
     x = np.stack([tokens[i * length : (i + 1) * length] for i in range(count)])

@@ -145,7 +145,7 @@ def raw_example(
     """A few raw test inputs as a user would send them: table rows (DataFrame), images (N, H, W) or
     (N, C, H, W), or text snippets. Tables and images keep theirs in the preprocessor pickle."""
     if data.spec.task == "language_modeling":
-        tokens = load_splits(store.local_path(data.uri), data.spec).x["test"]
+        tokens = load_splits(store, data).x["test"]
         size = min(data.spec.input_shape[0], len(tokens) // N_TEXT_EXAMPLES)
         chunks = [tokens[i * size : (i + 1) * size].tobytes() for i in range(N_TEXT_EXAMPLES)]
         return [chunk.decode("utf-8", errors="ignore") or " " for chunk in chunks]
@@ -242,7 +242,7 @@ def _log_onnx(model_file: Path, data: PrepareDataResult, store: ArtifactStore, n
     from mlflow.models import infer_signature
 
     runner = serving_module().ModelRunner(model_file)
-    x = load_splits(store.local_path(data.uri), data.spec).x["test"]
+    x = load_splits(store, data).x["test"]
     if data.spec.task == "language_modeling":
         length = runner.fixed_length or data.spec.input_shape[0]
         x = x[: N_TEXT_EXAMPLES * length].astype(np.int64).reshape(N_TEXT_EXAMPLES, length)

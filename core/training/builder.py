@@ -96,7 +96,7 @@ def prepared_loaders(
     """Train/val/test loaders over the spec's prepared arrays, shuffled by its seed (`pin` only where
     `loader.pin_memory` allows); train and val hold `rank`'s shard."""
     data, loader = spec.data, spec.loader
-    splits = load_splits(store.local_path(data.uri), data.spec)
+    splits = load_splits(store, data)
     return build_loaders(splits, data.spec.seq_len, batch_size, loader, spec.seed, pin and loader.pin_memory,
                          rank.rank, rank.world_size)  # fmt: skip
 

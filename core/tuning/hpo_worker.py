@@ -170,7 +170,7 @@ def _warm_up(job: SearchJob) -> None:
     the imports too where there is no server (spawned: ~1.5-2 s of CPU here, on top of the module imports)."""
     import_optimizer_dependencies()
     optuna.storages.RDBStorage("sqlite://")  # imports and sets up SQLAlchemy's ORM and alembic, in memory
-    load_splits(job.store.local_path(job.spec.data.uri), job.spec.data.spec)  # kept for every trial
+    load_splits(job.store, job.spec.data)  # kept for every trial
     if job.parent_run is not None:  # opens MLflow's store (imports, schema check)
         job.parent_run.client.get_experiment(job.parent_run.experiment_id)
 

@@ -44,7 +44,7 @@ class Case:
         return pd.read_pickle(self.store.local_path(self.data.preprocessor_uri))
 
     def x_test(self) -> np.ndarray:
-        return load_splits(self.store.local_path(self.data.uri), self.data.spec).x["test"]
+        return load_splits(self.store, self.data).x["test"]
 
     def proba(self, x: np.ndarray) -> np.ndarray:
         with torch.no_grad():

@@ -79,7 +79,7 @@ def test_the_recommended_variant_is_within_tolerance_and_the_table_is_written(co
 
 def test_each_saved_variant_loads_and_gives_the_metrics_in_the_table(compressed) -> None:
     store, data, result = compressed
-    test = held_out(load_splits(store.local_path(data.uri), data.spec), data.spec.task, data.spec.seq_len)
+    test = held_out(load_splits(store, data), data.spec.task, data.spec.seq_len)
     for v in result.variants:
         path = store.local_path(v.uri)
         if path.suffix == ".onnx":

@@ -47,12 +47,12 @@ def test_an_image_folder_is_decoded_once_split_by_class_and_normalised(tmp_path:
     result = prepared(cfg, tmp_path)
     assert result.spec.class_names == ["0", "1", "2"] and result.spec.input_shape == (1, 16, 16)
     assert (result.n_train, result.n_val, result.n_test) == (24, 6, 6)
-    splits = load_splits(LocalStore(tmp_path / "store").local_path(result.uri), result.spec)
+    splits = load_splits(LocalStore(tmp_path / "store"), result)
     train = splits.x["train"]
     assert train.dtype == np.float32 and abs(float(train.mean())) < 1e-4 and abs(float(train.std()) - 1) < 1e-3
     assert np.bincount(splits.y["test"]).tolist() == [2, 2, 2]  # stratified
     cache = list((tmp_path / "store" / "images").iterdir())
-    assert len(cache) == 1 and (cache[0] / "pixels.npy").exists()  # uint8 pixels in the store
+    assert len(cache) == 1 and np.load(cache[0] / "pixels.00000.npy").dtype == np.uint8  # pixel shards in the store
 
     images_module._DECODED.clear()  # a new process: the store's decoded copy is read, no file decoded again
     decoded = []
@@ -181,7 +181,7 @@ def test_a_text_folder_is_split_by_file(tmp_path: Path) -> None:
     (tmp_path / "texts" / "empty.txt").write_text("")
     cfg = text_config(tmp_path, val_fraction=0.15, test_fraction=0.15, separator="\n\x00\n")
     result = prepared(cfg, tmp_path)
-    splits = load_splits(LocalStore(tmp_path / "store").local_path(result.uri), result.spec)
+    splits = load_splits(LocalStore(tmp_path / "store"), result)
     texts = {s: splits.x[s].tobytes() for s in ("train", "val", "test")}
     owner = {}
     for name in names:

@@ -39,7 +39,7 @@ def data_config(**data: Any) -> DataConfig:
 
 def prepare(store: LocalStore, seed: int = 0, **data: Any) -> tuple[PrepareDataResult, ArraySplits]:
     result = prepare_data(data_config(**data), seed, store)
-    return result, load_splits(store.local_path(result.uri), result.spec)
+    return result, load_splits(store, result)
 
 
 def npz_mtime_ns(result: PrepareDataResult, store: LocalStore) -> int:
@@ -276,8 +276,8 @@ def test_edited_csv_changes_the_fingerprint(store: LocalStore, tmp_path: Path) -
     after = prepare_data(cfg, 0, store)
     assert after.fingerprint != before.fingerprint
     assert after.uri != before.uri
-    old = load_splits(store.local_path(before.uri), before.spec)
-    new = load_splits(store.local_path(after.uri), after.spec)
+    old = load_splits(store, before)
+    new = load_splits(store, after)
     assert not all(np.array_equal(old.x[s], new.x[s]) for s in SPLITS), "the edited file was read again"
 
 

@@ -232,7 +232,7 @@ def test_the_mlflow_model_loads_and_predicts_like_the_published_weights(
     assert "MLFLOW_TRACKING_URI" not in os.environ
     data = published.data
     raw = pd.read_pickle(published.store.local_path(data.preprocessor_uri))["examples"]  # raw test rows
-    x = torch.from_numpy(load_splits(published.store.local_path(data.uri), data.spec).x["test"][:5])
+    x = torch.from_numpy(load_splits(published.store, data).x["test"][:5])
     with torch.no_grad():
         expected = torch.softmax(published.weights()(x).double(), -1).numpy()
     for model in (logged, registered):  # raw rows in: the preprocessing travels inside the model

@@ -38,7 +38,7 @@ class Trained:
         return trained_model(self.spec, self.store, self.trained.checkpoint_uri)
 
     def test_split(self) -> tuple[np.ndarray, np.ndarray | None]:
-        splits = load_splits(self.store.local_path(self.data.uri), self.data.spec)
+        splits = load_splits(self.store, self.data)
         return splits.x["test"], splits.y.get("test")
 
 
