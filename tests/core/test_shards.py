@@ -17,6 +17,7 @@ import torch
 
 from tests.conftest import tiny_raw
 from tests.core.folder_support import write_digits
+from tests.s3_server import s3_endpoint  # noqa: F401
 from trainflow.core.config import LoaderConfig, config_from_dict
 from trainflow.core.data.loaders import build_loaders
 from trainflow.core.data.prepared import ArraySplits, load_splits
@@ -178,3 +179,71 @@ def test_each_rank_reads_only_its_share_of_every_global_batch(store: LocalStore)
         block = cut[begin : begin + 32]
         share = len(block) // 2
         assert shares[0][16 * step : 16 * step + share] + shares[1][16 * step : 16 * step + share] == block
+
+
+def test_compress_calibrates_and_measures_on_shards_as_in_memory(store: LocalStore) -> None:
+    """The same trained weights compressed from either layout: the static int8 calibration draws the same training
+    rows and every variant's test metrics are the same, read a batch at a time."""
+    from trainflow.core.compress import compress
+
+    light = {"measure": {"latency_calls": 20, "warmup": 1, "rounds": 1, "serving_batch": 16, "throughput_calls": 1},
+             "pruning": {"enabled": False}, "structured_pruning": {"enabled": False},
+             "distillation": {"enabled": False},
+             "quantization": {"onnx_int8": "static", "torch_int8": False}}  # fmt: skip
+    cfg = config_from_dict(tiny_raw(data=DIGITS, compress=light, train={"max_epochs": 2}))
+    memory = TrainingSpec.of(cfg, prepare_data(cfg.data, cfg.seed, store))
+    trained = train(memory, store, "train")
+    sharded_data = prepare_data(cfg.data.model_copy(update=SHARDS), cfg.seed, store)
+    assert sharded_data.layout == "shards"
+    results = {
+        layout: compress(cfg.compress, spec, trained, store, f"compress-{layout}")
+        for layout, spec in (("memory", memory), ("shards", memory.model_copy(update={"data": sharded_data})))
+    }
+    for name in ("fp32", "fp32+onnx", "fp32+onnx_int8"):
+        a, b = (results[layout].variant(name) for layout in ("memory", "shards"))
+        assert a.status == b.status == "ok", (a.reason, b.reason)
+        assert a.metrics == b.metrics, name
+
+
+def test_shards_on_an_s3_store_are_fetched_on_first_use_verified_and_reused(s3_endpoint: str, tmp_path: Path) -> None:  # noqa: F811
+    from tests.s3_server import new_bucket
+    from trainflow.core.config import StoreConfig
+    from trainflow.core.storage.store import open_store
+
+    settings = StoreConfig(uri=f"s3://{new_bucket(s3_endpoint, 'shards-first-use')}/runs", endpoint_url=s3_endpoint,
+                           cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    result, written = _prepared(open_store(settings), **DIGITS, **SHARDS)
+    assert result.uri.startswith("s3://") and result.layout == "shards"
+    other = tmp_path / "machine-2"  # another machine: an empty cache
+
+    def fetched() -> list[str]:
+        return sorted(p.name for p in other.rglob("*.npy"))
+
+    splits = load_splits(open_store(settings.model_copy(update={"cache_dir": str(other)})), result)
+    assert fetched() == []
+    first = splits.x["test"][:3]
+    assert fetched() == ["x_test.00000.npy"], "only the shard read is fetched"
+    np.testing.assert_array_equal(np.asarray(splits.x["test"]), np.asarray(written.x["test"]))
+    cached = next(other.rglob("x_test.00000.npy"))
+    stamp = cached.stat().st_mtime_ns
+    again = load_splits(open_store(settings.model_copy(update={"cache_dir": str(other)})), result)
+    np.testing.assert_array_equal(again.x["test"][:3], first)
+    assert cached.stat().st_mtime_ns == stamp, "a verified cached shard is re-used"
+    data = bytearray(cached.read_bytes())
+    data[-1] ^= 0xFF  # a damaged cached copy: same size, other bytes
+    cached.write_bytes(bytes(data))
+    damaged = load_splits(open_store(settings.model_copy(update={"cache_dir": str(other)})), result)
+    np.testing.assert_array_equal(np.asarray(damaged.x["test"]), np.asarray(written.x["test"]))  # fetched again
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_on_shards_end_with_the_weights_of_one_process_in_memory(store: LocalStore) -> None:
+    from tests.core.test_distributed import _assert_same, _cfg, _fit, _weights
+
+    one = _fit(_cfg(1, 16), store, "one")
+    two_cfg = _cfg(2, 8)
+    two_cfg = config_from_dict(two_cfg.model_dump(mode="json") | {
+        "data": two_cfg.data.model_dump(mode="json") | SHARDS})  # fmt: skip
+    two = _fit(two_cfg, store, "two")
+    assert two.world_size == 2 and one.steps == two.steps == 12
+    _assert_same(_weights(store, "one"), _weights(store, "two"))
