@@ -247,3 +247,25 @@ def test_two_gloo_ranks_on_shards_end_with_the_weights_of_one_process_in_memory(
     two = _fit(two_cfg, store, "two")
     assert two.world_size == 2 and one.steps == two.steps == 12
     _assert_same(_weights(store, "one"), _weights(store, "two"))
+
+
+def test_a_large_text_folder_is_streamed_file_by_file_into_the_bytes_of_the_in_memory_layout(tmp_path: Path) -> None:
+    from tests.core.folder_support import write_texts
+    from trainflow.core.data import text_files
+
+    write_texts(tmp_path / "texts", n=7)
+    data = {"source": "text_folder", "path": str(tmp_path / "texts"), "seq_len": 16, "separator": "\n--\n"}
+    store = LocalStore(tmp_path / "store")
+    _, in_memory = _prepared(store, **data)
+    sharded, in_shards = _prepared(store, **data, **SHARDS)
+    [raw] = text_files._READ.values()
+    assert raw.contents is None, "above data.in_memory_max_mb the files are not kept"
+    assert sharded.layout == "shards"
+    for split, tokens in in_memory.x.items():
+        assert np.asarray(in_shards.x[split]).tobytes() == np.asarray(tokens).tobytes(), split
+    joined = text_files.JoinedFiles(raw, raw.files)  # any byte range, across files and separators
+    whole = b"\n--\n".join((tmp_path / "texts" / name).read_bytes() for name, _ in raw.files)
+    assert len(joined) == len(whole)
+    rng = np.random.default_rng(0)
+    for start, stop in [(0, len(whole)), *(sorted(rng.integers(0, len(whole), 2)) for _ in range(50))]:
+        assert joined[int(start) : int(stop)].tobytes() == whole[start:stop]

@@ -327,8 +327,9 @@ def test_a_data_file_rewritten_in_place_prepares_again(tmp_path: Path) -> None:
 
 
 def test_an_image_folder_trains_publishes_its_class_names_and_serves_raw_images(tmp_path: Path) -> None:
-    """A folder of PNGs with one bad file skipped: counted in the record and the report, the manifest names the
-    classes, and the published MLflow model answers class names for encoded images of another size."""
+    """A folder of PNGs with one bad file skipped, prepared as shards: counted in the record and the report, the
+    manifest names the classes, and the published MLflow model answers class names for encoded images of another
+    size."""
     import mlflow
     import numpy as np
     from PIL import Image
@@ -340,13 +341,14 @@ def test_an_image_folder_trains_publishes_its_class_names_and_serves_raw_images(
     images = Project(tmp_path, compress={"enabled": False}, train={"max_epochs": 4})
     raw = yaml.safe_load(images.config.read_text())
     raw["data"] = {"source": "image_folder", "path": str(root), "image_size": 12, "color": "gray",
-                   "skip_bad_files": True}  # fmt: skip
+                   "skip_bad_files": True, "in_memory_max_mb": 0}  # fmt: skip
     raw["model"] = {"name": "cnn", "channels": [4, 8]}
     images.config.write_text(yaml.safe_dump(raw))
     summary = images.run()
     data = summary["stages"]["prepare_data"]
     assert data["spec"]["class_names"] == ["0", "1", "2"] and data["n_train"] + data["n_val"] + data["n_test"] == 45
     assert len(data["skipped_files"]) == 1 and "broken.png: not a readable image" in data["skipped_files"][0]
+    assert data["layout"] == "shards"  # every stage after it read the arrays lazily, publish's example included
     report = (tmp_path / "out" / "report.html").read_text()
     assert "bad files skipped" in report and "broken.png" in report
     published = summary["stages"]["publish"]
