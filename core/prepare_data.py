@@ -3,9 +3,9 @@ transformers fitted on train only, and cache the arrays in the store under a con
 so a second run with the same data and settings skips the work.
 
 Builds on core/data/: sources.py (reading), preprocess.py (split, impute, encode, scale),
-prepared.py (the stored .npz), spec.py (what the models are told).
+prepared.py (the stored .npz, or shards above data.in_memory_max_mb: shards.py), spec.py (what the models are told).
 
-Beside splits.npz, a table or image source also gets `preprocessor.pkl`: the fitted transformer, the raw
+Beside the splits, a table or image source also gets `preprocessor.pkl`: the fitted transformer, the raw
 columns and their dtypes, class names, image shape and a few raw test rows, so a served model can take raw
 inputs (see core/serving/); and `raw_test.pkl`, the test split as it came in, on which the publish stage scores
 the champion's served model against the new version.

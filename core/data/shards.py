@@ -195,7 +195,7 @@ class ShardWriter:
 
     def close(self) -> dict[str, Any]:
         self._flush()
-        self._buffer = self._buffer[:0]
+        self._buffer = np.empty((0, *self.row_shape), self.dtype)  # the shard buffer is freed
         return {"dtype": self.dtype.str, "shape": [self.rows, *self.row_shape], "shards": self.shards}
 
 
