@@ -12,7 +12,7 @@ the cap" is a hard limit, not a reading. Rows, all with the same model, batch, l
 
 Goal (issue 25): peak anonymous memory under the cap at any size; samples/s of training >= 0.8x in memory.
 
-    python benchmarks/out_of_core.py                 # 64 px RGB: 80,000 images large, 12,000 small, cap 512 MB
+    python benchmarks/out_of_core.py                 # 64 px RGB: 160,000 images large, 12,000 small, cap 1 GB
     python benchmarks/out_of_core.py --large 20000 --small 4000 --cap-mb 448   # a quicker look
 """
 
@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -76,7 +77,7 @@ def child(settings: dict[str, Any]) -> None:
 
     data = {"source": "image_folder", "path": settings["folder"], "image_size": settings["size"],
             "in_memory_max_mb": settings["in_memory_max_mb"]}  # fmt: skip
-    train_cfg = {"max_epochs": 1, "batch_size": 128, "early_stopping": {"enabled": False}, "resume": False,
+    train_cfg = {"max_epochs": 1, "batch_size": 64, "early_stopping": {"enabled": False}, "resume": False,
                  "device": "cpu"}  # fmt: skip
     cfg = config_from_dict({"seed": 0, "data": data, "model": {"name": "cnn", "channels": [8, 16]},
                             "optim": {"lr": 0.003}, "train": train_cfg})  # fmt: skip
@@ -84,6 +85,7 @@ def child(settings: dict[str, Any]) -> None:
     started = time.perf_counter()
     prepared = prepare_data(cfg.data, cfg.seed, store)
     prepare_s = time.perf_counter() - started
+    print("PHASE train", flush=True)
     started = time.perf_counter()
     result = train(TrainingSpec.of(cfg, prepared), store, "train")
     figures = {"layout": prepared.layout, "nbytes": prepared.nbytes, "n_train": prepared.n_train,
@@ -112,37 +114,63 @@ def _rss_anon_kb(pid: int) -> int:
 
 
 def run_row(name: str, folder: Path, size: int, in_memory_max_mb: float, cap_mb: float | None) -> dict[str, Any]:
-    """The row in a child process, its RssAnon sampled every 20 ms; killed at the cap."""
+    """The row in a child process, its RssAnon sampled every 20 ms (the peak of each phase: prepare, train);
+    killed at the cap."""
     store = Path(tempfile.mkdtemp(prefix="ooc-store-"))
     settings = {"folder": str(folder), "size": size, "in_memory_max_mb": in_memory_max_mb, "store": str(store)}
     process = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(settings)], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)  # fmt: skip
-    peak_kb, killed = 0, False
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stdout or []), daemon=True)
+    reader.start()
+    peaks, killed = {"prepare": 0, "train": 0}, False
     while process.poll() is None:
-        peak_kb = max(peak_kb, _rss_anon_kb(process.pid))
-        if cap_mb is not None and peak_kb > cap_mb * 1024:
+        phase = "train" if any(line.startswith("PHASE train") for line in lines) else "prepare"
+        peaks[phase] = max(peaks[phase], _rss_anon_kb(process.pid))
+        if cap_mb is not None and peaks[phase] > cap_mb * 1024:
             process.kill()
             killed = True
             break
         time.sleep(0.02)
-    out, err = process.communicate()
+    err = process.stderr.read() if process.stderr else ""
+    process.wait()
+    reader.join()
     shutil.rmtree(store, ignore_errors=True)
-    row: dict[str, Any] = {"row": name, "cap_mb": cap_mb, "peak_rss_anon_mb": peak_kb / 1024, "killed_at_cap": killed}
+    row: dict[str, Any] = {"row": name, "cap_mb": cap_mb, "peak_prepare_mb": peaks["prepare"] / 1024,
+                           "peak_train_mb": peaks["train"] / 1024, "killed_at_cap": killed}  # fmt: skip
+    row["peak_rss_anon_mb"] = max(row["peak_prepare_mb"], row["peak_train_mb"])
     if process.returncode == 0:
-        row |= json.loads(out.strip().splitlines()[-1])
+        row |= json.loads(lines[-1])
     else:
         row["error"] = err.strip().splitlines()[-1] if err.strip() else f"exit {process.returncode}"
     print(json.dumps(row), flush=True)
     return row
 
 
+def _merged(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row of several rounds: the median samples/s (and its range), the highest peaks, any failure."""
+    row = dict(runs[0])
+    for key in ("peak_prepare_mb", "peak_train_mb", "peak_rss_anon_mb"):
+        row[key] = max(r[key] for r in runs)
+    row["killed_at_cap"] = any(r["killed_at_cap"] for r in runs)
+    speeds = [r["samples_per_s"] for r in runs if "samples_per_s" in r]
+    if len(speeds) == len(runs):
+        row |= {"samples_per_s": float(np.median(speeds)), "speed_min": min(speeds), "speed_max": max(speeds),
+                "prepare_s": float(np.median([r["prepare_s"] for r in runs]))}  # fmt: skip
+    else:
+        row.pop("samples_per_s", None)
+        row["error"] = next(r.get("error", "") for r in runs if "samples_per_s" not in r)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--large", type=int, default=80_000, help="images in the large folder")
+    parser.add_argument("--large", type=int, default=160_000, help="images in the large folder")
     parser.add_argument("--small", type=int, default=12_000, help="images in the small folder (trained in memory)")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels (RGB)")
-    parser.add_argument("--cap-mb", type=float, default=512, help="the cap on anonymous resident memory")
+    parser.add_argument("--cap-mb", type=float, default=1024, help="the cap on anonymous resident memory")
     parser.add_argument("--root", default=str(Path(tempfile.gettempdir()) / "trainflow-out-of-core"))
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the two small rows, alternated")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -154,25 +182,29 @@ def main() -> None:
     large, small = write_folder(root, args.large, args.size), write_folder(root, args.small, args.size)
     print(f"folders ready in {time.perf_counter() - started:.0f} s under {root}", flush=True)
     decoded = 3 * args.size * args.size  # bytes per image, uint8
-    rows = [
-        run_row("small, memory", small, args.size, 1 << 20, None),
-        run_row("small, shards", small, args.size, 0, args.cap_mb),
-        run_row("large, shards", large, args.size, 0, args.cap_mb),
-    ]
+    runs: dict[str, list[dict[str, Any]]] = {"small, memory": [], "small, shards": []}
+    for r in range(args.rounds):  # alternated, the order swapped each round: a drifting machine moves both alike
+        order = [("small, memory", 1 << 20, None), ("small, shards", 0, args.cap_mb)]
+        for name, threshold, cap in order if r % 2 == 0 else order[::-1]:
+            runs[name].append(run_row(name, small, args.size, threshold, cap))
+    rows = [_merged(runs["small, memory"]), _merged(runs["small, shards"]),
+            run_row("large, shards", large, args.size, 0, args.cap_mb)]  # fmt: skip
     base = rows[0].get("samples_per_s")
     print(f"\nmachine: {cpu_model()}, {os.cpu_count()} cores, load average {load_average()} at the end")
     print(f"cap on RssAnon: {args.cap_mb:.0f} MB; images {args.size}x{args.size} RGB\n")
-    print("| row | images | decoded uint8 | model-ready float32 | peak RssAnon | under cap | prepare s | "
-          "train samples/s | x in memory | val acc |")  # fmt: skip
+    print("| row | images | decoded uint8 | model-ready float32 | peak RssAnon prepare / train | under cap | "
+          "prepare s | train samples/s (min-max) | x in memory | val acc |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|")
     for row, count in zip(rows, (args.small, args.small, args.large), strict=True):
         speed = row.get("samples_per_s")
         ratio = f"{speed / base:.2f}x" if speed and base else "-"
         under = "-" if row["cap_mb"] is None else ("no (killed)" if row["killed_at_cap"] else "yes")
         acc = row.get("val_accuracy")
+        spread = f" ({row['speed_min']:,.0f}-{row['speed_max']:,.0f})" if "speed_min" in row else ""
         print(f"| {row['row']} | {count:,} | {count * decoded / 2**20:,.0f} MB | {count * decoded * 4 / 2**20:,.0f} MB "
-              f"| {row['peak_rss_anon_mb']:,.0f} MB | {under} | {row.get('prepare_s', float('nan')):.1f} | "
-              f"{speed or float('nan'):,.0f} | {ratio} | {acc if acc is None else round(acc, 3)} |")  # fmt: skip
+              f"| {row['peak_prepare_mb']:,.0f} / {row['peak_train_mb']:,.0f} MB | {under} | "
+              f"{row.get('prepare_s', float('nan')):.1f} | {speed or float('nan'):,.0f}{spread} | {ratio} | "
+              f"{acc if acc is None else round(acc, 3)} |")  # fmt: skip
         if "error" in row:
             print(f"  {row['row']}: {row['error']}")
     if args.json:
