@@ -68,7 +68,7 @@ def decoded_images(cfg: ImageFolderDataConfig, store: ArtifactStore) -> RawImage
     if raw is None:
         created = _missing_folders(store, folder)
         workdir = store.workdir(folder)
-        raw = _decode_all(listing, cfg, workdir, int(cfg.shard_mb * (1 << 20)))
+        raw, pixels = _decode_all(listing, cfg, workdir, int(cfg.shard_mb * (1 << 20)))
         try:
             _checked(raw, cfg)
         except DataError:
@@ -77,7 +77,7 @@ def decoded_images(cfg: ImageFolderDataConfig, store: ArtifactStore) -> RawImage
                 with contextlib.suppress(OSError):
                     path.rmdir()
             raise
-        _write_cache(store, folder, workdir, raw)
+        _write_cache(store, folder, workdir, raw, pixels)
     _DECODED.clear()  # one folder's pixels in memory at a time
     _DECODED[key] = raw
     return _checked(raw, cfg)
@@ -118,8 +118,11 @@ def _decode_one(listing: Listing, entry: Entry, size: int, color: str) -> tuple[
         return None, digest, str(exc)
 
 
-def _decode_all(listing: Listing, cfg: ImageFolderDataConfig, workdir: Path, shard_bytes: int) -> RawImages:
-    """Every file decoded in order, `DECODE_BATCH` at a time, each kept image appended to the pixel shards."""
+def _decode_all(
+    listing: Listing, cfg: ImageFolderDataConfig, workdir: Path, shard_bytes: int
+) -> tuple[RawImages, dict[str, Any]]:
+    """Every file decoded in order, `DECODE_BATCH` at a time, each kept image appended to the pixel shards in
+    `workdir`; the images (their pixels read from there) and the shards' index entry."""
     entries, started = listing.entries, time.perf_counter()
     workers = max(1, os.cpu_count() or 1)
     log.info("decoding %d images from %s on %d threads", len(entries), listing.root, workers)
@@ -147,17 +150,14 @@ def _decode_all(listing: Listing, cfg: ImageFolderDataConfig, workdir: Path, sha
     classes = [c for c in listing.classes if c in set(labels)]  # a class with no readable image is left out
     log.info("decoded %d images in %.1f s (%d bad)", len(kept), time.perf_counter() - started, len(skipped))
     pixels = ShardedArray(index, lambda file: str(workdir / file), Path)
-    return RawImages(str(listing.root), pixels, pd.Series(labels, dtype=object), classes, [e.path for e in kept],
-                     content.hexdigest(), skipped)  # fmt: skip
+    raw = RawImages(str(listing.root), pixels, pd.Series(labels, dtype=object), classes, [e.path for e in kept],
+                    content.hexdigest(), skipped)  # fmt: skip
+    return raw, index
 
 
-def _write_cache(store: ArtifactStore, folder: str, workdir: Path, raw: RawImages) -> None:
-    assert isinstance(raw.pixels, ShardedArray)
-    index = {"dtype": raw.pixels.dtype.str, "shape": list(raw.pixels.shape), "shards": []}
-    for uri, rows in zip(raw.pixels.uris, np.diff(raw.pixels.starts), strict=True):
-        file = Path(uri).name
-        store.put_file(workdir / file, f"{folder}/{file}")
-        index["shards"].append({"file": file, "rows": int(rows)})
+def _write_cache(store: ArtifactStore, folder: str, workdir: Path, raw: RawImages, index: dict[str, Any]) -> None:
+    for shard in index["shards"]:
+        store.put_file(workdir / shard["file"], f"{folder}/{shard['file']}")
     meta = {"format": IMAGES_FORMAT, "name": raw.name, "labels": raw.target.tolist(), "classes": raw.classes,
             "files": raw.files, "content_sha256": raw.content_sha256, "skipped": raw.skipped,
             "pixels": index}  # fmt: skip
