@@ -13,13 +13,14 @@ Every lazy array reads like an ndarray where the stages need it: `len`, `shape`,
 
 from __future__ import annotations
 
-import hashlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from trainflow.core.storage.files import sha256_file
 
 SHARDS_FORMAT = "trainflow-shards/1"
 CHUNK_BYTES = 16 << 20  # rows copied per step when a lazy array is streamed into shards or materialised
@@ -39,10 +40,6 @@ class LazyRows:
 
     def __len__(self) -> int:
         return self.shape[0]
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -69,12 +66,6 @@ class LazyRows:
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
         whole = self._range(0, len(self))
         return whole if dtype is None else whole.astype(dtype)
-
-    def chunks(self, chunk_bytes: int = CHUNK_BYTES) -> Iterator[np.ndarray]:
-        """The rows in order, a bounded number at a time."""
-        per_chunk = max(1, chunk_bytes // max(1, self.nbytes // max(1, len(self))))
-        for start in range(0, len(self), per_chunk):
-            yield self._range(start, min(len(self), start + per_chunk))
 
 
 class ShardedArray(LazyRows):
@@ -189,7 +180,7 @@ class ShardWriter:
         file = f"{self.name}.{len(self.shards):05d}.npy"
         path = self.folder / file
         np.save(path, self._buffer[: self._filled], allow_pickle=False)
-        self.shards.append({"file": file, "rows": self._filled, "sha256": _sha256(path)})
+        self.shards.append({"file": file, "rows": self._filled, "sha256": sha256_file(path)})
         self.rows += self._filled
         self._filled = 0
 
@@ -201,19 +192,7 @@ class ShardWriter:
 
 def write_rows(writer: ShardWriter, rows: np.ndarray | LazyRows) -> dict[str, Any]:
     """Stream `rows` (an array or a lazy one) into `writer`, a bounded chunk at a time, and close it."""
-    if isinstance(rows, LazyRows):
-        for chunk in rows.chunks():
-            writer.append(chunk)
-    else:
-        per_chunk = max(1, CHUNK_BYTES // max(1, rows[:1].nbytes))
-        for start in range(0, len(rows), per_chunk):
-            writer.append(rows[start : start + per_chunk])
+    per_chunk = max(1, CHUNK_BYTES // max(1, math.prod(rows.shape[1:]) * rows.dtype.itemsize))
+    for start in range(0, len(rows), per_chunk):
+        writer.append(rows[start : start + per_chunk])
     return writer.close()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        while block := file.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
